@@ -70,7 +70,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default), "utf-8")
+        tmp.write_text(
+            json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default), "utf-8"
+        )
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -193,7 +195,9 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 }
             )
         except AtlasError:
-            rows.append({"name": child.name, "path": str(child), "kind": "?", "status": "unreadable"})
+            rows.append(
+                {"name": child.name, "path": str(child), "kind": "?", "status": "unreadable"}
+            )
     return sorted(rows, key=lambda r: r.get("created", ""), reverse=True)
 
 

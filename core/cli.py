@@ -1,0 +1,410 @@
+"""The command line: ``python -m core run|list|show|tracin|analyze|detect|clean|export|sweep``.
+
+Every command that creates something prints the folder it wrote as its last stdout
+line, so scripts can chain commands. Problems with the input end with one sentence on
+stderr and exit status 2; progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from core import store
+from core.config import PRESETS, StudyConfig, preset_config
+from core.errors import AtlasError
+
+DEFAULT_CACHE = os.environ.get("ATLAS_CACHE", "cache")
+
+
+def add_study_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``run`` and ``sweep``: preset, data, model and training overrides."""
+    p.add_argument(
+        "--preset", default="quick", choices=sorted(PRESETS), help="starting configuration"
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        help="built-in dataset (amazon-reviews, rt-snippets, ja-polarity) or a CSV/TSV/JSONL file",
+    )
+    g.add_argument("--text-col", help="text column of your file")
+    g.add_argument("--label-col", help="label column (exactly two classes)")
+    g.add_argument("--rating-col", help="numeric rating column (use with --pos-min/--neg-max)")
+    g.add_argument("--pos-min", type=float, help="ratings >= this are positive (e.g. 4)")
+    g.add_argument("--neg-max", type=float, help="ratings <= this are negative (e.g. 2)")
+    g.add_argument("--n-train", type=int, help="training-split size (the sample is n_train / 0.8)")
+    g.add_argument(
+        "--flip-rate", type=float, help="fraction of training labels to flip (default 0.025)"
+    )
+    g.add_argument(
+        "--flip-count", type=int, help="number of training labels to flip (wins over --flip-rate)"
+    )
+    g.add_argument("--seed", type=int, help="seed for sampling, split, flips and training")
+    m = p.add_argument_group("model and training")
+    m.add_argument("--model", help="tiny, minilm, or a local Hugging Face model directory")
+    m.add_argument("--epochs", type=int)
+    m.add_argument("--lr", type=float)
+    m.add_argument("--batch-size", type=int)
+    m.add_argument("--max-length", type=int)
+    m.add_argument("--device", help="auto (default), cpu or cuda")
+    m.add_argument("--params", dest="tracin_params", help="TracIn parameter scope (see `tracin`)")
+    m.add_argument(
+        "--project", dest="tracin_project", type=int, help="TracIn random projection dim"
+    )
+    p.add_argument("--cache", default=DEFAULT_CACHE, help="run store folder (default: cache)")
+    p.add_argument("--name", help="run folder name (default: derived from the configuration)")
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    """Preset plus command-line overrides."""
+    base = preset_config(args.preset)
+    dataset, data_file = args.dataset, None
+    if dataset and (
+        Path(dataset).suffix.lower() in {".csv", ".tsv", ".jsonl", ".txt"} or Path(dataset).exists()
+    ):
+        data_file = str(Path(dataset).resolve())
+        dataset = "file"
+    if data_file is None and (args.text_col or args.label_col or args.rating_col):
+        raise AtlasError(
+            "--text-col/--label-col/--rating-col need --dataset pointing at your file."
+        )
+    return base.replace(
+        dataset=dataset,
+        data_file=data_file,
+        text_col=args.text_col,
+        label_col=args.label_col,
+        rating_col=args.rating_col,
+        pos_min=args.pos_min,
+        neg_max=args.neg_max,
+        n_train=args.n_train,
+        flip_rate=args.flip_rate,
+        flip_count=args.flip_count,
+        seed=args.seed,
+        model=args.model,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        device=args.device,
+        tracin_params=args.tracin_params,
+        tracin_project=args.tracin_project,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> str:
+    """Run or resume one study."""
+    from core.pipeline import run_study
+
+    config = config_from_args(args)
+    run_dir = run_study(
+        config,
+        cache_dir=args.cache,
+        name=args.name,
+        command=_command_line(),
+        until=args.until,
+    )
+    if args.detect:
+        from core.detectors import run_detect
+
+        run_detect(run_dir)
+    return str(run_dir)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    """Print the runs and sweeps in the cache."""
+    rows = store.list_runs(args.cache)
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        print(f"No runs in {args.cache}/ yet; make one with: python -m core run --preset quick")
+        return
+    for r in rows:
+        acc = r.get("test_accuracy")
+        acc_text = f"{acc:.3f}" if isinstance(acc, float) else "-"
+        print(
+            f"{r['path']:<48} {r['kind']:<6} {r['status']:<10} {r.get('dataset', ''):<16} {r.get('model', ''):<8} acc={acc_text}"
+        )
+
+
+def show_payload(run_dir: Path) -> dict[str, Any]:
+    """What ``show --json`` prints for a run or a sweep."""
+    manifest = store.load_manifest(run_dir)
+    if manifest.get("kind") == "sweep":
+        from core.sweep import sweep_table
+
+        return {**manifest, "table": sweep_table(run_dir)}
+    out = {
+        "name": manifest.get("name", run_dir.name),
+        "path": str(run_dir),
+        "status": manifest.get("status"),
+        "command": manifest.get("command"),
+        "config": manifest.get("config"),
+        "data": manifest.get("data"),
+        "n_train": manifest.get("n_train"),
+        "n_val": manifest.get("n_val"),
+        "n_test": manifest.get("n_test"),
+        "n_flipped": manifest.get("n_flipped"),
+        "test_accuracy": manifest.get("test_accuracy"),
+        "epochs": manifest.get("epochs", []),
+        "checkpoints": manifest.get("checkpoints", []),
+        "stages": manifest.get("stages", {}),
+        "timings_s": manifest.get("timings_s", {}),
+        "tracin": manifest.get("tracin"),
+    }
+    if store.stage_done(run_dir, "analyze"):
+        from core.analysis import correlations, summary_rows
+
+        out["test_instances"] = summary_rows(run_dir)
+        out["correlations"] = correlations(run_dir)
+    if store.stage_done(run_dir, "detect"):
+        from core.detectors import detection_table
+
+        out["detection"] = detection_table(run_dir)
+    return out
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    """Print a run's summary (or everything as JSON)."""
+    run_dir = _existing_run(args.run)
+    payload = show_payload(run_dir)
+    if args.json:
+        print(json.dumps(payload, indent=2, ensure_ascii=False, default=store._json_default))
+        return
+    print(f"{payload.get('name')}  [{payload.get('status')}]")
+    for key in ("n_train", "n_val", "n_test", "n_flipped", "test_accuracy"):
+        if key in payload:
+            print(f"  {key:<14} {payload[key]}")
+    for e in payload.get("epochs", []) or []:
+        print(
+            f"  epoch {e['epoch']:>2}  loss {e['train_loss']:.4f}  val {e.get('val_accuracy', float('nan')):.3f}"
+            f"  test {e.get('test_accuracy', float('nan')):.3f}"
+        )
+    for stage, secs in (payload.get("timings_s") or {}).items():
+        print(f"  {stage:<14} {secs:.1f} s")
+
+
+def cmd_tracin(args: argparse.Namespace) -> str:
+    """Compute (or resume) the TracIn matrix of a run."""
+    from core.tracin import compare_to_exact, run_tracin
+
+    run_dir = _existing_run(args.run)
+    if args.compare:
+        report = compare_to_exact(
+            run_dir, args.params, args.project, args.seed, n_test=args.compare_n
+        )
+        print(json.dumps(report, indent=2, default=store._json_default))
+        return str(run_dir)
+    run_tracin(run_dir, scope=args.params, project=args.project, seed=args.seed, device=args.device)
+    return str(run_dir)
+
+
+def cmd_analyze(args: argparse.Namespace) -> str:
+    """Compute curve shapes, end ratios, distances and 2-D maps of a run."""
+    from core.analysis import analyze_run
+
+    run_dir = _existing_run(args.run)
+    analyze_run(
+        run_dir,
+        checkpoint=args.checkpoint,
+        s_min=args.s_min,
+        z_max=args.z_max,
+        k=args.k,
+        force=args.force,
+    )
+    return str(run_dir)
+
+
+def cmd_detect(args: argparse.Namespace) -> str:
+    """Rank training instances by every detector and score them against the known flips."""
+    from core.detectors import run_detect
+
+    run_dir = _existing_run(args.run)
+    run_detect(run_dir, detectors=args.detectors, force=args.force)
+    if not args.quiet:
+        from core.detectors import detection_table
+
+        for row in detection_table(run_dir):
+            print(json.dumps(row, default=store._json_default), file=sys.stderr)
+    return str(run_dir)
+
+
+def cmd_clean(args: argparse.Namespace) -> str:
+    """Retrain with the top-k suspects excluded, relabelled or reweighted."""
+    from core.cleaning import run_clean
+
+    run_dir = _existing_run(args.run)
+    run_clean(run_dir, detector=args.detector, action=args.action, k=args.k, seeds=args.seeds)
+    return str(run_dir / store.CLEANING_DIR)
+
+
+def cmd_export(args: argparse.Namespace) -> str:
+    """Write the review queue or the cleaned dataset as CSV."""
+    from core.cleaning import export_cleaned, export_review_queue
+
+    run_dir = _existing_run(args.run)
+    if args.what == "review":
+        path = export_review_queue(run_dir, args.detector, args.out, top=args.top)
+    else:
+        path = export_cleaned(run_dir, args.detector, args.action, args.k, args.out)
+    return str(path)
+
+
+def cmd_sweep(args: argparse.Namespace) -> str:
+    """Train one model per (flip rate, seed) and store accuracy and loss against noise."""
+    from core.sweep import parse_rates, run_sweep
+
+    config = config_from_args(args)
+    sweep_dir = run_sweep(
+        config,
+        flip_rates=parse_rates(args.flip_rates),
+        n_seeds=args.seeds,
+        cache_dir=args.cache,
+        name=args.name,
+        jobs=args.jobs,
+        command=_command_line(),
+    )
+    return str(sweep_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="python -m core",
+        description="Influence Atlas: where do mislabeled training instances land in TracIn scores?",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run (or resume) a study: data, training, TracIn, analytics")
+    add_study_options(p)
+    p.add_argument(
+        "--until",
+        default="analyze",
+        choices=["data", "train", "tracin", "analyze"],
+        help="last stage to run",
+    )
+    p.add_argument("--detect", action="store_true", help="also run the detectors afterwards")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("list", help="list runs and sweeps in the cache")
+    p.add_argument("--cache", default=DEFAULT_CACHE)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show one run or sweep")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("tracin", help="compute the TracIn matrix and self-influence of a run")
+    p.add_argument("run")
+    p.add_argument("--params", help="all | no-word-embeddings | last-N | head (default: the run's)")
+    p.add_argument("--project", type=int, help="random projection dimension (approximation)")
+    p.add_argument("--seed", type=int, help="projection seed")
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--compare", action="store_true", help="report the scope's error against exact scores"
+    )
+    p.add_argument("--compare-n", type=int, default=20, help="test instances used by --compare")
+    p.set_defaults(func=cmd_tracin)
+
+    p = sub.add_parser("analyze", help="curve shapes, end ratios, distances, UMAP/PCA of a run")
+    p.add_argument("run")
+    p.add_argument(
+        "--checkpoint", type=int, default=-1, help="checkpoint index for embeddings (default last)"
+    )
+    p.add_argument("--s-min", type=float, default=0.2, help="S class when S >= this")
+    p.add_argument("--z-max", type=float, default=-0.1, help="Z class when S <= this")
+    p.add_argument("--k", type=int, default=10, help="neighbours for the flipped-neighbour share")
+    p.add_argument("--force", action="store_true", help="recompute even if complete")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "detect", help="rank training instances by suspicion and score the detectors"
+    )
+    p.add_argument("run")
+    p.add_argument("--detectors", nargs="*", help="subset of detectors (default: all available)")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("clean", help="retrain with suspects excluded / relabelled / reweighted")
+    p.add_argument("run")
+    p.add_argument("--detector", required=True)
+    p.add_argument("--action", required=True, choices=["exclude", "relabel", "reweight"])
+    p.add_argument("--k", type=int, required=True, help="number of suspects acted on")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per arm")
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("export", help="export the review queue or a cleaned dataset as CSV")
+    p.add_argument("run")
+    p.add_argument("--detector", required=True)
+    p.add_argument("--what", choices=["review", "cleaned"], default="review")
+    p.add_argument("--action", choices=["exclude", "relabel", "reweight"], default="exclude")
+    p.add_argument(
+        "--k", type=int, help="suspects acted on in the cleaned dataset (default: flip count)"
+    )
+    p.add_argument("--top", type=int, help="rows in the review queue (default: flip count)")
+    p.add_argument("--out", help="output CSV path (default: inside the run's cleaning/ folder)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep", help="accuracy and loss against the flip rate, over seeds")
+    add_study_options(p)
+    p.add_argument("--flip-rates", default="0,0.025,0.05,0.1,0.2,0.3,0.4")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds per flip rate")
+    p.add_argument("--jobs", type=int, default=0, help="parallel cells (0: one per 2 cores)")
+    p.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        out = args.func(args)
+    except AtlasError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    if out is not None:
+        print(out)
+    return 0
+
+
+def _existing_run(path: str) -> Path:
+    """Resolve a run argument (a folder, or a name inside the cache) or raise :class:`AtlasError`."""
+    candidate = Path(path)
+    if not candidate.is_dir() and (Path(DEFAULT_CACHE) / path).is_dir():
+        candidate = Path(DEFAULT_CACHE) / path
+    if not (candidate / store.MANIFEST).exists():
+        raise AtlasError(
+            f"{path} is not a run folder (no {store.MANIFEST}); see `python -m core list`."
+        )
+    return candidate
+
+
+def _command_line() -> str:
+    """The command as typed, for the manifest."""
+    return "python -m core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _quiet_libraries() -> None:
+    """Silence library chatter (load reports, hub warnings) that would bury our messages."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass

@@ -1,0 +1,240 @@
+"""One study run, stage by stage: data → train → tracin → analyze, resumable at every stage.
+
+A run folder is created only after the input has been validated (dataset, split,
+tokenizer, model), so bad input leaves nothing behind. Its manifest says
+``running`` until the last stage has finished, ``complete`` then, ``failed`` (with
+the error) when a stage raised; a killed process leaves ``running`` and the same
+command picks up from the last finished stage and checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core import store
+from core.config import StudyConfig
+from core.errors import AtlasError
+
+STAGES = ("data", "train", "tracin", "analyze")
+# Fields that change where a computation runs, not what it computes.
+_NAME_NEUTRAL = {"device"}
+
+
+def run_name(config: StudyConfig) -> str:
+    """Deterministic folder name: rerunning the same command finds (and resumes) the same run."""
+    payload = {k: v for k, v in config.to_dict().items() if k not in _NAME_NEUTRAL}
+    digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:6]
+    source = Path(config.data_file).stem if config.data_file else config.dataset
+    source = re.sub(r"[^A-Za-z0-9_.-]+", "-", source).strip("-") or "data"
+    return f"{config.preset}-{source}-seed{config.seed}-{digest}"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, for the manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in (
+        "torch",
+        "transformers",
+        "numpy",
+        "pandas",
+        "scikit-learn",
+        "umap-learn",
+        "fugashi",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def validate_config(config: StudyConfig) -> None:
+    """Reject impossible settings with one sentence each, before anything is read or written."""
+    if config.n_train < 10:
+        raise AtlasError(f"--n-train must be at least 10 (got {config.n_train}).")
+    if not 0 <= config.flip_rate < 1:
+        raise AtlasError(f"--flip-rate must be in [0, 1) (got {config.flip_rate}).")
+    if config.flip_count is not None and not 0 <= config.flip_count < config.n_train:
+        raise AtlasError(
+            f"--flip-count must be between 0 and n_train - 1 = {config.n_train - 1} (got {config.flip_count})."
+        )
+    for flag, value in (("--epochs", config.epochs), ("--batch-size", config.batch_size)):
+        if value < 1:
+            raise AtlasError(f"{flag} must be at least 1 (got {value}).")
+    if config.max_length < 8:
+        raise AtlasError(f"--max-length must be at least 8 (got {config.max_length}).")
+    if not config.lr > 0:
+        raise AtlasError(f"--lr must be positive (got {config.lr}).")
+    if config.tracin_project is not None and config.tracin_project <= 0:
+        raise AtlasError(f"--project must be a positive dimension (got {config.tracin_project}).")
+
+
+def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path | None) -> None:
+    """Data stage: validate input, then write instances, tokenizer and a 'running' manifest."""
+    from core.datasets import load_dataset
+    from core.models import build_model, build_tokenizer
+    from core.splits import split_instances
+
+    t0 = time.perf_counter()
+    data = load_dataset(config, data_dir)
+    instances = split_instances(data, config.n_total, config.n_flips, config.seed)
+    train_texts = instances.loc[instances["split"] == "train", "text"].tolist()
+    with tempfile.TemporaryDirectory(prefix=".atlas-", dir=run_dir.parent) as tmp:
+        tokenizer = build_tokenizer(config.model, train_texts, Path(tmp) / store.TOKENIZER_DIR)
+        build_model(
+            config.model, tokenizer, config.max_length, config.seed
+        )  # fails early if unloadable
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / store.TOKENIZER_DIR).exists():
+            shutil.rmtree(run_dir / store.TOKENIZER_DIR)
+        shutil.move(str(Path(tmp) / store.TOKENIZER_DIR), str(run_dir / store.TOKENIZER_DIR))
+    store.write_parquet(run_dir / store.INSTANCES, instances)
+    counts = instances["split"].value_counts()
+    store.write_json(
+        run_dir / store.MANIFEST,
+        {
+            "kind": "run",
+            "name": run_dir.name,
+            "status": store.STATUS_RUNNING,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": command,
+            "config": config.to_dict(),
+            "versions": package_versions(),
+            "data": {
+                **data.info,
+                "label_names": list(data.label_names),
+                "label_mapping": dict(data.label_mapping),
+            },
+            "n_train": int(counts.get("train", 0)),
+            "n_val": int(counts.get("val", 0)),
+            "n_test": int(counts.get("test", 0)),
+            "n_flipped": int(instances["flipped"].sum()),
+            "epochs": [],
+            "checkpoints": [],
+            "stages": {},
+            "timings_s": {},
+        },
+    )
+    store.mark_stage(run_dir, "data", store.STATUS_COMPLETE, time.perf_counter() - t0)
+
+
+def train_run(config: StudyConfig, run_dir: Path, progress: bool = True) -> None:
+    """Train stage: fine-tune with per-epoch checkpoints, then store logits and metrics."""
+    from core.models import load_tokenizer
+    from core.training import train_model
+
+    t0 = time.perf_counter()
+    instances = store.load_instances(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    parts = {s: instances[instances["split"] == s] for s in ("train", "val", "test")}
+    eval_sets = {
+        "train": (parts["train"]["text"].tolist(), parts["train"]["observed_label"].to_numpy()),
+        "val": (parts["val"]["text"].tolist(), parts["val"]["label"].to_numpy()),
+        "test": (parts["test"]["text"].tolist(), parts["test"]["label"].to_numpy()),
+    }
+
+    def record(result) -> None:
+        store.update_manifest(
+            run_dir,
+            epochs=[_epoch_row(h) for h in result.history],
+            checkpoints=[
+                {"epoch": i + 1, "path": str(Path(p).relative_to(run_dir)), "lr": lr}
+                for i, (p, lr) in enumerate(result.checkpoints)
+            ],
+        )
+
+    result = train_model(
+        config,
+        tokenizer,
+        eval_sets["train"][0],
+        eval_sets["train"][1],
+        eval_sets=eval_sets,
+        checkpoint_dir=run_dir / store.CHECKPOINTS_DIR,
+        progress=progress,
+        on_epoch=record,
+    )
+    record(result)
+    logits = np.concatenate([result.eval_logits[s] for s in ("train", "val", "test")], axis=1)
+    store.write_npy(run_dir / store.LOGITS, logits.astype(np.float32))
+    last = result.history[-1]
+    store.update_manifest(run_dir, test_accuracy=last["test_accuracy"])
+    store.mark_stage(run_dir, "train", store.STATUS_COMPLETE, time.perf_counter() - t0)
+
+
+def _epoch_row(h: dict) -> dict:
+    """The manifest's per-epoch entry."""
+    keys = ("epoch", "lr", "train_loss", "val_accuracy", "val_loss", "test_accuracy", "test_loss")
+    row = {k: h[k] for k in keys if k in h}
+    row["train_accuracy_observed"] = h.get("train_accuracy")
+    row["seconds"] = h.get("seconds")
+    return row
+
+
+def run_study(
+    config: StudyConfig,
+    cache_dir: str | Path = "cache",
+    name: str | None = None,
+    command: str = "",
+    until: str = "analyze",
+    progress: bool = True,
+    data_dir: Path | None = None,
+) -> Path:
+    """Run (or resume) a study up to stage ``until`` and return its folder."""
+    if until not in STAGES:
+        raise AtlasError(f"--until must be one of {', '.join(STAGES)} (got '{until}').")
+    validate_config(config)
+    run_dir = Path(cache_dir) / (name or run_name(config))
+    manifest_path = run_dir / store.MANIFEST
+    if manifest_path.exists():
+        manifest = store.load_manifest(run_dir)
+        if manifest.get("config") != config.to_dict():
+            old = {k: v for k, v in manifest.get("config", {}).items() if k not in _NAME_NEUTRAL}
+            new = {k: v for k, v in config.to_dict().items() if k not in _NAME_NEUTRAL}
+            if old != new:
+                raise AtlasError(
+                    f"{run_dir} already holds a run with a different configuration; "
+                    "choose another --name or delete that folder."
+                )
+    else:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        prepare_run(config, run_dir, command, data_dir)
+
+    wanted = STAGES[: STAGES.index(until) + 1]
+    try:
+        if "train" in wanted and not store.stage_done(run_dir, "train"):
+            store.update_manifest(run_dir, status=store.STATUS_RUNNING, error=None)
+            train_run(config, run_dir, progress)
+        if "tracin" in wanted and not store.stage_done(run_dir, "tracin"):
+            from core.tracin import run_tracin
+
+            run_tracin(run_dir, device=config.device, progress=progress)
+        if "analyze" in wanted and not store.stage_done(run_dir, "analyze"):
+            from core.analysis import analyze_run
+
+            analyze_run(run_dir, progress=progress)
+    except BaseException as exc:
+        # KeyboardInterrupt and kill leave 'running' (resumable); real failures say why.
+        if isinstance(exc, Exception):
+            store.update_manifest(
+                run_dir, status=store.STATUS_FAILED, error=str(exc) or type(exc).__name__
+            )
+        raise
+    complete = all(store.stage_done(run_dir, s) for s in wanted)
+    store.update_manifest(
+        run_dir,
+        status=store.STATUS_COMPLETE if complete else store.STATUS_RUNNING,
+        completed_stages=list(wanted),
+        error=None,
+    )
+    return run_dir

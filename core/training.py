@@ -1,0 +1,197 @@
+"""Fine-tuning with a checkpoint after every epoch, resumable after a kill.
+
+AdamW at a constant learning rate (no scheduler, as in the paper). After each epoch the
+model is saved with ``save_pretrained`` (safetensors) into ``epoch-NN/`` together with
+that epoch's metrics and the eval-mode logits of every evaluation set, so TracIn,
+analytics and detectors never need to rerun inference.
+
+Resume is exact: the batch order and dropout of epoch e are seeded by (seed, e), and the
+optimizer state of the newest checkpoint is kept beside it, so a run killed after epoch
+3 and restarted ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from core.config import StudyConfig
+from core.models import (
+    build_model,
+    collate,
+    length_batches,
+    load_classifier,
+    predict_logits,
+    resolve_device,
+    save_pretrained_atomically,
+    token_ids,
+)
+
+EPOCH_STATE = "epoch_state.json"
+EPOCH_LOGITS = "eval_logits.npz"
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a training run leaves: per-epoch history, logits per eval set, checkpoints, model."""
+
+    history: list[dict] = field(default_factory=list)
+    eval_logits: dict[str, np.ndarray] = field(default_factory=dict)
+    checkpoints: list[tuple[Path, float]] = field(default_factory=list)
+    model: torch.nn.Module | None = None
+
+
+def checkpoint_name(epoch: int) -> str:
+    """Folder name of the checkpoint saved after ``epoch`` (1-based)."""
+    return f"epoch-{epoch:02d}"
+
+
+def completed_epochs(checkpoint_dir: Path) -> list[int]:
+    """Epochs whose checkpoint folder is complete (renamed into place with its state file)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    done = []
+    for child in checkpoint_dir.iterdir():
+        if child.name.startswith("epoch-") and (child / EPOCH_STATE).exists():
+            done.append(int(child.name.split("-")[1]))
+    return sorted(done)
+
+
+def train_model(
+    config: StudyConfig,
+    tokenizer,
+    train_texts: Sequence[str],
+    train_labels: Sequence[int],
+    *,
+    weights: Sequence[float] | None = None,
+    eval_sets: dict[str, tuple[Sequence[str], Sequence[int]]] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    on_epoch: Callable[[TrainResult], None] | None = None,
+) -> TrainResult:
+    """Fine-tune a fresh model on ``train_texts`` and return its history and checkpoints.
+
+    ``weights`` scale each training instance's loss (reweighting interventions);
+    ``eval_sets`` maps a name to (texts, labels) evaluated after every epoch; with
+    ``checkpoint_dir`` each epoch is saved there and completed epochs are skipped.
+    ``on_epoch`` is called with the result so far after every saved epoch (live progress).
+    """
+    device = resolve_device(config.device)
+    eval_sets = eval_sets or {}
+    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    w = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    ids = token_ids(tokenizer, train_texts, config.max_length)
+    eval_ids = {
+        name: (token_ids(tokenizer, t, config.max_length), np.asarray(y))
+        for name, (t, y) in eval_sets.items()
+    }
+    pad_id = tokenizer.pad_token_id
+    lengths = [len(x) for x in ids]
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    done = completed_epochs(ckpt_dir) if ckpt_dir is not None else []
+    result = TrainResult()
+    start_epoch = 1
+    if done:
+        last = done[-1]
+        model = load_classifier(ckpt_dir / checkpoint_name(last), device)
+        for epoch in done:
+            folder = ckpt_dir / checkpoint_name(epoch)
+            _collect_epoch(result, folder, epoch, config.lr)
+        start_epoch = last + 1
+    else:
+        model = build_model(config.model, tokenizer, config.max_length, config.seed).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    if done and (ckpt_dir / checkpoint_name(done[-1]) / OPTIMIZER_STATE).exists():
+        state = torch.load(
+            ckpt_dir / checkpoint_name(done[-1]) / OPTIMIZER_STATE, map_location=device
+        )
+        optimizer.load_state_dict(state)
+
+    epochs = range(start_epoch, config.epochs + 1)
+    bar = tqdm(epochs, desc=desc, disable=not progress, unit="epoch")
+    for epoch in bar:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([config.seed, epoch])
+        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout of this epoch
+        model.train()
+        total, count = 0.0, 0
+        for batch in length_batches(lengths, config.batch_size, rng):
+            enc = {k: v.to(device) for k, v in collate([ids[i] for i in batch], pad_id).items()}
+            logits = model(**enc).logits
+            loss_each = F.cross_entropy(logits, labels[batch].to(device), reduction="none")
+            loss = (loss_each * w[batch].to(device)).mean() if w is not None else loss_each.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss_each.detach().sum())
+            count += len(batch)
+        entry = {"epoch": epoch, "lr": config.lr, "train_loss": total / max(count, 1)}
+        logits_now = {}
+        for name, (e_ids, e_y) in eval_ids.items():
+            lg = predict_logits(model, e_ids, pad_id, device)
+            logits_now[name] = lg
+            entry[f"{name}_accuracy"] = float((lg.argmax(1) == e_y).mean())
+            entry[f"{name}_loss"] = float(
+                F.cross_entropy(torch.from_numpy(lg), torch.as_tensor(e_y, dtype=torch.long))
+            )
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", **_short(entry))
+        if ckpt_dir is not None:
+            folder = ckpt_dir / checkpoint_name(epoch)
+            _save_epoch(model, optimizer, folder, entry, logits_now)
+            # Only the newest optimizer state is needed to resume; older ones would
+            # triple the heavy tier for pretrained models.
+            prev = ckpt_dir / checkpoint_name(epoch - 1) / OPTIMIZER_STATE
+            prev.unlink(missing_ok=True)
+            result.checkpoints.append((folder, config.lr))
+        result.history.append(entry)
+        for name, lg in logits_now.items():
+            result.eval_logits.setdefault(name, []).append(lg)
+        if on_epoch is not None:
+            on_epoch(result)
+    result.eval_logits = {k: np.stack(v) for k, v in result.eval_logits.items()}
+    result.model = model.eval()
+    return result
+
+
+def _short(entry: dict) -> dict:
+    """Accuracy figures for the progress bar."""
+    return {
+        k.replace("_accuracy", ""): f"{v:.3f}" for k, v in entry.items() if k.endswith("_accuracy")
+    }
+
+
+def _save_epoch(model, optimizer, folder: Path, entry: dict, logits: dict[str, np.ndarray]) -> None:
+    """Write one checkpoint folder atomically: weights, optimizer, metrics, logits, state last."""
+    tmp = folder.with_name(folder.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_pretrained_atomically(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
+    np.savez(tmp / EPOCH_LOGITS, **logits)
+    (tmp / EPOCH_STATE).write_text(json.dumps(entry, indent=2), "utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _collect_epoch(result: TrainResult, folder: Path, epoch: int, lr: float) -> None:
+    """Load a finished epoch's metrics and logits into ``result`` (for resume)."""
+    entry = json.loads((folder / EPOCH_STATE).read_text("utf-8"))
+    result.history.append(entry)
+    result.checkpoints.append((folder, entry.get("lr", lr)))
+    with np.load(folder / EPOCH_LOGITS) as data:
+        for name in data.files:
+            result.eval_logits.setdefault(name, []).append(data[name])
