@@ -94,9 +94,8 @@ def write_parquet(path: str | os.PathLike, df: pd.DataFrame) -> None:
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a NumPy array as ``.npy``, atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 def read_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
