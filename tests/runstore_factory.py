@@ -1,0 +1,542 @@
+"""A small, internally consistent fake run store, built with NumPy and pandas only.
+
+The app's tests need a run that looks exactly like what the pipeline writes
+(docs/run-store.md) without training anything. Scores are synthetic curves of
+known shape (S, Z, backslash) with the flipped instances placed where the paper
+finds them, so shape classes, end ratios and detector metrics are meaningful.
+Everything is written with the atomic helpers of ``core.store``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# The tests import this file directly; make the repository's packages importable too.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from core import store  # noqa: E402
+from core.config import PRESETS  # noqa: E402
+
+SHAPE_CYCLE = ("S", "Z", "backslash")
+S_MIN, Z_MAX = 0.2, -0.1  # the DESIGN.md starting thresholds
+DETECTOR_NAMES = (
+    "self_influence",
+    "misclassified_influence",
+    "shape_aware",
+    "loss",
+    "aum",
+    "cleanlab",
+    "random",
+)
+FRACTIONS = (0.01, 0.025, 0.05, 0.1, 0.2)
+ALL_STAGES = ("data", "train", "tracin", "analyze", "detect")
+
+_WORDS_POS = ["great", "lovely", "works well", "excellent", "とても良い", "happy with it"]
+_WORDS_NEG = ["broken", "awful", "stopped working", "poor", "最悪です", "waste of money"]
+
+
+def make_run(
+    cache: str | Path,
+    name: str = "tiny",
+    *,
+    n_train: int = 120,
+    n_val: int = 15,
+    n_test: int = 18,
+    n_flips: int = 6,
+    epochs: int = 3,
+    hidden: int = 8,
+    seed: int = 0,
+    stages: Sequence[str] = ALL_STAGES,
+    cleaning: bool = True,
+    created: str | None = None,
+    status: str = store.STATUS_COMPLETE,
+) -> Path:
+    """Write a fake run to ``cache/name`` and return its folder.
+
+    ``stages`` chooses which stage outputs exist (e.g. ``("data", "train")`` for a
+    run that has not reached TracIn yet); the manifest records the same.
+    """
+    rng = np.random.default_rng(seed)
+    run = Path(cache) / name
+    run.mkdir(parents=True, exist_ok=True)
+    n = n_train + n_val + n_test
+    inst = _instances(rng, n_train, n_val, n_test, n_flips)
+    store.write_parquet(run / store.INSTANCES, inst)
+    train = inst[inst.split == "train"]
+    test = inst[inst.split == "test"]
+    flipped = train.flipped.to_numpy()
+
+    # Final-epoch correctness: about a third of the test set misclassified.
+    wrong = np.zeros(n_test, dtype=bool)
+    wrong[rng.choice(n_test, size=max(3, n_test // 3), replace=False)] = True
+    logits = _logits(rng, inst, wrong, epochs)
+    epoch_rows = _epoch_rows(logits, inst, epochs)
+
+    manifest: dict[str, Any] = {
+        "kind": "run",
+        "name": name,
+        "created": created or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": f"python -m core run --preset quick --name {name} --n-train {n_train}",
+        "status": status,
+        "config": PRESETS["quick"].replace(n_train=n_train, epochs=epochs, seed=seed).to_dict(),
+        "versions": {"python": "3.11", "torch": "fake", "transformers": "fake"},
+        "data": {
+            "source": "amazon-reviews",
+            "n_source_rows": n + 40,
+            "n_kept": n,
+            "dropped": {"|rating| < 0.5": 40},
+            "label_names": ["negative", "positive"],
+            "label_mapping": {"negative": 0, "positive": 1},
+        },
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "n_flipped": int(flipped.sum()),
+        "epochs": epoch_rows if "train" in stages else [],
+        "checkpoints": [
+            {"epoch": e + 1, "path": f"checkpoints/epoch-{e + 1:02d}", "lr": 1e-3}
+            for e in range(epochs)
+        ]
+        if "train" in stages
+        else [],
+        "test_accuracy": epoch_rows[-1]["test_accuracy"] if "train" in stages else None,
+        "stages": {s: {"status": "complete"} for s in stages},
+        "timings_s": {s: 1.0 for s in stages},
+        "tracin": {"params": "all", "project": None, "seed": 0, "n_params": 12345},
+    }
+    if "train" in stages:
+        store.write_npy(run / store.LOGITS, logits)
+
+    if "tracin" in stages:
+        shapes_of = [SHAPE_CYCLE[i % 3] for i in range(n_test)]
+        tracin = np.stack([_curve_row(rng, k, flipped) for k in shapes_of]).astype(np.float32)
+        store.write_npy(run / store.TRACIN, tracin)
+        weights = np.linspace(1.0, 0.5, epochs)
+        weights = weights / weights.sum()
+        per = weights[:, None, None] * tracin[None] + rng.normal(0, 0.01, (epochs, *tracin.shape))
+        per[-1] = tracin - per[:-1].sum(0)  # contributions sum to the matrix
+        store.write_npy(run / store.TRACIN_PER_CHECKPOINT, per.astype(np.float16))
+        self_inf = rng.gamma(2.0, 1.0, n_train) + 4.0 * flipped
+        store.write_npy(run / store.SELF_INFLUENCE, self_inf.astype(np.float32))
+
+    if "analyze" in stages:
+        emb = _embeddings(rng, inst, shapes_of, hidden)
+        store.write_npy(run / store.EMBEDDINGS, emb)
+        tr_idx, te_idx = train.id.to_numpy(), test.id.to_numpy()
+        dist = np.linalg.norm(emb[te_idx][:, None, :] - emb[tr_idx][None, :, :], axis=2)
+        store.write_npy(run / store.DISTANCES, dist.astype(np.float32))
+        shapes, curves = _shapes_and_curves(tracin, dist, test, train, ~wrong)
+        store.write_parquet(run / store.SHAPES, shapes)
+        store.write_parquet(run / store.CURVES, curves)
+        centred = emb - emb.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        pca = centred @ vt[:2].T
+        coords = pd.DataFrame(
+            {
+                "id": inst.id,
+                "umap_x": pca[:, 0] + rng.normal(0, 0.1, n),
+                "umap_y": pca[:, 1] + rng.normal(0, 0.1, n),
+                "pca_x": pca[:, 0],
+                "pca_y": pca[:, 1],
+            }
+        )
+        store.write_parquet(run / store.COORDS, coords)
+        store.write_json(run / store.ANALYSIS, _analysis(shapes))
+
+    if "detect" in stages:
+        det = _detectors(rng, train, flipped, self_inf if "tracin" in stages else None)
+        store.write_parquet(run / store.DETECTORS, det)
+        store.write_json(run / store.DETECTION, _detection(det, flipped))
+        if cleaning:
+            _cleaning(run, det, train, flipped)
+
+    store.write_json(run / store.MANIFEST, manifest)
+    return run
+
+
+def make_sweep(
+    cache: str | Path,
+    name: str = "sweep-quick",
+    *,
+    flip_rates: Sequence[float] = (0.0, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4),
+    seeds: Sequence[int] = (0, 1, 2),
+    n_train: int = 1600,
+    epochs: int = 4,
+) -> Path:
+    """Write a fake noise sweep (manifest, sweep.parquet, sweep_epochs.parquet, cells/)."""
+    rng = np.random.default_rng(7)
+    root = Path(cache) / name
+    rows, epoch_rows = [], []
+    for rate in flip_rates:
+        for seed in seeds:
+            # A threshold effect: flat until ~10 %, then a steep drop (paper Fig. 4-5).
+            drop = 0.02 * rate + 0.9 * max(0.0, rate - 0.08) ** 1.2
+            acc = 0.9 - drop + rng.normal(0, 0.006)
+            loss_obs = 0.15 + 1.6 * rate + rng.normal(0, 0.01)
+            rows.append(
+                {
+                    "flip_rate": float(rate),
+                    "seed": int(seed),
+                    "flip_count": int(round(rate * n_train)),
+                    "final_test_accuracy": acc,
+                    "best_test_accuracy": acc + 0.01,
+                    "val_accuracy": acc + rng.normal(0, 0.005),
+                    "train_loss_observed": loss_obs,
+                    "train_loss_true": 0.15 + 0.6 * rate,
+                }
+            )
+            for e in range(1, epochs + 1):
+                epoch_rows.append(
+                    {
+                        "flip_rate": float(rate),
+                        "seed": int(seed),
+                        "epoch": e,
+                        "train_loss": loss_obs + 0.5 / e,
+                        "val_accuracy": acc - 0.1 / e,
+                        "test_accuracy": acc - 0.1 / e,
+                    }
+                )
+            (root / "cells" / f"rate-{rate}_seed-{seed}").mkdir(parents=True, exist_ok=True)
+    store.write_parquet(root / "sweep.parquet", pd.DataFrame(rows))
+    store.write_parquet(root / "sweep_epochs.parquet", pd.DataFrame(epoch_rows))
+    store.write_json(
+        root / store.MANIFEST,
+        {
+            "kind": "sweep",
+            "name": name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": "python -m core sweep --preset quick --seeds 3",
+            "status": store.STATUS_COMPLETE,
+            "config": PRESETS["quick"].replace(n_train=n_train, epochs=epochs).to_dict(),
+            "flip_rates": list(flip_rates),
+            "seeds": list(seeds),
+            "threshold": {
+                "rate": 0.1,
+                "rule": "smallest flip rate whose mean accuracy drop exceeds 2x the "
+                "seed-to-seed standard deviation at 0%",
+                "spread_at_zero": 0.006,
+            },
+        },
+    )
+    return root
+
+
+def make_store(cache: str | Path, *, demo: bool = True) -> Path:
+    """A cache with a complete run (named ``demo`` when ``demo``), an older run and a sweep."""
+    cache = Path(cache)
+    make_run(cache, "older-run", n_train=60, n_test=9, n_flips=3, created="2020-01-01T00:00:00")
+    make_run(cache, "demo" if demo else "tiny", created="2021-01-01T00:00:00")
+    make_sweep(cache)
+    return cache
+
+
+def corrupt_run(cache: str | Path, name: str = "broken", how: str = "instances") -> Path:
+    """Make a run whose ``how`` file ("manifest", "instances", "tracin", "shapes") is garbage."""
+    run = make_run(cache, name, n_train=30, n_test=6, n_flips=2, created="2019-01-01T00:00:00")
+    target = {
+        "manifest": store.MANIFEST,
+        "instances": store.INSTANCES,
+        "tracin": store.TRACIN,
+        "shapes": store.SHAPES,
+    }[how]
+    (run / target).write_bytes(b"\x00garbage, not what this file should hold\xff")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _instances(rng: np.random.Generator, n_train: int, n_val: int, n_test: int, n_flips: int):
+    """Rows ordered train, val, test; flips only in train."""
+    n = n_train + n_val + n_test
+    label = rng.integers(0, 2, n)
+    split = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test)
+    flipped = np.zeros(n, dtype=bool)
+    flipped[rng.choice(n_train, size=n_flips, replace=False)] = True
+    texts = []
+    for i, lab in enumerate(label):
+        words = _WORDS_POS if lab == 1 else _WORDS_NEG
+        texts.append(f"Review {i}: {words[i % len(words)]}, {rng.choice(words)}.")
+    return pd.DataFrame(
+        {
+            "id": np.arange(n, dtype=np.int64),
+            "split": split,
+            "text": texts,
+            "label": label.astype(np.int64),
+            "observed_label": np.where(flipped, 1 - label, label).astype(np.int64),
+            "flipped": flipped,
+            "source_row": rng.permutation(n + 40)[:n].astype(np.int64),
+        }
+    )
+
+
+def _logits(rng: np.random.Generator, inst: pd.DataFrame, wrong_test: np.ndarray, epochs: int):
+    """Eval-mode logits whose final-epoch test predictions are wrong exactly at ``wrong_test``."""
+    n = len(inst)
+    label = inst.label.to_numpy()
+    out = np.zeros((epochs, n, 2), dtype=np.float32)
+    test_pos = np.flatnonzero(inst.split.to_numpy() == "test")
+    for e in range(epochs):
+        correct = rng.random(n) < 0.6 + 0.3 * (e + 1) / epochs
+        if e == epochs - 1:
+            correct[test_pos] = ~wrong_test
+        pred = np.where(correct, label, 1 - label)
+        margin = rng.uniform(0.2, 2.0, n) * (e + 1)
+        out[e, np.arange(n), pred] = margin / 2
+        out[e, np.arange(n), 1 - pred] = -margin / 2
+    return out
+
+
+def _epoch_rows(logits: np.ndarray, inst: pd.DataFrame, epochs: int) -> list[dict[str, Any]]:
+    """Per-epoch metrics as the train stage records them."""
+    rows = []
+    label = inst.label.to_numpy()
+    for e in range(epochs):
+        pred = logits[e].argmax(1)
+        acc = {s: float((pred == label)[inst.split == s].mean()) for s in ("val", "test")}
+        rows.append(
+            {
+                "epoch": e + 1,
+                "lr": 1e-3,
+                "train_loss": 0.7 / (e + 1),
+                "val_accuracy": acc["val"],
+                "val_loss": 0.6 / (e + 1),
+                "test_accuracy": acc["test"],
+                "test_loss": 0.6 / (e + 1),
+            }
+        )
+    return rows
+
+
+def _template(kind: str, n: int) -> np.ndarray:
+    """A descending curve of the named shape over n ranks."""
+    u = np.linspace(1.0, -1.0, n)
+    if kind == "S":
+        return u**5  # flat middle, steep ends
+    if kind == "Z":
+        return np.tanh(6 * u)  # plateaus at both ends, steep middle
+    return u.copy()  # backslash: a straight line
+
+
+def _curve_row(rng: np.random.Generator, kind: str, flipped: np.ndarray) -> np.ndarray:
+    """Scores of all training instances for one test instance, flips placed by shape."""
+    n = len(flipped)
+    values = _template(kind, n) * rng.uniform(0.5, 2.0) + rng.normal(0, 0.002, n)
+    values = np.sort(values)[::-1]
+    k = int(flipped.sum())
+    if kind == "S":  # flipped at both ends
+        ends = np.r_[np.arange(0, n // 10), np.arange(n - n // 10, n)]
+        ranks = rng.choice(ends, size=k, replace=False)
+    elif kind == "Z":  # flipped near the centre
+        mid = np.arange(int(n * 0.42), int(n * 0.58))
+        ranks = rng.choice(mid, size=k, replace=False)
+    else:  # backslash: around the centre, more widely spread
+        mid = np.arange(int(n * 0.2), int(n * 0.8))
+        ranks = rng.choice(mid, size=k, replace=False)
+    rest = rng.permutation(np.setdiff1d(np.arange(n), ranks))
+    order = np.empty(n, dtype=np.int64)  # order[j] = rank of training instance j
+    order[np.flatnonzero(flipped)] = ranks
+    order[np.flatnonzero(~flipped)] = rest
+    return values[order]
+
+
+def _embeddings(rng, inst: pd.DataFrame, shapes_of: list[str], hidden: int) -> np.ndarray:
+    """Label clusters; Z-shaped test instances sit close to the training data, S far."""
+    label = inst.label.to_numpy()
+    centres = rng.normal(0, 3, (2, hidden))
+    emb = centres[label] + rng.normal(0, 1, (len(inst), hidden))
+    test_pos = np.flatnonzero(inst.split.to_numpy() == "test")
+    scale = {"Z": 0.3, "backslash": 1.0, "S": 2.5}
+    for pos, kind in zip(test_pos, shapes_of, strict=True):
+        emb[pos] = centres[label[pos]] + rng.normal(0, 1, hidden) * scale[kind]
+    return emb.astype(np.float32)
+
+
+def _fit(sorted_scores: np.ndarray) -> dict[str, float]:
+    """Regression and endpoint lines and S (DESIGN.md definitions)."""
+    n = len(sorted_scores)
+    x = np.arange(n, dtype=np.float64)
+    b_reg, a_reg = np.polyfit(x, sorted_scores.astype(np.float64), 1)
+    b_end = (sorted_scores[-1] - sorted_scores[0]) / (n - 1)
+    s_raw = b_reg - b_end
+    return {
+        "s_raw": float(s_raw),
+        "s": float(s_raw / abs(b_end)) if b_end else 0.0,
+        "b_reg": float(b_reg),
+        "a_reg": float(a_reg),
+        "b_end": float(b_end),
+        "a_end": float(sorted_scores[0]),
+    }
+
+
+def _shapes_and_curves(tracin, dist, test, train, correct) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """shapes.parquet and curves.parquet (all points kept: the fake run is small)."""
+    flipped = train.flipped.to_numpy()
+    train_ids = train.id.to_numpy()
+    n = len(train_ids)
+    rows, curves = [], []
+    for t, test_id in enumerate(test.id.to_numpy()):
+        order = np.argsort(-tracin[t], kind="stable")
+        scores = tracin[t][order]
+        fit = _fit(scores)
+        shape = "S" if fit["s"] >= S_MIN else ("Z" if fit["s"] <= Z_MAX else "backslash")
+        ranks = np.flatnonzero(flipped[order])
+        half = (n - 1) / 2
+        end_ratio = float(np.mean(np.abs(ranks - half) / half * 100)) if len(ranks) else np.nan
+        nearest = np.argsort(dist[t])[:10]
+        rows.append(
+            {
+                "id": int(test_id),
+                "correct": bool(correct[t]),
+                **fit,
+                "shape": shape,
+                "end_ratio": end_ratio,
+                "mean_distance": float(dist[t].mean()),
+                "knn_flip_share": float(flipped[nearest].mean()),
+                "flipped_ranks": ranks.astype(np.int64).tolist(),
+            }
+        )
+        curves.append(
+            pd.DataFrame(
+                {
+                    "test_id": np.int64(test_id),
+                    "rank": np.arange(n, dtype=np.int64),
+                    "train_id": train_ids[order],
+                    "score": scores.astype(np.float32),
+                    "flipped": flipped[order],
+                }
+            )
+        )
+    shapes = pd.DataFrame(rows)
+    # Scores/arrays shaped like the pipeline's; S values reordered columns as documented.
+    cols = ["id", "correct", "s_raw", "s", "shape", "end_ratio", "b_reg", "a_reg", "b_end"]
+    cols += ["a_end", "mean_distance", "knn_flip_share", "flipped_ranks"]
+    return shapes[cols], pd.concat(curves, ignore_index=True)
+
+
+def _analysis(shapes: pd.DataFrame) -> dict[str, Any]:
+    """analysis.json: thresholds, correlations, per-shape summaries."""
+    s, er, md = shapes.s.to_numpy(), shapes.end_ratio.to_numpy(), shapes.mean_distance.to_numpy()
+    return {
+        "thresholds": {"s_min": S_MIN, "z_max": Z_MAX},
+        "correlations": {
+            "s_vs_end_ratio": {
+                "pearson": float(np.corrcoef(s, er)[0, 1]),
+                "pearson_p": 0.01,
+                "spearman": float(np.corrcoef(s.argsort().argsort(), er.argsort().argsort())[0, 1]),
+                "spearman_p": 0.01,
+            },
+            "s_vs_mean_distance": {
+                "spearman": float(np.corrcoef(s.argsort().argsort(), md.argsort().argsort())[0, 1]),
+                "spearman_p": 0.02,
+            },
+        },
+        "per_shape": {
+            k: {"n": int(len(g)), "mean_end_ratio": float(g.end_ratio.mean())}
+            for k, g in shapes.groupby("shape")
+        },
+    }
+
+
+def _detectors(rng, train: pd.DataFrame, flipped: np.ndarray, self_inf) -> pd.DataFrame:
+    """One suspicion column per detector, with different (known) quality."""
+    n = len(train)
+    base = flipped.astype(float)
+    cols = {"id": train.id.to_numpy()}
+    noise = {"misclassified_influence": 0.4, "shape_aware": 0.3, "loss": 0.6, "aum": 0.7}
+    for name in DETECTOR_NAMES:
+        if name == "self_influence" and self_inf is not None:
+            cols[name] = np.asarray(self_inf, dtype=np.float64)
+        elif name == "random":
+            cols[name] = rng.random(n)
+        else:
+            cols[name] = base + rng.normal(0, noise.get(name, 0.8), n)
+    return pd.DataFrame(cols)
+
+
+def _metrics(score: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
+    """Recall at fractions, precision@k, AP and AUROC of one ranking."""
+    n, k = len(score), int(flipped.sum())
+    order = np.argsort(-score, kind="stable")
+    hits = flipped[order]
+    out = {}
+    for q, key in zip(FRACTIONS, ("1", "2_5", "5", "10", "20"), strict=True):
+        out[f"recall_at_{key}pct"] = float(hits[: max(1, int(round(q * n)))].sum() / k)
+    out["precision_at_k"] = float(hits[:k].mean())
+    cum = np.cumsum(hits)
+    out["average_precision"] = float((cum / np.arange(1, n + 1))[hits].mean())
+    ranks = np.empty(n)
+    ranks[np.argsort(score, kind="stable")] = np.arange(1, n + 1)
+    out["auroc"] = float((ranks[flipped].sum() - k * (k + 1) / 2) / (k * (n - k)))
+    return out
+
+
+def _detection(det: pd.DataFrame, flipped: np.ndarray) -> dict[str, Any]:
+    """detection.json as documented for issue 7."""
+    n, k = len(flipped), int(flipped.sum())
+    rate = k / n
+    random = {
+        f"recall_at_{key}pct": q
+        for q, key in zip(FRACTIONS, ("1", "2_5", "5", "10", "20"), strict=True)
+    }
+    random.update(precision_at_k=rate, average_precision=rate, auroc=0.5)
+    return {
+        "k": k,
+        "n_train": n,
+        "flip_rate": rate,
+        "fractions": list(FRACTIONS),
+        "detectors": {d: _metrics(det[d].to_numpy(), flipped) for d in DETECTOR_NAMES},
+        "random": random,
+        "notes": {d: f"fake {d} scores made by the test factory" for d in DETECTOR_NAMES},
+    }
+
+
+def _cleaning(run: Path, det: pd.DataFrame, train: pd.DataFrame, flipped: np.ndarray) -> None:
+    """cleaning/results.json plus one review queue and one cleaned export."""
+    folder = run / store.CLEANING_DIR
+    rows = []
+    k = int(flipped.sum())
+    for d in ("self_influence", "loss"):
+        for action in ("exclude", "relabel"):
+            for seed in (0, 1):
+                rows.append(
+                    {
+                        "detector": d,
+                        "action": action,
+                        "k": k,
+                        "seed": seed,
+                        "test_accuracy": 0.8 + 0.01 * seed + (0.02 if action == "relabel" else 0),
+                        "no_change_accuracy": 0.79,
+                        "oracle_accuracy": 0.84,
+                        "random_accuracy": 0.785,
+                        "n_flips_caught": k // 2,
+                    }
+                )
+    store.write_json(folder / "results.json", {"rows": rows})
+    top = det.sort_values("self_influence", ascending=False).head(k)
+    queue = train.set_index("id").loc[top.id]
+    q = pd.DataFrame(
+        {
+            "id": top.id.to_numpy(),
+            "text": queue.text.to_numpy(),
+            "observed_label": queue.observed_label.to_numpy(),
+            "suggested_label": 1 - queue.observed_label.to_numpy(),
+            "score": top.self_influence.to_numpy(),
+            "reason": "high self-influence",
+        }
+    )
+    with store.atomic_path(folder / "review_queue_self_influence.csv") as tmp:
+        q.to_csv(tmp, index=False)
+    with store.atomic_path(folder / "cleaned_self_influence_exclude.csv") as tmp:
+        train.assign(action="keep").to_csv(tmp, index=False)

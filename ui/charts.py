@@ -1,0 +1,474 @@
+"""Chart builders: plain functions, data in, Altair chart out (testable without a browser).
+
+Colours follow the paper's Fig. 1: flipped training instances red, clean ones
+blue, the regression line yellow, the endpoint line green. Every chart carries
+``usermeta.atlas`` naming it, so tests can find it among a page's elements.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+RED = "#d62728"
+BLUE = "#1f77b4"
+YELLOW = "#e6b800"  # a darker yellow than pure #ff0 so the line reads on white
+GREEN = "#2ca02c"
+GREY = "#b0b0b0"
+SHAPE_COLORS = {"S": "#7b3294", "backslash": "#f1a340", "Z": "#008837"}
+POINT_DOMAIN = ["clean", "flipped", "regression", "endpoints"]
+POINT_RANGE = [BLUE, RED, YELLOW, GREEN]
+TEXT_CHARS = 160  # tooltips show at most this much training text
+
+
+def _tag(chart: alt.TopLevelMixin, name: str) -> alt.TopLevelMixin:
+    """Name a chart in its spec (usermeta) so tests can find it."""
+    return chart.properties(usermeta={"atlas": name})
+
+
+def _shape_scale() -> alt.Scale:
+    return alt.Scale(domain=list(SHAPE_COLORS), range=list(SHAPE_COLORS.values()))
+
+
+def _short(text: pd.Series) -> pd.Series:
+    """Tooltip-sized text."""
+    s = text.astype(str)
+    return s.where(s.str.len() <= TEXT_CHARS, s.str.slice(0, TEXT_CHARS) + "…")
+
+
+def curve_chart(
+    curve: pd.DataFrame,
+    lines: pd.DataFrame,
+    *,
+    title: str = "",
+    height: int = 320,
+    label_names: list[str] | None = None,
+    score_title: str = "TracIn score",
+) -> alt.LayerChart:
+    """One sorted TracIn curve: points by flip status, regression and endpoint lines.
+
+    ``curve`` has rank, score, flipped (and optionally train_id, text, label,
+    observed_label for the tooltip); ``lines`` comes from ``compute.line_rows``.
+    """
+    names = label_names or ["0", "1"]
+    df = curve.copy()
+    df["status"] = np.where(df["flipped"].to_numpy(bool), "flipped", "clean")
+    tooltip: list[alt.Tooltip] = [
+        alt.Tooltip("rank:Q", title="rank"),
+        alt.Tooltip("score:Q", title=score_title, format=".4g"),
+        alt.Tooltip("status:N", title="label"),
+    ]
+    if "text" in df:
+        df["text"] = _short(df["text"])
+        df["true"] = [names[int(v)] for v in df["label"]]
+        df["observed"] = [names[int(v)] for v in df["observed_label"]]
+        tooltip = [
+            alt.Tooltip("train_id:Q", title="training id"),
+            alt.Tooltip("text:N", title="text"),
+            alt.Tooltip("observed:N", title="label used in training"),
+            alt.Tooltip("true:N", title="true label"),
+            *tooltip,
+        ]
+    color = alt.Color(
+        "status:N", scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE), title=None
+    )
+    points = (
+        alt.Chart(df)
+        .mark_circle(size=28, opacity=0.85)
+        .encode(
+            x=alt.X("rank:Q", title="training instances sorted by score"),
+            y=alt.Y("score:Q", title=score_title),
+            color=color,
+            order=alt.Order("flipped:Q"),  # flipped drawn last, on top of the blue cloud
+            tooltip=tooltip,
+        )
+    )
+    segs = lines.rename(columns={"line": "status"})
+    rules = (
+        alt.Chart(segs)
+        .mark_rule(strokeWidth=2)
+        .encode(
+            x="x:Q",
+            x2="x2:Q",
+            y="y:Q",
+            y2="y2:Q",
+            color=alt.Color("status:N", scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE)),
+        )
+    )
+    chart = alt.layer(points, rules).properties(height=height, title=title)
+    return _tag(chart, "score_curve")
+
+
+def small_multiples(
+    points: pd.DataFrame, lines: pd.DataFrame, order: list[str], *, columns: int = 3
+) -> alt.FacetChart:
+    """Fig. 1: a grid of sorted curves, one panel per test instance (``panel`` column = title).
+
+    ``points`` has panel, rank, score, flipped; ``lines`` has panel and the
+    x, x2, y, y2 segment columns of ``compute.line_rows``. Both are stacked into
+    one table because a faceted layer chart needs a single data source.
+    """
+    p = points[["panel", "rank", "score", "flipped"]].copy()
+    p["status"] = np.where(p["flipped"].to_numpy(bool), "flipped", "clean")
+    p["layer"] = "point"
+    ln = lines.rename(columns={"line": "status"}).copy()
+    ln["layer"] = "line"
+    data = pd.concat([p, ln], ignore_index=True)
+    color = alt.Color(
+        "status:N", scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE), title=None
+    )
+    base = alt.Chart()
+    dots = (
+        base.mark_circle(size=12, opacity=0.8)
+        .encode(
+            x=alt.X("rank:Q", title="rank"),
+            y=alt.Y("score:Q", title="TracIn"),
+            color=color,
+            order=alt.Order("flipped:Q"),
+            tooltip=[
+                alt.Tooltip("panel:N", title="test instance"),
+                alt.Tooltip("rank:Q"),
+                alt.Tooltip("score:Q", format=".4g"),
+                alt.Tooltip("status:N"),
+            ],
+        )
+        .transform_filter(alt.datum.layer == "point")
+    )
+    rules = (
+        base.mark_rule(strokeWidth=1.5)
+        .encode(x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", color=color)
+        .transform_filter(alt.datum.layer == "line")
+    )
+    chart = (
+        alt.layer(dots, rules, data=data)
+        .properties(width=230, height=150)
+        .facet(
+            facet=alt.Facet("panel:N", sort=order, title=None, header=alt.Header(labelFontSize=12)),
+            columns=columns,
+        )
+        .resolve_scale(y="independent")
+    )
+    return _tag(chart, "small_multiples")
+
+
+def shape_scatter(
+    shapes: pd.DataFrame,
+    *,
+    selected: int | None = None,
+    thresholds: tuple[float, float] = (0.2, -0.1),
+    select_name: str = "pick",
+) -> alt.LayerChart:
+    """Fig. 3: S against end ratio, one point per test instance, coloured by shape; clickable."""
+    df = shapes[["id", "s", "end_ratio", "shape"]].copy()
+    df["correct"] = shapes["correct"].to_numpy(bool) if "correct" in shapes else True
+    df["prediction"] = np.where(df["correct"], "correct", "misclassified")
+    df["selected"] = df["id"] == (selected if selected is not None else -1)
+    pick = alt.selection_point(name=select_name, fields=["id"], on="click", toggle=False)
+    points = (
+        alt.Chart(df)
+        .mark_point(size=90, filled=True, opacity=0.85)
+        .encode(
+            x=alt.X("s:Q", title="S-shapedness S  (Z −0.5 … backslash 0 … S 1)"),
+            y=alt.Y(
+                "end_ratio:Q",
+                title="end ratio of flipped instances (%)",
+                scale=alt.Scale(domain=[0, 100]),
+            ),
+            color=alt.Color("shape:N", scale=_shape_scale(), title="shape"),
+            shape=alt.Shape(
+                "prediction:N",
+                scale=alt.Scale(
+                    domain=["misclassified", "correct"], range=["circle", "triangle-up"]
+                ),
+                title="prediction",
+            ),
+            stroke=alt.condition(alt.datum.selected, alt.value("black"), alt.value(None)),
+            strokeWidth=alt.condition(alt.datum.selected, alt.value(2.5), alt.value(0)),
+            tooltip=[
+                alt.Tooltip("id:Q", title="test id"),
+                alt.Tooltip("shape:N"),
+                alt.Tooltip("s:Q", title="S", format=".3f"),
+                alt.Tooltip("end_ratio:Q", title="end ratio %", format=".1f"),
+                alt.Tooltip("prediction:N"),
+            ],
+        )
+        .add_params(pick)
+    )
+    s_min, z_max = thresholds
+    refs = pd.DataFrame({"x": [s_min, z_max]})
+    vrules = alt.Chart(refs).mark_rule(strokeDash=[4, 4], color=GREY).encode(x="x:Q")
+    hrule = (
+        alt.Chart(pd.DataFrame({"y": [50.0]}))
+        .mark_rule(strokeDash=[2, 2], color=GREY)
+        .encode(y="y:Q")
+    )
+    chart = alt.layer(vrules, hrule, points).properties(height=420)
+    return _tag(chart, "shape_scatter")
+
+
+def mean_distance_chart(shapes: pd.DataFrame) -> alt.Chart:
+    """Fig. 2a: mean [CLS] distance per test instance, labelled 'id (shape)', sorted."""
+    df = shapes[["id", "shape", "mean_distance"]].copy()
+    df["label"] = [f"{i} ({s})" for i, s in zip(df["id"], df["shape"], strict=True)]
+    chart = (
+        alt.Chart(df)
+        .mark_bar()
+        .encode(
+            x=alt.X(
+                "label:N",
+                sort=alt.EncodingSortField("mean_distance", order="descending"),
+                title="test instance (shape)",
+            ),
+            y=alt.Y("mean_distance:Q", title="mean distance to training instances"),
+            color=alt.Color("shape:N", scale=_shape_scale()),
+            tooltip=["id:Q", "shape:N", alt.Tooltip("mean_distance:Q", format=".3f")],
+        )
+        .properties(height=280)
+    )
+    return _tag(chart, "mean_distance")
+
+
+def sorted_distance_chart(curves: pd.DataFrame, shapes: pd.DataFrame) -> alt.Chart:
+    """Fig. 2b: each test instance's distances to the training instances, ascending."""
+    lab = shapes.set_index("id")["shape"]
+    df = curves.copy()
+    df["shape"] = lab.loc[df["test_id"].to_numpy()].to_numpy()
+    df["label"] = [f"{i} ({s})" for i, s in zip(df["test_id"], df["shape"], strict=True)]
+    chart = (
+        alt.Chart(df)
+        .mark_line(opacity=0.7)
+        .encode(
+            x=alt.X("rank:Q", title="training instances sorted by distance"),
+            y=alt.Y("distance:Q", title="Euclidean distance"),
+            color=alt.Color("shape:N", scale=_shape_scale()),
+            detail="label:N",
+            tooltip=["label:N", "rank:Q", alt.Tooltip("distance:Q", format=".3f")],
+        )
+        .properties(height=280)
+    )
+    return _tag(chart, "sorted_distances")
+
+
+ROLE_STYLE = {
+    "training": (GREY, 18),
+    "held out": ("#9ecae1", 18),
+    "flipped": (RED, 40),
+    "proponent": (GREEN, 70),
+    "opponent": ("#7b3294", 70),
+    "selected": ("black", 260),
+}
+
+
+def embedding_map(points: pd.DataFrame, *, method: str = "umap") -> alt.Chart:
+    """A 2-D map of all instances; ``points`` has x, y, role, id, text, label, split."""
+    df = points.copy()
+    df["text"] = _short(df["text"])
+    df["order"] = df["role"].map({r: i for i, r in enumerate(ROLE_STYLE)})
+    chart = (
+        alt.Chart(df)
+        .mark_point(filled=True, opacity=0.8)
+        .encode(
+            x=alt.X("x:Q", title=f"{method.upper()} 1", axis=alt.Axis(labels=False)),
+            y=alt.Y("y:Q", title=f"{method.upper()} 2", axis=alt.Axis(labels=False)),
+            color=alt.Color(
+                "role:N",
+                scale=alt.Scale(domain=list(ROLE_STYLE), range=[c for c, _ in ROLE_STYLE.values()]),
+                title=None,
+            ),
+            size=alt.Size(
+                "role:N",
+                scale=alt.Scale(domain=list(ROLE_STYLE), range=[s for _, s in ROLE_STYLE.values()]),
+                legend=None,
+            ),
+            shape=alt.condition(
+                alt.datum.role == "selected", alt.value("diamond"), alt.value("circle")
+            ),
+            order=alt.Order("order:Q"),
+            tooltip=["id:Q", "role:N", "split:N", "label:N", "flipped:N", "text:N"],
+        )
+        .properties(height=460)
+    )
+    return _tag(chart, "embedding_map")
+
+
+def accuracy_chart(acc: pd.DataFrame) -> alt.Chart:
+    """Accuracy per epoch, one line per split."""
+    chart = (
+        alt.Chart(acc)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("epoch:O", title="epoch"),
+            y=alt.Y("accuracy:Q", scale=alt.Scale(zero=False), title="accuracy"),
+            color=alt.Color("split:N", title=None),
+            tooltip=["epoch:O", "split:N", alt.Tooltip("accuracy:Q", format=".3f")],
+        )
+        .properties(height=220)
+    )
+    return _tag(chart, "accuracy")
+
+
+def teaching_curve(df: pd.DataFrame, title: str) -> alt.LayerChart:
+    """A small synthetic curve (compute.synthetic_curve) with its two lines, for the home page."""
+    from ui.compute import fit_lines, line_rows
+
+    lines = line_rows(fit_lines(df["score"].to_numpy()), len(df))
+    chart = curve_chart(df, lines, title=title, height=180, score_title="score")
+    return _tag(chart, "teaching")
+
+
+def sweep_chart(
+    sweep: pd.DataFrame,
+    value: str,
+    *,
+    title: str,
+    x: str = "flip_rate",
+    threshold: float | None = None,
+) -> alt.LayerChart:
+    """Fig. 4/5: one thin line per seed, the mean bold with a min–max band, threshold marked."""
+    xtitle = "flip rate" if x == "flip_rate" else "number of flipped labels"
+    xfmt = ".1%" if x == "flip_rate" else "d"
+    df = (
+        sweep[[x, "seed", value]].copy()
+        if x in sweep
+        else sweep[["flip_rate", "seed", value]].copy()
+    )
+    df["seed"] = df["seed"].astype(str)
+    summary = df.groupby(x)[value].agg(["mean", "min", "max"]).reset_index()
+    enc_x = alt.X(f"{x}:Q", title=xtitle, axis=alt.Axis(format=xfmt))
+    seeds = (
+        alt.Chart(df)
+        .mark_line(strokeWidth=1, opacity=0.5, point=alt.OverlayMarkDef(size=20))
+        .encode(
+            x=enc_x,
+            y=alt.Y(f"{value}:Q", title=title, scale=alt.Scale(zero=False)),
+            color=alt.Color("seed:N", title="seed"),
+            tooltip=["seed:N", f"{x}:Q", alt.Tooltip(f"{value}:Q", format=".4f")],
+        )
+    )
+    band = (
+        alt.Chart(summary)
+        .mark_area(opacity=0.15, color="black")
+        .encode(x=enc_x, y="min:Q", y2="max:Q")
+    )
+    mean = (
+        alt.Chart(summary)
+        .mark_line(color="black", strokeWidth=3)
+        .encode(x=enc_x, y="mean:Q", tooltip=[f"{x}:Q", alt.Tooltip("mean:Q", format=".4f")])
+    )
+    layers: list[alt.Chart] = [band, seeds, mean]
+    if threshold is not None:
+        t = alt.Chart(pd.DataFrame({x: [threshold], "label": ["threshold"]}))
+        layers.append(t.mark_rule(color=RED, strokeDash=[6, 3], strokeWidth=2).encode(x=enc_x))
+        layers.append(
+            t.mark_text(align="left", dx=4, dy=-6, color=RED).encode(
+                x=enc_x, y=alt.value(8), text="label:N"
+            )
+        )
+    chart = alt.layer(*layers).properties(height=320, title=title)
+    return _tag(chart, f"sweep_{value}")
+
+
+def sweep_epochs_chart(epochs: pd.DataFrame, value: str, title: str) -> alt.Chart:
+    """Per-epoch curves of a sweep: one line per (flip rate, seed), coloured by flip rate."""
+    df = epochs.copy()
+    df["cell"] = df["flip_rate"].astype(str) + " / " + df["seed"].astype(str)
+    chart = (
+        alt.Chart(df)
+        .mark_line(opacity=0.6)
+        .encode(
+            x=alt.X("epoch:O"),
+            y=alt.Y(f"{value}:Q", title=title, scale=alt.Scale(zero=False)),
+            color=alt.Color("flip_rate:O", title="flip rate", scale=alt.Scale(scheme="reds")),
+            detail="cell:N",
+            tooltip=["flip_rate:Q", "seed:Q", "epoch:O", alt.Tooltip(f"{value}:Q", format=".4f")],
+        )
+        .properties(height=260)
+    )
+    return _tag(chart, f"sweep_epochs_{value}")
+
+
+def recall_chart(curves: pd.DataFrame, max_fraction: float = 0.3) -> alt.Chart:
+    """Recall of the flips against the fraction of training data inspected, one line per detector."""
+    df = curves[curves["fraction"] <= max_fraction + 1e-9]
+    chart = (
+        alt.Chart(df)
+        .mark_line()
+        .encode(
+            x=alt.X(
+                "fraction:Q", title="fraction of training set inspected", axis=alt.Axis(format="%")
+            ),
+            y=alt.Y(
+                "recall:Q",
+                title="share of flips found",
+                axis=alt.Axis(format="%"),
+                scale=alt.Scale(domain=[0, 1]),
+            ),
+            color=alt.Color("detector:N"),
+            strokeDash=alt.condition(
+                alt.datum.detector == "random", alt.value([4, 4]), alt.value([1, 0])
+            ),
+            tooltip=[
+                "detector:N",
+                alt.Tooltip("fraction:Q", format=".1%"),
+                alt.Tooltip("recall:Q", format=".1%"),
+            ],
+        )
+        .properties(height=340)
+    )
+    return _tag(chart, "recall")
+
+
+def cleaning_chart(results: pd.DataFrame) -> alt.LayerChart:
+    """Intervention results: test accuracy per detector and action beside the reference runs."""
+    g = (
+        results.groupby(["detector", "action"])["test_accuracy"]
+        .agg(["mean", "min", "max"])
+        .reset_index()
+    )
+    g["setting"] = g["detector"] + " · " + g["action"]
+    refs = pd.DataFrame(
+        {
+            "reference": ["no change", "oracle", "random"],
+            "accuracy": [
+                results["no_change_accuracy"].mean(),
+                results["oracle_accuracy"].mean(),
+                results["random_accuracy"].mean(),
+            ],
+        }
+    )
+    # Points with a min–max range, not bars: accuracies differ by a few points near 0.8-0.9.
+    enc_y = alt.Y("setting:N", title=None)
+    scale = alt.Scale(zero=False)
+    spread = (
+        alt.Chart(g)
+        .mark_rule(strokeWidth=2)
+        .encode(y=enc_y, x=alt.X("min:Q", scale=scale), x2="max:Q", color="action:N")
+    )
+    bars = (
+        alt.Chart(g)
+        .mark_point(filled=True, size=120)
+        .encode(
+            y=enc_y,
+            x=alt.X("mean:Q", title="test accuracy (mean over seeds, range)", scale=scale),
+            color=alt.Color("action:N"),
+            tooltip=[
+                "detector:N",
+                "action:N",
+                alt.Tooltip("mean:Q", format=".4f"),
+                alt.Tooltip("min:Q", format=".4f"),
+                alt.Tooltip("max:Q", format=".4f"),
+            ],
+        )
+    )
+    rules = (
+        alt.Chart(refs)
+        .mark_rule(strokeDash=[4, 3], strokeWidth=2)
+        .encode(
+            x="accuracy:Q",
+            stroke=alt.Stroke("reference:N", scale=alt.Scale(range=[GREY, GREEN, RED])),
+            tooltip=["reference:N", alt.Tooltip("accuracy:Q", format=".4f")],
+        )
+    )
+    chart = alt.layer(spread, bars, rules).properties(height=max(120, 32 * len(g)))
+    return _tag(chart, "cleaning")

@@ -1,0 +1,446 @@
+"""Starting, watching and cancelling ``python -m core run`` from the app, plus upload validation.
+
+A study runs as a detached subprocess (its own session, so it outlives a page
+reload or a closed tab). Its state lives on disk in ``<cache>/.jobs/``: a JSON
+pid file, the log, and the exit code written by a tiny shell wrapper. The app
+never imports torch: it only starts the CLI and reads files. Uploaded files are
+parsed with pandas as data only (CSV/TSV/JSONL), never executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from core import store
+from core.errors import AtlasError
+
+ENV_STUDY_CMD = "ATLAS_STUDY_CMD"  # replaces "python -m core" (tests use a stand-in CLI)
+ENV_MAX_UPLOAD_MB = "ATLAS_MAX_UPLOAD_MB"
+DEFAULT_MAX_UPLOAD_MB = 50
+JOBS_DIR = ".jobs"  # dot-folders are skipped by store.list_runs
+UPLOADS_DIR = ".uploads"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+UPLOAD_TYPES = ("csv", "tsv", "jsonl")
+MIN_ROWS = 20  # the 80/10/10 split needs a few instances in every part
+REPO = Path(__file__).resolve().parents[1]
+
+# The wrapper records the exit status, which a detached process cannot report otherwise.
+# The command arrives as "$@", never through the shell's parser.
+_WRAPPER = 'rcfile="$1"; shift; "$@"; echo $? > "$rcfile"'
+
+
+@dataclass
+class StudyRequest:
+    """What the Run a study form collects; becomes a ``core run`` command line."""
+
+    name: str
+    preset: str = "quick"
+    flip_rate: float = 0.025
+    seed: int = 0
+    model: str = "tiny"
+    dataset: str | None = "amazon-reviews"
+    data_file: str | None = None
+    text_col: str | None = None
+    label_col: str | None = None
+    rating_col: str | None = None
+    pos_min: float | None = None
+    neg_max: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"epochs": 3, "n-train": 400}
+
+
+def max_upload_mb() -> int:
+    """Upload size limit in MB ($ATLAS_MAX_UPLOAD_MB, default 50)."""
+    try:
+        return max(1, int(os.environ.get(ENV_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MB)))
+    except ValueError:
+        return DEFAULT_MAX_UPLOAD_MB
+
+
+def check_name(name: str) -> str:
+    """A run name usable as a folder name, or :class:`AtlasError`."""
+    if not NAME_RE.match(name or ""):
+        raise AtlasError(
+            "A run name uses letters, digits, '.', '_' or '-', starts with a letter or digit, "
+            "and has at most 64 characters."
+        )
+    return name
+
+
+def core_command() -> list[str]:
+    """The CLI prefix: ``python -m core`` with this interpreter, or $ATLAS_STUDY_CMD."""
+    env = os.environ.get(ENV_STUDY_CMD)
+    return shlex.split(env) if env else [sys.executable, "-m", "core"]
+
+
+def build_command(req: StudyRequest, cache: Path) -> list[str]:
+    """The ``core run`` argument list for a request (an argv list: nothing is shell-parsed)."""
+    check_name(req.name)
+    cmd = [
+        *core_command(),
+        "run",
+        "--preset",
+        req.preset,
+        "--name",
+        req.name,
+        "--cache",
+        str(cache),
+    ]
+    cmd += [
+        "--flip-rate",
+        f"{float(req.flip_rate):g}",
+        "--seed",
+        str(int(req.seed)),
+        "--model",
+        req.model,
+    ]
+    if req.data_file:
+        cmd += ["--data-file", req.data_file, "--text-col", str(req.text_col)]
+        if req.label_col:
+            cmd += ["--label-col", req.label_col]
+        else:
+            cmd += [
+                "--rating-col",
+                str(req.rating_col),
+                "--pos-min",
+                f"{req.pos_min:g}",
+                "--neg-max",
+                f"{req.neg_max:g}",
+            ]
+    elif req.dataset:
+        cmd += ["--dataset", req.dataset]
+    for key, value in req.extra.items():
+        if value is not None:
+            cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+@dataclass
+class Job:
+    """A study subprocess as recorded on disk."""
+
+    name: str
+    folder: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.folder / f"{self.name}.pid.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / f"{self.name}.log"
+
+    @property
+    def rc_file(self) -> Path:
+        return self.folder / f"{self.name}.rc"
+
+    @property
+    def cancel_file(self) -> Path:
+        return self.folder / f"{self.name}.cancelled"
+
+    def info(self) -> dict[str, Any]:
+        """The pid file's content ({} when absent or unreadable)."""
+        try:
+            return json.loads(self.pid_file.read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def returncode(self) -> int | None:
+        """Exit status written by the wrapper, or None."""
+        try:
+            return int(self.rc_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def alive(self) -> bool:
+        """Whether the recorded process is still running (pid reuse guarded by start time)."""
+        info = self.info()
+        pid = info.get("pid")
+        if not pid:
+            return False
+        _reap(int(pid))
+        start = _proc_start(int(pid))
+        if start is None:
+            return False
+        return info.get("proc_start") in (None, start)
+
+    def state(self) -> str:
+        """running | finished | failed | cancelled | stopped (killed without an exit status)."""
+        if self.alive():
+            return "running"
+        rc = self.returncode()
+        if self.cancel_file.exists():
+            return "cancelled"
+        if rc is None:
+            return "stopped"
+        return "finished" if rc == 0 else "failed"
+
+
+def job(cache: Path, name: str) -> Job:
+    """The job record of a run name (it may not exist yet)."""
+    return Job(check_name(name), Path(cache) / JOBS_DIR)
+
+
+def list_jobs(cache: Path) -> list[Job]:
+    """All recorded jobs, newest first."""
+    folder = Path(cache) / JOBS_DIR
+    if not folder.is_dir():
+        return []
+    files = sorted(folder.glob("*.pid.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [Job(p.name[: -len(".pid.json")], folder) for p in files]
+
+
+def start(cache: Path, req: StudyRequest) -> Job:
+    """Start ``core run`` detached; refuse when that run is running or already complete."""
+    cache = Path(cache)
+    j = job(cache, req.name)
+    if j.alive():
+        raise AtlasError(
+            f"Run '{req.name}' is already running; cancel it first or choose another name."
+        )
+    manifest = cache / req.name / store.MANIFEST
+    if manifest.exists():
+        try:
+            status = store.read_json(manifest).get("status")
+        except (AtlasError, AttributeError):
+            status = None
+        if status == store.STATUS_COMPLETE:
+            raise AtlasError(
+                f"A complete run named '{req.name}' already exists; choose another name."
+            )
+    cmd = build_command(req, cache)
+    j.folder.mkdir(parents=True, exist_ok=True)
+    for stale in (j.rc_file, j.cancel_file):
+        stale.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(j.log_file, "ab") as log:
+        log.write(f"$ {shlex.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            ["sh", "-c", _WRAPPER, "sh", str(j.rc_file), *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,  # its own process group: survives reloads, cancellable as a whole
+        )
+    store.write_json(
+        j.pid_file,
+        {
+            "pid": proc.pid,
+            "proc_start": _proc_start(proc.pid),
+            "command": cmd,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_dir": str(cache / req.name),
+        },
+    )
+    return j
+
+
+def cancel(j: Job) -> bool:
+    """Stop a running job's whole process group; True when a signal was sent."""
+    if not j.alive():
+        return False
+    pid = int(j.info()["pid"])
+    j.cancel_file.write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def tail(path: Path, lines: int = 40, max_bytes: int = 64_000) -> str:
+    """The last lines of a log, with progress-bar redraws (carriage returns) collapsed."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            raw = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    out = [
+        ln.split("\r")[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in raw.split("\n")
+    ]
+    return "\n".join(out[-lines:])
+
+
+def progress(run_dir: Path) -> dict[str, Any]:
+    """Stage statuses and epochs done, read from the run's manifest (empty before it exists)."""
+    path = Path(run_dir) / store.MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        m = store.read_json(path)
+    except AtlasError:
+        return {}
+    epochs_total = (m.get("config") or {}).get("epochs") or 0
+    return {
+        "status": m.get("status"),
+        "stages": {k: (v or {}).get("status") for k, v in (m.get("stages") or {}).items()},
+        "epochs_done": len(m.get("epochs") or []),
+        "epochs_total": int(epochs_total),
+        "error": m.get("error"),
+    }
+
+
+# -- uploads -------------------------------------------------------------------------------------
+
+
+def parse_upload(raw: bytes, filename: str) -> pd.DataFrame:
+    """Parse an uploaded CSV / TSV / JSONL as a table of data, or raise :class:`AtlasError`."""
+    limit = max_upload_mb() * 1024 * 1024
+    if len(raw) > limit:
+        raise AtlasError(f"The file is {len(raw) / 1e6:.1f} MB; the limit is {max_upload_mb()} MB.")
+    ext = Path(filename).suffix.lower().lstrip(".")
+    if ext not in UPLOAD_TYPES:
+        raise AtlasError(f"Upload a .csv, .tsv or .jsonl file, not '.{ext}'.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise AtlasError(
+            f"The file is not UTF-8 text (byte {exc.start} cannot be decoded)."
+        ) from None
+    try:
+        if ext == "jsonl":
+            df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
+        else:
+            df = pd.read_csv(io.StringIO(text), sep="\t" if ext == "tsv" else ",")
+    except Exception as exc:  # pandas raises several parser errors
+        raise AtlasError(f"The file could not be parsed as {ext.upper()} ({exc}).") from None
+    if df.empty or len(df.columns) < 2:
+        raise AtlasError(
+            "The file needs at least two columns (a text and a label or rating) and one row."
+        )
+    df.columns = [str(c) for c in df.columns]
+    return df
+
+
+def guess_text_column(df: pd.DataFrame) -> str:
+    """The column with the longest strings on average (usually the text)."""
+    best, best_len = str(df.columns[0]), -1.0
+    for c in df.columns:
+        if df[c].dtype == object:
+            mean = df[c].astype(str).str.len().mean()
+            if mean > best_len:
+                best, best_len = str(c), mean
+    return best
+
+
+def validate_table(
+    df: pd.DataFrame,
+    text_col: str,
+    *,
+    label_col: str | None = None,
+    rating_col: str | None = None,
+    pos_min: float | None = None,
+    neg_max: float | None = None,
+) -> tuple[list[str], dict[str, Any]]:
+    """Problems that would stop ``core run`` (empty list when none) and a summary of what is kept."""
+    problems: list[str] = []
+    if text_col not in df:
+        return [f"There is no column '{text_col}'."], {}
+    text = df[text_col]
+    empty = text.isna() | (text.astype(str).str.strip() == "")
+    if empty.any():
+        problems.append(
+            f"{int(empty.sum())} row(s) have an empty text (first at row {int(empty.idxmax()) + 1}); remove them."
+        )
+    dup = text.astype(str).duplicated()
+    summary: dict[str, Any] = {"rows": len(df), "duplicate_texts": int(dup.sum())}
+    keep = ~empty
+    if label_col:
+        if label_col not in df:
+            return [*problems, f"There is no column '{label_col}'."], summary
+        if label_col == text_col:
+            problems.append("The text and label columns must differ.")
+        classes = df.loc[keep, label_col].dropna().astype(str).value_counts()
+        summary["classes"] = classes.to_dict()
+        if len(classes) != 2:
+            problems.append(
+                f"The label column must hold exactly two classes; '{label_col}' has {len(classes)}."
+            )
+        kept = int(df.loc[keep, label_col].notna().sum())
+    elif rating_col:
+        if rating_col not in df:
+            return [*problems, f"There is no column '{rating_col}'."], summary
+        ratings = pd.to_numeric(df[rating_col], errors="coerce")
+        bad = ratings.isna() & df[rating_col].notna()
+        if bad.any():
+            problems.append(
+                f"Column '{rating_col}' has non-numeric values (first at row {int(bad.idxmax()) + 1})."
+            )
+        if pos_min is None or neg_max is None or pos_min <= neg_max:
+            problems.append("Set a positive minimum above the negative maximum.")
+            kept = 0
+        else:
+            pos, neg = (ratings >= pos_min) & keep, (ratings <= neg_max) & keep
+            summary["classes"] = {
+                f"≥ {pos_min:g} (positive)": int(pos.sum()),
+                f"≤ {neg_max:g} (negative)": int(neg.sum()),
+            }
+            summary["dropped_between"] = int((keep & ~pos & ~neg & ratings.notna()).sum())
+            kept = int(pos.sum() + neg.sum())
+            if not pos.any() or not neg.any():
+                problems.append("The thresholds leave only one class.")
+    else:
+        return [*problems, "Choose a label column or a rating column."], summary
+    summary["kept"] = kept
+    if kept < MIN_ROWS:
+        problems.append(f"Only {kept} usable rows; the 80/10/10 split needs at least {MIN_ROWS}.")
+    return problems, summary
+
+
+def save_upload(cache: Path, raw: bytes, filename: str) -> Path:
+    """Store an upload under ``<cache>/.uploads/`` by content hash (the original is never touched)."""
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(filename).stem)[:40] or "upload"
+    ext = Path(filename).suffix.lower()
+    path = Path(cache) / UPLOADS_DIR / f"{digest}_{stem}{ext}"
+    if not path.exists():
+        with store.atomic_path(path) as tmp:
+            tmp.write_bytes(raw)
+    return path
+
+
+# -- process helpers -----------------------------------------------------------------------------
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time of a live (non-zombie) process in clock ticks, None when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if sys.platform.startswith("linux"):
+            return None
+        try:  # no /proc (macOS): fall back to a signal-0 probe
+            os.kill(pid, 0)
+            return 0
+        except OSError:
+            return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # zombie: finished, not yet reaped
+        return None
+    return int(fields[19])
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit of a child this process started, so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)

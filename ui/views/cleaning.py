@@ -1,0 +1,158 @@
+"""Cleaning lab: detectors compared against the known flips, a review queue, intervention results."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from ui import charts, compute, data, widgets
+
+METRIC_NAMES = {
+    "recall_at_1pct": "recall @1%",
+    "recall_at_2_5pct": "recall @2.5%",
+    "recall_at_5pct": "recall @5%",
+    "recall_at_10pct": "recall @10%",
+    "recall_at_20pct": "recall @20%",
+    "precision_at_k": "precision@k",
+    "average_precision": "AP",
+    "auroc": "AUROC",
+}
+
+
+def render() -> None:
+    """Draw the Cleaning lab page."""
+    widgets.setup_page("Cleaning lab", "🧹")
+    st.caption(
+        "Each detector ranks the training instances by suspicion. Because this lab flipped the labels "
+        "itself, every ranking can be scored against the truth: how many flips would you find after "
+        "inspecting the top few percent?"
+    )
+    run = widgets.open_run()
+    if run is None:
+        return
+    with widgets.guard():
+        body(run)
+
+
+def body(run: data.Run) -> None:
+    """Comparison, review queue, interventions, downloads."""
+    det = run.detectors()
+    detection = run.detection()
+    names = [c for c in det.columns if c != "id"]
+    flipped = run.train.set_index("id").loc[det["id"].to_numpy(), "flipped"].to_numpy(bool)
+    k = int(flipped.sum())
+    st.markdown(f"{k} flipped of {len(det)} training instances ({k / max(len(det), 1):.1%}).")
+
+    st.header("Detectors compared")
+    left, right = st.columns([3, 2])
+    with left:
+        max_q = st.select_slider(
+            "inspect up to",
+            [0.05, 0.1, 0.2, 0.3, 0.5, 1.0],
+            value=0.3,
+            key="clean_maxq",
+            format_func=lambda q: f"{q:.0%}",
+        )
+        curves = pd.concat(
+            [
+                compute.recall_curve(det[n].to_numpy(), flipped, 201).assign(detector=n)
+                for n in names
+            ],
+            ignore_index=True,
+        )
+        st.altair_chart(charts.recall_chart(curves, max_q), width="stretch")
+    with right:
+        st.dataframe(metrics_table(detection), hide_index=True, width="stretch")
+        notes = detection.get("notes") or {}
+        if notes:
+            with st.expander("How each detector is computed"):
+                for n, note in notes.items():
+                    st.markdown(f"**{n}** — {note}")
+
+    st.header("Review queue")
+    c1, c2, c3 = st.columns([2, 1, 1])
+    detector = c1.selectbox("detector", names, key="clean_detector")
+    top = c2.number_input(
+        "suspects", 5, max(5, len(det)), min(max(2 * k, 10), len(det)), step=5, key="clean_top"
+    )
+    reveal = c3.toggle(
+        "reveal flipped",
+        key="clean_reveal",
+        help="Hidden by default, so you can judge the texts first.",
+    )
+    queue = compute.review_queue(det, detector, run.train, int(top), run.label_names)
+    found = int(queue["flipped"].sum())
+    shown = queue if reveal else queue.drop(columns=["flipped"])
+    st.dataframe(shown, hide_index=True, width="stretch")
+    if reveal:
+        st.success(
+            f"{found} of the top {len(queue)} are flipped ({found / max(k, 1):.0%} of all flips)."
+        )
+    st.download_button(
+        "Download this review queue (CSV)",
+        queue.drop(columns=["flipped"]).to_csv(index=False).encode("utf-8"),
+        file_name=f"review_queue_{run.name}_{detector}.csv",
+        mime="text/csv",
+    )
+
+    st.header("Interventions")
+    interventions(run)
+
+
+def metrics_table(detection: dict) -> pd.DataFrame:
+    """One row per detector, best average precision first, then the random baseline."""
+    rows = [
+        {"detector": name, **{METRIC_NAMES.get(k, k): v for k, v in m.items()}}
+        for name, m in (detection.get("detectors") or {}).items()
+    ]
+    rows.sort(key=lambda r: -(r.get("AP") or 0.0))
+    if detection.get("random"):
+        base = {METRIC_NAMES.get(k, k): v for k, v in detection["random"].items()}
+        rows.append({"detector": "random (expected)", **base})
+    return pd.DataFrame(rows).round(3)
+
+
+def interventions(run: data.Run) -> None:
+    """Retraining results from ``core clean`` and the exported CSVs."""
+    rows = run.cleaning_results()
+    if not rows:
+        st.info(
+            "No intervention has been run on this run yet. Retrain without (or with relabeled) suspects with:"
+        )
+        st.code(
+            f"python -m core clean {data.display_path(run.path)} --detector self_influence --action exclude --k 40",
+            language="bash",
+        )
+    else:
+        results = pd.DataFrame(rows)
+        needed = {
+            "detector",
+            "action",
+            "test_accuracy",
+            "no_change_accuracy",
+            "oracle_accuracy",
+            "random_accuracy",
+        }
+        if needed <= set(results.columns):
+            st.altair_chart(charts.cleaning_chart(results), width="stretch")
+            st.caption(
+                "Lines: no change (grey), the oracle that fixes exactly the flips (green), a random choice of the same size (red)."
+            )
+        st.dataframe(results, hide_index=True, width="stretch")
+        st.download_button(
+            "Download intervention results (CSV)",
+            results.to_csv(index=False).encode(),
+            file_name=f"interventions_{run.name}.csv",
+            mime="text/csv",
+        )
+    files = run.cleaning_files()
+    if files:
+        st.subheader("Exports made by the CLI")
+        for i, path in enumerate(files):
+            st.download_button(
+                path.name,
+                path.read_bytes(),
+                file_name=path.name,
+                mime="text/csv",
+                key=f"clean_file_{i}",
+            )

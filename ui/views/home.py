@@ -1,0 +1,190 @@
+"""Home: run picker, the run's summary, and an illustrated explanation of TracIn and the shapes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pandas as pd
+import streamlit as st
+
+from core import store
+from core.errors import AtlasError
+from ui import charts, compute, data, widgets
+
+INTRO = """
+**Where do mislabeled training instances land in TracIn influence scores?** This lab reproduces
+the study in the paper (§III–IV): flip the labels of a few training instances, fine-tune, score every
+training instance's influence on every test instance with TracIn, and look at where the flipped
+ones end up. Pick a run in the sidebar; each page shows one finding.
+"""
+
+TRACIN = r"""
+TracIn (Pruthi et al. 2020) estimates how much training instance $z$ helped the model on test
+instance $z'$ by replaying training: at each saved checkpoint $w_i$, a gradient step on $z$ changes
+the loss on $z'$ by about $\eta_i\,\nabla\ell(w_i,z)\cdot\nabla\ell(w_i,z')$. Summing over checkpoints:
+"""
+
+SHAPES_TEXT = """
+Sort all training instances by their score for one test instance and plot score against rank: the
+**sorted curve**. A large positive score is a *proponent* (it pushed the model towards the test
+instance's true label), a large negative score an *opponent*. The paper finds three shapes
+(flipped instances red, clean blue):
+
+* **S** — most scores near zero, a few very large at both ends. The test instance is unusual; only
+  a few training instances resemble it, and the flipped ones sit at the **ends**.
+* **Z** — two plateaus with a steep middle: many training instances resemble the test instance and
+  split by label into proponents and opponents; the flipped ones sit near the **centre**.
+* **backslash** — a straight line, in between.
+
+The **S-shapedness** index compares the slope of the least-squares line (yellow) with the slope of
+the line joining the two ends (green): `S = (b_reg − b_end) / |b_end|` — about 1 for an ideal S,
+0 for a straight line, −0.5 for an ideal Z. The **end ratio** says where the flipped instances sit:
+0 % at the centre, 100 % at the ends, 50 % for random placement.
+"""
+
+PAGES_TEXT = """
+* **Score curves** — the sorted curves of the misclassified test instances (Fig. 1).
+* **Shape vs position** — S against end ratio (Fig. 3); click a point to open its curve.
+* **Neighbourhoods** — distances in the model's [CLS] space and a map of all instances (Fig. 2).
+* **Noise sweep** — accuracy and loss against the number of flipped labels (Fig. 4–5).
+* **Cleaning lab** — detectors that rank suspects, and whether fixing them helps.
+* **Run a study** — run the experiment on a built-in dataset or your own file.
+"""
+
+
+def render() -> None:
+    """Draw the home page."""
+    widgets.setup_page("Influence Atlas", "🧭")
+    st.markdown(INTRO)
+    run = widgets.open_run()
+    if run is not None:
+        with widgets.guard():
+            summary(run)
+    teaching()
+
+
+def summary(run: data.Run) -> None:
+    """The selected run's key facts."""
+    m = run.manifest
+    cfg = m.get("config", {})
+    st.header(f"Run `{run.name}`")
+    if run.status != store.STATUS_COMPLETE:
+        note = m.get("error") or "some stages have not finished yet"
+        (st.error if run.status == store.STATUS_FAILED else st.warning)(
+            f"Status: {run.status} — {note}."
+        )
+    inst = run.instances
+    n_flip = int(inst["flipped"].sum())
+    cols = st.columns(5)
+    cols[0].metric(
+        "dataset", str(cfg.get("dataset") if not cfg.get("data_file") else "uploaded file")
+    )
+    cols[1].metric(
+        "train / val / test",
+        f"{len(run.train)} / {int((inst.split == 'val').sum())} / {len(run.test)}",
+    )
+    cols[2].metric(
+        "flipped labels",
+        f"{n_flip}",
+        f"{n_flip / max(len(run.train), 1):.1%} of train",
+        delta_color="off",
+    )
+    acc = m.get("test_accuracy")
+    cols[3].metric("test accuracy", widgets.fmt(acc, ".1%"))
+    miscls = None
+    with contextlib.suppress(AtlasError):
+        shapes = run.shapes()
+        if "correct" in shapes:
+            miscls = int((~shapes["correct"].astype(bool)).sum())
+    if miscls is None and run.has(store.LOGITS):
+        miscls = int(compute.misclassified_mask(run.logits(), inst).sum())
+    cols[4].metric("misclassified test", "–" if miscls is None else str(miscls))
+
+    left, right = st.columns([3, 2])
+    with left:
+        logits = run.logits() if run.has(store.LOGITS) else None
+        acc_df = compute.accuracy_per_epoch(m, logits, inst)
+        if len(acc_df):
+            st.subheader("Accuracy per epoch")
+            st.altair_chart(charts.accuracy_chart(acc_df), width="stretch")
+        else:
+            st.info("No training epochs recorded yet.")
+    with right:
+        st.subheader("Curve shapes")
+        if run.has(store.SHAPES):
+            shapes = run.shapes()
+            counts = _shape_counts(shapes)
+            st.dataframe(counts, hide_index=True, width="stretch")
+            s_min, z_max = run.thresholds()
+            st.caption(
+                f"Classes from S: S if S ≥ {s_min:g}, Z if S ≤ {z_max:g}, backslash between."
+            )
+        else:
+            st.info("Shapes appear after the analyze stage:")
+            st.code(run.command("analyze"), language="bash")
+        with st.expander("How this run was made"):
+            st.code(m.get("command", "(not recorded)"), language="bash")
+            st.json(
+                {
+                    k: cfg.get(k)
+                    for k in (
+                        "preset",
+                        "model",
+                        "epochs",
+                        "lr",
+                        "batch_size",
+                        "n_train",
+                        "flip_rate",
+                        "seed",
+                    )
+                },
+                expanded=False,
+            )
+
+
+def _shape_counts(shapes: pd.DataFrame) -> pd.DataFrame:
+    """Counts per shape, all test instances and misclassified ones."""
+    rows = []
+    wrong = (
+        ~shapes["correct"].astype(bool)
+        if "correct" in shapes
+        else pd.Series(False, index=shapes.index)
+    )
+    for shape in compute.SHAPES:
+        sel = shapes["shape"] == shape
+        rows.append(
+            {
+                "shape": shape,
+                "all test": int(sel.sum()),
+                "misclassified": int((sel & wrong).sum()),
+                "mean end ratio %": round(float(shapes.loc[sel, "end_ratio"].mean()), 1)
+                if sel.any()
+                else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def teaching() -> None:
+    """TracIn and the three shapes, illustrated with synthetic curves."""
+    st.header("How to read this lab")
+    st.markdown(TRACIN)
+    st.latex(
+        r"\mathrm{TracIn}(z, z') = \sum_i \eta_i \, \nabla \ell(w_i, z) \cdot \nabla \ell(w_i, z')"
+    )
+    st.markdown(
+        "The training instance is scored with the label it was *trained* with (flipped or not); the "
+        "test instance with its true label. A flipped training instance usually works *against* the "
+        "test instances it resembles."
+    )
+    st.markdown(SHAPES_TEXT)
+    cols = st.columns(3)
+    for col, kind, title in zip(
+        cols, ("S", "backslash", "Z"), ("S-shaped", "backslash-shaped", "Z-shaped"), strict=True
+    ):
+        df = compute.synthetic_curve(kind)
+        s = compute.fit_lines(df["score"].to_numpy())["s"]
+        col.altair_chart(charts.teaching_curve(df, f"{title} (S = {s:+.2f})"), width="stretch")
+    st.caption("Synthetic curves of 200 training instances with 8 flipped, for illustration.")
+    st.subheader("The pages")
+    st.markdown(PAGES_TEXT)

@@ -1,0 +1,121 @@
+"""Neighbourhoods (paper Fig. 2 and beyond): distances in [CLS] space and a map of all instances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from ui import charts, compute, data, widgets
+
+MAX_LINES = 30  # sorted-distance curves drawn at most (Fig. 2b gets unreadable beyond)
+
+
+def render() -> None:
+    """Draw the Neighbourhoods page."""
+    widgets.setup_page("Neighbourhoods", "🗺️")
+    st.caption(
+        "The paper's hypothesis (Fig. 2): a test instance with many similar training instances gets a "
+        "Z-shaped curve, an unusual one an S-shaped curve. Similarity is the Euclidean distance between "
+        "final-layer [CLS] embeddings."
+    )
+    run = widgets.open_run()
+    if run is None:
+        return
+    with widgets.guard():
+        body(run)
+
+
+def body(run: data.Run) -> None:
+    """Fig. 2a, Fig. 2b, the map and the nearest training instances."""
+    shapes = run.shapes()
+    dist = run.distances()
+    sb = st.sidebar
+    which = sb.radio(
+        "Test instances in Fig. 2", ["misclassified", "all"], key="nb_which", horizontal=True
+    )
+    method = sb.radio("Map", ["UMAP", "PCA"], key="nb_method", horizontal=True)
+    k = sb.slider("Proponents / opponents marked", 1, 50, 10, key="nb_k")
+    test_id = widgets.pick_test(run, shapes)
+
+    sel = (
+        shapes
+        if which == "all" or "correct" not in shapes
+        else shapes[~shapes["correct"].astype(bool)]
+    )
+    if "mean_distance" not in sel:
+        sel = sel.assign(
+            mean_distance=np.asarray(dist, dtype=np.float64).mean(1)[
+                [run.test_row(i) for i in sel["id"]]
+            ]
+        )
+    r = compute.correlation(
+        shapes["s"].to_numpy(),
+        shapes.get("mean_distance", pd.Series(np.asarray(dist).mean(1))).to_numpy(),
+    )
+    st.markdown(
+        f"Spearman ρ between S and mean distance over all {r['n']} test instances: "
+        f"**{widgets.fmt(r['spearman'], '+.2f')}** (the hypothesis predicts a positive value)."
+    )
+    left, right = st.columns(2)
+    with left:
+        st.subheader("(a) Mean distance to the training set")
+        st.altair_chart(charts.mean_distance_chart(sel), width="stretch")
+    with right:
+        st.subheader("(b) Sorted distances")
+        lines = sel.sort_values("s", ascending=False).head(MAX_LINES)
+        rows = [run.test_row(i) for i in lines["id"]]
+        long = compute.sorted_distance_curves(np.asarray(dist[rows]), lines["id"].to_numpy())
+        st.altair_chart(charts.sorted_distance_chart(long, shapes), width="stretch")
+        if len(sel) > MAX_LINES:
+            st.caption(f"The {MAX_LINES} most S-shaped of {len(sel)} shown.")
+
+    st.subheader(f"Map of all instances around test instance {test_id}")
+    row = run.test_row(test_id)
+    scores = np.asarray(run.tracin()[row], dtype=np.float64)
+    pts = map_points(run, test_id, scores, k, method.lower())
+    st.altair_chart(charts.embedding_map(pts, method=method.lower()), width="stretch")
+    st.caption(
+        f"Diamond: the selected test instance; green: its top {k} proponents; purple: its top {k} "
+        "opponents; red: flipped training instances."
+    )
+    st.subheader("Nearest training instances")
+    near = compute.nearest_training(np.asarray(dist[row]), scores, run.train, k=10)
+    names = run.label_names
+    near["label"] = [names[int(v)] for v in near["label"]]
+    near["observed_label"] = [names[int(v)] for v in near["observed_label"]]
+    st.dataframe(
+        near.rename(columns={"tracin": "TracIn score", "observed_label": "label used"}),
+        hide_index=True,
+        width="stretch",
+    )
+    inst = run.instances.iloc[test_id]
+    st.caption(f"Test instance {test_id} ({names[int(inst['label'])]}): {inst['text']}")
+
+
+def map_points(
+    run: data.Run, test_id: int, scores: np.ndarray, k: int, method: str
+) -> pd.DataFrame:
+    """Every instance's 2-D position with its role on the map for the selected test instance."""
+    coords = run.coords().set_index("id").reindex(run.instances["id"])
+    inst = run.instances
+    role = np.where(inst["split"].to_numpy() == "train", "training", "held out").astype(object)
+    role[inst["flipped"].to_numpy(bool)] = "flipped"
+    train_ids = run.train["id"].to_numpy()
+    pro, opp = compute.top_influencers(scores, k)
+    role[train_ids[opp]] = "opponent"
+    role[train_ids[pro]] = "proponent"
+    role[test_id] = "selected"
+    names = run.label_names
+    return pd.DataFrame(
+        {
+            "id": inst["id"].to_numpy(),
+            "x": coords[f"{method}_x"].to_numpy(),
+            "y": coords[f"{method}_y"].to_numpy(),
+            "role": role,
+            "split": inst["split"].to_numpy(),
+            "label": [names[int(v)] for v in inst["observed_label"]],
+            "flipped": inst["flipped"].to_numpy(bool),
+            "text": inst["text"].to_numpy(),
+        }
+    )

@@ -1,0 +1,96 @@
+"""Shape vs position (paper Fig. 3): S against end ratio; clicking a point opens its curve."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from ui import charts, compute, data, widgets
+from ui.views import curves
+
+CURVES_PAGE = "pages/1_Score_curves.py"
+
+
+def render() -> None:
+    """Draw the Shape vs position page."""
+    widgets.setup_page("Shape vs position", "🎯")
+    st.caption(
+        "Paper Fig. 3: the more S-shaped a test instance's curve, the nearer its flipped training "
+        "instances sit to the ends of the curve. One point per test instance; click one to see its curve."
+    )
+    run = widgets.open_run()
+    if run is None:
+        return
+    with widgets.guard():
+        body(run)
+
+
+def body(run: data.Run) -> None:
+    """Scatter, correlations, and the clicked instance's curve."""
+    shapes = run.shapes()
+    which = st.sidebar.radio(
+        "Test instances", ["all", "misclassified"], key="shape_which", horizontal=True
+    )
+    shown = (
+        shapes
+        if which == "all" or "correct" not in shapes
+        else shapes[~shapes["correct"].astype(bool)]
+    )
+    correlations(run, shapes)
+    test_id = widgets.pick_test(run, shapes)
+    chart = charts.shape_scatter(shown, selected=test_id, thresholds=run.thresholds())
+    key = f"shape_scatter_{run.name}"
+
+    def on_pick() -> None:
+        # A callback, not the return value: it fires only when the selection changes, so a
+        # stale selection never overrides a later choice made in the picker.
+        clicked = widgets.selected_point(st.session_state.get(key))
+        if clicked is not None:
+            widgets.select_test(run, clicked)
+
+    st.altair_chart(chart, on_select=on_pick, selection_mode="pick", key=key, width="stretch")
+    st.caption(
+        "Dashed vertical lines: the shape thresholds; dotted horizontal line: 50 %, random placement."
+    )
+    st.subheader(f"Curve of test instance {test_id}")
+    st.page_link(
+        CURVES_PAGE,
+        label="Open in Score curves",
+        icon="📉",
+        query_params={widgets.QP_RUN: run.name, widgets.QP_TEST: str(test_id)},
+    )
+    c = curves.load_curve(run, test_id, curves.SUMMED, curves.ENLARGED_POINTS)
+    title = compute.panel_title(test_id, c.shape, c.lines["s"])
+    st.altair_chart(
+        charts.curve_chart(
+            c.points, compute.line_rows(c.lines, c.n), title=title, label_names=run.label_names
+        ),
+        width="stretch",
+    )
+
+
+def correlations(run: data.Run, shapes: pd.DataFrame) -> None:
+    """Pearson / Spearman of S with end ratio, all and misclassified (p-values from analysis.json)."""
+    rows = []
+    groups = {"all test instances": shapes}
+    if "correct" in shapes:
+        groups["misclassified"] = shapes[~shapes["correct"].astype(bool)]
+        groups["correct"] = shapes[shapes["correct"].astype(bool)]
+    for name, g in groups.items():
+        r = compute.correlation(g["s"].to_numpy(), g["end_ratio"].to_numpy())
+        rows.append(
+            {"instances": name, "n": r["n"], "Pearson r": r["pearson"], "Spearman ρ": r["spearman"]}
+        )
+    cols = st.columns([2, 3])
+    main = rows[0]
+    cols[0].metric(
+        "Spearman ρ (S, end ratio)",
+        widgets.fmt(main["Spearman ρ"], "+.2f"),
+        f"n = {main['n']}",
+        delta_color="off",
+    )
+    cols[1].dataframe(pd.DataFrame(rows).round(3), hide_index=True, width="stretch")
+    stored = (run.analysis().get("correlations") or {}) if isinstance(run.analysis(), dict) else {}
+    if stored:
+        with st.expander("Correlations and p-values recorded by the analyze stage"):
+            st.json(stored, expanded=True)

@@ -1,0 +1,221 @@
+"""Run a study: a form that starts ``python -m core run`` in the background and follows it."""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+import streamlit as st
+
+from core.config import PRESETS
+from core.errors import AtlasError
+from ui import data, study, widgets
+
+BUILT_IN = {
+    "amazon-reviews": "Amazon product-review sentences (English, the default)",
+    "rt-snippets": "Rotten Tomatoes snippets (English)",
+    "ja-polarity": "Japanese polarity phrases (MeCab path)",
+}
+MODELS = {
+    "tiny": "tiny BERT trained from scratch (fast)",
+    "minilm": "pretrained MiniLM (paper-like)",
+    "path": "a local Hugging Face model folder…",
+}
+QP_JOB = "job"
+
+
+def render() -> None:
+    """Draw the Run a study page."""
+    widgets.setup_page("Run a study", "🧪")
+    st.caption(
+        "Runs the whole experiment — split, flip labels, fine-tune with a checkpoint per epoch, TracIn, "
+        "analytics — as `python -m core run` in the background. You can close or reload this page; "
+        "the run carries on and appears in the run picker when it is done."
+    )
+    cache = data.cache_dir()
+    jobs_panel(cache)
+    st.divider()
+    form(cache)
+
+
+def form(cache) -> None:
+    """Dataset, columns (validated before anything starts), settings, start button."""
+    st.header("New study")
+    source = st.radio(
+        "Data", ["built-in dataset", "upload a file"], key="study_source", horizontal=True
+    )
+    req = study.StudyRequest(name="")
+    ready = True
+    if source == "built-in dataset":
+        req.dataset = st.selectbox(
+            "Dataset",
+            list(BUILT_IN),
+            format_func=lambda k: f"{k} — {BUILT_IN[k]}",
+            key="study_dataset",
+        )
+    else:
+        ready = upload_section(cache, req)
+
+    c1, c2, c3, c4 = st.columns(4)
+    req.preset = c1.selectbox(
+        "Preset",
+        sorted(PRESETS),
+        key="study_preset",
+        help="quick: tiny model, minutes on a CPU; paper: the paper's hyper-parameters with MiniLM.",
+    )
+    req.flip_rate = c2.number_input(
+        "Flip rate", 0.0, 0.5, 0.025, step=0.005, format="%.3f", key="study_flip"
+    )
+    req.seed = int(c3.number_input("Seed", 0, 10_000, 0, key="study_seed"))
+    model = c4.selectbox(
+        "Model",
+        list(MODELS),
+        format_func=lambda k: MODELS[k],
+        index=list(MODELS).index(PRESETS[req.preset].model)
+        if PRESETS[req.preset].model in MODELS
+        else 0,
+        key="study_model",
+    )
+    req.model = st.text_input("Model folder", key="study_model_path") if model == "path" else model
+    with st.expander("More options"):
+        e1, e2 = st.columns(2)
+        epochs = e1.number_input("Epochs (0 = preset)", 0, 100, 0, key="study_epochs")
+        n_train = e2.number_input(
+            "Training instances (0 = preset)", 0, 1_000_000, 0, step=100, key="study_ntrain"
+        )
+        req.extra = {"epochs": int(epochs) or None, "n-train": int(n_train) or None}
+    default_name = f"{req.preset}-{(req.dataset or 'upload')}-seed{req.seed}"
+    req.name = st.text_input("Run name", value=default_name, key="study_name").strip()
+
+    try:
+        cmd = study.build_command(req, cache)
+        st.code(shlex.join(cmd), language="bash")
+    except AtlasError as exc:
+        st.error(str(exc))
+        ready = False
+    if model == "path" and not req.model:
+        ready = False
+    if st.button("Start the study", type="primary", disabled=not ready, key="study_start"):
+        try:
+            j = study.start(cache, req)
+        except AtlasError as exc:
+            st.error(str(exc))
+        else:
+            st.query_params[QP_JOB] = j.name
+            st.success(f"Started run '{j.name}'.")
+            time.sleep(0.3)  # let the process write its first log line before the redraw
+            st.rerun()
+
+
+def upload_section(cache, req: study.StudyRequest) -> bool:
+    """Upload, parse as data, pick columns, validate; fills ``req``. True when it may start."""
+    limit = study.max_upload_mb()
+    up = st.file_uploader(
+        f"CSV, TSV or JSONL (at most {limit} MB; one row per text)",
+        type=list(study.UPLOAD_TYPES),
+        max_upload_size=limit,
+        key="study_upload",
+    )
+    if up is None:
+        st.caption(
+            "Your file is parsed as a table only and stored under the cache; it is never modified."
+        )
+        return False
+    raw = up.getvalue()
+    try:
+        df = study.parse_upload(raw, up.name)
+    except AtlasError as exc:
+        st.error(str(exc))
+        return False
+    st.dataframe(df.head(8), width="stretch", hide_index=True)
+    cols = [str(c) for c in df.columns]
+    c1, c2 = st.columns(2)
+    guess = study.guess_text_column(df)
+    text_col = c1.selectbox("Text column", cols, index=cols.index(guess), key="study_text_col")
+    mode = c2.radio(
+        "Labels from",
+        ["a label column (two classes)", "a rating column (thresholds)"],
+        key="study_label_mode",
+    )
+    others = [c for c in cols if c != text_col] or cols
+    if mode.startswith("a label"):
+        label_col = st.selectbox("Label column", others, key="study_label_col")
+        problems, summary = study.validate_table(df, text_col, label_col=label_col)
+        req.label_col, req.rating_col = label_col, None
+    else:
+        r1, r2, r3 = st.columns(3)
+        rating_col = r1.selectbox("Rating column", others, key="study_rating_col")
+        pos_min = r2.number_input("positive if rating ≥", value=4.0, key="study_pos_min")
+        neg_max = r3.number_input("negative if rating ≤", value=2.0, key="study_neg_max")
+        problems, summary = study.validate_table(
+            df, text_col, rating_col=rating_col, pos_min=pos_min, neg_max=neg_max
+        )
+        req.label_col, req.rating_col, req.pos_min, req.neg_max = None, rating_col, pos_min, neg_max
+    req.text_col = text_col
+    for p in problems:
+        st.error(p)
+    if summary:
+        st.caption(
+            f"{summary.get('kept', 0)} usable rows of {summary['rows']}; classes: {summary.get('classes', {})}; duplicate texts: {summary['duplicate_texts']}."
+        )
+    if problems:
+        return False
+    req.data_file = str(study.save_upload(cache, raw, up.name))
+    req.dataset = None
+    return True
+
+
+def jobs_panel(cache) -> None:
+    """Studies started from the app: state, progress, log, cancel."""
+    jobs = study.list_jobs(cache)
+    if not jobs:
+        return
+    st.header("Studies started here")
+    names = [j.name for j in jobs]
+    wanted = st.query_params.get(QP_JOB)
+    index = names.index(wanted) if wanted in names else 0
+    name = st.selectbox(
+        "Study",
+        names,
+        index=index,
+        key="study_job",
+        format_func=lambda n: f"{n} · {study.Job(n, jobs[0].folder).state()}",
+    )
+    st.query_params[QP_JOB] = name
+    running = study.job(cache, name).state() == "running"
+    # Only a running job refreshes itself; a finished one is drawn once.
+    st.fragment(run_every=2 if running else None)(job_status)(cache, name, running)
+
+
+def job_status(cache, name: str, was_running: bool) -> None:
+    """Live view of one job (re-run every two seconds by its fragment while it runs)."""
+    j = study.job(cache, name)
+    state = j.state()
+    if was_running and state != "running":
+        st.rerun(scope="app")  # finished: redraw the page without the timer
+    info = j.info()
+    prog = study.progress(cache / name)
+    cols = st.columns([1, 3, 1])
+    cols[0].metric("state", state)
+    with cols[1]:
+        stages = prog.get("stages") or {}
+        if prog.get("epochs_total"):
+            done, total = prog["epochs_done"], prog["epochs_total"]
+            st.progress(min(done / total, 1.0), text=f"training: epoch {done} of {total}")
+        if stages:
+            st.caption(" → ".join(f"{k}: {v}" for k, v in stages.items()))
+        if prog.get("error"):
+            st.error(prog["error"])
+    with cols[2]:
+        if state == "running":
+            if st.button("Cancel", key=f"cancel_{name}"):
+                study.cancel(j)
+                st.rerun()
+        elif state == "finished":
+            st.page_link(
+                "app.py", label="Open the run", icon="🧭", query_params={widgets.QP_RUN: name}
+            )
+    st.caption(
+        f"started {info.get('started', '?')} · pid {info.get('pid', '?')} · log `{data.display_path(j.log_file)}`"
+    )
+    st.code(study.tail(j.log_file) or "(no output yet)", language="text")

@@ -1,0 +1,129 @@
+"""Noise sweep (paper Fig. 4–5): accuracy and training loss against the number of flipped labels."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from core import store
+from ui import charts, compute, data, widgets
+
+SWEEP_COMMAND = "python -m core sweep --preset quick"
+
+
+def render() -> None:
+    """Draw the Noise sweep page."""
+    widgets.setup_page("Noise sweep", "📊")
+    st.caption(
+        "Paper Fig. 4–5: a few flipped labels barely hurt; beyond a threshold, accuracy falls and the "
+        "training loss climbs. One model per (flip rate, seed); thin lines are seeds, the bold line "
+        "their mean, the band their range."
+    )
+    row = widgets.pick_run("sweep")
+    if row is None:
+        empty_state()
+        return
+    with widgets.guard():
+        body(data.Sweep(row["path"]))
+
+
+def empty_state() -> None:
+    """What to do when no sweep exists yet."""
+    st.info(
+        f"No noise sweep in `{data.display_path(data.cache_dir())}` yet. A sweep trains one model per "
+        "flip rate and seed (no TracIn), so it takes a while; make one with:"
+    )
+    st.code(SWEEP_COMMAND, language="bash")
+    st.caption(
+        "Options: `--flip-rates 0,0.025,0.05,0.1,0.2,0.3,0.4 --seeds 3`, plus any `core run` option "
+        "(dataset, model, epochs...). A killed sweep resumes where it stopped."
+    )
+
+
+def body(sweep: data.Sweep) -> None:
+    """The two figures, the threshold and the table."""
+    m = sweep.manifest
+    if m.get("status") != store.STATUS_COMPLETE:
+        st.warning(f"Sweep status: {m.get('status', '?')} — showing the cells finished so far.")
+    table = sweep.table()
+    x_axis = st.sidebar.radio(
+        "x axis", ["flip rate", "number of flipped labels"], key="sweep_x", horizontal=True
+    )
+    x = "flip_rate" if x_axis == "flip rate" else "flip_count"
+    if x not in table:
+        x = "flip_rate"
+    threshold = m.get("threshold") or {}
+    t_rate = threshold.get("rate")
+    t_x = None
+    if t_rate is not None:
+        t_x = (
+            float(t_rate)
+            if x == "flip_rate"
+            else float(table.loc[table.flip_rate == t_rate, "flip_count"].mean())
+        )
+    cols = st.columns(4)
+    cols[0].metric("cells", f"{len(table)}")
+    cols[1].metric("flip rates", f"{table['flip_rate'].nunique()}")
+    cols[2].metric("seeds", f"{table['seed'].nunique()}")
+    cols[3].metric("threshold", "none found" if t_rate is None else f"{float(t_rate):.1%}")
+    if threshold.get("rule"):
+        st.caption(f"Threshold rule: {threshold['rule']}.")
+
+    left, right = st.columns(2)
+    with left:
+        st.altair_chart(
+            charts.sweep_chart(
+                table, "final_test_accuracy", title="final test accuracy", x=x, threshold=t_x
+            ),
+            width="stretch",
+        )
+    with right:
+        loss = "train_loss_observed" if "train_loss_observed" in table else None
+        if loss:
+            which = st.radio(
+                "training loss on",
+                ["observed labels", "true labels"],
+                key="sweep_loss",
+                horizontal=True,
+            )
+            loss = (
+                "train_loss_observed"
+                if which == "observed labels" or "train_loss_true" not in table
+                else "train_loss_true"
+            )
+            st.altair_chart(
+                charts.sweep_chart(
+                    table, loss, title=f"final training loss ({which})", x=x, threshold=t_x
+                ),
+                width="stretch",
+            )
+        else:
+            st.info("This sweep recorded no training loss.")
+
+    epochs = sweep.epochs()
+    if epochs is not None and len(epochs):
+        with st.expander("Per-epoch curves"):
+            value = st.selectbox(
+                "value",
+                [c for c in ("test_accuracy", "val_accuracy", "train_loss") if c in epochs],
+                key="sweep_epoch_value",
+            )
+            st.altair_chart(
+                charts.sweep_epochs_chart(epochs, value, value.replace("_", " ")), width="stretch"
+            )
+    st.subheader("Summary per flip rate")
+    summary = (
+        compute.sweep_summary(table, "final_test_accuracy")
+        if "flip_count" in table
+        else table.groupby("flip_rate").mean(numeric_only=True).reset_index()
+    )
+    st.dataframe(summary.round(4), hide_index=True, width="stretch")
+    st.download_button(
+        "Download the sweep table (CSV)",
+        table.to_csv(index=False).encode(),
+        file_name=f"{sweep.name}.csv",
+        mime="text/csv",
+    )
+    with st.expander("How this sweep was made"):
+        st.code(m.get("command", "(not recorded)"), language="bash")
+        st.json(pd.Series(m.get("config", {})).to_dict(), expanded=False)

@@ -1,0 +1,191 @@
+"""Shared Streamlit pieces: page set-up, error guard, run / test pickers synced with the URL.
+
+The selected run and test instance live in the URL (``?run=...&test=...``) so a
+shared link reproduces the view. The URL wins on a fresh load; afterwards the
+widgets do, and a mirror in ``st.session_state`` carries the choice across pages
+(Streamlit forgets widget state when the user changes page).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core import store
+from core.errors import AtlasError
+from ui import data
+
+QP_RUN = "run"
+QP_TEST = "test"
+QP_SWEEP = "sweep"
+_RUN_MEMO = "atlas_run"
+_TEST_MEMO = "atlas_test"
+_SWEEP_MEMO = "atlas_sweep"
+
+EMPTY_HELP = (
+    "Make one with `python -m core run --preset quick` (about two minutes on a laptop CPU), "
+    "or start one from the **Run a study** page."
+)
+
+
+def setup_page(title: str, icon: str = "📈") -> None:
+    """Page config and title, the same on every page."""
+    st.set_page_config(page_title=f"{title} · Influence Atlas", page_icon=icon, layout="wide")
+    st.title(title)
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Show run-store problems as a sentence (and the fix), never as a bare traceback."""
+    try:
+        yield
+    except data.MissingData as exc:
+        st.info(str(exc) + " Make it with:")
+        st.code(exc.command, language="bash")
+    except AtlasError as exc:
+        st.error(f"This run cannot be shown: {exc}")
+        st.caption(
+            "Re-run the command recorded in the run's manifest, or pick another run in the sidebar. "
+            "Deleting the run's folder removes it from the list."
+        )
+    except Exception as exc:  # a damaged file can fail in ways the loaders do not foresee
+        st.error(f"Something in this run could not be read ({type(exc).__name__}: {exc}).")
+        with st.expander("Details"):
+            st.code(traceback.format_exc())
+
+
+def _remember(qp: str, memo: str, value: Any) -> None:
+    """Mirror a choice into the URL and the session."""
+    st.session_state[memo] = value
+    if value is None:
+        st.query_params.pop(qp, None)
+    elif st.query_params.get(qp) != str(value):
+        st.query_params[qp] = str(value)
+
+
+def _initial(qp: str, memo: str, options: list[str], fallback: str | None) -> str | None:
+    """URL value if valid, else this session's last choice, else ``fallback``."""
+    for candidate in (st.query_params.get(qp), st.session_state.get(memo)):
+        if candidate is not None and str(candidate) in options:
+            return str(candidate)
+    return fallback
+
+
+def _run_label(row: dict[str, Any]) -> str:
+    status = row.get("status", "?")
+    extra = "" if status == store.STATUS_COMPLETE else f" · {status}"
+    return f"{row['name']}{extra}"
+
+
+def pick_run(kind: str = "run") -> dict[str, Any] | None:
+    """Sidebar picker of runs (or sweeps); None, with an explanation shown, when there are none."""
+    cache = data.cache_dir()
+    rows = [r for r in data.list_runs(str(cache)) if r.get("kind") in (kind, "?")]
+    if kind == "sweep":
+        rows = [r for r in rows if r.get("kind") == "sweep"]
+    qp, memo = (QP_SWEEP, _SWEEP_MEMO) if kind == "sweep" else (QP_RUN, _RUN_MEMO)
+    if not rows:
+        return None
+    names = [r["name"] for r in rows]
+    key = f"picker_{kind}"
+    if st.session_state.get(key) not in names:
+        fallback = data.default_run(rows) if kind == "run" else names[0]
+        st.session_state[key] = _initial(qp, memo, names, fallback)
+    by_name = {r["name"]: r for r in rows}
+    name = st.sidebar.selectbox(
+        "Sweep" if kind == "sweep" else "Run",
+        names,
+        key=key,
+        format_func=lambda n: _run_label(by_name[n]),
+        help=f"Folders in {data.display_path(cache)} (set ATLAS_CACHE to read another store).",
+    )
+    _remember(qp, memo, name)
+    row = by_name[name]
+    if row.get("status") == "unreadable":
+        st.sidebar.warning("This folder's manifest cannot be read.")
+    return row
+
+
+def open_run() -> data.Run | None:
+    """Run picker + opened run, or None after showing the empty-cache message."""
+    row = pick_run("run")
+    if row is None:
+        st.info(f"No study runs in `{data.display_path(data.cache_dir())}` yet. {EMPTY_HELP}")
+        return None
+    run = data.Run(row["path"])
+    with contextlib.suppress(AtlasError):
+        st.sidebar.caption(_run_caption(run))
+    return run
+
+
+def _run_caption(run: data.Run) -> str:
+    m = run.manifest
+    cfg = m.get("config", {})
+    parts = [
+        f"status **{m.get('status', '?')}**",
+        f"dataset {cfg.get('dataset', '?')}",
+        f"model {cfg.get('model', '?')}",
+    ]
+    if m.get("n_train"):
+        parts.append(f"{m['n_train']} train / {m.get('n_flipped', '?')} flipped")
+    return " · ".join(parts)
+
+
+def test_label(row: pd.Series) -> str:
+    """Option label of a test instance: id, shape, S, prediction."""
+    wrong = "" if bool(row.get("correct", True)) else " · misclassified"
+    return f"{int(row['id'])} ({row['shape']}) S={float(row['s']):+.2f}{wrong}"
+
+
+def pick_test(
+    run: data.Run, shapes: pd.DataFrame, *, where: Any = st.sidebar, label: str = "Test instance"
+) -> int:
+    """A test-instance picker synced with ``?test=``; default: the first misclassified, else the first."""
+    ids = [str(int(i)) for i in shapes["id"]]
+    key = f"picker_test_{run.name}"
+    if st.session_state.get(key) not in ids:
+        wrong = (
+            shapes.loc[~shapes["correct"].astype(bool), "id"]
+            if "correct" in shapes
+            else pd.Series([], dtype=int)
+        )
+        fallback = str(int(wrong.iloc[0])) if len(wrong) else ids[0]
+        st.session_state[key] = _initial(QP_TEST, _TEST_MEMO, ids, fallback)
+    by_id = {str(int(r["id"])): r for _, r in shapes.iterrows()}
+    chosen = where.selectbox(label, ids, key=key, format_func=lambda i: test_label(by_id[i]))
+    _remember(QP_TEST, _TEST_MEMO, chosen)
+    return int(chosen)
+
+
+def select_test(run: data.Run, test_id: int) -> None:
+    """Make ``test_id`` the selected test instance (e.g. after a click on a chart)."""
+    st.session_state[f"picker_test_{run.name}"] = str(int(test_id))
+    _remember(QP_TEST, _TEST_MEMO, str(int(test_id)))
+
+
+def selected_point(event: Any, name: str = "pick", field: str = "id") -> int | None:
+    """The ``field`` value of a clicked point in an Altair selection event, or None."""
+    try:
+        points = event["selection"][name]
+    except (KeyError, TypeError):
+        return None
+    if isinstance(points, dict):  # older Streamlit: {"id": [..]} ; newer: list of dicts
+        values = points.get(field)
+        return int(values[0]) if values else None
+    for p in points or []:
+        if isinstance(p, dict) and field in p:
+            return int(p[field])
+    return None
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """Format a number that may be missing."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    return format(value, spec)
