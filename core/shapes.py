@@ -1,0 +1,162 @@
+"""Curve-shape indices of sorted TracIn curves: S-shapedness, shape class, end ratio, downsampling.
+
+Pure NumPy and no torch, so the app can import it (for example to re-classify
+shapes under other thresholds without recomputing anything). Definitions are
+those of ``DESIGN.md``: a test instance's *sorted curve* is its row of training
+scores sorted descending against x = rank 0..n-1. Every function accepts one
+curve (1-D) or a matrix of curves (n_test × n_train, one curve per row) and
+works on all rows at once where that is cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SHAPE_S = "S"
+SHAPE_Z = "Z"
+SHAPE_BACKSLASH = "backslash"
+SHAPES = (SHAPE_S, SHAPE_Z, SHAPE_BACKSLASH)
+
+# Default thresholds on the scale-free S (DESIGN.md "a starting point").
+S_MIN = 0.2
+Z_MAX = -0.1
+
+
+@dataclass(frozen=True)
+class CurveFit:
+    """The two lines through a sorted curve and the S-shapedness they give.
+
+    Each field is a float for one curve or an array of shape (n_test,) for a matrix.
+    ``b_reg``/``a_reg`` are the least-squares slope and intercept (the paper's
+    yellow line), ``b_end``/``a_end`` those of the line through the first and last
+    points (green line), ``s_raw = b_reg - b_end`` is the paper's index in score
+    units and ``s = s_raw / |b_end|`` its scale-free form (0.0 where ``b_end`` is 0,
+    which for a sorted curve means a constant one: no shape to speak of).
+    """
+
+    b_reg: np.ndarray | float
+    a_reg: np.ndarray | float
+    b_end: np.ndarray | float
+    a_end: np.ndarray | float
+    s_raw: np.ndarray | float
+    s: np.ndarray | float
+
+
+def sort_order(scores: np.ndarray) -> np.ndarray:
+    """Return the indices that sort each curve descending; equal scores keep their input order."""
+    scores = np.asarray(scores)
+    # Negating and a stable ascending sort gives a stable descending one (ties by index).
+    return np.argsort(-scores, axis=-1, kind="stable")
+
+
+def sorted_curves(scores: np.ndarray) -> np.ndarray:
+    """Return the scores sorted descending along the last axis, as float64."""
+    return -np.sort(-np.asarray(scores, dtype=np.float64), axis=-1)
+
+
+def curve_fit(scores: np.ndarray) -> CurveFit:
+    """Fit the regression and endpoint lines to each sorted curve and return S-shapedness.
+
+    ``scores`` is one curve (n_train,) or a matrix (n_test, n_train), in any order;
+    it is sorted descending here. Needs at least two scores per curve.
+    """
+    y = sorted_curves(scores)
+    n = y.shape[-1]
+    if n < 2:
+        raise ValueError(f"a sorted curve needs at least 2 scores, got {n}")
+    x = np.arange(n, dtype=np.float64)
+    xc = x - x.mean()
+    # Closed-form least squares: slope = Σ(x − x̄)y / Σ(x − x̄)², one matrix-vector product.
+    b_reg = (y @ xc) / (xc @ xc)
+    a_reg = y.mean(axis=-1) - b_reg * x.mean()
+    a_end = y[..., 0]
+    b_end = (y[..., -1] - a_end) / (n - 1)
+    s_raw = b_reg - b_end
+    denom = np.abs(b_end)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(denom > 0, s_raw / np.where(denom > 0, denom, 1.0), 0.0)
+    if y.ndim == 1:
+        return CurveFit(*(float(v) for v in (b_reg, a_reg, b_end, a_end, s_raw, s)))
+    return CurveFit(b_reg, a_reg, b_end, a_end, s_raw, s)
+
+
+def shape_class(
+    s: float | np.ndarray, s_min: float = S_MIN, z_max: float = Z_MAX
+) -> str | np.ndarray:
+    """Classify scale-free S values: 'S' if s ≥ s_min, 'Z' if s ≤ z_max, else 'backslash'.
+
+    A scalar gives a str, an array gives an array of str of the same shape.
+    NaN (no curve) is classed 'backslash', the neutral class.
+    """
+    if not z_max < s_min:
+        raise ValueError(f"z_max ({z_max}) must be below s_min ({s_min})")
+    arr = np.asarray(s, dtype=np.float64)
+    out = np.full(arr.shape, SHAPE_BACKSLASH, dtype=object)
+    out[arr >= s_min] = SHAPE_S
+    out[arr <= z_max] = SHAPE_Z
+    if out.ndim == 0:
+        return str(out[()])
+    return out
+
+
+def flipped_ranks(scores: np.ndarray, flipped_mask: np.ndarray) -> np.ndarray:
+    """Return the 0-based ranks of the flipped instances in each curve's descending order.
+
+    ``scores`` is (n_train,) or (n_test, n_train); ``flipped_mask`` is a boolean
+    (n_train,). Ranks come back ascending: shape (n_flipped,) or (n_test, n_flipped).
+    Ties are broken stably (the lower training index gets the lower rank).
+    """
+    scores = np.asarray(scores)
+    mask = np.asarray(flipped_mask, dtype=bool)
+    if mask.shape != scores.shape[-1:]:
+        raise ValueError(f"flipped_mask has shape {mask.shape}, expected ({scores.shape[-1]},)")
+    sorted_mask = mask[sort_order(scores)]
+    if scores.ndim == 1:
+        return np.flatnonzero(sorted_mask)
+    # Every row holds the same number of flips, so row-major nonzero reshapes cleanly.
+    return np.nonzero(sorted_mask)[1].reshape(scores.shape[0], int(mask.sum()))
+
+
+def end_ratio(ranks: np.ndarray, n: int) -> float | np.ndarray:
+    """Return the mean distance (%) of ranks from the curve's centre: 0 centre, 100 either end.
+
+    ``ranks`` is (k,) or (n_test, k) 0-based ranks in a curve of length ``n``.
+    With no ranks (no flipped instances) or n < 2 the ratio is undefined: NaN.
+    Ranks spread uniformly give about 50.
+    """
+    r = np.asarray(ranks, dtype=np.float64)
+    centre = (n - 1) / 2.0
+    if r.shape[-1] == 0 or centre <= 0:
+        nan = np.full(r.shape[:-1], np.nan)
+        return float(nan) if nan.ndim == 0 else nan
+    ratio = (np.abs(r - centre) / centre * 100.0).mean(axis=-1)
+    return float(ratio) if np.ndim(ratio) == 0 else ratio
+
+
+def downsample_curve(
+    sorted_scores: np.ndarray, keep_mask: np.ndarray, max_points: int = 2000
+) -> np.ndarray:
+    """Return ascending ranks that draw a sorted curve with at most about ``max_points`` points.
+
+    Always keeps both ends and every rank where ``keep_mask`` (in sorted order) is
+    true, even when those alone exceed ``max_points``. The rest of the budget goes
+    half to ranks evenly spaced along x and half to ranks evenly spaced in score,
+    so the steep ends of an S curve keep their detail as well as its flat middle.
+    """
+    y = np.asarray(sorted_scores, dtype=np.float64)
+    keep = np.asarray(keep_mask, dtype=bool)
+    n = y.shape[0]
+    if keep.shape != (n,):
+        raise ValueError(f"keep_mask has shape {keep.shape}, expected ({n},)")
+    if n <= max_points:
+        return np.arange(n)
+    required = np.union1d(np.flatnonzero(keep), [0, n - 1])
+    budget = max(int(max_points) - required.size, 0)
+    n_even = budget // 2
+    even = np.round(np.linspace(0, n - 1, n_even)).astype(np.int64)
+    levels = np.linspace(y[0], y[-1], budget - n_even)
+    # -y is ascending, so searchsorted finds the first rank at or below each score level.
+    by_score = np.clip(np.searchsorted(-y, -levels, side="left"), 0, n - 1)
+    return np.union1d(required, np.union1d(even, by_score)).astype(np.int64)

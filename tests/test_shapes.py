@@ -1,0 +1,208 @@
+"""Curve-shape indices on synthetic curves whose shape and S value are known in closed form."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from core.shapes import (
+    CurveFit,
+    curve_fit,
+    downsample_curve,
+    end_ratio,
+    flipped_ranks,
+    shape_class,
+    sort_order,
+)
+
+
+def ideal_s(n: int, m: int = 1, height: float = 5.0) -> np.ndarray:
+    """m large positive and m large negative scores, zeros between: flat middle, steep ends."""
+    y = np.zeros(n)
+    y[:m] = height
+    y[n - m :] = -height
+    return y
+
+
+def ideal_z(n: int, height: float = 2.0) -> np.ndarray:
+    """Two plateaus with a step in the middle."""
+    return np.r_[np.full(n // 2, height), np.full(n - n // 2, -height)]
+
+
+def test_ideal_s_tends_to_one_and_is_class_s():
+    values = []
+    for n in (100, 1000, 10000):
+        fit = curve_fit(ideal_s(n))
+        # Closed form for one value at each end: S = 1 − 6(n − 1)/(n(n + 1)).
+        assert fit.s == pytest.approx(1 - 6 * (n - 1) / (n * (n + 1)), rel=1e-9)
+        assert shape_class(fit.s) == "S"
+        values.append(fit.s)
+    assert values[0] < values[1] < values[2] < 1
+    assert values[-1] > 0.999
+
+
+def test_ideal_z_tends_to_minus_half_and_is_class_z():
+    for n in (100, 1000, 10000):
+        fit = curve_fit(ideal_z(n))
+        # Closed form for an even step: S = 1 − 3n/(2(n + 1)).
+        assert fit.s == pytest.approx(1 - 3 * n / (2 * (n + 1)), rel=1e-9)
+        assert shape_class(fit.s) == "Z"
+    assert curve_fit(ideal_z(10000)).s == pytest.approx(-0.5, abs=1e-3)
+
+
+def test_straight_line_has_zero_s_and_both_lines_coincide():
+    y = 3.0 - 0.01 * np.arange(500)
+    fit = curve_fit(y)
+    assert fit.s == pytest.approx(0.0, abs=1e-10)
+    assert fit.s_raw == pytest.approx(0.0, abs=1e-12)
+    assert fit.b_reg == pytest.approx(-0.01) and fit.b_end == pytest.approx(-0.01)
+    assert fit.a_reg == pytest.approx(3.0) and fit.a_end == pytest.approx(3.0)
+    assert shape_class(fit.s) == "backslash"
+
+
+def test_s_raw_is_the_slope_difference_in_score_units():
+    y = ideal_s(200, height=7.0)
+    fit = curve_fit(y)
+    assert fit.s_raw == pytest.approx(fit.b_reg - fit.b_end)
+    assert fit.b_end == pytest.approx(-14.0 / 199)
+    assert fit.s == pytest.approx(fit.s_raw / abs(fit.b_end))
+    # Scaling the scores scales s_raw but leaves the scale-free s alone.
+    scaled = curve_fit(1000 * y)
+    assert scaled.s_raw == pytest.approx(1000 * fit.s_raw)
+    assert scaled.s == pytest.approx(fit.s)
+
+
+def test_noisy_curves_keep_their_class():
+    rng = np.random.default_rng(0)
+    n = 1600
+    # S: heavy-tailed scores (a few large ± values, most near zero).
+    s_curve = rng.standard_t(df=1.5, size=n) * 0.01
+    # Z: two noisy plateaus (noise tilts them, which pulls S from −0.5 towards 0).
+    z_curve = np.r_[rng.normal(1.0, 0.05, n // 2), rng.normal(-1.0, 0.05, n // 2)]
+    # Backslash: uniform scores sort into a noisy straight line.
+    line = rng.uniform(-1, 1, n)
+    fits = curve_fit(np.stack([s_curve, z_curve, line]))
+    assert list(shape_class(fits.s)) == ["S", "Z", "backslash"]
+    assert fits.s[0] > 0.5 and fits.s[1] < -0.25 and abs(fits.s[2]) < 0.05
+
+
+def test_input_order_does_not_matter():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=300)
+    assert curve_fit(y) == curve_fit(rng.permutation(y))
+
+
+def test_matrix_rows_match_single_curves():
+    rng = np.random.default_rng(2)
+    m = rng.normal(size=(5, 50))
+    fits = curve_fit(m)
+    assert isinstance(fits, CurveFit) and fits.s.shape == (5,)
+    for i in range(5):
+        one = curve_fit(m[i])
+        assert fits.s[i] == pytest.approx(one.s)
+        assert fits.a_reg[i] == pytest.approx(one.a_reg)
+
+
+def test_constant_curve_is_backslash_without_warnings():
+    with np.errstate(all="raise"):
+        fit = curve_fit(np.full(10, 0.3))
+    assert fit.s == 0.0 and fit.b_end == 0.0
+    assert shape_class(fit.s) == "backslash"
+
+
+def test_too_short_curve_raises():
+    with pytest.raises(ValueError):
+        curve_fit(np.array([1.0]))
+
+
+def test_shape_class_thresholds_are_inclusive_and_configurable():
+    assert shape_class(0.2) == "S"
+    assert shape_class(0.19) == "backslash"
+    assert shape_class(-0.1) == "Z"
+    assert shape_class(0.19, s_min=0.1) == "S"
+    assert shape_class(-0.05, z_max=-0.01) == "Z"
+    assert list(shape_class(np.array([0.5, 0.0, -0.3, np.nan]))) == [
+        "S",
+        "backslash",
+        "Z",
+        "backslash",
+    ]
+    with pytest.raises(ValueError):
+        shape_class(0.0, s_min=-0.2, z_max=0.1)
+
+
+def test_flipped_ranks_descending_with_stable_ties():
+    scores = np.array([0.1, 0.5, 0.5, -0.2, 0.3])
+    # Descending order, ties by index: 1, 2, 4, 0, 3.
+    assert list(sort_order(scores)) == [1, 2, 4, 0, 3]
+    mask = np.array([False, False, True, True, False])
+    assert list(flipped_ranks(scores, mask)) == [1, 4]
+    matrix = np.stack([scores, -scores])
+    ranks = flipped_ranks(matrix, mask)
+    # Second row descending: 3, 0, 4, 1, 2 → flipped 3 at rank 0 and 2 at rank 4.
+    assert ranks.tolist() == [[1, 4], [0, 4]]
+    with pytest.raises(ValueError):
+        flipped_ranks(scores, mask[:3])
+
+
+def test_end_ratio_ends_centre_and_uniform():
+    n = 1001
+    assert end_ratio(np.array([0, n - 1]), n) == pytest.approx(100.0)
+    assert end_ratio(np.array([0, 1, n - 2, n - 1]), n) == pytest.approx(99.9, abs=0.1)
+    assert end_ratio(np.array([500]), n) == pytest.approx(0.0)
+    uniform = np.arange(n)
+    assert end_ratio(uniform, n) == pytest.approx(50.0, abs=0.1)
+    rng = np.random.default_rng(3)
+    random_ranks = rng.choice(n, size=400, replace=False)
+    assert end_ratio(random_ranks, n) == pytest.approx(50.0, abs=5.0)
+    both = end_ratio(np.array([[0, n - 1], [500, 500]]), n)
+    assert both.tolist() == pytest.approx([100.0, 0.0])
+
+
+def test_end_ratio_undefined_without_flips():
+    assert np.isnan(end_ratio(np.array([], dtype=int), 100))
+    assert np.isnan(end_ratio(np.zeros((3, 0), dtype=int), 100)).all()
+
+
+def test_end_ratio_of_placed_flips_through_flipped_ranks():
+    n = 200
+    scores = ideal_s(n, m=3)
+    mask = np.zeros(n, bool)
+    mask[[0, n - 1]] = True  # at the steep ends
+    assert end_ratio(flipped_ranks(scores, mask), n) > 98
+
+
+def test_downsample_keeps_ends_and_every_flipped():
+    rng = np.random.default_rng(4)
+    n = 20000
+    y = np.sort(rng.standard_t(df=2, size=n))[::-1]
+    keep = np.zeros(n, bool)
+    keep[rng.choice(n, 50, replace=False)] = True
+    idx = downsample_curve(y, keep, max_points=1000)
+    assert idx[0] == 0 and idx[-1] == n - 1
+    assert set(np.flatnonzero(keep)) <= set(idx.tolist())
+    assert np.all(np.diff(idx) > 0)
+    assert 200 < idx.size <= 1000
+    # Steep ends get extra points: the top 1% of ranks holds more than 1% of the points.
+    assert (idx < n // 100).sum() > 0.02 * idx.size
+
+
+def test_downsample_short_curve_keeps_everything():
+    y = np.linspace(1, 0, 50)
+    assert downsample_curve(y, np.zeros(50, bool), max_points=100).tolist() == list(range(50))
+
+
+def test_downsample_keeps_all_flipped_beyond_the_budget():
+    n = 500
+    keep = np.zeros(n, bool)
+    keep[::2] = True
+    idx = downsample_curve(np.linspace(1, 0, n), keep, max_points=20)
+    assert set(np.flatnonzero(keep)) <= set(idx.tolist()) and n - 1 in idx
+
+
+def test_shapes_module_does_not_import_torch():
+    code = "import sys, core.shapes; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
