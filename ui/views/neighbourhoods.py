@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from ui import charts, compute, data, widgets
+from ui.views import shape
 
 MAX_LINES = 30  # sorted-distance curves drawn at most (Fig. 2b gets unreadable beyond)
 
@@ -49,13 +50,18 @@ def body(run: data.Run) -> None:
                 [run.test_row(i) for i in sel["id"]]
             ]
         )
-    r = compute.correlation(
-        shapes["s"].to_numpy(),
-        shapes.get("mean_distance", pd.Series(np.asarray(dist).mean(1))).to_numpy(),
+    mean_dist = (
+        shapes["mean_distance"]
+        if "mean_distance" in shapes
+        else pd.Series(np.asarray(dist).mean(1))
     )
+    r = compute.correlation(shapes["s"].to_numpy(), mean_dist.to_numpy())
+    p = (shape.stored_correlations(run, "s_vs_mean_distance").get("all") or {}).get("spearman_p")
     st.markdown(
         f"Spearman ρ between S and mean distance over all {r['n']} test instances: "
-        f"**{widgets.fmt(r['spearman'], '+.2f')}** (the hypothesis predicts a positive value)."
+        f"**{widgets.fmt(r['spearman'], '+.2f')}**"
+        + (f" (p = {p:.3g})" if isinstance(p, float) else "")
+        + ". The hypothesis predicts a positive value: larger distances, more S-shaped."
     )
     left, right = st.columns(2)
     with left:

@@ -71,17 +71,26 @@ def body(run: data.Run) -> None:
 
 def correlations(run: data.Run, shapes: pd.DataFrame) -> None:
     """Pearson / Spearman of S with end ratio, all and misclassified (p-values from analysis.json)."""
+    stored = stored_correlations(run, "s_vs_end_ratio")
     rows = []
-    groups = {"all test instances": shapes}
+    groups = {"all": shapes}
     if "correct" in shapes:
         groups["misclassified"] = shapes[~shapes["correct"].astype(bool)]
         groups["correct"] = shapes[shapes["correct"].astype(bool)]
     for name, g in groups.items():
         r = compute.correlation(g["s"].to_numpy(), g["end_ratio"].to_numpy())
+        p = stored.get(name) or {}
         rows.append(
-            {"instances": name, "n": r["n"], "Pearson r": r["pearson"], "Spearman ρ": r["spearman"]}
+            {
+                "test instances": name,
+                "n": r["n"],
+                "Spearman ρ": r["spearman"],
+                "p (Spearman)": p.get("spearman_p"),
+                "Pearson r": r["pearson"],
+                "p (Pearson)": p.get("pearson_p"),
+            }
         )
-    cols = st.columns([2, 3])
+    cols = st.columns([1, 3])
     main = rows[0]
     cols[0].metric(
         "Spearman ρ (S, end ratio)",
@@ -89,8 +98,17 @@ def correlations(run: data.Run, shapes: pd.DataFrame) -> None:
         f"n = {main['n']}",
         delta_color="off",
     )
-    cols[1].dataframe(pd.DataFrame(rows).round(3), hide_index=True, width="stretch")
-    stored = (run.analysis().get("correlations") or {}) if isinstance(run.analysis(), dict) else {}
-    if stored:
-        with st.expander("Correlations and p-values recorded by the analyze stage"):
-            st.json(stored, expanded=True)
+    table = pd.DataFrame(rows)
+    cols[1].dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        column_config={c: st.column_config.NumberColumn(format="%.3g") for c in table.columns[2:]},
+    )
+
+
+def stored_correlations(run: data.Run, key: str) -> dict[str, dict]:
+    """analysis.json's correlations[key] per group ('all', 'correct', 'misclassified'), or {}."""
+    corr = run.analysis().get("correlations") if isinstance(run.analysis(), dict) else None
+    value = (corr or {}).get(key) or {}
+    return value if isinstance(value, dict) else {}

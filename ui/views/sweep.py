@@ -67,7 +67,8 @@ def body(sweep: data.Sweep) -> None:
     cols[2].metric("seeds", f"{table['seed'].nunique()}")
     cols[3].metric("threshold", "none found" if t_rate is None else f"{float(t_rate):.1%}")
     if threshold.get("rule"):
-        st.caption(f"Threshold rule: {threshold['rule']}.")
+        note = f" ({threshold['note']})" if threshold.get("note") else ""
+        st.caption(f"Threshold rule: {threshold['rule']}{note}.")
 
     left, right = st.columns(2)
     with left:

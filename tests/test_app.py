@@ -1,0 +1,539 @@
+"""The Streamlit lab under Streamlit's AppTest, on fake run stores the tests build themselves.
+
+Every page renders without an exception; charts carry the expected data (read
+back from the chart elements' Arrow datasets); widgets and ?run= / ?test= links
+change what is shown; empty caches, missing stages and corrupted runs give a
+sentence, not a traceback. No browser, no torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import runstore_factory as factory  # noqa: I001  (also puts the repository on sys.path)
+from streamlit.testing.v1 import AppTest
+
+from core.errors import AtlasError
+from ui import charts, compute, study, widgets
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = {
+    "home": None,
+    "curves": "pages/1_Score_curves.py",
+    "shape": "pages/2_Shape_vs_position.py",
+    "neighbourhoods": "pages/3_Neighbourhoods.py",
+    "sweep": "pages/4_Noise_sweep.py",
+    "cleaning": "pages/5_Cleaning_lab.py",
+    "study": "pages/6_Run_a_study.py",
+}
+FORBIDDEN = {"torch", "transformers", "umap", "fugashi"}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A store with the demo run, an older run and a sweep (read-only for the tests)."""
+    return factory.make_store(tmp_path_factory.mktemp("store"))
+
+
+def open_page(
+    page: str, cache_dir: Path, monkeypatch, query: dict[str, str] | None = None
+) -> AppTest:
+    """Run one page of the app (entry point app.py, as `streamlit run` does) against a store."""
+    monkeypatch.setenv("ATLAS_CACHE", str(cache_dir))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
+    if PAGES[page]:
+        at.switch_page(PAGES[page])
+    for k, v in (query or {}).items():
+        at.query_params[k] = v
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def charts_named(at: AppTest, name: str) -> list[tuple[dict, list[pd.DataFrame]]]:
+    """(spec, datasets) of every chart whose usermeta names it ``name``."""
+    out = []
+    for el in at.get("vega_lite_chart"):
+        spec = json.loads(el.proto.spec)
+        if spec.get("usermeta", {}).get("atlas") == name:
+            frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in el.proto.datasets]
+            out.append((spec, frames))
+    return out
+
+
+def one_chart(at: AppTest, name: str) -> tuple[dict, list[pd.DataFrame]]:
+    found = charts_named(at, name)
+    assert len(found) == 1, f"expected one '{name}' chart, found {len(found)}"
+    return found[0]
+
+
+def frame_with(frames: list[pd.DataFrame], *columns: str) -> pd.DataFrame:
+    """The dataset that has all ``columns``."""
+    hits = [f for f in frames if set(columns) <= set(f.columns)]
+    assert hits, f"no dataset with columns {columns}: {[list(f.columns) for f in frames]}"
+    return hits[0]
+
+
+def qp(at: AppTest, key: str) -> str:
+    """A query parameter of the page after its run (AppTest may hold a str or a list)."""
+    value = at.query_params[key]
+    return value[0] if isinstance(value, list) else value
+
+
+def texts(at: AppTest) -> str:
+    """All markdown, captions, headers, info/error/code text of a page, joined."""
+    parts = []
+    for kind in (
+        "markdown",
+        "caption",
+        "header",
+        "subheader",
+        "title",
+        "info",
+        "error",
+        "warning",
+        "code",
+        "success",
+    ):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+# -- every page ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_renders_with_charts(page, cache, monkeypatch):
+    at = open_page(page, cache, monkeypatch)
+    assert not at.error, [e.value for e in at.error]
+    if page != "study":
+        assert at.get("vega_lite_chart"), f"{page} drew no chart"
+
+
+def test_home_summarises_the_default_demo_run(cache, monkeypatch):
+    at = open_page("home", cache, monkeypatch)
+    assert qp(at, "run") == "demo"  # the demo run wins over newer runs
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["flipped labels"] == "6"
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    assert metrics["misclassified test"] == str(int((~shapes.correct).sum()))
+    _, frames = one_chart(at, "accuracy")
+    assert len(frame_with(frames, "epoch", "accuracy")) == 2 * 3  # val + test per epoch
+    counts = at.dataframe[0].value
+    assert (
+        counts.set_index("shape")["all test"].to_dict() == shapes["shape"].value_counts().to_dict()
+    )
+    assert len(charts_named(at, "teaching")) == 3  # S, backslash, Z illustrations
+
+
+def test_run_picker_and_link_choose_the_run(cache, monkeypatch):
+    at = open_page("home", cache, monkeypatch, {"run": "older-run"})
+    assert at.selectbox(key="picker_run").value == "older-run"
+    assert "older-run" in texts(at)
+    at.selectbox(key="picker_run").select("demo").run()
+    assert qp(at, "run") == "demo"
+
+
+# -- score curves --------------------------------------------------------------------------------
+
+
+def test_enlarged_curve_has_one_red_point_per_flip(cache, monkeypatch):
+    at = open_page("curves", cache, monkeypatch)
+    spec, frames = one_chart(at, "score_curve")
+    pts = frame_with(frames, "rank", "score", "flipped", "text")
+    n_flips = int(pd.read_parquet(cache / "demo" / "instances.parquet").flipped.sum())
+    assert int(pts.flipped.sum()) == n_flips
+    assert (pts.status == "flipped").sum() == n_flips  # the colour field
+    assert set(frame_with(frames, "x2", "y2")["status"]) == {"regression", "endpoints"}
+    # the colour scale maps flipped to red and clean to blue, lines yellow / green
+    color = spec["layer"][0]["encoding"]["color"]["scale"]
+    assert dict(zip(color["domain"], color["range"], strict=True)) == {
+        "clean": charts.BLUE,
+        "flipped": charts.RED,
+        "regression": charts.YELLOW,
+        "endpoints": charts.GREEN,
+    }
+    tooltip_fields = {t["field"] for t in spec["layer"][0]["encoding"]["tooltip"]}
+    assert {"text", "observed", "true", "score"} <= tooltip_fields
+
+
+def test_small_multiples_follow_the_filters(cache, monkeypatch):
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    at = open_page("curves", cache, monkeypatch)
+    _, frames = one_chart(at, "small_multiples")
+    panels = frame_with(frames, "panel", "layer").query("layer == 'point'").panel.unique()
+    assert len(panels) == int((~shapes.correct).sum())
+    assert all(("S = " in p and "(" in p) for p in panels)  # shape and S in every title
+    at.radio(key="curves_which").set_value("all").run()
+    _, frames = one_chart(at, "small_multiples")
+    assert frame_with(frames, "panel").panel.nunique() == min(len(shapes), 12)
+    at.multiselect(key="curves_shapes").set_value(["Z"]).run()
+    _, frames = one_chart(at, "small_multiples")
+    titles = frame_with(frames, "panel").panel.unique()
+    assert titles.size == (shapes["shape"] == "Z").sum() and all("(Z)" in t for t in titles)
+
+
+def test_checkpoint_switch_shows_that_checkpoints_contribution(cache, monkeypatch):
+    at = open_page("curves", cache, monkeypatch)
+    test_id = int(qp(at, "test"))
+    options = at.selectbox(key="curves_source").options
+    assert len(options) == 1 + 3  # summed + one per checkpoint
+    at.selectbox(key="curves_source").select(options[1]).run()
+    _, frames = one_chart(at, "score_curve")
+    pts = frame_with(frames, "train_id", "score")
+    per = np.load(cache / "demo" / "tracin_per_checkpoint.npy")
+    inst = pd.read_parquet(cache / "demo" / "instances.parquet")
+    row = int(np.flatnonzero(inst[inst.split == "test"].id.to_numpy() == test_id)[0])
+    expected = np.sort(per[0, row].astype(np.float64))[::-1]
+    np.testing.assert_allclose(pts.sort_values("rank").score.to_numpy(), expected, rtol=1e-6)
+
+
+def test_query_param_link_selects_the_test_instance(cache, monkeypatch):
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    chosen = int(shapes[shapes.correct].id.iloc[-1])  # not the default (a misclassified one)
+    at = open_page("curves", cache, monkeypatch, {"run": "demo", "test": str(chosen)})
+    assert at.selectbox(key="picker_test_demo").value == str(chosen)
+    assert f"Curve of test instance {chosen}" in texts(at)
+    spec, _ = one_chart(at, "score_curve")
+    assert spec["title"].startswith(f"{chosen} (")
+    # an id that is not a test instance falls back to the default instead of failing
+    at = open_page("curves", cache, monkeypatch, {"run": "demo", "test": "0"})
+    assert at.selectbox(key="picker_test_demo").value != "0"
+
+
+# -- shape vs position ---------------------------------------------------------------------------
+
+
+def test_shape_scatter_has_one_point_per_test_instance(cache, monkeypatch):
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    at = open_page("shape", cache, monkeypatch)
+    spec, frames = one_chart(at, "shape_scatter")
+    pts = frame_with(frames, "id", "s", "end_ratio", "shape")
+    assert sorted(pts.id) == sorted(shapes.id)
+    params = spec.get("params", []) + [
+        p for layer in spec["layer"] for p in layer.get("params", [])
+    ]
+    assert any(p.get("name") == "pick" for p in params)  # the click selection
+    assert "Spearman" in " ".join(m.label for m in at.metric)
+    at.radio(key="shape_which").set_value("misclassified").run()
+    _, frames = one_chart(at, "shape_scatter")
+    assert len(frame_with(frames, "id", "s")) == int((~shapes.correct).sum())
+
+
+def test_shape_page_opens_the_linked_instances_curve(cache, monkeypatch):
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    chosen = int(shapes.id.iloc[4])
+    at = open_page("shape", cache, monkeypatch, {"test": str(chosen)})
+    assert f"Curve of test instance {chosen}" in texts(at)
+    _, frames = one_chart(at, "shape_scatter")
+    pts = frame_with(frames, "id", "selected")
+    assert pts.loc[pts.selected, "id"].tolist() == [chosen]
+    spec, _ = one_chart(at, "score_curve")
+    assert spec["title"].startswith(f"{chosen} (")
+
+
+def test_selected_point_reads_streamlit_selection_events():
+    assert widgets.selected_point({"selection": {"pick": [{"id": 141}]}}) == 141
+    assert widgets.selected_point({"selection": {"pick": {"id": [7]}}}) == 7
+    assert widgets.selected_point({"selection": {"pick": []}}) is None
+    assert widgets.selected_point(None) is None
+
+
+# -- neighbourhoods ------------------------------------------------------------------------------
+
+
+def test_neighbourhoods_map_and_nearest_table(cache, monkeypatch):
+    inst = pd.read_parquet(cache / "demo" / "instances.parquet")
+    at = open_page("neighbourhoods", cache, monkeypatch)
+    test_id = int(qp(at, "test"))
+    _, frames = one_chart(at, "embedding_map")
+    pts = frame_with(frames, "x", "y", "role")
+    assert len(pts) == len(inst)
+    assert pts.loc[pts.role == "selected", "id"].tolist() == [test_id]
+    assert (pts.role == "proponent").sum() == 10 and (pts.role == "opponent").sum() == 10
+    near = at.dataframe[-1].value
+    assert len(near) == 10 and near.distance.is_monotonic_increasing
+    dist = np.load(cache / "demo" / "distances.npy")
+    row = int(np.flatnonzero(inst[inst.split == "test"].id.to_numpy() == test_id)[0])
+    assert near.distance.iloc[0] == pytest.approx(dist[row].min(), rel=1e-5)
+    _, frames = one_chart(at, "mean_distance")
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    assert len(frame_with(frames, "mean_distance")) == int((~shapes.correct).sum())
+    before = pts.set_index("id").x
+    at.radio(key="nb_method").set_value("PCA").run()
+    after = frame_with(one_chart(at, "embedding_map")[1], "x", "role").set_index("id").x
+    assert not np.allclose(before.to_numpy(), after.loc[before.index].to_numpy())
+
+
+# -- noise sweep ---------------------------------------------------------------------------------
+
+
+def test_noise_sweep_lines_band_and_threshold(cache, monkeypatch):
+    at = open_page("sweep", cache, monkeypatch)
+    table = pd.read_parquet(cache / "sweep-quick" / "sweep.parquet")
+    spec, frames = one_chart(at, "sweep_final_test_accuracy")
+    seeds = frame_with(frames, "seed", "final_test_accuracy")
+    assert len(seeds) == len(table)  # one point per (rate, seed) cell
+    band = frame_with(frames, "mean", "min", "max")
+    assert len(band) == table.flip_rate.nunique()
+    assert any(layer.get("mark", {}).get("type") == "rule" for layer in spec["layer"])  # threshold
+    assert charts_named(at, "sweep_train_loss_observed")
+    at.radio(key="sweep_x").set_value("number of flipped labels").run()
+    spec, _ = one_chart(at, "sweep_final_test_accuracy")
+    assert "flip_count" in json.dumps(spec["layer"][1]["encoding"]["x"])
+
+
+def test_noise_sweep_empty_state_shows_the_command(tmp_path, monkeypatch):
+    factory.make_run(tmp_path, "only-run", n_train=40, n_test=6, n_flips=2)
+    at = open_page("sweep", tmp_path, monkeypatch)
+    assert "python -m core sweep --preset quick" in texts(at)
+    assert not at.error
+
+
+# -- cleaning lab --------------------------------------------------------------------------------
+
+
+def test_cleaning_lab_compares_detectors_and_hides_flips(cache, monkeypatch):
+    at = open_page("cleaning", cache, monkeypatch)
+    detection = json.loads((cache / "demo" / "detection.json").read_text())
+    _, frames = one_chart(at, "recall")
+    curves = frame_with(frames, "detector", "fraction", "recall")
+    assert set(curves.detector) == set(detection["detectors"])
+    table = at.dataframe[0].value
+    assert len(table) == len(detection["detectors"]) + 1  # + the random baseline row
+    queue = at.dataframe[1].value
+    assert "flipped" not in queue.columns
+    at.toggle(key="clean_reveal").set_value(True).run()
+    assert "flipped" in at.dataframe[1].value.columns
+    assert one_chart(at, "cleaning")
+    names = {b.proto.label for b in at.get("download_button")}
+    assert (
+        "review_queue_self_influence.csv" in names and "Download this review queue (CSV)" in names
+    )
+
+
+def test_cleaning_lab_without_detect_stage_shows_the_command(tmp_path, monkeypatch):
+    factory.make_run(tmp_path, "demo", stages=("data", "train", "tracin", "analyze"))
+    at = open_page("cleaning", tmp_path, monkeypatch)
+    assert "python -m core detect" in texts(at)
+    assert not at.error
+
+
+# -- empty, incomplete and corrupted stores ------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_empty_cache_gives_a_helpful_message(page, tmp_path, monkeypatch):
+    at = open_page(page, tmp_path / "nothing-here", monkeypatch)
+    assert not at.error
+    if page not in ("study",):
+        assert "python -m core" in texts(at)
+
+
+@pytest.mark.parametrize("page", ["curves", "shape", "neighbourhoods"])
+def test_run_without_tracin_names_the_missing_stage(page, tmp_path, monkeypatch):
+    factory.make_run(tmp_path, "demo", stages=("data", "train"), status="running")
+    at = open_page(page, tmp_path, monkeypatch)
+    assert "python -m core analyze" in texts(at) or "python -m core tracin" in texts(at)
+    assert not at.error
+
+
+@pytest.mark.parametrize("how", ["manifest", "instances", "tracin", "shapes"])
+@pytest.mark.parametrize("page", ["home", "curves", "shape", "neighbourhoods", "cleaning"])
+def test_corrupted_run_gives_a_sentence_not_a_traceback(page, how, tmp_path, monkeypatch):
+    factory.corrupt_run(tmp_path, "broken", how=how)
+    at = open_page(page, tmp_path, monkeypatch, {"run": "broken"})
+    assert at.selectbox(key="picker_run").value == "broken"
+    if (
+        how in ("tracin", "shapes")
+        and page in ("home", "cleaning")
+        or (how == "tracin" and page == "shape")
+    ):
+        return  # these pages do not read that file
+    errors = " ".join(e.value for e in at.error)
+    assert "cannot be shown" in errors or "could not be read" in errors, texts(at)
+    assert "Traceback" not in errors
+
+
+# -- run a study ---------------------------------------------------------------------------------
+
+FAKE_CLI = f"{sys.executable} -c \"import sys, time; print('fake core', *sys.argv[1:], flush=True); time.sleep(30)\""
+
+
+def test_study_start_refuse_second_and_cancel(tmp_path, monkeypatch):
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    req = study.StudyRequest(name="s1", preset="quick", flip_rate=0.05, seed=3)
+    j = study.start(tmp_path, req)
+    try:
+        assert j.state() == "running"
+        with pytest.raises(AtlasError, match="already running"):
+            study.start(tmp_path, req)
+        deadline = time.time() + 10
+        while "fake core" not in study.tail(j.log_file) and time.time() < deadline:
+            time.sleep(0.1)
+        log = study.tail(j.log_file)
+        assert "run --preset quick --name s1" in log and "--flip-rate 0.05" in log
+        assert study.cancel(j)
+        deadline = time.time() + 10
+        while j.alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert j.state() == "cancelled"
+    finally:
+        study.cancel(j)
+
+
+def test_study_refuses_a_complete_run_name_and_bad_names(tmp_path, monkeypatch):
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    factory.make_run(tmp_path, "done", n_train=40, n_test=6, n_flips=2)
+    with pytest.raises(AtlasError, match="already exists"):
+        study.start(tmp_path, study.StudyRequest(name="done"))
+    for bad in ("", "../escape", ".hidden", "a b", "x" * 80):
+        with pytest.raises(AtlasError):
+            study.build_command(study.StudyRequest(name=bad), tmp_path)
+
+
+def test_study_page_starts_a_job_and_survives_a_reload(tmp_path, monkeypatch):
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    at = open_page("study", tmp_path, monkeypatch)
+    at.text_input(key="study_name").set_value("from-page").run()
+    assert "--name from-page" in texts(at)
+    at.button(key="study_start").click().run()
+    assert not at.exception
+    j = study.job(tmp_path, "from-page")
+    try:
+        assert j.alive()
+        reloaded = open_page("study", tmp_path, monkeypatch)  # a new session: state read from disk
+        assert reloaded.selectbox(key="study_job").value == "from-page"
+        assert "running" in [m.value for m in reloaded.metric]
+        reloaded.text_input(key="study_name").set_value("from-page").run()
+        reloaded.button(key="study_start").click().run()  # the same name again
+        assert any("already running" in e.value for e in reloaded.error)
+    finally:
+        study.cancel(j)
+
+
+def test_study_command_for_an_uploaded_file():
+    req = study.StudyRequest(
+        name="mine",
+        data_file="/c/.uploads/x.tsv",
+        text_col="レビュー",
+        rating_col="評価",
+        pos_min=4,
+        neg_max=2,
+        dataset=None,
+    )
+    cmd = study.build_command(req, Path("/c"))
+    assert cmd[cmd.index("--text-col") + 1] == "レビュー"
+    assert cmd[cmd.index("--rating-col") + 1] == "評価" and "--dataset" not in cmd
+    assert cmd[-4:] == ["--pos-min", "4", "--neg-max", "2"]
+
+
+def test_upload_is_parsed_as_data_and_validated(tmp_path, monkeypatch):
+    rows = [
+        {"review": f"text number {i}", "stars": 1 + i % 5, "y": "pos" if i % 2 else "neg"}
+        for i in range(40)
+    ]
+    csv = pd.DataFrame(rows).to_csv(index=False).encode()
+    df = study.parse_upload(csv, "reviews.csv")
+    assert study.guess_text_column(df) == "review"
+    problems, summary = study.validate_table(df, "review", label_col="y")
+    assert problems == [] and summary["kept"] == 40
+    problems, summary = study.validate_table(df, "review", rating_col="stars", pos_min=4, neg_max=2)
+    assert problems == [] and summary["dropped_between"] == 8
+    assert study.validate_table(df, "review", label_col="stars")[0]  # five classes
+    bad = df.assign(stars=df.stars.astype(str).where(df.index != 3, "three"))
+    assert "non-numeric" in " ".join(
+        study.validate_table(bad, "review", rating_col="stars", pos_min=4, neg_max=2)[0]
+    )
+    jsonl = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()
+    assert len(study.parse_upload(jsonl, "r.jsonl")) == 40
+    with pytest.raises(AtlasError, match="UTF-8"):
+        study.parse_upload(b"text,label\n\xff\xfe,1\n", "bad.csv")
+    with pytest.raises(AtlasError, match=r"\.csv, \.tsv or \.jsonl"):
+        study.parse_upload(csv, "evil.pkl")
+    monkeypatch.setenv(study.ENV_MAX_UPLOAD_MB, "1")
+    with pytest.raises(AtlasError, match="limit is 1 MB"):
+        study.parse_upload(b"a,b\n" + b"x,1\n" * 400_000, "big.csv")
+    saved = study.save_upload(tmp_path, csv, "my reviews.csv")
+    assert saved.read_bytes() == csv and saved.parent.name == ".uploads"
+
+
+# -- chart builders and helpers, without Streamlit ----------------------------------------------
+
+
+def test_downsampled_curve_keeps_every_flip_and_both_ends():
+    rng = np.random.default_rng(0)
+    n = 5000
+    train = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "text": ["t"] * n,
+            "label": 0,
+            "observed_label": 0,
+            "flipped": rng.random(n) < 0.02,
+        }
+    )
+    scores = rng.normal(size=n)
+    curve = compute.sorted_curve(scores, train, max_points=300)
+    assert len(curve) < 500
+    assert curve.flipped.sum() == train.flipped.sum()
+    assert curve["rank"].iloc[0] == 0 and curve["rank"].iloc[-1] == n - 1
+    assert curve.score.is_monotonic_decreasing
+
+
+def test_fit_lines_match_the_definitions():
+    u = np.linspace(1, -1, 401)
+    assert compute.fit_lines(u)["s"] == pytest.approx(0, abs=1e-9)
+    assert compute.classify(compute.fit_lines(u**5)["s"]) == "S"
+    assert compute.classify(compute.fit_lines(np.tanh(8 * u))["s"]) == "Z"
+    assert compute.end_ratio(np.array([0, 400]), 401) == 100
+    assert compute.end_ratio(np.array([200]), 401) == 0
+
+
+def test_recall_curve_and_review_queue():
+    flipped = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], bool)
+    perfect = flipped.astype(float)
+    rc = compute.recall_curve(perfect, flipped, points=11)
+    assert rc.recall.iloc[2] == 1.0 and rc.recall.iloc[1] == 0.5
+    train = pd.DataFrame(
+        {
+            "id": range(10),
+            "text": list("abcdefghij"),
+            "label": 0,
+            "observed_label": [1, 0] * 5,
+            "flipped": flipped,
+        }
+    )
+    det = pd.DataFrame({"id": range(10), "d": perfect})
+    q = compute.review_queue(det, "d", train, 2, ["neg", "pos"])
+    assert q.flipped.all() and list(q.suggested_label) == ["neg", "neg"]
+
+
+def test_app_code_never_imports_heavy_libraries():
+    files = [REPO / "app.py", *REPO.glob("pages/*.py"), *REPO.glob("ui/**/*.py")]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            bad = {n.split(".")[0] for n in names} & FORBIDDEN
+            assert not bad, f"{path.name} imports {bad}"
+    code = "import sys; import ui.views.home, ui.views.curves, ui.views.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi'}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
