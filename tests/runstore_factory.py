@@ -426,25 +426,46 @@ def _shapes_and_curves(tracin, dist, test, train, correct) -> tuple[pd.DataFrame
 
 
 def _analysis(shapes: pd.DataFrame) -> dict[str, Any]:
-    """analysis.json: thresholds, correlations, per-shape summaries."""
-    s, er, md = shapes.s.to_numpy(), shapes.end_ratio.to_numpy(), shapes.mean_distance.to_numpy()
+    """analysis.json in core/analysis.py's layout: thresholds, correlations per group, by shape."""
+    groups = {
+        "all": shapes,
+        "correct": shapes[shapes.correct],
+        "misclassified": shapes[~shapes.correct],
+    }
+
+    def corr(x: pd.Series, y: pd.Series) -> dict[str, Any]:
+        if len(x) < 3:
+            return {
+                "n": len(x),
+                "spearman": None,
+                "spearman_p": None,
+                "pearson": None,
+                "pearson_p": None,
+            }
+        return {
+            "n": len(x),
+            "spearman": float(np.corrcoef(x.rank(), y.rank())[0, 1]),
+            "spearman_p": 0.01,  # not computed: the factory avoids scipy
+            "pearson": float(np.corrcoef(x, y)[0, 1]),
+            "pearson_p": 0.01,
+        }
+
     return {
-        "thresholds": {"s_min": S_MIN, "z_max": Z_MAX},
+        "thresholds": {"s_min": S_MIN, "z_max": Z_MAX, "rule": "S if s >= s_min; Z if s <= z_max"},
+        "n_test": len(shapes),
         "correlations": {
-            "s_vs_end_ratio": {
-                "pearson": float(np.corrcoef(s, er)[0, 1]),
-                "pearson_p": 0.01,
-                "spearman": float(np.corrcoef(s.argsort().argsort(), er.argsort().argsort())[0, 1]),
-                "spearman_p": 0.01,
-            },
-            "s_vs_mean_distance": {
-                "spearman": float(np.corrcoef(s.argsort().argsort(), md.argsort().argsort())[0, 1]),
-                "spearman_p": 0.02,
-            },
+            "s_vs_end_ratio": {g: corr(d.s, d.end_ratio) for g, d in groups.items()},
+            "s_vs_mean_distance": {g: corr(d.s, d.mean_distance) for g, d in groups.items()},
         },
-        "per_shape": {
-            k: {"n": int(len(g)), "mean_end_ratio": float(g.end_ratio.mean())}
-            for k, g in shapes.groupby("shape")
+        "by_shape": {
+            g: {
+                k: {
+                    "count": int((d["shape"] == k).sum()),
+                    "mean_end_ratio": float(d.loc[d["shape"] == k, "end_ratio"].mean()),
+                }
+                for k in SHAPE_CYCLE
+            }
+            for g, d in groups.items()
         },
     }
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-import runstore_factory as factory  # noqa: I001  (also puts the repository on sys.path)
+import runstore_factory as factory  # also puts the repository on sys.path
 from streamlit.testing.v1 import AppTest
 
 from core.errors import AtlasError

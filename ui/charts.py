@@ -75,11 +75,13 @@ def curve_chart(
     )
     points = (
         alt.Chart(df)
-        .mark_circle(size=28, opacity=0.85)
+        .mark_circle(opacity=0.85)
         .encode(
             x=alt.X("rank:Q", title="training instances sorted by score"),
             y=alt.Y("score:Q", title=score_title),
             color=color,
+            # flipped points larger: a few dozen red dots must stand out among thousands of blue
+            size=alt.condition(alt.datum.flipped, alt.value(70), alt.value(22)),
             order=alt.Order("flipped:Q"),  # flipped drawn last, on top of the blue cloud
             tooltip=tooltip,
         )
@@ -120,11 +122,12 @@ def small_multiples(
     )
     base = alt.Chart()
     dots = (
-        base.mark_circle(size=12, opacity=0.8)
+        base.mark_circle(opacity=0.8)
         .encode(
             x=alt.X("rank:Q", title="rank"),
             y=alt.Y("score:Q", title="TracIn"),
             color=color,
+            size=alt.condition(alt.datum.flipped, alt.value(36), alt.value(10)),
             order=alt.Order("flipped:Q"),
             tooltip=[
                 alt.Tooltip("panel:N", title="test instance"),
@@ -220,7 +223,7 @@ def mean_distance_chart(shapes: pd.DataFrame) -> alt.Chart:
                 sort=alt.EncodingSortField("mean_distance", order="descending"),
                 title="test instance (shape)",
             ),
-            y=alt.Y("mean_distance:Q", title="mean distance to training instances"),
+            y=alt.Y("mean_distance:Q", title="mean distance"),
             color=alt.Color("shape:N", scale=_shape_scale()),
             tooltip=["id:Q", "shape:N", alt.Tooltip("mean_distance:Q", format=".3f")],
         )
@@ -251,12 +254,12 @@ def sorted_distance_chart(curves: pd.DataFrame, shapes: pd.DataFrame) -> alt.Cha
 
 
 ROLE_STYLE = {
-    "training": (GREY, 18),
-    "held out": ("#9ecae1", 18),
-    "flipped": (RED, 40),
-    "proponent": (GREEN, 70),
-    "opponent": ("#7b3294", 70),
-    "selected": ("black", 260),
+    "training": (GREY, 22),
+    "held out": ("#9ecae1", 22),
+    "flipped": (RED, 60),
+    "proponent": (GREEN, 110),
+    "opponent": ("#7b3294", 110),
+    "selected": ("black", 320),
 }
 
 

@@ -34,7 +34,7 @@ EMPTY_HELP = (
 )
 
 
-def setup_page(title: str, icon: str = "📈") -> None:
+def setup_page(title: str, icon: str = ":material/show_chart:") -> None:
     """Page config and title, the same on every page."""
     st.set_page_config(page_title=f"{title} · Influence Atlas", page_icon=icon, layout="wide")
     st.title(title)

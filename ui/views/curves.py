@@ -70,7 +70,7 @@ def load_curve(run: data.Run, test_id: int, source: str, max_points: int) -> Cur
 
 def render() -> None:
     """Draw the Score curves page."""
-    widgets.setup_page("Score curves", "📉")
+    widgets.setup_page("Score curves", ":material/show_chart:")
     st.caption(
         "Paper Fig. 1: for each test instance, every training instance's TracIn score sorted from "
         "most helpful to most harmful. Red: flipped labels; blue: clean. Yellow: least-squares line; "

@@ -54,7 +54,7 @@ PAGES_TEXT = """
 
 def render() -> None:
     """Draw the home page."""
-    widgets.setup_page("Influence Atlas", "🧭")
+    widgets.setup_page("Influence Atlas", ":material/explore:")
     st.markdown(INTRO)
     run = widgets.open_run()
     if run is not None:

@@ -13,7 +13,7 @@ CURVES_PAGE = "pages/1_Score_curves.py"
 
 def render() -> None:
     """Draw the Shape vs position page."""
-    widgets.setup_page("Shape vs position", "🎯")
+    widgets.setup_page("Shape vs position", ":material/scatter_plot:")
     st.caption(
         "Paper Fig. 3: the more S-shaped a test instance's curve, the nearer its flipped training "
         "instances sit to the ends of the curve. One point per test instance; click one to see its curve."
@@ -56,7 +56,7 @@ def body(run: data.Run) -> None:
     st.page_link(
         CURVES_PAGE,
         label="Open in Score curves",
-        icon="📉",
+        icon=":material/show_chart:",
         query_params={widgets.QP_RUN: run.name, widgets.QP_TEST: str(test_id)},
     )
     c = curves.load_curve(run, test_id, curves.SUMMED, curves.ENLARGED_POINTS)

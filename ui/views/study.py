@@ -26,7 +26,7 @@ QP_JOB = "job"
 
 def render() -> None:
     """Draw the Run a study page."""
-    widgets.setup_page("Run a study", "🧪")
+    widgets.setup_page("Run a study", ":material/science:")
     st.caption(
         "Runs the whole experiment — split, flip labels, fine-tune with a checkpoint per epoch, TracIn, "
         "analytics — as `python -m core run` in the background. You can close or reload this page; "
@@ -213,7 +213,10 @@ def job_status(cache, name: str, was_running: bool) -> None:
                 st.rerun()
         elif state == "finished":
             st.page_link(
-                "app.py", label="Open the run", icon="🧭", query_params={widgets.QP_RUN: name}
+                "app.py",
+                label="Open the run",
+                icon=":material/open_in_new:",
+                query_params={widgets.QP_RUN: name},
             )
     st.caption(
         f"started {info.get('started', '?')} · pid {info.get('pid', '?')} · log `{data.display_path(j.log_file)}`"
