@@ -1,0 +1,450 @@
+"""Cleaning interventions on a detector's top suspects, retrained and compared, and the CSV exports.
+
+An intervention takes the top-k training instances of a detector and
+
+- ``exclude``: drops them from the training set;
+- ``relabel``: gives them the other label;
+- ``reweight``: scales their loss down by their suspicion. The most suspicious of the k
+  gets weight 1/(k+1), the next 2/(k+1), …, the k-th k/(k+1); every other instance
+  keeps 1. A rank ramp rather than the raw score, because scores of different
+  detectors have no common scale; never 0, so reweighting stays softer than exclusion.
+
+Each intervention is retrained from scratch with :func:`core.training.train_model`
+(the run's configuration, seed varied over ``seeds``) and its final test accuracy is
+recorded beside three arms trained with the same seed: no change, the oracle
+(exactly the true flips, all of them, given the same action) and a random choice of
+the same size. Rows go to ``cleaning/results.json``, merged by (detector, action,
+k, seed); arms that do not depend on the detector are reused from stored rows.
+
+Exports write CSV files, by default into ``<run>/cleaning/``, and refuse to
+overwrite the run's own files or the study's input file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core import store
+from core.config import config_from_dict
+from core.detectors import REASONS, load_scores
+from core.errors import AtlasError
+
+ACTIONS: tuple[str, ...] = ("exclude", "relabel", "reweight")
+RESULTS = "results.json"
+ROW_KEYS = (
+    "detector",
+    "action",
+    "k",
+    "seed",
+    "test_accuracy",
+    "no_change_accuracy",
+    "oracle_accuracy",
+    "random_accuracy",
+    "n_flips_caught",
+)
+
+
+# --------------------------------------------------------------------------- choices and actions
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k highest scores, most suspicious first (ties: lower position first)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not 1 <= k <= len(scores):
+        raise AtlasError(
+            f"k must lie between 1 and {len(scores)} (the training-set size), got {k}."
+        )
+    return np.argsort(-scores, kind="stable")[:k]
+
+
+def oracle_choice(flipped: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+    """Positions of exactly the flipped instances, ordered by ``scores`` (most suspicious first) if given."""
+    flips = np.flatnonzero(np.asarray(flipped, dtype=bool))
+    if scores is None or len(flips) == 0:
+        return flips
+    return flips[np.argsort(-np.asarray(scores, dtype=np.float64)[flips], kind="stable")]
+
+
+def random_choice(n: int, k: int, seed: int) -> np.ndarray:
+    """k distinct positions out of n, seeded by (seed, k) so every arm of a seed sees the same draw."""
+    if not 1 <= k <= n:
+        raise AtlasError(f"k must lie between 1 and {n}, got {k}.")
+    return np.random.default_rng([int(seed), int(k), 11]).choice(n, size=k, replace=False)
+
+
+def reweight_weights(n: int, chosen: np.ndarray) -> np.ndarray:
+    """Per-instance loss weights: 1 everywhere, (r+1)/(k+1) for the r-th chosen (0 = most suspicious)."""
+    weights = np.ones(n)
+    k = len(chosen)
+    weights[np.asarray(chosen, dtype=np.int64)] = (np.arange(k) + 1.0) / (k + 1.0)
+    return weights
+
+
+def apply_action(
+    texts: Sequence[str], labels: np.ndarray, chosen: np.ndarray, action: str
+) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray]:
+    """Apply ``action`` to the ``chosen`` positions (most suspicious first).
+
+    Returns ``(texts, labels, weights or None, kept positions)`` of the training set to use.
+    """
+    _check_action(action)
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    chosen = np.asarray(chosen, dtype=np.int64)
+    n = len(labels)
+    if len(np.unique(chosen)) != len(chosen):
+        raise AtlasError("The chosen instances contain repeats.")
+    keep = np.arange(n)
+    weights = None
+    if action == "exclude":
+        keep = np.setdiff1d(keep, chosen)
+    elif action == "relabel":
+        labels[chosen] = 1 - labels[chosen]
+    else:
+        weights = reweight_weights(n, chosen)
+    out_weights = None if weights is None else weights[keep]
+    return [texts[i] for i in keep], labels[keep], out_weights, keep
+
+
+# --------------------------------------------------------------------------- retraining
+
+
+def run_clean(
+    run_dir: str | os.PathLike,
+    detector: str,
+    action: str,
+    k: int,
+    seeds: int | Sequence[int] = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Retrain with the detector's top-k acted on, beside no change, oracle and random, over seeds.
+
+    ``seeds`` is a count (the run's seed, seed+1, …) or explicit training seeds.
+    Rows are merged into ``cleaning/results.json`` after every seed, so an
+    interrupted call keeps what it finished. Returns this call's rows and their means.
+    """
+    from core.models import load_tokenizer
+    from core.training import train_model
+
+    run = Path(run_dir)
+    manifest = store.load_manifest(run)
+    _check_action(action)
+    config = config_from_dict(manifest.get("config", {}))
+    seed_list = _seed_list(seeds, config.seed)
+    instances = store.load_instances(run)
+    train = instances[instances["split"] == "train"].reset_index(drop=True)
+    test = instances[instances["split"] == "test"]
+    if len(test) == 0:
+        raise AtlasError(f"{run} has no test instances to measure accuracy on.")
+    scores = _scores_in_train_order(run, detector, train)
+    k = int(k)
+    if not 1 <= k < len(train):
+        raise AtlasError(f"--k must lie between 1 and {len(train) - 1}, got {k}.")
+    tokenizer = load_tokenizer(run)
+    texts = train["text"].tolist()
+    observed = train["observed_label"].to_numpy(np.int64)
+    flipped = train["flipped"].to_numpy(bool)
+    test_set = (test["text"].tolist(), test["label"].to_numpy(np.int64))
+    chosen = top_k(scores, k)
+    path = run / store.CLEANING_DIR / RESULTS
+
+    def accuracy(chosen_positions: np.ndarray | None, seed: int, desc: str) -> float:
+        t0 = time.perf_counter()
+        if chosen_positions is None or len(chosen_positions) == 0:
+            use_texts, use_labels, weights = texts, observed, None
+        else:
+            use_texts, use_labels, weights, _ = apply_action(
+                texts, observed, chosen_positions, action
+            )
+        result = train_model(
+            config.replace(seed=seed),
+            tokenizer,
+            use_texts,
+            use_labels,
+            weights=weights,
+            eval_sets={"test": test_set},
+            progress=False,
+        )
+        acc = float(result.history[-1]["test_accuracy"])
+        _say(
+            progress,
+            f"clean: {desc} seed {seed}: test accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)",
+        )
+        return acc
+
+    new_rows = []
+    for seed in seed_list:
+        stored = _read_rows(path)
+        no_change = _reuse(stored, "no_change_accuracy", seed=seed)
+        if no_change is None:
+            no_change = accuracy(None, seed, "no change")
+        if flipped.any():
+            oracle = _reuse(stored, "oracle_accuracy", seed=seed, action=action)
+            if oracle is None:
+                oracle = accuracy(oracle_choice(flipped, scores), seed, f"oracle {action}")
+        else:
+            oracle = no_change  # nothing to fix: the oracle leaves the data as it is
+        rand = _reuse(stored, "random_accuracy", seed=seed, action=action, k=k)
+        if rand is None:
+            rand = accuracy(random_choice(len(train), k, seed), seed, f"random {action} k={k}")
+        test_acc = accuracy(chosen, seed, f"{detector} {action} k={k}")
+        row = {
+            "detector": detector,
+            "action": action,
+            "k": k,
+            "seed": int(seed),
+            "test_accuracy": test_acc,
+            "no_change_accuracy": no_change,
+            "oracle_accuracy": oracle,
+            "random_accuracy": rand,
+            "n_flips_caught": int(flipped[chosen].sum()),
+        }
+        new_rows.append(row)
+        _merge_rows(path, [row])
+    summary = {
+        key: float(np.mean([r[key] for r in new_rows]))
+        for key in ("test_accuracy", "no_change_accuracy", "oracle_accuracy", "random_accuracy")
+    }
+    return {
+        "detector": detector,
+        "action": action,
+        "k": k,
+        "seeds": seed_list,
+        "n_flips": int(flipped.sum()),
+        "n_flips_caught": int(flipped[chosen].sum()),
+        "rows": new_rows,
+        "mean": summary,
+    }
+
+
+def load_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The stored intervention rows of a run (empty if none)."""
+    return _read_rows(Path(run_dir) / store.CLEANING_DIR / RESULTS)
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def export_review_queue(
+    run_dir: str | os.PathLike,
+    detector: str,
+    path: str | os.PathLike | None = None,
+    top: int | None = None,
+) -> Path:
+    """Write the detector's top suspects as CSV: id, source_row, text, label, suggested_label, score, rank, reason.
+
+    ``label`` is the observed label, ``suggested_label`` the other one; ``top``
+    defaults to the number of flips (2.5 % of the training set when there are none).
+    Returns the path written (default ``cleaning/review_queue_<detector>.csv``).
+    """
+    run = Path(run_dir)
+    instances = store.load_instances(run)
+    train = instances[instances["split"] == "train"].reset_index(drop=True)
+    scores = _scores_in_train_order(run, detector, train)
+    top = _default_k(train) if top is None else int(top)
+    if not 1 <= top <= len(train):
+        raise AtlasError(f"--top must lie between 1 and {len(train)}, got {top}.")
+    out = _output_path(run, path, f"review_queue_{detector}.csv")
+    chosen = top_k(scores, top)
+    rows = train.iloc[chosen]
+    n = len(train)
+    reasons = [
+        f"{REASONS[detector]} (rank {r + 1} of {n}, top {100 * (r + 1) / n:.1f} %)"
+        for r in range(top)
+    ]
+    queue = pd.DataFrame(
+        {
+            "id": rows["id"].to_numpy(np.int64),
+            "source_row": rows["source_row"].to_numpy(np.int64) if "source_row" in rows else -1,
+            "text": rows["text"].to_numpy(),
+            "label": rows["observed_label"].to_numpy(np.int64),
+            "suggested_label": 1 - rows["observed_label"].to_numpy(np.int64),
+            "score": scores[chosen],
+            "rank": np.arange(1, top + 1),
+            "reason": reasons,
+        }
+    )
+    _write_csv(out, queue)
+    return out
+
+
+def export_cleaned(
+    run_dir: str | os.PathLike,
+    detector: str,
+    action: str,
+    k: int | None = None,
+    path: str | os.PathLike | None = None,
+) -> Path:
+    """Write every instance as CSV with the action taken on it and its detector score.
+
+    Columns: id, source_row, split, text, label (the observed label, as in the
+    input), new_label (after the action), action (keep / exclude / relabel /
+    reweight), weight (the loss weight: 0 for excluded rows), score and rank (the
+    detector's, training rows only). To train on the cleaned data, drop the rows
+    whose action is 'exclude' and use new_label and weight. ``k`` defaults as
+    ``top`` does in :func:`export_review_queue`. Returns the path written.
+    """
+    _check_action(action)
+    run = Path(run_dir)
+    instances = store.load_instances(run)
+    train_mask = (instances["split"] == "train").to_numpy()
+    train = instances[train_mask].reset_index(drop=True)
+    scores = _scores_in_train_order(run, detector, train)
+    k = _default_k(train) if k is None else int(k)
+    out = _output_path(run, path, f"cleaned_{detector}_{action}.csv")
+    chosen = top_k(scores, k)
+    n = len(train)
+    train_action = np.full(n, "keep", dtype=object)
+    train_action[chosen] = action
+    new_label = train["observed_label"].to_numpy(np.int64).copy()
+    weight = np.ones(n)
+    if action == "relabel":
+        new_label[chosen] = 1 - new_label[chosen]
+    elif action == "exclude":
+        weight[chosen] = 0.0
+    else:
+        weight = reweight_weights(n, chosen)
+    ranks = np.empty(n)
+    ranks[np.argsort(-scores, kind="stable")] = np.arange(1, n + 1)
+
+    table = pd.DataFrame(
+        {
+            "id": instances["id"].to_numpy(np.int64),
+            "source_row": instances["source_row"].to_numpy(np.int64)
+            if "source_row" in instances
+            else -1,
+            "split": instances["split"].to_numpy(),
+            "text": instances["text"].to_numpy(),
+            "label": instances["observed_label"].to_numpy(np.int64),
+        }
+    )
+    table["new_label"] = table["label"].to_numpy()
+    table["action"] = "keep"
+    table["weight"] = 1.0
+    table["score"] = np.nan
+    table["rank"] = pd.array([pd.NA] * len(table), dtype="Int64")
+    idx = np.flatnonzero(train_mask)
+    table.loc[idx, "new_label"] = new_label
+    table.loc[idx, "action"] = train_action
+    table.loc[idx, "weight"] = weight
+    table.loc[idx, "score"] = scores
+    table.loc[idx, "rank"] = ranks.astype(np.int64)
+    _write_csv(out, table)
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _scores_in_train_order(run: Path, detector: str, train: pd.DataFrame) -> np.ndarray:
+    """The detector's scores aligned with the training rows of instances.parquet."""
+    table = load_scores(run, detector)
+    ids = train["id"].to_numpy(np.int64)
+    if len(table) != len(ids) or not (table["id"].to_numpy() == ids).all():
+        raise AtlasError(
+            f"{run / store.DETECTORS} does not match the run's training instances; rerun detect with --force."
+        )
+    return table["score"].to_numpy(np.float64)
+
+
+def _default_k(train: pd.DataFrame) -> int:
+    """The number of flips, or 2.5 % of the training set (at least 1) when nothing is flipped."""
+    k = int(train["flipped"].sum()) if "flipped" in train else 0
+    return k if k > 0 else max(1, math.ceil(0.025 * len(train)))
+
+
+def _output_path(run: Path, path: str | os.PathLike | None, default_name: str) -> Path:
+    """Where an export goes; never onto the run's own files or the study's input file."""
+    if path is None:
+        return run / store.CLEANING_DIR / default_name
+    out = Path(path)
+    resolved = out.resolve()
+    run_resolved = run.resolve()
+    protected = {(run_resolved / name).resolve() for name in (store.INSTANCES, store.MANIFEST)}
+    try:
+        manifest = store.load_manifest(run)
+    except AtlasError:
+        manifest = {}
+    for candidate in (
+        manifest.get("config", {}).get("data_file"),
+        manifest.get("data", {}).get("source"),
+    ):
+        if candidate:
+            protected.add(Path(candidate).resolve())
+    inside_run = run_resolved in resolved.parents
+    inside_cleaning = (run_resolved / store.CLEANING_DIR) in resolved.parents
+    if resolved in protected or (inside_run and not inside_cleaning):
+        raise AtlasError(
+            f"Refusing to write {out}: exports never overwrite the input or the run's own files "
+            f"(inside the run, write under {store.CLEANING_DIR}/)."
+        )
+    if out.is_dir():
+        raise AtlasError(f"{out} is a folder; give a file name for the CSV.")
+    return out
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    """Write a CSV atomically (UTF-8 with BOM, so Excel shows Japanese text correctly)."""
+    with store.atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, encoding="utf-8-sig")
+
+
+def _check_action(action: str) -> None:
+    """Raise :class:`AtlasError` unless ``action`` is one of ACTIONS."""
+    if action not in ACTIONS:
+        raise AtlasError(f"Unknown action '{action}'; choose one of: {', '.join(ACTIONS)}.")
+
+
+def _seed_list(seeds: int | Sequence[int], base: int) -> list[int]:
+    """Training seeds from a count (base, base+1, …) or an explicit list."""
+    if isinstance(seeds, int | np.integer):
+        if seeds < 1:
+            raise AtlasError(f"--seeds must be at least 1, got {seeds}.")
+        return [int(base) + i for i in range(int(seeds))]
+    out = [int(s) for s in seeds]
+    if not out:
+        raise AtlasError("Give at least one training seed.")
+    return out
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of results.json, or [] when it does not exist yet."""
+    if not path.exists():
+        return []
+    data = store.read_json(path)
+    return list(data.get("rows", [])) if isinstance(data, dict) else []
+
+
+def _reuse(rows: list[dict[str, Any]], key: str, **match: Any) -> float | None:
+    """A stored accuracy of an arm that does not depend on the detector (same seed, action, k)."""
+    for row in rows:
+        if (
+            all(row.get(name) == value for name, value in match.items())
+            and row.get(key) is not None
+        ):
+            return float(row[key])
+    return None
+
+
+def _merge_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace rows with the same (detector, action, k, seed) and write results.json atomically."""
+    existing = _read_rows(path)
+    key = lambda r: (r["detector"], r["action"], int(r["k"]), int(r["seed"]))  # noqa: E731
+    new_keys = {key(r) for r in rows}
+    merged = [r for r in existing if key(r) not in new_keys] + rows
+    merged.sort(key=key)
+    store.write_json(path, {"rows": merged})
+
+
+def _say(progress: bool, message: str) -> None:
+    """A progress line on stderr."""
+    if progress:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,194 @@
+"""Intervention bookkeeping, retraining records and exports that never touch their input."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_detectors import make_tiny_run
+
+from core import cleaning, detectors, store
+from core.errors import AtlasError
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train with one torch thread: on a shared 2-core machine more threads thrash (≈40× slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def scored_run(tmp_path):
+    run = make_tiny_run(tmp_path)
+    detectors.run_detect(run, detectors=["loss", "aum", "random"], progress=False)
+    return run
+
+
+def test_exclude_removes_exactly_k():
+    texts = [f"t{i}" for i in range(10)]
+    labels = np.arange(10) % 2
+    chosen = np.array([7, 2, 5])
+    out_texts, out_labels, weights, keep = cleaning.apply_action(texts, labels, chosen, "exclude")
+    assert len(out_texts) == 7 and weights is None
+    assert set(out_texts) == {f"t{i}" for i in range(10)} - {"t7", "t2", "t5"}
+    assert (out_labels == labels[keep]).all()
+
+
+def test_relabel_flips_exactly_k():
+    labels = np.arange(10) % 2
+    chosen = np.array([0, 3, 9])
+    _, out_labels, weights, keep = cleaning.apply_action(
+        list("abcdefghij"), labels, chosen, "relabel"
+    )
+    assert len(keep) == 10 and weights is None
+    assert np.flatnonzero(out_labels != labels).tolist() == [0, 3, 9]
+    assert labels.tolist() == (np.arange(10) % 2).tolist()  # the input array is not modified
+
+
+def test_reweight_ramps_by_suspicion_and_keeps_everyone():
+    _, _, weights, keep = cleaning.apply_action(
+        list("abcdef"), np.zeros(6, int), np.array([4, 1, 2]), "reweight"
+    )
+    assert len(keep) == 6
+    assert weights.tolist() == pytest.approx([1, 2 / 4, 3 / 4, 1, 1 / 4, 1])
+
+
+def test_oracle_fixes_exactly_the_flips():
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 2, 40)
+    flipped = np.zeros(40, bool)
+    flipped[[3, 11, 25, 31]] = True
+    observed = np.where(flipped, 1 - true, true)
+    chosen = cleaning.oracle_choice(flipped, scores=rng.random(40))
+    assert sorted(chosen.tolist()) == [3, 11, 25, 31]
+    _, relabeled, _, _ = cleaning.apply_action([""] * 40, observed, chosen, "relabel")
+    assert (relabeled == true).all()
+    _, kept_labels, _, keep = cleaning.apply_action([""] * 40, observed, chosen, "exclude")
+    assert not flipped[keep].any() and len(keep) == 36 and (kept_labels == true[keep]).all()
+
+
+def test_top_k_random_choice_and_validation():
+    scores = np.array([0.1, 0.9, 0.5, 0.9, 0.0])
+    assert cleaning.top_k(scores, 3).tolist() == [1, 3, 2]
+    a = cleaning.random_choice(100, 10, seed=1)
+    assert len(set(a.tolist())) == 10 and (a == cleaning.random_choice(100, 10, seed=1)).all()
+    with pytest.raises(AtlasError):
+        cleaning.top_k(scores, 0)
+    with pytest.raises(AtlasError, match="Unknown action"):
+        cleaning.apply_action(["a"], np.array([0]), np.array([0]), "delete")
+    with pytest.raises(AtlasError, match="repeats"):
+        cleaning.apply_action(["a", "b"], np.array([0, 1]), np.array([1, 1]), "relabel")
+
+
+def test_run_clean_records_every_arm_and_reuses_shared_ones(scored_run, monkeypatch):
+    import core.training
+
+    calls = []
+    real = core.training.train_model
+
+    def counting(config, tokenizer, texts, labels, **kwargs):
+        calls.append(
+            (len(texts), None if kwargs.get("weights") is None else len(kwargs["weights"]))
+        )
+        return real(config, tokenizer, texts, labels, **kwargs)
+
+    monkeypatch.setattr(core.training, "train_model", counting)
+    out = cleaning.run_clean(scored_run, "loss", "exclude", k=4, seeds=[0], progress=False)
+    # no change (48), oracle (48 − 4 flips), random (44), detector (44)
+    assert [c[0] for c in calls] == [48, 44, 44, 44]
+    row = out["rows"][0]
+    assert set(row) == set(cleaning.ROW_KEYS)
+    assert row["n_flips_caught"] == 4  # the synthetic final loss puts the flips on top
+    for key in ("test_accuracy", "no_change_accuracy", "oracle_accuracy", "random_accuracy"):
+        assert 0.0 <= row[key] <= 1.0
+
+    calls.clear()
+    cleaning.run_clean(scored_run, "random", "exclude", k=4, seeds=[0], progress=False)
+    assert len(calls) == 1  # only the detector's arm is new
+    calls.clear()
+    cleaning.run_clean(scored_run, "aum", "reweight", k=4, seeds=[0], progress=False)
+    assert len(calls) == 3 and calls[-1] == (48, 48)  # oracle, random, detector; no-change reused
+    rows = cleaning.load_results(scored_run)
+    assert [(r["detector"], r["action"]) for r in rows] == [
+        ("aum", "reweight"),
+        ("loss", "exclude"),
+        ("random", "exclude"),
+    ]
+    # A rerun replaces its row instead of appending a duplicate.
+    cleaning.run_clean(scored_run, "random", "exclude", k=4, seeds=[0], progress=False)
+    assert len(cleaning.load_results(scored_run)) == 3
+
+
+def test_run_clean_validates_before_training(scored_run):
+    with pytest.raises(AtlasError, match="Unknown action"):
+        cleaning.run_clean(scored_run, "loss", "drop", k=4, seeds=1, progress=False)
+    with pytest.raises(AtlasError, match="k must"):
+        cleaning.run_clean(scored_run, "loss", "exclude", k=0, seeds=1, progress=False)
+    with pytest.raises(AtlasError, match="not computed"):
+        cleaning.run_clean(scored_run, "cleanlab", "exclude", k=4, seeds=1, progress=False)
+    assert not (scored_run / store.CLEANING_DIR / cleaning.RESULTS).exists()
+
+
+def test_exports_never_touch_the_input(scored_run, tmp_path):
+    source = tmp_path / "input.csv"  # the manifest names it as the study's data source
+    source.write_text("text,label\nfoo,1\n", "utf-8")
+    watched = [scored_run / store.INSTANCES, scored_run / store.DETECTORS, source]
+    before = [_digest(p) for p in watched]
+
+    queue_path = cleaning.export_review_queue(scored_run, "loss")
+    assert queue_path == scored_run / store.CLEANING_DIR / "review_queue_loss.csv"
+    queue = pd.read_csv(queue_path, encoding="utf-8-sig")
+    assert list(queue.columns) == [
+        "id",
+        "source_row",
+        "text",
+        "label",
+        "suggested_label",
+        "score",
+        "rank",
+        "reason",
+    ]
+    assert len(queue) == 4 and queue["rank"].tolist() == [1, 2, 3, 4]
+    assert (queue["suggested_label"] == 1 - queue["label"]).all()
+    inst = store.load_instances(scored_run).set_index("id")
+    assert (queue["label"].to_numpy() == inst.loc[queue["id"], "observed_label"].to_numpy()).all()
+    assert inst.loc[queue["id"], "flipped"].all()
+
+    cleaned_path = cleaning.export_cleaned(
+        scored_run, "loss", "relabel", k=4, path=tmp_path / "out" / "c.csv"
+    )
+    cleaned = pd.read_csv(cleaned_path, encoding="utf-8-sig")
+    assert len(cleaned) == len(inst)
+    assert (cleaned["label"].to_numpy() == inst["observed_label"].to_numpy()).all()
+    assert (cleaned["action"] == "relabel").sum() == 4
+    changed = cleaned["new_label"] != cleaned["label"]
+    assert changed.sum() == 4 and (cleaned.loc[changed, "action"] == "relabel").all()
+    assert (
+        cleaned["new_label"].to_numpy() == inst["label"].to_numpy()
+    ).all()  # the flips are fixed
+    assert cleaned.loc[cleaned["split"] != "train", "score"].isna().all()
+
+    excluded = pd.read_csv(
+        cleaning.export_cleaned(scored_run, "aum", "exclude", k=3), encoding="utf-8-sig"
+    )
+    assert (excluded["action"] == "exclude").sum() == 3
+    assert (excluded.loc[excluded["action"] == "exclude", "weight"] == 0).all()
+
+    for target in (source, scored_run / store.INSTANCES, scored_run / "detectors.csv"):
+        with pytest.raises(AtlasError, match="Refusing"):
+            cleaning.export_cleaned(scored_run, "loss", "exclude", k=4, path=target)
+        with pytest.raises(AtlasError, match="Refusing"):
+            cleaning.export_review_queue(scored_run, "loss", path=target)
+    assert [_digest(p) for p in watched] == before

@@ -1,0 +1,297 @@
+"""Detectors on hand-made inputs and on a tiny fake run built in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import detectors, metrics, store
+from core.config import StudyConfig
+from core.errors import AtlasError
+
+POSITIVE = ["good", "great", "nice", "love", "fine", "happy"]
+NEGATIVE = ["bad", "awful", "poor", "hate", "sad", "broken"]
+FILLER = ["the", "item", "was", "really", "this", "very", "product", "it"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _sentence(rng: np.random.Generator, label: int) -> str:
+    words = list(rng.choice(POSITIVE if label else NEGATIVE, size=2)) + list(
+        rng.choice(FILLER, size=3)
+    )
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def make_tiny_run(
+    root: Path, n_train: int = 48, n_val: int = 8, n_test: int = 12, flips: int = 4, epochs: int = 2
+) -> Path:
+    """A run folder with every file the detectors read, made of a toy two-word-class dataset.
+
+    Texts are made of sentiment words plus filler, so a model learns them in a few
+    steps; the influence files are synthetic but put the flips where real ones go
+    (high self-influence, high final loss).
+    """
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    rng = np.random.default_rng(0)
+    run = root / "tiny-run"
+    run.mkdir(parents=True)
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    labels = np.array([i % 2 for i in range(len(splits))])
+    texts = [_sentence(rng, int(y)) for y in labels]
+    flipped = np.zeros(len(splits), bool)
+    flipped[rng.choice(n_train, size=flips, replace=False)] = True
+    observed = np.where(flipped, 1 - labels, labels)
+    instances = pd.DataFrame(
+        {
+            "id": np.arange(len(splits)),
+            "split": splits,
+            "text": texts,
+            "label": labels,
+            "observed_label": observed,
+            "flipped": flipped,
+            "source_row": np.arange(len(splits)) + 100,
+        }
+    )
+    store.write_parquet(run / store.INSTANCES, instances)
+
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(SPECIALS + POSITIVE + NEGATIVE + FILLER) + "\n", "utf-8")
+    tokenizer = BertTokenizer(str(vocab), do_lower_case=True)
+    tokenizer.save_pretrained(str(run / store.TOKENIZER_DIR))
+    config = StudyConfig(
+        preset="test",
+        n_train=n_train,
+        flip_count=flips,
+        model="tiny",
+        epochs=epochs,
+        lr=3e-3,
+        batch_size=16,
+        max_length=16,
+        device="cpu",
+    )
+    bert = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    checkpoints = []
+    for epoch in range(1, epochs + 1):
+        model = BertForSequenceClassification(bert)
+        path = run / store.CHECKPOINTS_DIR / f"epoch-{epoch:02d}"
+        model.save_pretrained(str(path))
+        checkpoints.append({"epoch": epoch, "path": str(path.relative_to(run)), "lr": config.lr})
+
+    # Logits: confident on the observed label for clean instances, torn on flips.
+    margin = np.where(flipped, -0.5, 2.0) + rng.normal(0, 0.3, len(splits))
+    sign = np.where(observed == 1, 1.0, -1.0)
+    final = np.stack([-sign * margin / 2, sign * margin / 2], axis=1)
+    logits = np.stack([final * 0.5, final]).astype(np.float32)
+    store.write_npy(run / store.LOGITS, logits)
+    self_inf = rng.gamma(2.0, 1.0, n_train) + 4.0 * flipped[:n_train]
+    store.write_npy(run / store.SELF_INFLUENCE, self_inf.astype(np.float32))
+    tracin = rng.normal(0, 1, (n_test, n_train)).astype(np.float32)
+    store.write_npy(run / store.TRACIN, tracin)
+    test_ids = np.arange(n_train + n_val, len(splits))
+    shapes_df = pd.DataFrame(
+        {
+            "id": test_ids,
+            "correct": np.arange(n_test) % 3 != 0,
+            "s": np.linspace(-0.4, 0.6, n_test),
+            "shape": ["Z"] * 4 + ["backslash"] * 4 + ["S"] * 4,
+        }
+    )
+    store.write_parquet(run / store.SHAPES, shapes_df)
+    store.write_json(
+        run / store.MANIFEST,
+        {
+            "kind": "run",
+            "name": run.name,
+            "status": "complete",
+            "config": config.to_dict(),
+            "data": {"source": str(root / "input.csv"), "label_names": ["negative", "positive"]},
+            "n_train": n_train,
+            "n_val": n_val,
+            "n_test": n_test,
+            "n_flipped": flips,
+            "checkpoints": checkpoints,
+            "stages": {},
+        },
+    )
+    return run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train with one torch thread: on a shared 2-core machine more threads thrash (≈40× slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CHEAP = ["self_influence", "shape_aware", "loss", "aum", "cleanlab", "random"]
+
+
+def test_loss_and_aum_on_hand_logits():
+    logits = np.array(
+        [[[2.0, 0.0], [0.0, 0.0]], [[4.0, 0.0], [0.0, 1.0]]]
+    )  # 2 epochs × 2 instances
+    observed = np.array([0, 0])
+    loss = detectors.loss_scores(logits[-1], observed)
+    assert loss == pytest.approx([np.log1p(np.exp(-4.0)), np.log1p(np.e)])
+    assert detectors.aum_scores(logits, observed) == pytest.approx([-3.0, 0.5])
+
+
+def test_random_scores_are_seeded():
+    a, b = detectors.random_scores(50, 3), detectors.random_scores(50, 3)
+    assert (a == b).all() and not (a == detectors.random_scores(50, 4)).all()
+
+
+def test_shape_aware_takes_ends_of_s_and_centre_of_z():
+    n = 100
+    flips = np.array([5, 50, 77, 90])
+    flipped = np.zeros(n, bool)
+    flipped[flips] = True
+    rng = np.random.default_rng(0)
+    # S rows: flips at the very top and bottom of a flat curve; Z rows: flips exactly
+    # between two plateaus (48 clean instances on each).
+    s_row = np.empty(n)
+    s_row[~flipped] = rng.normal(0, 0.1, n - 4)
+    s_row[flips] = [10.0, -10.0, 9.0, -9.0]
+    z_row = np.empty(n)
+    z_row[~flipped] = np.where(np.arange(n - 4) < 48, 5.0, -5.0) + rng.normal(0, 0.1, n - 4)
+    z_row[flips] = [0.0, 0.01, -0.01, 0.02]
+    rows = np.stack([s_row, z_row, s_row, z_row])
+    s = np.array([0.8, -0.4, 0.5, -0.3])
+    scores, info = detectors.shape_aware_scores(rows, s, np.zeros(4, bool))
+    assert info["n_prefer_ends"] == 2 and info["n_prefer_centre"] == 2
+    assert metrics.precision_at_k(scores, flipped) == 1.0
+    # Only misclassified rows count: with the Z rows correct, the S rows alone decide.
+    only_s, info = detectors.shape_aware_scores(rows, s, np.array([False, True, False, True]))
+    assert info["n_test_used"] == 2 and metrics.precision_at_k(only_s, flipped) == 1.0
+    # A shape-blind reading of the Z rows (looking at the ends) finds none of the flips.
+    blind, _ = detectors.shape_aware_scores(
+        rows[[1, 3]], s[[1, 3]], np.zeros(2, bool), preference=1.0
+    )
+    assert metrics.precision_at_k(blind, flipped) == 0.0
+
+
+def test_shape_preference_ramp():
+    w = detectors.shape_preference(np.array([-0.5, -0.1, 0.05, 0.2, 1.0, np.nan]), 0.2, -0.1)
+    assert w == pytest.approx([-1, -1, 0, 1, 1, 0])
+
+
+def test_aggregate_influence_signs():
+    m = np.array([[2.0, -4.0, 0.0], [-1.0, 1.0, 0.0]])
+    assert detectors.aggregate_influence(m, "abs") == pytest.approx([1 + 1.5, 2 + 1.5, 0])
+    assert detectors.aggregate_influence(m, "opponent") == pytest.approx([1.5, 2.0, 0])
+    assert detectors.aggregate_influence(m, "proponent") == pytest.approx([1.0, 1.5, 0])
+    with pytest.raises(AtlasError):
+        detectors.aggregate_influence(m, "nope")
+
+
+def test_nested_split_is_seeded_stratified_and_disjoint():
+    y = np.array([0] * 60 + [1] * 40)
+    a = detectors.nested_split(y, 0)
+    b = detectors.nested_split(y, 0)
+    assert all((p == q).all() for p, q in zip(a, b, strict=True))
+    tit, vit, teit = a
+    assert (len(tit), len(vit), len(teit)) == (80, 10, 10)
+    assert len(np.unique(np.concatenate(a))) == 100
+    assert y[teit].sum() == 4  # 40 % positives, kept by stratification
+
+
+def test_run_detect_writes_the_contract_files(tmp_path):
+    run = make_tiny_run(tmp_path)
+    result = detectors.run_detect(run, detectors=CHEAP, progress=False)
+    table = pd.read_parquet(run / store.DETECTORS)
+    assert list(table.columns) == ["id", *CHEAP]
+    inst = store.load_instances(run)
+    assert table["id"].tolist() == inst.loc[inst["split"] == "train", "id"].tolist()
+    assert np.isfinite(table[CHEAP].to_numpy()).all()
+    stored = json.loads((run / store.DETECTION).read_text())
+    assert stored == json.loads(json.dumps(result))
+    assert {"k", "n_train", "flip_rate", "fractions", "detectors", "random", "notes"} <= set(stored)
+    assert stored["k"] == 4 and stored["n_train"] == 48
+    for name in CHEAP:
+        assert set(stored["detectors"][name]) == set(metrics.METRIC_NAMES)
+        assert stored["notes"][name]
+    assert set(stored["random"]) == set(metrics.METRIC_NAMES)
+    # The synthetic self-influence and loss put the flips on top; the toy texts make
+    # the flips easy for an out-of-sample text classifier too.
+    assert stored["detectors"]["self_influence"]["auroc"] > 0.8
+    assert stored["detectors"]["loss"]["precision_at_k"] == 1.0
+    assert stored["detectors"]["aum"]["precision_at_k"] == 1.0
+    assert stored["detectors"]["cleanlab"]["auroc"] > 0.8
+    assert store.stage_done(run, "detect")
+    rows = detectors.detection_table(run)
+    assert [r["detector"] for r in rows] == [*CHEAP, "random_baseline"]
+
+
+def test_run_detect_skips_detectors_without_inputs_and_merges_subsets(tmp_path):
+    run = make_tiny_run(tmp_path)
+    (run / store.SELF_INFLUENCE).unlink()
+    (run / store.SHAPES).unlink()  # shape_aware falls back to fitting tracin.npy itself
+    result = detectors.run_detect(
+        run, detectors=["self_influence", "shape_aware", "loss"], progress=False
+    )
+    assert result["notes"]["self_influence"].startswith("skipped")
+    assert "self_influence" not in result["detectors"]
+    assert "shape_aware" in result["detectors"] and "loss" in result["detectors"]
+    # A later subset keeps the stored columns.
+    result = detectors.run_detect(run, detectors=["random"], progress=False)
+    table = pd.read_parquet(run / store.DETECTORS)
+    assert list(table.columns) == ["id", "shape_aware", "loss", "random"]
+    assert set(result["detectors"]) == {"shape_aware", "loss", "random"}
+    # Without force, a complete stage that holds the request is returned as stored.
+    again = detectors.run_detect(run, detectors=["loss"], progress=False)
+    assert again == result
+
+
+def test_run_detect_without_flips_still_ranks(tmp_path):
+    run = make_tiny_run(tmp_path, flips=0)
+    result = detectors.run_detect(run, detectors=["loss", "random"], progress=False)
+    assert result["detectors"] == {} and result["random"] is None
+    assert "no flipped" in result["notes"]["metrics"]
+    assert len(pd.read_parquet(run / store.DETECTORS)) == 48
+
+
+def test_unknown_detector_and_missing_scores_raise(tmp_path):
+    run = make_tiny_run(tmp_path)
+    with pytest.raises(AtlasError, match="Unknown detector"):
+        detectors.run_detect(run, detectors=["nope"], progress=False)
+    with pytest.raises(AtlasError, match="no detector scores"):
+        detectors.load_scores(run, "loss")
+
+
+def test_misclassified_influence_on_a_tiny_run(tmp_path):
+    pytest.importorskip("core.tracin")
+    run = make_tiny_run(tmp_path, epochs=2)
+    result = detectors.run_detect(run, detectors=["misclassified_influence"], progress=False)
+    assert "misclassified_influence" in result["detectors"], result["notes"]
+    scores = pd.read_parquet(run / store.DETECTORS)["misclassified_influence"].to_numpy()
+    assert scores.shape == (48,) and np.isfinite(scores).all() and (scores >= 0).all()
+    info = result["info"]["misclassified_influence"]
+    assert info["n_test_in_train"] == 5 and info["n_misclassified"] >= 1
+    cache = run / detectors.WORK_DIR / detectors.INFLUENCE_CACHE
+    assert cache.exists()
+    # Scoring again reuses the cached matrix (same scores, no retraining).
+    stamp = cache.stat().st_mtime_ns
+    again = detectors.run_detect(run, detectors=["misclassified_influence", "loss"], progress=False)
+    assert cache.stat().st_mtime_ns == stamp
+    assert (
+        again["detectors"]["misclassified_influence"]
+        == result["detectors"]["misclassified_influence"]
+    )
