@@ -34,14 +34,14 @@ from core.errors import AtlasError
 from core.store import TOKENIZER_DIR
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TINY_VOCAB_SIZE = 6000
+TINY_VOCAB_SIZE = 4000
 # Sized so the quick preset learns the default dataset yet trains 10 epochs of 1,600
 # sentences in about a minute on 2 CPU cores.
 TINY_ARCH = {
-    "hidden_size": 128,
+    "hidden_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
-    "intermediate_size": 256,
+    "intermediate_size": 128,
 }
 
 

@@ -1,0 +1,254 @@
+"""Noise sweeps: accuracy and loss against the flip rate over several seeds (paper Fig. 4–5).
+
+Each (flip rate, seed) cell is an ordinary study run trained up to the ``train`` stage
+inside ``<sweep>/cells/``, so cells resume exactly like runs and finished cells are
+skipped. For one seed the sample, split and flip permutation are the same at every
+rate and a rate flips the first ``round(rate × n_train)`` instances of that
+permutation, so the flips nest: the 5 % flips contain the 2.5 % ones, and differences
+between rates are not sampling noise.
+
+Threshold rule: with ``acc(r)`` the mean final test accuracy over seeds at rate r and
+``spread`` the sample standard deviation (ddof=1) of the final test accuracy over seeds
+at rate 0, the threshold is the smallest rate r > 0 with ``acc(0) − acc(r) > spread``.
+It needs rate 0 and at least two seeds; otherwise it is reported as undefined.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core import store
+from core.config import StudyConfig
+from core.errors import AtlasError
+
+SWEEP_TABLE = "sweep.parquet"
+SWEEP_EPOCHS = "sweep_epochs.parquet"
+CELLS_DIR = "cells"
+
+
+def parse_rates(text: str) -> list[float]:
+    """Parse ``--flip-rates`` ('0,0.025,0.05') into sorted unique floats in [0, 1)."""
+    try:
+        rates = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise AtlasError(f"--flip-rates must be comma-separated numbers (got '{text}').") from None
+    if not rates:
+        raise AtlasError("--flip-rates is empty; give e.g. 0,0.025,0.05,0.1.")
+    bad = [r for r in rates if not 0 <= r < 1]
+    if bad:
+        raise AtlasError(f"--flip-rates must lie in [0, 1); {bad[0]} does not.")
+    return rates
+
+
+def cell_name(rate: float, seed: int) -> str:
+    """Folder name of one sweep cell."""
+    return f"rate-{rate:g}_seed-{seed}"
+
+
+def sweep_name(config: StudyConfig) -> str:
+    """Default sweep folder name, derived from the run naming so reruns resume."""
+    from core.pipeline import run_name
+
+    return "sweep-" + run_name(config.replace(flip_rate=0.0, seed=0))
+
+
+def run_sweep(
+    config: StudyConfig,
+    flip_rates: list[float],
+    n_seeds: int,
+    cache_dir: str | Path = "cache",
+    name: str | None = None,
+    jobs: int = 0,
+    command: str = "",
+    progress: bool = True,
+) -> Path:
+    """Train every (rate, seed) cell that is not finished yet and write the sweep tables."""
+    from core.pipeline import validate_config
+
+    if n_seeds < 1:
+        raise AtlasError(f"--seeds must be at least 1 (got {n_seeds}).")
+    if config.flip_count is not None:
+        raise AtlasError("--flip-count does not apply to a sweep; use --flip-rates.")
+    validate_config(config)
+    base = config.replace(flip_rate=0.0)
+    sweep_dir = Path(cache_dir) / (name or sweep_name(base))
+    cells = [(r, s) for r in flip_rates for s in range(base.seed, base.seed + n_seeds)]
+    manifest_path = sweep_dir / store.MANIFEST
+    if manifest_path.exists():
+        old = store.load_manifest(sweep_dir)
+        if old.get("config") != base.to_dict():
+            raise AtlasError(
+                f"{sweep_dir} holds a sweep with another configuration; choose another --name."
+            )
+    # Validate the data once, in this process, before any folder is made.
+    from core.datasets import load_dataset
+
+    load_dataset(base)
+    t0 = time.perf_counter()
+    store.update_manifest(
+        sweep_dir,
+        kind="sweep",
+        name=sweep_dir.name,
+        status=store.STATUS_RUNNING,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        command=command,
+        config=base.to_dict(),
+        flip_rates=flip_rates,
+        seeds=list(range(base.seed, base.seed + n_seeds)),
+    )
+    cell_root = sweep_dir / CELLS_DIR
+    todo = [(r, s) for r, s in cells if not store.stage_done(cell_root / cell_name(r, s), "train")]
+    workers = jobs if jobs > 0 else max(1, (os.cpu_count() or 1) // 2)
+    workers = min(workers, max(len(todo), 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        _run_cells(base, cell_root, todo, workers, threads, progress)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            store.update_manifest(sweep_dir, status=store.STATUS_FAILED, error=str(exc))
+        raise
+    table, epochs = collect_cells(cell_root, cells, base.n_train)
+    store.write_parquet(sweep_dir / SWEEP_TABLE, table)
+    store.write_parquet(sweep_dir / SWEEP_EPOCHS, epochs)
+    store.update_manifest(
+        sweep_dir,
+        status=store.STATUS_COMPLETE,
+        threshold=noise_threshold(table),
+        jobs=workers,
+        timings_s={"sweep": round(time.perf_counter() - t0, 3)},
+        error=None,
+    )
+    return sweep_dir
+
+
+def _run_cells(
+    base: StudyConfig,
+    cell_root: Path,
+    todo: list[tuple[float, int]],
+    workers: int,
+    threads: int,
+    progress: bool,
+) -> None:
+    """Train the unfinished cells, in parallel processes when ``workers`` > 1."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="sweep cells", disable=not progress, unit="cell")
+    if workers <= 1:
+        for rate, seed in todo:
+            train_cell(base, cell_root, rate, seed, threads)
+            bar.update()
+        bar.close()
+        return
+    # spawn, not fork: a forked torch with live OpenMP threads can deadlock.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(train_cell, base, cell_root, r, s, threads) for r, s in todo]
+        for fut in as_completed(futures):
+            fut.result()
+            bar.update()
+    bar.close()
+
+
+def train_cell(base: StudyConfig, cell_root: Path, rate: float, seed: int, threads: int) -> str:
+    """Train one cell (a study run up to 'train'); safe to call in a worker process."""
+    import torch
+
+    from core.pipeline import run_study
+
+    torch.set_num_threads(threads)
+    config = base.replace(flip_rate=rate, seed=seed)
+    run_dir = run_study(
+        config, cache_dir=cell_root, name=cell_name(rate, seed), until="train", progress=False
+    )
+    return str(run_dir)
+
+
+def collect_cells(
+    cell_root: Path, cells: list[tuple[float, int]], n_train: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per cell (final metrics) and one per cell and epoch (curves)."""
+    rows, epoch_rows = [], []
+    for rate, seed in cells:
+        run_dir = cell_root / cell_name(rate, seed)
+        manifest = store.load_manifest(run_dir)
+        instances = store.load_instances(run_dir)
+        logits = store.read_npy(run_dir / store.LOGITS, mmap=False)
+        train = (instances["split"] == "train").to_numpy()
+        last = logits[-1][train]
+        hist = manifest["epochs"]
+        rows.append(
+            {
+                "flip_rate": rate,
+                "seed": seed,
+                "flip_count": int(manifest["n_flipped"]),
+                "final_test_accuracy": hist[-1]["test_accuracy"],
+                "best_test_accuracy": max(h["test_accuracy"] for h in hist),
+                "val_accuracy": hist[-1]["val_accuracy"],
+                "train_loss_observed": mean_cross_entropy(
+                    last, instances.loc[train, "observed_label"].to_numpy()
+                ),
+                "train_loss_true": mean_cross_entropy(
+                    last, instances.loc[train, "label"].to_numpy()
+                ),
+            }
+        )
+        for h in hist:
+            epoch_rows.append(
+                {
+                    "flip_rate": rate,
+                    "seed": seed,
+                    "epoch": h["epoch"],
+                    "train_loss": h["train_loss"],
+                    "val_accuracy": h["val_accuracy"],
+                    "test_accuracy": h["test_accuracy"],
+                }
+            )
+    return pd.DataFrame(rows), pd.DataFrame(epoch_rows)
+
+
+def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of ``labels`` under ``logits`` (n, 2), computed stably."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def noise_threshold(table: pd.DataFrame) -> dict[str, Any]:
+    """The smallest flip rate whose mean accuracy drop exceeds the seed spread at rate 0."""
+    rule = (
+        "smallest flip rate r > 0 with mean_acc(0) - mean_acc(r) > spread, "
+        "spread = sample std (ddof=1) of final test accuracy over seeds at rate 0"
+    )
+    out: dict[str, Any] = {"rate": None, "rule": rule}
+    zero = table.loc[table["flip_rate"] == 0, "final_test_accuracy"]
+    if zero.empty:
+        return {**out, "note": "rate 0 is not in the sweep, so there is no clean reference"}
+    if len(zero) < 2:
+        return {**out, "note": "one seed only: the spread at rate 0 is unknown"}
+    spread = float(zero.std(ddof=1))
+    ref = float(zero.mean())
+    means = table.groupby("flip_rate")["final_test_accuracy"].mean()
+    drops = {float(r): ref - float(m) for r, m in means.items()}
+    out.update(spread_at_zero=spread, mean_accuracy_at_zero=ref, drops=drops)
+    for rate in sorted(drops):
+        if rate > 0 and drops[rate] > spread:
+            out["rate"] = rate
+            break
+    if out["rate"] is None:
+        out["note"] = "no rate in the sweep drops accuracy by more than the spread at rate 0"
+    return out
+
+
+def sweep_table(sweep_dir: str | Path) -> list[dict]:
+    """Rows of ``sweep.parquet`` for ``show --json`` (empty until the sweep has finished)."""
+    path = Path(sweep_dir) / SWEEP_TABLE
+    if not path.exists():
+        return []
+    return pd.read_parquet(path).to_dict(orient="records")
