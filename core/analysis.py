@@ -69,7 +69,8 @@ def analyze_run(
     store.mark_stage(run, STAGE, store.STATUS_RUNNING)
     try:
         return _analyze(run, manifest, inputs, params, progress, device)
-    except BaseException as exc:
+    except Exception as exc:
+        # An interrupt leaves the stage 'running' (the next call recomputes); failures say why.
         store.mark_stage(run, STAGE, store.STATUS_FAILED, error=str(exc) or type(exc).__name__)
         raise
 
@@ -84,11 +85,17 @@ def summary_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def correlations(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Return the stored analysis (thresholds, correlations, per-shape summaries) for ``show --json``."""
+    """Return the stored analysis for ``show --json``, with the correlations at the top level.
+
+    Keys: ``s_vs_end_ratio`` and ``s_vs_mean_distance`` (each split into all /
+    correct / misclassified), then the rest of ``analysis.json`` (checkpoint,
+    thresholds, k, counts, ``by_shape``, ``knn_flip_share``).
+    """
     path = Path(run_dir) / store.ANALYSIS
     if not path.exists():
         raise AtlasError(f"{path} does not exist; run `python -m core analyze {run_dir}` first.")
-    return store.read_json(path)
+    analysis = store.read_json(path)
+    return {**analysis.pop("correlations", {}), **analysis}
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:

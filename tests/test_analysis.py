@@ -303,7 +303,8 @@ def test_summary_rows_and_correlations_for_show_json(run):
     assert isinstance(rows[0]["id"], int) and isinstance(rows[0]["correct"], bool)
     json.dumps(rows, allow_nan=False)
     corr = correlations(run)
-    assert "s_vs_end_ratio" in corr["correlations"] and "by_shape" in corr
+    assert corr["s_vs_end_ratio"]["misclassified"]["n"] == N_TEST // 2
+    assert {"s_vs_mean_distance", "by_shape", "thresholds", "checkpoint"} <= set(corr)
     json.dumps(corr, allow_nan=False)
 
 

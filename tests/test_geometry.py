@@ -13,6 +13,7 @@ from core.geometry import (
     cls_embeddings,
     embed_token_ids,
     euclidean_distances,
+    exact_knn,
     knn_flip_share,
     project_2d,
 )
@@ -91,6 +92,21 @@ def test_knn_flip_share():
     assert knn_flip_share(d, flipped, k=50).tolist() == pytest.approx([0.6, 0.6])
     with pytest.raises(ValueError):
         knn_flip_share(d, flipped[:2])
+
+
+def test_exact_knn_matches_a_full_sort(monkeypatch):
+    import core.geometry as geometry
+
+    monkeypatch.setattr(geometry, "_DISTANCE_BLOCK", 7)  # several blocks
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 4))
+    idx, dist = exact_knn(x, 5)
+    full = np.linalg.norm(x[:, None] - x[None], axis=2)
+    assert idx.shape == (30, 5) and idx.dtype == np.int64 and dist.dtype == np.float32
+    np.testing.assert_array_equal(idx, np.argsort(full, axis=1)[:, :5])
+    np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :5], atol=1e-5)
+    assert (idx[:, 0] == np.arange(30)).all() and (dist[:, 0] == 0).all()
+    assert exact_knn(x[:3], 5)[0].shape == (3, 3)
 
 
 @pytest.mark.slow
