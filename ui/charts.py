@@ -45,6 +45,7 @@ def curve_chart(
     height: int = 320,
     label_names: list[str] | None = None,
     score_title: str = "TracIn score",
+    rank_title: str = "training instances sorted by score",
 ) -> alt.LayerChart:
     """One sorted TracIn curve: points by flip status, regression and endpoint lines.
 
@@ -77,7 +78,7 @@ def curve_chart(
         alt.Chart(df)
         .mark_circle(opacity=0.85)
         .encode(
-            x=alt.X("rank:Q", title="training instances sorted by score"),
+            x=alt.X("rank:Q", title=rank_title),
             y=alt.Y("score:Q", title=score_title),
             color=color,
             # flipped points larger: a few dozen red dots must stand out among thousands of blue
@@ -316,7 +317,9 @@ def teaching_curve(df: pd.DataFrame, title: str) -> alt.LayerChart:
     from ui.compute import fit_lines, line_rows
 
     lines = line_rows(fit_lines(df["score"].to_numpy()), len(df))
-    chart = curve_chart(df, lines, title=title, height=180, score_title="score")
+    chart = curve_chart(df, lines, title=title, height=180, score_title="score", rank_title="rank")
+    # The legend is the text around these charts; without it the three fit side by side.
+    chart = chart.configure_legend(disable=True)
     return _tag(chart, "teaching")
 
 
@@ -441,7 +444,7 @@ def cleaning_chart(results: pd.DataFrame) -> alt.LayerChart:
         }
     )
     # Points with a min–max range, not bars: accuracies differ by a few points near 0.8-0.9.
-    enc_y = alt.Y("setting:N", title=None)
+    enc_y = alt.Y("setting:N", title=None, axis=alt.Axis(labelLimit=260))
     scale = alt.Scale(zero=False)
     spread = (
         alt.Chart(g)
@@ -473,5 +476,5 @@ def cleaning_chart(results: pd.DataFrame) -> alt.LayerChart:
             tooltip=["reference:N", alt.Tooltip("accuracy:Q", format=".4f")],
         )
     )
-    chart = alt.layer(spread, bars, rules).properties(height=max(120, 32 * len(g)))
+    chart = alt.layer(spread, bars, rules).properties(height=max(160, 44 * len(g)))
     return _tag(chart, "cleaning")

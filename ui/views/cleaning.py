@@ -44,30 +44,25 @@ def body(run: data.Run) -> None:
     st.markdown(f"{k} flipped of {len(det)} training instances ({k / max(len(det), 1):.1%}).")
 
     st.header("Detectors compared")
-    left, right = st.columns([3, 2])
-    with left:
-        max_q = st.select_slider(
-            "inspect up to",
-            [0.05, 0.1, 0.2, 0.3, 0.5, 1.0],
-            value=0.3,
-            key="clean_maxq",
-            format_func=lambda q: f"{q:.0%}",
-        )
-        curves = pd.concat(
-            [
-                compute.recall_curve(det[n].to_numpy(), flipped, 201).assign(detector=n)
-                for n in names
-            ],
-            ignore_index=True,
-        )
-        st.altair_chart(charts.recall_chart(curves, max_q), width="stretch")
-    with right:
-        st.dataframe(metrics_table(detection), hide_index=True, width="stretch")
-        notes = detection.get("notes") or {}
-        if notes:
-            with st.expander("How each detector is computed"):
-                for n, note in notes.items():
-                    st.markdown(f"**{n}** — {note}")
+    max_q = st.select_slider(
+        "inspect up to",
+        [0.05, 0.1, 0.2, 0.3, 0.5, 1.0],
+        value=0.3,
+        key="clean_maxq",
+        format_func=lambda q: f"{q:.0%}",
+    )
+    curves = pd.concat(
+        [compute.recall_curve(det[n].to_numpy(), flipped, 201).assign(detector=n) for n in names],
+        ignore_index=True,
+    )
+    st.altair_chart(charts.recall_chart(curves, max_q), width="stretch")
+    # Full width below the chart: eight metric columns do not fit beside it.
+    st.dataframe(metrics_table(detection), hide_index=True, width="stretch")
+    notes = detection.get("notes") or {}
+    if notes:
+        with st.expander("How each detector is computed"):
+            for n, note in notes.items():
+                st.markdown(f"**{n}** — {note}")
 
     st.header("Review queue")
     c1, c2, c3 = st.columns([2, 1, 1])

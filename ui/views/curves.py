@@ -159,7 +159,13 @@ def enlarged(run: data.Run, test_id: int, source: str) -> None:
             f"true label **{names[int(inst['label'])]}**"
             + ("" if row.get("correct", True) else " · **misclassified**")
         )
-        st.metric("S-shapedness", widgets.fmt(c.lines["s"], "+.3f"), c.shape, delta_color="off")
+        st.metric(
+            "S-shapedness",
+            widgets.fmt(c.lines["s"], "+.3f"),
+            c.shape,
+            delta_color="off",
+            delta_arrow="off",
+        )
         flips = c.points[c.points["flipped"]]
         ratio = compute.end_ratio(flips["rank"].to_numpy(), c.n)
         st.metric(

@@ -75,19 +75,21 @@ def summary(run: data.Run) -> None:
         )
     inst = run.instances
     n_flip = int(inst["flipped"].sum())
+    source = "an uploaded file" if cfg.get("data_file") else f"`{cfg.get('dataset', '?')}`"
+    st.markdown(
+        f"Dataset {source} · model `{cfg.get('model', '?')}` · preset `{cfg.get('preset', '?')}` · "
+        f"{cfg.get('epochs', '?')} epochs at lr {cfg.get('lr', '?')}"
+    )
+    n_val = int((inst.split == "val").sum())
     cols = st.columns(5)
-    cols[0].metric(
-        "dataset", str(cfg.get("dataset") if not cfg.get("data_file") else "uploaded file")
-    )
-    cols[1].metric(
-        "train / val / test",
-        f"{len(run.train)} / {int((inst.split == 'val').sum())} / {len(run.test)}",
-    )
+    cols[0].metric("training instances", f"{len(run.train)}")
+    cols[1].metric("val / test", f"{n_val} / {len(run.test)}")
     cols[2].metric(
         "flipped labels",
         f"{n_flip}",
         f"{n_flip / max(len(run.train), 1):.1%} of train",
         delta_color="off",
+        delta_arrow="off",
     )
     acc = m.get("test_accuracy")
     cols[3].metric("test accuracy", widgets.fmt(acc, ".1%"))

@@ -97,6 +97,7 @@ def correlations(run: data.Run, shapes: pd.DataFrame) -> None:
         widgets.fmt(main["Spearman ρ"], "+.2f"),
         f"n = {main['n']}",
         delta_color="off",
+        delta_arrow="off",
     )
     table = pd.DataFrame(rows)
     cols[1].dataframe(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 
 import streamlit as st
@@ -60,6 +61,7 @@ def form(cache) -> None:
     req.preset = c1.selectbox(
         "Preset",
         sorted(PRESETS),
+        index=sorted(PRESETS).index("quick") if "quick" in PRESETS else 0,
         key="study_preset",
         help="quick: tiny model, minutes on a CPU; paper: the paper's hyper-parameters with MiniLM.",
     )
@@ -89,7 +91,8 @@ def form(cache) -> None:
 
     try:
         cmd = study.build_command(req, cache)
-        st.code(shlex.join(cmd), language="bash")
+        shown = ["python" if c == sys.executable else c for c in cmd]  # readable, same meaning
+        st.code(shlex.join(shown), language="bash", wrap_lines=True)
     except AtlasError as exc:
         st.error(str(exc))
         ready = False
