@@ -1,0 +1,465 @@
+"""Tests of the TracIn engine against a brute-force reference on a tiny random BERT."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from core import store
+from core.errors import AtlasError
+from core.tracin import (
+    TracInCP,
+    _Projector,
+    compare_to_exact,
+    run_tracin,
+    scope_error,
+    select_parameters,
+    shard_name,
+)
+
+VOCAB = 50
+LRS = [0.1, 0.05, 0.02]
+SCOPES = ["all", "no-word-embeddings", "last-1", "head"]
+
+
+def _tiny_model(seed: int) -> BertForSequenceClassification:
+    """A random 2-layer BERT (hidden 16); a large init range gives non-trivial gradients."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: OpenMP threads only add barrier waits (badly so on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
+    """Three saved checkpoints of one model drifting a little, with their learning rates."""
+    root = tmp_path_factory.mktemp("ckpts")
+    model = _tiny_model(0)
+    out = []
+    gen = torch.Generator().manual_seed(1)
+    for i, lr in enumerate(LRS):
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        path = root / f"epoch-{i + 1:02d}"
+        model.save_pretrained(path)
+        out.append((path, lr))
+    return out
+
+
+def _data(n: int, seed: int, min_len: int = 3, max_len: int = 12) -> dict[str, torch.Tensor]:
+    """Random right-padded token sequences of varied length with random labels."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen)
+    width = int(lengths.max())
+    ids = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for i, length in enumerate(lengths.tolist()):
+        # Ids from a small range so training and test instances share tokens.
+        ids[i, :length] = torch.randint(1, 20, (length,), generator=gen)
+        mask[i, :length] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(ids),
+        "labels": torch.randint(0, 2, (n,), generator=gen),
+    }
+
+
+def _rows(data: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    """A subset of instances, padded only to their own widest row."""
+    width = int(data["attention_mask"][rows].sum(1).max())
+    return {k: (v[rows, :width] if v.ndim == 2 else v[rows]) for k, v in data.items()}
+
+
+def _brute_grads(model, data: dict[str, torch.Tensor], scope: str) -> torch.Tensor:
+    """One ordinary backward per instance (unpadded, 2-D mask): flattened float64 gradients."""
+    params = [p for _, p in select_parameters(model, scope)]
+    out = []
+    for i in range(len(data["labels"])):
+        n = int(data["attention_mask"][i].sum())
+        logits = model(
+            input_ids=data["input_ids"][i : i + 1, :n],
+            attention_mask=data["attention_mask"][i : i + 1, :n],
+            token_type_ids=data["token_type_ids"][i : i + 1, :n],
+        ).logits
+        loss = torch.nn.functional.cross_entropy(logits, data["labels"][i : i + 1])
+        grads = torch.autograd.grad(loss, params)
+        out.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    return torch.stack(out)
+
+
+def _brute_tracin(checkpoints, train, test, scope):
+    """Reference matrix Σ_i η_i g_test·g_train and self-influence, in float64."""
+    from transformers import AutoModelForSequenceClassification
+
+    matrix, self_inf = 0.0, 0.0
+    for path, lr in checkpoints:
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        g_train = _brute_grads(model, train, scope)
+        g_test = _brute_grads(model, test, scope)
+        matrix = matrix + lr * g_test @ g_train.T
+        self_inf = self_inf + lr * (g_train * g_train).sum(1)
+    return matrix, self_inf
+
+
+def _rel(a, b) -> float:
+    """Max absolute difference relative to the reference's largest magnitude."""
+    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b))
+    return float((a - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.fixture(scope="module")
+def train() -> dict[str, torch.Tensor]:
+    """Ten training instances."""
+    return _data(10, seed=2)
+
+
+@pytest.fixture(scope="module")
+def test_data() -> dict[str, torch.Tensor]:
+    """Four test instances."""
+    return _data(4, seed=3)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_matches_brute_force_for_every_scope(checkpoints, train, test_data, scope):
+    ref_matrix, ref_self = _brute_tracin(checkpoints, train, test_data, scope)
+    engine = TracInCP(checkpoints, scope=scope, batch_size=3, chunk_size=4)
+    result = engine.compute(train, test_data, per_checkpoint=True)
+    assert result.matrix.shape == (4, 10)
+    assert _rel(result.matrix, ref_matrix) < 1e-5
+    assert _rel(result.self_influence, ref_self) < 1e-5
+    assert np.allclose(result.per_checkpoint.sum(0), result.matrix, rtol=1e-5, atol=1e-7)
+    model = BertForSequenceClassification.from_pretrained(checkpoints[0][0])
+    assert result.n_params == sum(p.numel() for _, p in select_parameters(model, scope))
+
+
+def test_scopes_select_the_documented_parameters():
+    model = _tiny_model(0)
+    names = lambda scope: [n for n, _ in select_parameters(model, scope)]  # noqa: E731
+    assert "bert.embeddings.word_embeddings.weight" in names("all")
+    assert "bert.embeddings.word_embeddings.weight" not in names("no-word-embeddings")
+    assert len(names("no-word-embeddings")) == len(names("all")) - 1
+    assert names("head") == ["classifier.weight", "classifier.bias"]
+    last1 = names("last-1")
+    assert all("layer.0." not in n and "embeddings" not in n for n in last1)
+    assert any("layer.1." in n for n in last1) and "bert.pooler.dense.weight" in last1
+    assert set(names("last-2")) > set(last1)
+
+
+def test_self_influence_is_the_diagonal_of_train_by_train(checkpoints, train):
+    for scope in ("all", "last-1"):
+        engine = TracInCP(checkpoints, scope=scope, batch_size=4)
+        diag = torch.diagonal(engine.influence(train, train))
+        self_inf = engine.influence(train)
+        assert torch.allclose(self_inf, diag, rtol=1e-5, atol=0)
+
+
+def test_alone_equals_inside_a_padded_batch(checkpoints, train, test_data):
+    engine = TracInCP(checkpoints, scope="all", batch_size=5)
+    full = engine.influence(train, test_data)
+    for j in range(4):
+        alone = engine.influence(train, _rows(test_data, [j]))
+        assert torch.allclose(alone[0], full[j], rtol=1e-5, atol=1e-6 * full.abs().max())
+    # A training instance alone versus among longer ones (its batch is padded).
+    short = int(train["attention_mask"].sum(1).argmin())
+    alone = engine.influence(_rows(train, [short]), test_data)
+    assert torch.allclose(alone[:, 0], full[:, short], rtol=1e-5, atol=1e-6 * full.abs().max())
+    # Extra padding columns beyond every instance's length change nothing either.
+    padded = {
+        k: (torch.nn.functional.pad(v, (0, 5)) if v.ndim == 2 else v) for k, v in train.items()
+    }
+    assert torch.allclose(engine.influence(padded, test_data), full, rtol=1e-5, atol=1e-9)
+
+
+def test_top_k_and_per_checkpoint(checkpoints, train, test_data):
+    engine = TracInCP(checkpoints, scope="last-1")
+    matrix = engine.influence(train, test_data)
+    top = engine.influence(train, test_data, top_k=3)
+    assert top.proponents.shape == (4, 3) and top.opponents.shape == (4, 3)
+    for j in range(4):
+        order = torch.argsort(matrix[j], descending=True)
+        assert top.proponents[j].tolist() == order[:3].tolist()
+        assert top.opponents[j].tolist() == order.flip(0)[:3].tolist()
+        assert torch.allclose(top.proponent_scores[j], matrix[j, order[:3]])
+    stack = engine.influence_per_checkpoint(train, test_data)
+    assert stack.shape == (3, 4, 10)
+    assert torch.allclose(stack.sum(0), matrix, rtol=1e-5, atol=1e-7)
+    with pytest.raises(AtlasError):
+        engine.influence(train, test_data, top_k=0)
+
+
+def test_projection_is_seeded_and_preserves_dot_products(checkpoints, train, test_data):
+    exact = TracInCP(checkpoints, scope="all").compute(train, test_data)
+    a = TracInCP(checkpoints, scope="all", project=4096, seed=7).compute(train, test_data)
+    b = TracInCP(checkpoints, scope="all", project=4096, seed=7).compute(train, test_data)
+    c = TracInCP(checkpoints, scope="all", project=4096, seed=8).compute(train, test_data)
+    assert np.array_equal(a.matrix, b.matrix) and np.array_equal(a.self_influence, b.self_influence)
+    assert not np.array_equal(a.matrix, c.matrix)
+    # Johnson–Lindenstrauss: norms within a few 1/sqrt(dim), dot products correlated.
+    assert np.allclose(a.self_influence, exact.self_influence, rtol=0.1)
+    assert np.corrcoef(a.matrix.ravel(), exact.matrix.ravel())[0, 1] > 0.95
+
+
+def test_projection_of_sparse_rows_equals_dense_projection():
+    proj = _Projector(dim=8, seed=3, device=torch.device("cpu"))
+    shape = (50, 6)
+    dense = torch.zeros(2, 50, 6)
+    rows = torch.tensor([1, 7, 33, 49])
+    vals = torch.randn(2, 4, 6)
+    dense[:, rows] = vals
+    full = proj.project("w", shape, dense.reshape(2, -1))
+    assert torch.allclose(proj.project_rows("w", shape, rows, vals), full, atol=1e-5)
+    # A fresh projector with the same seed reproduces it (no hidden global state).
+    again = _Projector(dim=8, seed=3, device=torch.device("cpu"))
+    assert torch.equal(again.project("w", shape, dense.reshape(2, -1)), full)
+
+
+def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_path):
+    loads = []
+
+    def loader(path, device):
+        loads.append(Path(path).name)
+        return BertForSequenceClassification.from_pretrained(path).to(device).eval()
+
+    shard_dir = tmp_path / "shards"
+    engine = TracInCP(checkpoints, scope="all", chunk_size=4, loader=loader)
+    first = engine.compute(train, test_data, shard_dir=shard_dir)
+    files = sorted(p.name for p in shard_dir.glob("ckpt-*.npy"))
+    assert files == [shard_name(i, c) for i in range(3) for c in range(3)]
+    assert np.load(shard_dir / shard_name(0, 0)).shape == (4 + 1, 4)
+    stamps = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("ckpt-*.npy")}
+    (shard_dir / shard_name(1, 2)).unlink()
+    loads.clear()
+    again = engine.compute(train, test_data, shard_dir=shard_dir)
+    assert loads == ["epoch-02"]  # only the checkpoint with a missing shard is loaded
+    for name, stamp in stamps.items():
+        if name != shard_name(1, 2):
+            assert (shard_dir / name).stat().st_mtime_ns == stamp
+    assert np.array_equal(first.matrix, again.matrix)
+    assert np.array_equal(first.self_influence, again.self_influence)
+    # Other options invalidate the shards instead of mixing them in.
+    other = TracInCP(checkpoints, scope="head", chunk_size=4, loader=loader)
+    head = other.compute(train, test_data, shard_dir=shard_dir)
+    assert np.allclose(head.matrix, other.influence(train, test_data).numpy())
+
+
+def test_test_chunking_gives_the_same_matrix(checkpoints, train, test_data):
+    whole = TracInCP(checkpoints, scope="all").compute(train, test_data)
+    parts = TracInCP(checkpoints, scope="all", max_test_bytes=1).compute(train, test_data)
+    assert np.allclose(parts.matrix, whole.matrix, rtol=1e-5, atol=1e-7)
+    assert np.allclose(parts.self_influence, whole.self_influence, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scope": "everything"},
+        {"scope": "last-0"},
+        {"scope": "last-x"},
+        {"project": 0},
+        {"project": -4},
+        {"batch_size": 0},
+        {"dtype": "int8"},
+    ],
+)
+def test_bad_options_raise(checkpoints, kwargs):
+    with pytest.raises(AtlasError):
+        TracInCP(checkpoints, **kwargs)
+
+
+def test_bad_inputs_raise(checkpoints, train, tmp_path):
+    with pytest.raises(AtlasError):
+        TracInCP([])
+    with pytest.raises(AtlasError, match="3 layers"):
+        TracInCP(checkpoints, scope="last-3").check()
+    with pytest.raises(AtlasError, match="does not exist"):
+        TracInCP([(tmp_path / "nope", 0.1)]).check()
+    no_labels = {k: v for k, v in train.items() if k != "labels"}
+    with pytest.raises(AtlasError, match="labels"):
+        TracInCP(checkpoints).influence(no_labels)
+
+
+# ------------------------------------------------------------------------- run stage
+
+WORDS = [f"w{i}" for i in range(30)]
+
+
+def _make_run(root: Path, checkpoints, n_train=12, n_test=5, complete=True) -> Path:
+    """A run folder with a word-level tokenizer, instances and the fixture's checkpoints."""
+    from transformers import BertTokenizer
+
+    run = root / "run"
+    (run / store.TOKENIZER_DIR).mkdir(parents=True)
+    vocab_file = root / "vocab.txt"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab_file.write_text("\n".join(specials + WORDS) + "\n")
+    BertTokenizer(str(vocab_file), do_lower_case=True).save_pretrained(run / store.TOKENIZER_DIR)
+    rng = np.random.default_rng(0)
+    n_val = 2
+    n = n_train + n_val + n_test
+    texts = [" ".join(rng.choice(WORDS, rng.integers(2, 9))) for _ in range(n)]
+    labels = rng.integers(0, 2, n)
+    observed = labels.copy()
+    observed[:2] = 1 - observed[:2]
+    split = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    df = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "split": split,
+            "text": texts,
+            "label": labels,
+            "observed_label": observed,
+            "flipped": observed != labels,
+            "source_row": np.arange(n),
+        }
+    )
+    store.write_parquet(run / store.INSTANCES, df)
+    ckpts = []
+    for i, (path, lr) in enumerate(checkpoints):
+        dest = run / store.CHECKPOINTS_DIR / f"epoch-{i + 1:02d}"
+        BertForSequenceClassification.from_pretrained(path).save_pretrained(dest)
+        ckpts.append(
+            {"epoch": i + 1, "path": f"{store.CHECKPOINTS_DIR}/epoch-{i + 1:02d}", "lr": lr}
+        )
+    from core.config import PRESETS
+
+    config = PRESETS["quick"].replace(max_length=16).to_dict()
+    store.write_json(
+        run / store.MANIFEST,
+        {"kind": "run", "name": "run", "status": "running", "config": config, "checkpoints": ckpts},
+    )
+    store.mark_stage(run, "data", store.STATUS_COMPLETE)
+    if complete:
+        store.mark_stage(run, "train", store.STATUS_COMPLETE)
+    return run
+
+
+def _run_inputs(run: Path) -> tuple[dict, dict]:
+    """The run's train/test tensors, encoded as the stage does."""
+    from core.tracin import _run_data
+
+    train, test, _ = _run_data(run, 16)
+    return train, test
+
+
+OUTPUTS = (store.TRACIN, store.TRACIN_PER_CHECKPOINT, store.SELF_INFLUENCE)
+
+
+def test_run_stage_writes_the_contract_files(checkpoints, tmp_path):
+    run = _make_run(tmp_path, checkpoints)
+    info = run_tracin(run, device="cpu", progress=False)
+    matrix = np.load(run / store.TRACIN)
+    stack = np.load(run / store.TRACIN_PER_CHECKPOINT)
+    self_inf = np.load(run / store.SELF_INFLUENCE)
+    assert matrix.dtype == np.float32 and matrix.shape == (5, 12)
+    assert stack.dtype == np.float16 and stack.shape == (3, 5, 12)
+    assert self_inf.dtype == np.float32 and self_inf.shape == (12,)
+    assert np.allclose(
+        stack.astype(np.float32).sum(0), matrix, rtol=1e-2, atol=1e-3 * abs(matrix).max()
+    )
+    train, test = _run_inputs(run)
+    ref, ref_self = _brute_tracin(checkpoints, train, test, "all")
+    assert _rel(matrix, ref) < 1e-5 and _rel(self_inf, ref_self) < 1e-5
+    manifest = store.load_manifest(run)
+    assert manifest["stages"]["tracin"]["status"] == "complete"
+    assert manifest["tracin"]["params"] == "all" and manifest["tracin"]["n_checkpoints"] == 3
+    assert info["n_params"] > 0 and "peak_rss_mb" in info and "tracin" in manifest["timings_s"]
+    # Complete with the same options: skipped, files untouched.
+    stamp = (run / store.TRACIN).stat().st_mtime_ns
+    run_tracin(run, device="cpu", progress=False)
+    assert (run / store.TRACIN).stat().st_mtime_ns == stamp
+    # Other options recompute.
+    run_tracin(run, scope="head", device="cpu", progress=False)
+    assert store.load_manifest(run)["tracin"]["params"] == "head"
+    assert not np.allclose(np.load(run / store.TRACIN), matrix)
+
+
+def test_run_stage_resumes_after_an_interruption(checkpoints, tmp_path, monkeypatch):
+    import core.models
+
+    run = _make_run(tmp_path, checkpoints)
+    real = core.models.load_classifier
+    calls = []
+
+    def flaky(path, device="cpu"):
+        calls.append(Path(path).name)
+        if len(calls) == 3:  # the check, checkpoint 1, then dies loading checkpoint 2
+            raise KeyboardInterrupt
+        return real(path, device)
+
+    monkeypatch.setattr(core.models, "load_classifier", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_tracin(run, device="cpu", progress=False)
+    assert not (run / store.TRACIN).exists()
+    assert (run / store.TRACIN_SHARDS_DIR / shard_name(0, 0)).exists()
+    monkeypatch.setattr(core.models, "load_classifier", real)
+    run_tracin(run, device="cpu", progress=False)
+    train, test = _run_inputs(run)
+    ref, _ = _brute_tracin(checkpoints, train, test, "all")
+    assert _rel(np.load(run / store.TRACIN), ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, complete",
+    [({}, False), ({"scope": "last-9"}, True), ({"project": 0}, True), ({"scope": "x"}, True)],
+)
+def test_run_stage_bad_input_writes_nothing(checkpoints, tmp_path, kwargs, complete):
+    run = _make_run(tmp_path, checkpoints, complete=complete)
+    before = json.loads((run / store.MANIFEST).read_text())
+    with pytest.raises(AtlasError):
+        run_tracin(run, device="cpu", progress=False, **kwargs)
+    assert json.loads((run / store.MANIFEST).read_text()) == before
+    assert not any((run / name).exists() for name in OUTPUTS)
+    assert not (run / store.TRACIN_SHARDS_DIR).exists()
+
+
+def test_compare_to_exact(checkpoints, tmp_path):
+    run = _make_run(tmp_path, checkpoints)
+    same = compare_to_exact(run, "all", None, None, n_test=3, device="cpu", progress=False)
+    assert same["n_test"] == 3 and same["summary"]["spearman"]["min"] == pytest.approx(1.0)
+    head = compare_to_exact(run, "head", None, None, n_test=3, device="cpu", progress=False)
+    assert -1 <= head["summary"]["spearman"]["mean"] <= 1
+    assert {"test_id", "spearman", "top10_overlap"} <= set(head["per_test"][0])
+    assert not any((run / name).exists() for name in OUTPUTS)
+
+
+def test_scope_error_on_known_rankings():
+    exact = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    report = scope_error(exact, np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]), ks=(1,))
+    assert [r["spearman"] for r in report["per_test"]] == pytest.approx([1.0, -1.0])
+    assert [r["top1_overlap"] for r in report["per_test"]] == [1.0, 0.0]
+
+
+if os.environ.get("TRACIN_TEST_CUDA") and torch.cuda.is_available():  # pragma: no cover
+
+    def test_cuda_bf16_close_to_cpu(checkpoints, train, test_data):
+        cpu = TracInCP(checkpoints).influence(train, test_data)
+        gpu = TracInCP(checkpoints, device="cuda", dtype="bfloat16").influence(train, test_data)
+        assert _rel(gpu, cpu) < 2e-2
