@@ -408,7 +408,7 @@ def test_study_page_starts_a_job_and_survives_a_reload(tmp_path, monkeypatch):
     monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
     at = open_page("study", tmp_path, monkeypatch)
     at.text_input(key="study_name").set_value("from-page").run()
-    assert "--name from-page" in texts(at)
+    assert "--name from-page" in texts(at) and "--detect" in texts(at)
     at.button(key="study_start").click().run()
     assert not at.exception
     j = study.job(tmp_path, "from-page")
@@ -436,7 +436,8 @@ def test_study_command_for_an_uploaded_file():
     )
     cmd = study.build_command(req, Path("/c"))
     assert cmd[cmd.index("--text-col") + 1] == "レビュー"
-    assert cmd[cmd.index("--rating-col") + 1] == "評価" and "--dataset" not in cmd
+    assert cmd[cmd.index("--rating-col") + 1] == "評価"
+    assert cmd[cmd.index("--dataset") + 1] == "/c/.uploads/x.tsv"  # the CLI's file option
     assert cmd[-4:] == ["--pos-min", "4", "--neg-max", "2"]
 
 

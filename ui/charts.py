@@ -152,6 +152,7 @@ def small_multiples(
             columns=columns,
         )
         .resolve_scale(y="independent")
+        .configure_legend(orient="bottom")  # beside the grid it would be clipped
     )
     return _tag(chart, "small_multiples")
 

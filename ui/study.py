@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The wrapper records the exit status, which a detached process cannot report otherwise.
 # The command arrives as "$@", never through the shell's parser.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _WRAPPER = 'rcfile="$1"; shift; "$@"; echo $? > "$rcfile"'
 
 
@@ -60,7 +61,8 @@ class StudyRequest:
     rating_col: str | None = None
     pos_min: float | None = None
     neg_max: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"epochs": 3, "n-train": 400}
+    # More CLI options, e.g. {"epochs": 3, "n-train": 400, "detect": True}; None/False are left out.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def max_upload_mb() -> int:
@@ -108,8 +110,8 @@ def build_command(req: StudyRequest, cache: Path) -> list[str]:
         "--model",
         req.model,
     ]
-    if req.data_file:
-        cmd += ["--data-file", req.data_file, "--text-col", str(req.text_col)]
+    if req.data_file:  # the CLI takes a file path where it takes a built-in dataset's name
+        cmd += ["--dataset", req.data_file, "--text-col", str(req.text_col)]
         if req.label_col:
             cmd += ["--label-col", req.label_col]
         else:
@@ -124,7 +126,9 @@ def build_command(req: StudyRequest, cache: Path) -> list[str]:
     elif req.dataset:
         cmd += ["--dataset", req.dataset]
     for key, value in req.extra.items():
-        if value is not None:
+        if value is True:  # a switch such as --detect
+            cmd.append(f"--{key}")
+        elif value is not None and value is not False:
             cmd += [f"--{key}", str(value)]
     return cmd
 

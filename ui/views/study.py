@@ -85,7 +85,14 @@ def form(cache) -> None:
         n_train = e2.number_input(
             "Training instances (0 = preset)", 0, 1_000_000, 0, step=100, key="study_ntrain"
         )
-        req.extra = {"epochs": int(epochs) or None, "n-train": int(n_train) or None}
+        detect = st.checkbox(
+            "Also run the detectors (for the Cleaning lab)", value=True, key="study_detect"
+        )
+        req.extra = {
+            "epochs": int(epochs) or None,
+            "n-train": int(n_train) or None,
+            "detect": detect,
+        }
     default_name = f"{req.preset}-{(req.dataset or 'upload')}-seed{req.seed}"
     req.name = st.text_input("Run name", value=default_name, key="study_name").strip()
 
@@ -224,4 +231,4 @@ def job_status(cache, name: str, was_running: bool) -> None:
     st.caption(
         f"started {info.get('started', '?')} · pid {info.get('pid', '?')} · log `{data.display_path(j.log_file)}`"
     )
-    st.code(study.tail(j.log_file) or "(no output yet)", language="text")
+    st.code(study.tail(j.log_file) or "(no output yet)", language="text", height=360)
