@@ -144,10 +144,10 @@ def make_run(
         coords = pd.DataFrame(
             {
                 "id": inst.id,
-                "umap_x": pca[:, 0] + rng.normal(0, 0.1, n),
-                "umap_y": pca[:, 1] + rng.normal(0, 0.1, n),
-                "pca_x": pca[:, 0],
-                "pca_y": pca[:, 1],
+                "umap_x": (pca[:, 0] + rng.normal(0, 0.1, n)).astype(np.float32),
+                "umap_y": (pca[:, 1] + rng.normal(0, 0.1, n)).astype(np.float32),
+                "pca_x": pca[:, 0].astype(np.float32),
+                "pca_y": pca[:, 1].astype(np.float32),
             }
         )
         store.write_parquet(run / store.COORDS, coords)

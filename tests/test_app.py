@@ -424,6 +424,26 @@ def test_study_page_starts_a_job_and_survives_a_reload(tmp_path, monkeypatch):
         study.cancel(j)
 
 
+def test_study_page_upload_columns_and_validation(tmp_path, monkeypatch):
+    rows = [{"stars": 1 + i % 5, "レビュー": f"とても良い商品です {i}"} for i in range(60)]
+    raw = pd.DataFrame(rows).to_csv(index=False).encode()
+    at = open_page("study", tmp_path, monkeypatch)
+    at.radio(key="study_source").set_value("upload a file").run()
+    at.file_uploader(key="study_upload").upload("rakuten.csv", raw, "text/csv").run()
+    assert not at.exception
+    assert at.selectbox(key="study_text_col").value == "レビュー"  # guessed: the longest strings
+    # five star values are not two classes: refused before anything starts
+    assert any("exactly two classes" in e.value for e in at.error)
+    assert at.button(key="study_start").disabled
+    at.radio(key="study_label_mode").set_value("a rating column (thresholds)").run()
+    assert not at.error and not at.button(key="study_start").disabled
+    shown = texts(at)
+    assert "--rating-col stars --pos-min 4 --neg-max 2" in shown
+    assert "/.uploads/" in shown and "--text-col" in shown
+    saved = list((tmp_path / ".uploads").glob("*_rakuten.csv"))
+    assert len(saved) == 1 and saved[0].read_bytes() == raw
+
+
 def test_study_command_for_an_uploaded_file():
     req = study.StudyRequest(
         name="mine",

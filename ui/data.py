@@ -19,6 +19,7 @@ import streamlit as st
 
 from core import store
 from core.errors import AtlasError
+from ui.compute import DEFAULT_S_MIN, DEFAULT_Z_MAX
 
 ENV_CACHE = "ATLAS_CACHE"  # points the app at another run store (tests, hosted demos)
 DEMO_RUN = "demo"
@@ -276,8 +277,6 @@ class Run:
 
     def thresholds(self) -> tuple[float, float]:
         """(s_min, z_max) recorded by the analyze stage, else DESIGN.md's defaults."""
-        from ui.compute import DEFAULT_S_MIN, DEFAULT_Z_MAX
-
         t = self.analysis().get("thresholds") or {}
         s_min = t.get("s_min", t.get("S", DEFAULT_S_MIN))
         z_max = t.get("z_max", t.get("Z", DEFAULT_Z_MAX))
@@ -330,10 +329,9 @@ class Sweep:
         """sweep.parquet: one row per (flip rate, seed) cell."""
         path = self.path / SWEEP_TABLE
         if not path.exists():
-            raise MissingData(
-                f"Sweep '{self.name}' has no finished cells yet.",
-                f"python -m core sweep --name {self.name}",
-            )
+            # Rerunning the recorded command resumes the sweep where it stopped.
+            command = self.manifest.get("command") or f"python -m core sweep --name {self.name}"
+            raise MissingData(f"Sweep '{self.name}' has no finished cells yet.", command)
         return _need_columns(_parquet(str(path), _stamp(path)), SWEEP_COLUMNS, path)
 
     def epochs(self) -> pd.DataFrame | None:

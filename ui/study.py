@@ -340,7 +340,8 @@ def guess_text_column(df: pd.DataFrame) -> str:
     """The column with the longest strings on average (usually the text)."""
     best, best_len = str(df.columns[0]), -1.0
     for c in df.columns:
-        if df[c].dtype == object:
+        # pandas 3 reads text as its "str" dtype, older pandas as object
+        if df[c].dtype == object or pd.api.types.is_string_dtype(df[c]):
             mean = df[c].astype(str).str.len().mean()
             if mean > best_len:
                 best, best_len = str(c), mean
