@@ -352,41 +352,40 @@ def run_detect(
 ) -> dict[str, Any]:
     """Compute the detectors (all available, or ``detectors``), score them and store the results.
 
-    Detectors whose inputs are missing are skipped, with the reason in the notes.
-    Without ``force`` a complete detect stage is returned as stored; a subset is
-    merged into the stored columns. ``force`` also retrains detector 2's model.
-    Returns the content of ``detection.json``.
+    Without ``force`` only detectors not yet stored are computed and the stored
+    columns are kept, so a rerun after a missing input has appeared fills the gap
+    and a complete stage returns at once. ``force`` recomputes the requested
+    detectors (all: detector 2's train-in-train model too). Detectors whose inputs
+    are missing are skipped, with the reason in the notes. Returns the content of
+    ``detection.json``.
     """
     run = Path(run_dir)
     manifest = store.load_manifest(run)
     wanted = _check_names(detectors)
-    if (
-        not force
-        and store.stage_done(run, STAGE)
-        and (run / store.DETECTION).exists()
-        and (run / store.DETECTORS).exists()
-    ):
-        stored = pd.read_parquet(run / store.DETECTORS)
-        if detectors is None or all(name in stored.columns for name in wanted):
-            return store.read_json(run / store.DETECTION)
-    if force and detectors is None:
-        shutil.rmtree(run / WORK_DIR, ignore_errors=True)
-
-    t0 = time.perf_counter()
-    config = config_from_dict(manifest.get("config", {}))
     instances = store.load_instances(run)
     train = instances[instances["split"] == "train"].reset_index(drop=True)
     if len(train) < 2:
         raise AtlasError(
             f"{run} has {len(train)} training instances; detection needs at least two."
         )
-    inputs = _Inputs(run, instances, train)
+    table = pd.DataFrame({"id": train["id"].to_numpy(np.int64)})
+    old = pd.read_parquet(run / store.DETECTORS) if (run / store.DETECTORS).exists() else None
+    old_json = store.read_json(run / store.DETECTION) if (run / store.DETECTION).exists() else {}
+    stored = [c for c in DETECTORS if _same_rows(old, table) and c in old.columns]
+    todo = wanted if force else [name for name in wanted if name not in stored]
+    if not todo and old_json and store.stage_done(run, STAGE):
+        return old_json
+    if force and detectors is None:
+        shutil.rmtree(run / WORK_DIR, ignore_errors=True)
 
+    t0 = time.perf_counter()
+    config = config_from_dict(manifest.get("config", {}))
+    inputs = _Inputs(run, instances, train)
     scores: dict[str, np.ndarray] = {}
     notes: dict[str, str] = {}
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = dict(old_json.get("info", {}))
     timings: dict[str, float] = {}
-    for name in wanted:
+    for name in todo:
         t = time.perf_counter()
         _say(progress, f"detect: {name}")
         try:
@@ -397,20 +396,22 @@ def run_detect(
             continue
         scores[name] = np.asarray(values, dtype=np.float64)
         notes[name] = note
+        info.pop(name, None)
         if extra:
             info[name] = extra
         timings[name] = round(time.perf_counter() - t, 3)
 
-    table = pd.DataFrame({"id": train["id"].to_numpy(np.int64)})
-    old = pd.read_parquet(run / store.DETECTORS) if (run / store.DETECTORS).exists() else None
-    old_json = store.read_json(run / store.DETECTION) if (run / store.DETECTION).exists() else {}
     for name in DETECTORS:
         if name in scores:
             table[name] = scores[name]
-        elif detectors is not None and _same_rows(old, table) and name in old.columns:
-            # A subset was asked for: keep the other stored columns and their notes.
+        elif name in stored:
+            # Not recomputed this time: keep the stored column and its note.
             table[name] = old[name].to_numpy(np.float64)
-            notes.setdefault(name, old_json.get("notes", {}).get(name, ""))
+            notes[name] = old_json.get("notes", {}).get(name, "")
+        elif name not in notes and str(old_json.get("notes", {}).get(name, "")).startswith(
+            "skipped"
+        ):
+            notes[name] = old_json["notes"][name]  # still missing: keep saying why
     result = detection_summary(table, train["flipped"].to_numpy(bool), notes)
     result["info"] = info
     store.write_parquet(run / store.DETECTORS, table)

@@ -255,9 +255,15 @@ def test_run_detect_skips_detectors_without_inputs_and_merges_subsets(tmp_path):
     table = pd.read_parquet(run / store.DETECTORS)
     assert list(table.columns) == ["id", "shape_aware", "loss", "random"]
     assert set(result["detectors"]) == {"shape_aware", "loss", "random"}
+    assert result["notes"]["self_influence"].startswith("skipped")
     # Without force, a complete stage that holds the request is returned as stored.
     again = detectors.run_detect(run, detectors=["loss"], progress=False)
     assert again == result
+    # Once the missing input appears, a plain rerun fills the gap and keeps the rest.
+    store.write_npy(run / store.SELF_INFLUENCE, np.arange(48, dtype=np.float32))
+    filled = detectors.run_detect(run, detectors=["self_influence", "loss"], progress=False)
+    assert set(filled["detectors"]) == {"self_influence", "shape_aware", "loss", "random"}
+    assert filled["detectors"]["loss"] == result["detectors"]["loss"]
 
 
 def test_run_detect_without_flips_still_ranks(tmp_path):
