@@ -74,7 +74,14 @@ def model_source(model: str) -> str | None:
         return None
     if model == "minilm":
         return str(minilm_path())
-    return model
+    looks_like_path = (
+        model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model[:1]
+    )
+    if looks_like_path and not Path(model).expanduser().is_dir():
+        raise AtlasError(
+            f"Model directory {model} does not exist (give tiny, minilm or a local model folder)."
+        )
+    return str(Path(model).expanduser()) if looks_like_path else model
 
 
 def mecab_word_tokenizer_kwargs() -> dict:
@@ -88,24 +95,33 @@ def mecab_word_tokenizer_kwargs() -> dict:
 
 
 def train_wordpiece_vocab(texts: Sequence[str], vocab_size: int = TINY_VOCAB_SIZE) -> list[str]:
-    """Learn a WordPiece vocabulary on MeCab-split ``texts`` (the study's tokenizer pipeline)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """Learn a WordPiece vocabulary on MeCab-split ``texts`` (the study's tokenizer pipeline).
+
+    The vocabulary holds the special tokens, every character seen (word-initial and
+    ``##`` continuation forms, so nothing becomes [UNK]) and then the most frequent
+    words, ties broken alphabetically. The ``tokenizers`` WordPiece trainer was not used
+    because its tie-breaking changes from process to process, which would make two runs
+    with the same seed tokenize differently.
+    """
+    from collections import Counter
 
     # Split words with the same MeCab splitter the final tokenizer uses, so the
-    # vocabulary's word pieces match what it will see.
+    # vocabulary's entries match what it will see.
     with tempfile.TemporaryDirectory() as tmp:
         seed_vocab = Path(tmp) / "vocab.txt"
         seed_vocab.write_text("\n".join(SPECIAL_TOKENS) + "\n", "utf-8")
         splitter = BertJapaneseTokenizer(str(seed_vocab), **mecab_word_tokenizer_kwargs())
-        words = [" ".join(splitter.word_tokenizer.tokenize(t)) for t in texts]
-    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##"
-    )
-    wp.train_from_iterator(words, trainer=trainer)
-    vocab = wp.get_vocab()
-    return [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        words = Counter(w for t in texts for w in splitter.word_tokenizer.tokenize(t))
+    chars = sorted({c for w in words for c in w})
+    vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    seen = set(vocab)
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in seen:
+            vocab.append(word)
+            seen.add(word)
+    return vocab
 
 
 def build_tokenizer(

@@ -14,6 +14,7 @@ import json
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +90,13 @@ def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path
     t0 = time.perf_counter()
     data = load_dataset(config, data_dir)
     instances = split_instances(data, config.n_total, config.n_flips, config.seed)
+    sample = dict(instances.attrs.get("sample", {}))
+    if sample.get("used_all") and sample.get("n_available", 0) < sample.get("n_requested", 0):
+        print(
+            f"note: the data has {sample['n_available']} usable rows, fewer than the "
+            f"{sample['n_requested']} requested; all of them are used.",
+            file=sys.stderr,
+        )
     train_texts = instances.loc[instances["split"] == "train", "text"].tolist()
     with tempfile.TemporaryDirectory(prefix=".atlas-", dir=run_dir.parent) as tmp:
         tokenizer = build_tokenizer(config.model, train_texts, Path(tmp) / store.TOKENIZER_DIR)
@@ -113,6 +121,7 @@ def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path
             "versions": package_versions(),
             "data": {
                 **data.info,
+                "sample": sample,
                 "label_names": list(data.label_names),
                 "label_mapping": dict(data.label_mapping),
             },

@@ -89,7 +89,7 @@ def train_model(
     """
     device = resolve_device(config.device)
     eval_sets = eval_sets or {}
-    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    labels = torch.as_tensor(np.array(train_labels), dtype=torch.long)
     w = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
     ids = token_ids(tokenizer, train_texts, config.max_length)
     eval_ids = {
@@ -144,7 +144,9 @@ def train_model(
             logits_now[name] = lg
             entry[f"{name}_accuracy"] = float((lg.argmax(1) == e_y).mean())
             entry[f"{name}_loss"] = float(
-                F.cross_entropy(torch.from_numpy(lg), torch.as_tensor(e_y, dtype=torch.long))
+                F.cross_entropy(
+                    torch.from_numpy(lg), torch.as_tensor(np.array(e_y), dtype=torch.long)
+                )
             )
         entry["seconds"] = round(time.perf_counter() - t0, 3)
         bar.set_postfix(loss=f"{entry['train_loss']:.3f}", **_short(entry))

@@ -1,0 +1,79 @@
+"""Shared fixtures: small synthetic review files and one tiny real study run per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["great", "excellent", "love", "perfect", "happy", "wonderful", "works", "recommend"]
+NEGATIVE = ["awful", "broken", "hate", "terrible", "refund", "useless", "disappointed", "poor"]
+NEUTRAL = ["the", "this", "product", "item", "arrived", "box", "price", "color", "size", "it"]
+
+
+def synthetic_reviews(n: int, seed: int = 0) -> pd.DataFrame:
+    """Short English reviews whose sentiment is carried by a few polar words (learnable fast)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = int(i % 2)
+        polar = POSITIVE if label else NEGATIVE
+        words = list(rng.choice(NEUTRAL, size=4)) + list(rng.choice(polar, size=2))
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words) + f" #{i}", "sentiment": "pos" if label else "neg"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def reviews_csv(tmp_path: Path) -> Path:
+    """A 200-row CSV with columns review / sentiment (neg|pos)."""
+    path = tmp_path / "reviews.csv"
+    synthetic_reviews(200).to_csv(path, index=False)
+    return path
+
+
+TINY_ARGS = [
+    "--preset",
+    "quick",
+    "--n-train",
+    "96",
+    "--flip-count",
+    "8",
+    "--epochs",
+    "3",
+    "--max-length",
+    "16",
+    "--batch-size",
+    "16",
+    "--seed",
+    "3",
+]
+
+
+@pytest.fixture(scope="session")
+def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete tiny study (data → train → tracin → analyze) made by the real CLI code."""
+    from core.cli import main
+
+    root = tmp_path_factory.mktemp("study")
+    csv = root / "reviews.csv"
+    synthetic_reviews(240, seed=1).to_csv(csv, index=False)
+    cache = root / "cache"
+    args = [
+        "run",
+        *TINY_ARGS,
+        "--dataset",
+        str(csv),
+        "--text-col",
+        "review",
+        "--label-col",
+        "sentiment",
+    ]
+    assert main([*args, "--cache", str(cache), "--name", "tiny"]) == 0
+    return cache / "tiny"
