@@ -75,7 +75,7 @@ def default_run(runs: list[dict[str, Any]]) -> str | None:
     return names[0] if names else None
 
 
-def _stamp(path: Path) -> int:
+def stamp(path: Path) -> int:
     """Modification time in ns (part of every cache key), -1 when absent."""
     try:
         return path.stat().st_mtime_ns
@@ -84,7 +84,7 @@ def _stamp(path: Path) -> int:
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def _npy(path: str, stamp: int) -> np.ndarray:
+def _npy(path: str, mtime: int) -> np.ndarray:
     """A memory-mapped .npy (shared by all sessions; never written to)."""
     try:
         return store.read_npy(path, mmap=True)
@@ -95,7 +95,7 @@ def _npy(path: str, stamp: int) -> np.ndarray:
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def _parquet(path: str, stamp: int) -> pd.DataFrame:
+def _parquet(path: str, mtime: int) -> pd.DataFrame:
     """A Parquet table read once per process (callers must not mutate it)."""
     try:
         return pd.read_parquet(path)
@@ -104,7 +104,7 @@ def _parquet(path: str, stamp: int) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def _json(path: str, stamp: int) -> Any:
+def _json(path: str, mtime: int) -> Any:
     """A JSON file, re-read when it changes."""
     return store.read_json(path)
 
@@ -154,11 +154,11 @@ class Run:
 
     def _npy(self, name: str, stage: str) -> np.ndarray:
         path = self.require(name, stage)
-        return _npy(str(path), _stamp(path))
+        return _npy(str(path), stamp(path))
 
     def _parquet(self, name: str, stage: str, columns: tuple[str, ...] = ()) -> pd.DataFrame:
         path = self.require(name, stage)
-        return _need_columns(_parquet(str(path), _stamp(path)), columns, path)
+        return _need_columns(_parquet(str(path), stamp(path)), columns, path)
 
     # -- manifest and instances ----------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class Run:
         path = self.file(store.MANIFEST)
         if not self.path.is_dir():
             raise AtlasError(f"{self.path} is not a run folder (it does not exist).")
-        manifest = _json(str(path), _stamp(path))
+        manifest = _json(str(path), stamp(path))
         if not isinstance(manifest, dict) or "status" not in manifest:
             raise AtlasError(f"{path} is not a run manifest (no 'status' key).")
         return manifest
@@ -182,7 +182,7 @@ class Run:
     def instances(self) -> pd.DataFrame:
         """instances.parquet, checked for the documented columns and row order."""
         path = self.require(store.INSTANCES, "run")
-        df = _need_columns(_parquet(str(path), _stamp(path)), INSTANCE_COLUMNS, path)
+        df = _need_columns(_parquet(str(path), stamp(path)), INSTANCE_COLUMNS, path)
         if not np.array_equal(df["id"].to_numpy(), np.arange(len(df))):
             raise AtlasError(f"{path}: column 'id' must equal the row position.")
         return df
@@ -273,7 +273,7 @@ class Run:
     def analysis(self) -> dict[str, Any]:
         """analysis.json ({} when absent)."""
         path = self.file(store.ANALYSIS)
-        return _json(str(path), _stamp(path)) if path.exists() else {}
+        return _json(str(path), stamp(path)) if path.exists() else {}
 
     def thresholds(self) -> tuple[float, float]:
         """(s_min, z_max) recorded by the analyze stage, else DESIGN.md's defaults."""
@@ -292,14 +292,14 @@ class Run:
     def detection(self) -> dict[str, Any]:
         """detection.json: metrics per detector."""
         path = self.require(store.DETECTION, "detect")
-        return _json(str(path), _stamp(path))
+        return _json(str(path), stamp(path))
 
     def cleaning_results(self) -> list[dict[str, Any]]:
         """Rows of cleaning/results.json ([] when no intervention was run)."""
         path = self.file(store.CLEANING_DIR) / CLEANING_RESULTS
         if not path.exists():
             return []
-        data = _json(str(path), _stamp(path))
+        data = _json(str(path), stamp(path))
         rows = data.get("rows", []) if isinstance(data, dict) else []
         return [r for r in rows if isinstance(r, dict)]
 
@@ -320,7 +320,7 @@ class Sweep:
     def manifest(self) -> dict[str, Any]:
         """The sweep's manifest.json."""
         path = self.path / store.MANIFEST
-        manifest = _json(str(path), _stamp(path))
+        manifest = _json(str(path), stamp(path))
         if not isinstance(manifest, dict):
             raise AtlasError(f"{path} is not a sweep manifest.")
         return manifest
@@ -332,9 +332,9 @@ class Sweep:
             # Rerunning the recorded command resumes the sweep where it stopped.
             command = self.manifest.get("command") or f"python -m core sweep --name {self.name}"
             raise MissingData(f"Sweep '{self.name}' has no finished cells yet.", command)
-        return _need_columns(_parquet(str(path), _stamp(path)), SWEEP_COLUMNS, path)
+        return _need_columns(_parquet(str(path), stamp(path)), SWEEP_COLUMNS, path)
 
     def epochs(self) -> pd.DataFrame | None:
         """sweep_epochs.parquet, or None."""
         path = self.path / SWEEP_EPOCHS
-        return _parquet(str(path), _stamp(path)) if path.exists() else None
+        return _parquet(str(path), stamp(path)) if path.exists() else None

@@ -40,7 +40,25 @@ def score_sources(run: data.Run) -> list[str]:
 
 
 def load_curve(run: data.Run, test_id: int, source: str, max_points: int) -> Curve:
-    """The curve of ``test_id`` for the summed score (curves.parquet when present) or one checkpoint."""
+    """The curve of ``test_id`` for the summed score (curves.parquet when present) or one checkpoint.
+
+    Cached per process: widget changes re-run the page, and the same curves come back.
+    """
+    files = (store.SHAPES, store.CURVES, store.TRACIN, store.TRACIN_PER_CHECKPOINT, store.ANALYSIS)
+    stamps = tuple(data.stamp(run.file(f)) for f in files)
+    return _cached_curve(str(run.path), stamps, int(test_id), source, int(max_points))
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _cached_curve(
+    path: str, stamps: tuple[int, ...], test_id: int, source: str, max_points: int
+) -> Curve:
+    """``_load_curve`` keyed by the run's file stamps (a recomputed run is re-read)."""
+    return _load_curve(data.Run(path), test_id, source, max_points)
+
+
+def _load_curve(run: data.Run, test_id: int, source: str, max_points: int) -> Curve:
+    """Build one curve from the run store (uncached)."""
     shapes = run.shapes().set_index("id")
     s_min, z_max = run.thresholds()
     if source == SUMMED:
