@@ -12,8 +12,9 @@ An intervention takes the top-k training instances of a detector and
 Each intervention is retrained from scratch with :func:`core.training.train_model`
 (the run's configuration, seed varied over ``seeds``) and its final test accuracy is
 recorded beside three arms trained with the same seed: no change, the oracle
-(exactly the true flips, all of them, given the same action) and a random choice of
-the same size. Rows go to ``cleaning/results.json``, merged by (detector, action,
+(exactly the true flips, all of them, given the same action; for reweighting its ramp
+follows training order, since the oracle has no suspicion to rank by, which keeps it
+the same arm for every detector) and a random choice of the same size. Rows go to ``cleaning/results.json``, merged by (detector, action,
 k, seed); arms that do not depend on the detector are reused from stored rows.
 
 Exports write CSV files, by default into ``<run>/cleaning/``, and refuse to
@@ -189,7 +190,7 @@ def run_clean(
         if flipped.any():
             oracle = _reuse(stored, "oracle_accuracy", seed=seed, action=action)
             if oracle is None:
-                oracle = accuracy(oracle_choice(flipped, scores), seed, f"oracle {action}")
+                oracle = accuracy(oracle_choice(flipped), seed, f"oracle {action}")
         else:
             oracle = no_change  # nothing to fix: the oracle leaves the data as it is
         rand = _reuse(stored, "random_accuracy", seed=seed, action=action, k=k)
