@@ -87,6 +87,10 @@ MAX_TEST_BYTES = 4 << 30
 # Per-example gradients of one vmap batch are kept under about this many bytes.
 BATCH_BYTES = 384 << 20
 MAX_BATCH = 64
+SEQ_BUDGET = 64  # tokens assumed per instance when sizing batches
+# Training feature rows are gathered up to this many bytes before one matrix product.
+BUFFER_BYTES = 384 << 20
+MAX_BUFFER_ROWS = 512
 CHUNK_SIZE = 512
 SHARD_OPTIONS = "options.json"
 
@@ -388,47 +392,77 @@ class _CheckpointGrads:
         return flat, embed_grads
 
     def _word_rows(
-        self, ids: torch.Tensor, mask: torch.Tensor, embed_grads: torch.Tensor, pos: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        embed_grads: torch.Tensor,
+        pos: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sum embedding gradients per (instance, row slot): (B, n_slots, H); pos < 0 drops."""
+        """Sum embedding gradients per (instance, row slot) into (B, n_slots, H); pos < 0 drops.
+
+        ``out`` (B, n_slots × H), e.g. a slice of the feature buffer, is overwritten in place.
+        """
         b = ids.shape[0]
         n_slots = int(pos.max().item()) + 1 if pos.numel() else 0
         slot = pos[ids]
         keep = (slot >= 0) & (mask > 0)
-        out = torch.zeros(b * max(n_slots, 1), self.hidden, device=ids.device)
-        rows = (torch.arange(b, device=ids.device)[:, None] * n_slots + slot)[keep]
-        out.index_add_(0, rows, embed_grads[keep].float())
-        return out.view(b, max(n_slots, 1), self.hidden)[:, :n_slots]
+        if out is None:
+            out = torch.zeros(b, n_slots * self.hidden, device=ids.device)
+        else:
+            out.zero_()
+        target = out.view(b, n_slots, self.hidden)
+        inst = torch.arange(b, device=ids.device)[:, None].expand_as(slot)
+        target.index_put_(
+            (inst[keep], slot[keep]), embed_grads[keep].to(out.dtype), accumulate=True
+        )
+        return target
+
+    def width(self, vocab_pos: torch.Tensor | None) -> int:
+        """Length of a feature row: scope parameters (word part: ``vocab_pos`` rows) or ``dim``."""
+        if self.projector is not None:
+            return self.projector.dim
+        width = sum(p.numel() for p in self.params.values())
+        if self.word_in_scope and vocab_pos is not None:
+            width += (int(vocab_pos.max().item()) + 1) * self.hidden
+        return width
 
     def features(
-        self, batch: dict[str, torch.Tensor], vocab_pos: torch.Tensor | None
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Dot-product features of a batch and its float32 self-influence (squared norms).
+        self,
+        batch: dict[str, torch.Tensor],
+        vocab_pos: torch.Tensor | None,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Write a batch's gradient features into ``out`` (B, width); return squared norms.
 
-        ``vocab_pos`` maps word ids to column blocks of the word part (-1: not needed);
-        None means only self-influence is wanted from the word part.
+        ``vocab_pos`` maps word ids to row slots of the word part (-1: not needed); None
+        leaves the word part out of the features (it still counts in the norms). With
+        ``out`` None only the norms (float32 self-influence terms) are computed.
         """
         flat, embed_grads = self.per_example(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.projector is not None:
             proj = self._project(flat, embed_grads, ids, mask)
-            return [proj.to(self.dtype)], (proj * proj).sum(1)
+            if out is not None:
+                out.copy_(proj)
+            return torch.linalg.vector_norm(proj, dim=1).square()
         sq = torch.zeros(ids.shape[0], device=ids.device)
-        slots = []
+        offset = 0
         for n in self.dense_names:
             g = flat[n]
-            sq += (g * g).sum(1)
-            slots.append(g.to(self.dtype))
+            sq += torch.linalg.vector_norm(g, dim=1).square()
+            if out is not None:
+                out[:, offset : offset + g.shape[1]].copy_(g)
+            offset += g.shape[1]
         if embed_grads is not None:
             # ‖Σ_t e_t 1[id_t]‖² over the vocabulary = Σ_{t,t'} [id_t = id_t'] e_t·e_t'.
             m = mask > 0
             gram = embed_grads @ embed_grads.transpose(1, 2)
             same = (ids[:, :, None] == ids[:, None, :]) & m[:, :, None] & m[:, None, :]
             sq += (gram * same).sum((1, 2))
-            if vocab_pos is not None:
-                word = self._word_rows(ids, mask, embed_grads, vocab_pos)
-                slots.append(word.reshape(ids.shape[0], -1).to(self.dtype))
-        return slots, sq
+            if vocab_pos is not None and out is not None:
+                self._word_rows(ids, mask, embed_grads, vocab_pos, out[:, offset:])
+        return sq
 
     def _project(
         self,
@@ -655,14 +689,20 @@ class TracInCP:
             "test_data": te.fingerprint() if te is not None else None,
         }
 
-    def _batch_size(self, grads: _CheckpointGrads, word_cols: int) -> int:
+    def _batch_size(self, grads: _CheckpointGrads) -> int:
         """Rows per vmap batch: bounded by the bytes of per-example gradients."""
         if self.batch_size is not None:
             return self.batch_size
         per_example = 4 * sum(p.numel() for p in grads.params.values())
-        per_example += 4 * word_cols + (4 * self.project if self.project else 0)
-        # vmap keeps roughly two copies (the gradients and their flattened/cast form).
+        if grads.word_in_scope:
+            per_example += 4 * SEQ_BUDGET * grads.hidden
+        # vmap's output plus the copies made while flattening and casting.
         return int(max(1, min(MAX_BATCH, BATCH_BYTES // max(1, 2 * per_example))))
+
+    def _buffer_rows(self, width: int, batch_size: int) -> int:
+        """Training rows gathered before one matrix product (larger products run faster)."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return int(max(batch_size, min(MAX_BUFFER_ROWS, BUFFER_BYTES // max(1, width * elem))))
 
     def _checkpoint_blocks(
         self,
@@ -673,42 +713,35 @@ class TracInCP:
         missing: list[int],
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (chunk, float32 (n_test + 1, chunk) unweighted block) for the missing chunks."""
+        n_test = te.n if te is not None else 0
+
+        def empty(c: int) -> np.ndarray:
+            return np.zeros((n_test + 1, chunks[c][1] - chunks[c][0]), dtype=np.float32)
+
         if te is None:
-            bs = self._batch_size(grads, 0)
             for c in missing:
-                block = np.zeros((1, chunks[c][1] - chunks[c][0]), dtype=np.float32)
-                self._score_chunk(grads, tr, chunks[c], None, None, bs, block, None)
+                block = empty(c)
+                self._score_chunk(grads, tr, chunks[c], None, None, block, None)
                 yield c, block
             return
         test_parts = self._test_parts(grads, te)
         if len(test_parts) == 1:
-            feats, vocab_pos = self._test_features(grads, te, test_parts[0])
-            bs = self._batch_size(grads, _word_cols(feats, grads))
+            feats, vocab_pos, test_rows = self._test_features(grads, te, test_parts[0])
             for c in missing:
-                block = np.zeros((te.n + 1, chunks[c][1] - chunks[c][0]), dtype=np.float32)
-                self._score_chunk(grads, tr, chunks[c], feats, vocab_pos, bs, block, test_parts[0])
+                block = empty(c)
+                self._score_chunk(grads, tr, chunks[c], feats, vocab_pos, block, test_rows)
                 yield c, block
             return
         # Test gradients too big to hold at once: every test part revisits the training
         # chunks (recomputing their gradients), and blocks are yielded when complete.
-        blocks = {
-            c: np.zeros((te.n + 1, chunks[c][1] - chunks[c][0]), dtype=np.float32) for c in missing
-        }
+        blocks = {c: empty(c) for c in missing}
         for part_no, part in enumerate(test_parts):
-            feats, vocab_pos = self._test_features(grads, te, part)
-            bs = self._batch_size(grads, _word_cols(feats, grads))
+            feats, vocab_pos, test_rows = self._test_features(grads, te, part)
             for c in missing:
                 self._score_chunk(
-                    grads,
-                    tr,
-                    chunks[c],
-                    feats,
-                    vocab_pos,
-                    bs,
-                    blocks[c],
-                    part,
-                    with_self=part_no == 0,
+                    grads, tr, chunks[c], feats, vocab_pos, blocks[c], test_rows, part_no == 0
                 )
+            del feats
         yield from blocks.items()
 
     def _test_parts(self, grads: _CheckpointGrads, te: _Data) -> list[np.ndarray]:
@@ -725,8 +758,9 @@ class TracInCP:
 
     def _test_features(
         self, grads: _CheckpointGrads, te: _Data, part: np.ndarray
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Features of the test rows ``part`` (rows in ``part`` order) and the vocabulary map."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        """Features of the test rows ``part`` as (width, n), the vocabulary map, and the
+        test indices of the n feature columns (length-sorted ``part``)."""
         vocab_pos = None
         if grads.word_in_scope and self.project is None:
             vocab = _vocab_of(te, part).to(self.device)
@@ -734,60 +768,68 @@ class TracInCP:
                 (grads.word_weight.shape[0],), -1, dtype=torch.long, device=self.device
             )
             vocab_pos[vocab] = torch.arange(vocab.numel(), device=self.device)
-        where = {int(r): i for i, r in enumerate(part)}
-        feats: list[torch.Tensor] | None = None
-        bs = self._batch_size(grads, 0)
-        for rows in te.batches(part, bs):
-            slots, _ = grads.features(te.take(rows, self.device), vocab_pos)
-            if feats is None:
-                feats = [
-                    torch.zeros(len(part), s.shape[1], dtype=self.dtype, device=self.device)
-                    for s in slots
-                ]
-            idx = torch.as_tensor([where[int(r)] for r in rows], device=self.device)
-            for f, s in zip(feats, slots, strict=True):
-                f[idx] = s
-        assert feats is not None
-        return feats, vocab_pos
+        width = grads.width(vocab_pos)
+        # Rows are filled in length order (contiguous slices); the permutation to ``part``
+        # order is applied to the scores instead of to this big tensor.
+        feats = torch.empty(len(part), width, dtype=self.dtype, device=self.device)
+        order = []
+        filled = 0
+        for rows in te.batches(part, self._batch_size(grads)):
+            grads.features(
+                te.take(rows, self.device), vocab_pos, feats[filled : filled + len(rows)]
+            )
+            order.append(rows)
+            filled += len(rows)
+        # Returned transposed (a view): the products below are (rows × width) @ (width × n).
+        return feats.T, vocab_pos, np.concatenate(order)
 
     def _score_chunk(
         self,
         grads: _CheckpointGrads,
         tr: _Data,
         chunk: tuple[int, int],
-        feats: list[torch.Tensor] | None,
+        feats: torch.Tensor | None,
         vocab_pos: torch.Tensor | None,
-        batch_size: int,
         block: np.ndarray,
         test_rows: np.ndarray | None,
         with_self: bool = True,
     ) -> None:
         """Fill ``block`` (rows: test, last row: self-influence) for one training chunk."""
         lo, hi = chunk
-        for rows in tr.batches(np.arange(lo, hi), batch_size):
-            slots, sq = grads.features(tr.take(rows, self.device), vocab_pos)
-            cols = rows - lo
+        bs = self._batch_size(grads)
+        buf = None
+        if feats is not None:
+            n_rows = self._buffer_rows(feats.shape[0], bs)
+            buf = torch.empty(n_rows, feats.shape[0], dtype=self.dtype, device=self.device)
+        pending: list[np.ndarray] = []
+        filled = 0
+
+        def flush() -> None:
+            nonlocal filled
+            if buf is None or not filled:
+                return
+            cols = np.concatenate(pending) - lo
+            scores = (buf[:filled] @ feats).float().cpu().numpy()  # (filled, n_test)
+            block[np.ix_(test_rows, cols)] = scores.T
+            pending.clear()
+            filled = 0
+
+        for rows in tr.batches(np.arange(lo, hi), bs):
+            if buf is not None and filled + len(rows) > buf.shape[0]:
+                flush()
+            out = buf[filled : filled + len(rows)] if buf is not None else None
+            sq = grads.features(tr.take(rows, self.device), vocab_pos, out)
             if with_self:
-                block[-1, cols] = sq.float().cpu().numpy()
-            if feats is None:
-                continue
-            scores = torch.zeros(len(rows), feats[0].shape[0], device=self.device)
-            for s, f in zip(slots, feats, strict=True):
-                scores += (s @ f.T).float()
-            block[np.ix_(test_rows, cols)] = scores.T.cpu().numpy()
+                block[-1, rows - lo] = sq.float().cpu().numpy()
+            pending.append(rows)
+            filled += len(rows)
+        flush()
 
 
 def _vocab_of(data: _Data, rows: np.ndarray) -> torch.Tensor:
     """Sorted word ids that occur (unmasked) in ``rows``."""
     sel = torch.as_tensor(rows, dtype=torch.long)
     return torch.unique(data.ids[sel][data.mask[sel] > 0])
-
-
-def _word_cols(feats: list[torch.Tensor], grads: _CheckpointGrads) -> int:
-    """Width of the word-embedding feature slot (0 when absent)."""
-    if grads.word_in_scope and grads.projector is None:
-        return int(feats[-1].shape[1])
-    return 0
 
 
 # --------------------------------------------------------------------------- shards
