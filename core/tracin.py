@@ -1024,9 +1024,24 @@ def _run_data(
     return train, test, test_df["id"].to_numpy()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    Linux's VmHWM belongs to the current program image; ``ru_maxrss`` (the fallback) also
+    counts a parent's peak inherited across fork+exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _peak_memory_mb(device: torch.device) -> dict[str, float]:
     """Process peak RSS (and CUDA peak allocation) in MiB."""
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
