@@ -43,7 +43,10 @@ if str(REPO) not in sys.path:
 
 from core.tracin import TracInCP, peak_rss_mb, select_parameters  # noqa: E402
 
-VOCAB = 6000
+try:  # the quick preset's vocabulary size, when core.models says it
+    from core.models import TINY_VOCAB_SIZE as VOCAB  # noqa: E402
+except ImportError:  # pragma: no cover
+    VOCAB = 6000
 SEQ_MIN, SEQ_MAX = 8, 40  # tokens incl. [CLS]/[SEP]; the default dataset averages ~22
 
 

@@ -558,6 +558,8 @@ class TracInCP:
         self.scope = scope
         self.project = None if project is None else int(project)
         self.seed = int(seed)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.dtype = _resolve_dtype(dtype)
@@ -1183,7 +1185,9 @@ def compare_to_exact(
 ) -> dict[str, Any]:
     """Measure a scope/projection against exact 'all' TracIn on ``n_test`` test instances.
 
-    Test instances are evenly spaced over the test split. Writes nothing to the run.
+    Test instances are evenly spaced over the test split. Scores already in the run's
+    tracin.npy are reused when they were computed with the options needed (their seconds
+    are then reported as 0). Writes nothing to the run.
     """
     from core.models import load_classifier, resolve_device
 
@@ -1211,8 +1215,18 @@ def compare_to_exact(
         res = engine.compute(train, test, progress=progress)
         return res.matrix, res.seconds, res.n_params
 
-    exact, t_exact, n_exact = scores("all", None, 0)
-    approx, t_approx, n_approx = scores(options["params"], options["project"], options["seed"] or 0)
+    def stored(opts: dict[str, Any]) -> tuple[np.ndarray, float, int] | None:
+        """Rows of the run's tracin.npy when it was computed with ``opts``."""
+        info = manifest.get("tracin") or {}
+        if not store.stage_done(run, "tracin") or any(info.get(k) != v for k, v in opts.items()):
+            return None
+        return np.asarray(store.read_npy(run / store.TRACIN)[rows]), 0.0, int(info["n_params"])
+
+    exact_opts = {"params": "all", "project": None, "seed": None}
+    exact, t_exact, n_exact = stored(exact_opts) or scores("all", None, 0)
+    approx, t_approx, n_approx = stored(options) or scores(
+        options["params"], options["project"], options["seed"] or 0
+    )
     report = scope_error(exact, approx)
     for row, tid in zip(report["per_test"], test_ids, strict=True):
         row["test_id"] = int(tid)
