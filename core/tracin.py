@@ -944,16 +944,16 @@ def write_per_checkpoint(
     chunk_size: int,
     path: str | os.PathLike,
 ) -> None:
-    """Write the float16 (k, n_test, n_train) stack from shards, one shard in memory at a time."""
+    """Write the float32 (k, n_test, n_train) stack from shards, one shard in memory at a time."""
     folder = Path(shard_dir)
     with store.atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.float16, shape=(k, n_test, n_train)
+            tmp, mode="w+", dtype=np.float32, shape=(k, n_test, n_train)
         )
         for ci in range(k):
             for c, lo in enumerate(range(0, n_train, chunk_size)):
                 hi = min(lo + chunk_size, n_train)
-                out[ci, :, lo:hi] = np.load(folder / shard_name(ci, c))[:n_test].astype(np.float16)
+                out[ci, :, lo:hi] = np.load(folder / shard_name(ci, c))[:n_test].astype(np.float32)
         out.flush()
         del out
 

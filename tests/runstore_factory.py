@@ -125,7 +125,7 @@ def make_run(
         weights = weights / weights.sum()
         per = weights[:, None, None] * tracin[None] + rng.normal(0, 0.01, (epochs, *tracin.shape))
         per[-1] = tracin - per[:-1].sum(0)  # contributions sum to the matrix
-        store.write_npy(run / store.TRACIN_PER_CHECKPOINT, per.astype(np.float16))
+        store.write_npy(run / store.TRACIN_PER_CHECKPOINT, per.astype(np.float32))
         self_inf = rng.gamma(2.0, 1.0, n_train) + 4.0 * flipped
         store.write_npy(run / store.SELF_INFLUENCE, self_inf.astype(np.float32))
 

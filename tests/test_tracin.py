@@ -379,11 +379,9 @@ def test_run_stage_writes_the_contract_files(checkpoints, tmp_path):
     stack = np.load(run / store.TRACIN_PER_CHECKPOINT)
     self_inf = np.load(run / store.SELF_INFLUENCE)
     assert matrix.dtype == np.float32 and matrix.shape == (5, 12)
-    assert stack.dtype == np.float16 and stack.shape == (3, 5, 12)
+    assert stack.dtype == np.float32 and stack.shape == (3, 5, 12)
     assert self_inf.dtype == np.float32 and self_inf.shape == (12,)
-    assert np.allclose(
-        stack.astype(np.float32).sum(0), matrix, rtol=1e-2, atol=1e-3 * abs(matrix).max()
-    )
+    assert np.allclose(stack.sum(0), matrix, rtol=1e-5, atol=1e-6 * abs(matrix).max())
     train, test = _run_inputs(run)
     ref, ref_self = _brute_tracin(checkpoints, train, test, "all")
     assert _rel(matrix, ref) < 1e-5 and _rel(self_inf, ref_self) < 1e-5

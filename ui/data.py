@@ -231,7 +231,7 @@ class Run:
         return self._matrix(store.TRACIN, "tracin")
 
     def per_checkpoint(self) -> np.ndarray:
-        """(k, n_test, n_train) per-checkpoint contributions (float16)."""
+        """(k, n_test, n_train) per-checkpoint contributions (float32)."""
         arr = self._npy(store.TRACIN_PER_CHECKPOINT, "tracin")
         if arr.ndim != 3 or arr.shape[1:] != (len(self.test), len(self.train)):
             raise AtlasError(
