@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,17 @@ def guard() -> Iterator[None]:
         st.error(f"Something in this run could not be read ({type(exc).__name__}: {exc}).")
         with st.expander("Details"):
             st.code(traceback.format_exc())
+
+
+def run_page(title: str, icon: str, caption: str, body: Callable[[data.Run], None]) -> None:
+    """The frame of every per-run page: header, caption, run picker, then ``body`` under a guard."""
+    setup_page(title, icon)
+    st.caption(caption)
+    run = open_run()
+    if run is None:
+        return
+    with guard():
+        body(run)
 
 
 def _remember(qp: str, memo: str, value: Any) -> None:

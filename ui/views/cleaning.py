@@ -21,17 +21,16 @@ METRIC_NAMES = {
 
 def render() -> None:
     """Draw the Cleaning lab page."""
-    widgets.setup_page("Cleaning lab", ":material/cleaning_services:")
-    st.caption(
-        "Each detector ranks the training instances by suspicion. Because this lab flipped the labels "
-        "itself, every ranking can be scored against the truth: how many flips would you find after "
-        "inspecting the top few percent?"
+    widgets.run_page(
+        "Cleaning lab",
+        ":material/cleaning_services:",
+        (
+            "Each detector ranks the training instances by suspicion. Because this lab flipped the labels "
+            "itself, every ranking can be scored against the truth: how many flips would you find after "
+            "inspecting the top few percent?"
+        ),
+        body,
     )
-    run = widgets.open_run()
-    if run is None:
-        return
-    with widgets.guard():
-        body(run)
 
 
 def body(run: data.Run) -> None:

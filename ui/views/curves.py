@@ -88,17 +88,16 @@ def _load_curve(run: data.Run, test_id: int, source: str, max_points: int) -> Cu
 
 def render() -> None:
     """Draw the Score curves page."""
-    widgets.setup_page("Score curves", ":material/show_chart:")
-    st.caption(
-        "Paper Fig. 1: for each test instance, every training instance's TracIn score sorted from "
-        "most helpful to most harmful. Red: flipped labels; blue: clean. Yellow: least-squares line; "
-        "green: the line joining the ends."
+    widgets.run_page(
+        "Score curves",
+        ":material/show_chart:",
+        (
+            "Paper Fig. 1: for each test instance, every training instance's TracIn score sorted from "
+            "most helpful to most harmful. Red: flipped labels; blue: clean. Yellow: least-squares line; "
+            "green: the line joining the ends."
+        ),
+        body,
     )
-    run = widgets.open_run()
-    if run is None:
-        return
-    with widgets.guard():
-        body(run)
 
 
 def body(run: data.Run) -> None:

@@ -14,17 +14,16 @@ MAX_LINES = 30  # sorted-distance curves drawn at most (Fig. 2b gets unreadable 
 
 def render() -> None:
     """Draw the Neighbourhoods page."""
-    widgets.setup_page("Neighbourhoods", ":material/hub:")
-    st.caption(
-        "The paper's hypothesis (Fig. 2): a test instance with many similar training instances gets a "
-        "Z-shaped curve, an unusual one an S-shaped curve. Similarity is the Euclidean distance between "
-        "final-layer [CLS] embeddings."
+    widgets.run_page(
+        "Neighbourhoods",
+        ":material/hub:",
+        (
+            "The paper's hypothesis (Fig. 2): a test instance with many similar training instances gets a "
+            "Z-shaped curve, an unusual one an S-shaped curve. Similarity is the Euclidean distance between "
+            "final-layer [CLS] embeddings."
+        ),
+        body,
     )
-    run = widgets.open_run()
-    if run is None:
-        return
-    with widgets.guard():
-        body(run)
 
 
 def body(run: data.Run) -> None:

@@ -13,16 +13,15 @@ CURVES_PAGE = "pages/1_Score_curves.py"
 
 def render() -> None:
     """Draw the Shape vs position page."""
-    widgets.setup_page("Shape vs position", ":material/scatter_plot:")
-    st.caption(
-        "Paper Fig. 3: the more S-shaped a test instance's curve, the nearer its flipped training "
-        "instances sit to the ends of the curve. One point per test instance; click one to see its curve."
+    widgets.run_page(
+        "Shape vs position",
+        ":material/scatter_plot:",
+        (
+            "Paper Fig. 3: the more S-shaped a test instance's curve, the nearer its flipped training "
+            "instances sit to the ends of the curve. One point per test instance; click one to see its curve."
+        ),
+        body,
     )
-    run = widgets.open_run()
-    if run is None:
-        return
-    with widgets.guard():
-        body(run)
 
 
 def body(run: data.Run) -> None:
