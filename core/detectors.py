@@ -33,9 +33,12 @@ Detectors (names are the run-store contract):
     the mean of logit[observed] − logit[other]; negated, since a low margin is suspicious.
 ``cleanlab``
     Confident learning (Northcutt et al.) on out-of-sample probabilities from a
-    cheap, honest model: TF-IDF character n-grams + logistic regression,
-    5-fold stratified ``cross_val_predict`` on the training split with observed
-    labels (character n-grams need no word splitter, so Japanese works too). The
+    cheap, honest model: logistic regression, 5-fold stratified
+    ``cross_val_predict`` on the training split with observed labels. Its features
+    are the frozen *pretrained* encoder's mean-pooled embeddings when the run's
+    model is pretrained (a fair opponent for detectors that see a fine-tuned
+    encoder), else TF-IDF character 1–4-grams (no word splitter needed, so
+    Japanese works too). The
     score is ``is_issue + (1 − label_quality)``: the instances
     ``cleanlab.filter.find_label_issues`` flags come first, each group ordered by
     ``cleanlab.rank.get_label_quality_scores`` (self-confidence).
@@ -120,40 +123,92 @@ def random_scores(n: int, seed: int) -> np.ndarray:
 
 
 def cleanlab_scores(
-    texts: Sequence[str], observed: np.ndarray, seed: int, n_folds: int = 5
+    texts: Sequence[str],
+    observed: np.ndarray,
+    seed: int,
+    n_folds: int = 5,
+    features: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Confident-learning suspicion from out-of-sample TF-IDF + logistic-regression probabilities.
+    """Confident-learning suspicion from out-of-sample logistic-regression probabilities.
 
-    Returns ``(scores, info)`` where info counts the flagged issues and folds.
+    The classifier sees ``features`` (e.g. frozen pretrained sentence embeddings) when
+    given, else TF-IDF character 1–4-grams of ``texts``. Returns ``(scores, info)``
+    where info counts the flagged issues and folds.
     """
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     y = np.asarray(observed, dtype=np.int64)
     smallest = int(np.bincount(y, minlength=2).min())
     folds = min(n_folds, smallest)
     if folds < 2:
         raise AtlasError("cleanlab needs at least two training instances of each observed label.")
-    # The vectorizer sits inside the pipeline, so each fold's vocabulary and idf come
-    # from its own training part only: the probabilities are truly out of sample.
-    model = make_pipeline(
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True),
-        LogisticRegression(C=4.0, max_iter=2000),
+    # Every fitted step sits inside the pipeline, so each fold's vocabulary, idf, scaling
+    # and regularisation strength (chosen by inner 3-fold log loss on observed labels)
+    # come from its own training part only: the probabilities are out of sample.
+    classifier = LogisticRegressionCV(
+        Cs=[0.001, 0.01, 0.1, 1.0, 10.0], cv=3, scoring="neg_log_loss", max_iter=3000
     )
+    if features is None:
+        model = make_pipeline(
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True),
+            classifier,
+        )
+        x: Any = list(texts)
+    else:
+        model = make_pipeline(StandardScaler(), classifier)
+        x = np.asarray(features, dtype=np.float64)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(seed))
-    probs = cross_val_predict(model, list(texts), y, cv=cv, method="predict_proba")
+    probs = cross_val_predict(model, x, y, cv=cv, method="predict_proba")
     issues = find_label_issues(labels=y, pred_probs=probs, n_jobs=1)
     quality = get_label_quality_scores(labels=y, pred_probs=probs)
     info = {
         "folds": folds,
+        "features": "tfidf" if features is None else "pretrained",
         "n_issues": int(issues.sum()),
         "cv_accuracy": float((probs.argmax(1) == y).mean()),
     }
     return issues.astype(np.float64) + (1.0 - quality), info
+
+
+def pretrained_features(
+    run_dir: str | os.PathLike, config: StudyConfig, texts: Sequence[str]
+) -> np.ndarray | None:
+    """Mean-pooled last hidden states of the run's *pretrained* encoder (before fine-tuning).
+
+    None for models trained from scratch ('tiny'), which have no label-free encoder.
+    The weights never saw a label of this data, so a classifier on these features
+    cross-validated on the training split stays out of sample.
+    """
+    if config.model == "tiny":
+        return None
+    import torch
+
+    from core.models import build_model, encode, length_batches, load_tokenizer, resolve_device
+
+    tokenizer = load_tokenizer(run_dir)
+    device = resolve_device(config.device)
+    encoder = build_model(config.model, tokenizer, config.max_length, config.seed).base_model
+    encoder.to(device).eval()
+    texts = list(texts)
+    lengths = [len(t) for t in texts]
+    out: np.ndarray | None = None
+    with torch.no_grad():
+        for batch in length_batches(lengths, 64):
+            enc = encode(tokenizer, [texts[i] for i in batch], config.max_length)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            hidden = encoder(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
+            out[batch] = pooled
+    return out
 
 
 # --------------------------------------------------------------------------- shape-aware
@@ -578,18 +633,28 @@ def _compute(
     if name == "random":
         return random_scores(n, config.seed), f"uniform random scores (seed {config.seed}).", None
     if name == "cleanlab":
+        texts = inputs.train["text"].tolist()
+        features, why = None, ""
         try:
-            values, extra = cleanlab_scores(
-                inputs.train["text"].tolist(), inputs.observed, config.seed
-            )
+            features = pretrained_features(inputs.run, config, texts)
+        except (AtlasError, ImportError, OSError) as exc:
+            why = f" (pretrained encoder unavailable: {exc})"
+        try:
+            values, extra = cleanlab_scores(texts, inputs.observed, config.seed, features=features)
         except ImportError as exc:
             raise _Skip(f"cleanlab or scikit-learn is not installed ({exc})") from None
+        model = (
+            f"mean-pooled embeddings of the pretrained {config.model} encoder (frozen, never "
+            "fine-tuned on these labels) + standardised logistic regression (C by inner CV)"
+            if features is not None
+            else "TF-IDF char 1–4-grams + logistic regression (C by inner CV)" + why
+        )
         return (
             values,
             (
                 "confident learning: find_label_issues flags first, then 1 − label quality "
-                f"(self-confidence) on out-of-sample probabilities of TF-IDF char 1–4-grams + logistic "
-                f"regression, {extra['folds']}-fold cross_val_predict on the training split "
+                f"(self-confidence) on out-of-sample probabilities of {model}, "
+                f"{extra['folds']}-fold cross_val_predict on the training split "
                 f"({extra['n_issues']} flagged, CV accuracy {extra['cv_accuracy']:.3f})."
             ),
             extra,
@@ -607,6 +672,8 @@ def _shape_aware(inputs: _Inputs) -> tuple[np.ndarray, str, dict[str, Any]]:
     n_test = int((inputs.instances["split"] == "test").sum())
     if tracin.shape != (n_test, len(inputs.train)):
         raise _Skip(f"{store.TRACIN} has shape {tracin.shape}, not ({n_test}, {len(inputs.train)})")
+    if n_test == 0:
+        raise _Skip("the run has no test instances")
     s_min, z_max = 0.2, -0.1
     analysis = inputs.run / store.ANALYSIS
     if analysis.exists():

@@ -159,6 +159,17 @@ def test_random_scores_are_seeded():
     assert (a == b).all() and not (a == detectors.random_scores(50, 4)).all()
 
 
+def test_cleanlab_on_given_features_flags_the_flips():
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 2
+    features = rng.normal(0, 1, (120, 5)) + 3.0 * y[:, None]  # two well-separated clusters
+    observed = y.copy()
+    observed[[4, 9, 50, 77]] ^= 1
+    scores, info = detectors.cleanlab_scores([""] * 120, observed, 0, features=features)
+    assert info["features"] == "pretrained" and info["n_issues"] >= 4
+    assert set(np.argsort(-scores)[:4].tolist()) == {4, 9, 50, 77}
+
+
 def test_shape_aware_takes_ends_of_s_and_centre_of_z():
     n = 100
     flips = np.array([5, 50, 77, 90])
