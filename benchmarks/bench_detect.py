@@ -9,9 +9,10 @@ one line per detector and the issue-7 goal check: some detector finds ≥ 90 % o
 flips within the top 10 % and beats the ``loss`` and ``cleanlab`` baselines on
 average precision. It also prints ablations that the stored detectors do not show:
 
-- shape-aware vs shape-blind: the same rank-position aggregation with every curve read
-  as an S (suspects at the ends) or every curve as a Z (suspects at the centre), and
-  over all test instances instead of only misclassified ones;
+- shape-aware vs shape-blind: the same aggregation with every curve read as an S
+  (suspects far from the centre) or every curve as a Z (suspects near it), over all
+  test instances instead of only misclassified ones, and with rank positions (the end
+  ratio's measure) instead of score distances;
 - detector 2's aggregation: |TracIn| vs opponents only vs proponents only, from the
   influence matrix cached in ``detect_work/``.
 """
@@ -104,12 +105,15 @@ def ablations(run: Path) -> dict[str, dict[str, float]]:
         s, correct = shapes["s"].to_numpy(), shapes["correct"].to_numpy(bool)
         everyone = np.zeros_like(correct)  # "all misclassified": every row used
         variants = {
-            "shape_aware: all curves as S (ends)": (correct, 1.0),
-            "shape_aware: all curves as Z (centre)": (correct, -1.0),
-            "shape_aware: every test instance": (everyone, None),
+            "shape_aware: all curves as S (ends)": (correct, 1.0, "value"),
+            "shape_aware: all curves as Z (centre)": (correct, -1.0, "value"),
+            "shape_aware: every test instance": (everyone, None, "value"),
+            "shape_aware: rank positions (end-ratio form)": (correct, None, "rank"),
         }
-        for label, (mask, pref) in variants.items():
-            scores, _ = detectors.shape_aware_scores(tracin, s, mask, preference=pref)
+        for label, (mask, pref, position) in variants.items():
+            scores, _ = detectors.shape_aware_scores(
+                tracin, s, mask, preference=pref, position=position
+            )
             out[label] = metrics.detection_metrics(scores, flipped)
         mis = ~correct
         counts = shapes.loc[mis, "shape"].value_counts().to_dict()

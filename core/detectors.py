@@ -25,7 +25,9 @@ Detectors (names are the run-store contract):
     The study's own idea (paper §III, §V.D): in the run's TracIn matrix, flipped
     instances sit at the ends of S-shaped sorted curves and near the centre of
     Z-shaped ones. For each misclassified test instance the detector takes suspects
-    from where its shape says they are. See :func:`shape_aware_scores`.
+    from where its shape says they are: far from the curve's centre value for an S,
+    close to it for a Z, weighted by how clear the shape is. See
+    :func:`shape_aware_scores`.
 ``loss``
     Cross-entropy on the observed label at the final checkpoint (``logits.npy``).
 ``aum``
@@ -240,23 +242,42 @@ def shape_preference(s: np.ndarray, s_min: float, z_max: float) -> np.ndarray:
     return np.clip((s - mid) / half, -1.0, 1.0)
 
 
+def centre_distances(rows: np.ndarray) -> np.ndarray:
+    """Distance of every score from its curve's centre value (the median), in units of the row's mean.
+
+    Each row of the result averages 1, so rows of different scales count alike. This
+    reads the paper's "ends" and "centre" in score terms (large vs small deviation),
+    which keeps how far out an instance lies; :func:`rank_positions` is the rank form.
+    """
+    rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
+    dev = np.abs(rows - np.median(rows, axis=1, keepdims=True))
+    scale = dev.mean(axis=1, keepdims=True)
+    return dev / np.where(scale > 0, scale, 1.0)
+
+
 def shape_aware_scores(
     tracin: np.ndarray,
     s: np.ndarray,
     correct: np.ndarray,
     s_min: float = 0.2,
     z_max: float = -0.1,
-    preference: np.ndarray | None = None,
+    preference: np.ndarray | float | None = None,
+    position: str = "value",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Suspicion from where each misclassified test instance's curve shape says flips sit.
 
-    For test instance j (rows of ``tracin``, misclassified only; all of them if the
-    model got every one right) and training instance i, d_ij ∈ [0, 1] is i's distance
-    from the centre of j's sorted curve. With preference w_j (+1 ends, −1 centre, from
-    :func:`shape_preference`) the contribution is w_j·(d_ij − ½): positive at the ends
-    of an S, at the centre of a Z. The score is Σ_j w_j·(d_ij − ½) / Σ_j |w_j|.
+    Rows of ``tracin`` are test instances; only misclassified ones are used (all of
+    them if the model got every one right). For row j and training instance i,
+    u_ij is i's distance from the centre of j's curve: with ``position='value'``
+    (default) ``|T_ij − median_j|`` over its row mean (:func:`centre_distances`,
+    mean 1), with ``'rank'`` the rank distance of the end ratio mapped to [0, 1]
+    and centred at ½. With preference w_j (+1 ends, −1 centre, from
+    :func:`shape_preference`) the contribution is w_j·(u_ij − mean): positive far out
+    on an S, near the middle of a Z; the score is Σ_j w_j·(u_ij − mean) / Σ_j |w_j|.
     ``preference`` overrides w (the benchmark's shape-blind ablations use ±1).
     """
+    if position not in ("value", "rank"):
+        raise AtlasError(f"Unknown position measure '{position}'; choose value or rank.")
     tracin = np.asarray(tracin)
     correct = np.asarray(correct, dtype=bool)
     use = ~correct if (~correct).any() else np.ones_like(correct)
@@ -264,16 +285,19 @@ def shape_aware_scores(
     w = np.broadcast_to(w, correct.shape)[use]
     rows = np.flatnonzero(use)
     total = np.zeros(tracin.shape[1])
-    for start in range(0, len(rows), 64):  # blocks keep the rank arrays small for big runs
-        block = rows[start : start + 64]
-        d = rank_positions(np.asarray(tracin[block], dtype=np.float64))
-        total += w[start : start + 64] @ (d - 0.5)
+    for start in range(0, len(rows), 64):  # blocks keep the work arrays small for big runs
+        block = np.asarray(tracin[rows[start : start + 64]], dtype=np.float64)
+        # Centred so that a row adds nothing on average: only where in the curve counts.
+        centred = centre_distances(block) - 1.0 if position == "value" else None
+        u = centred if centred is not None else rank_positions(block) - 0.5
+        total += w[start : start + 64] @ u
     weight = np.abs(w).sum()
     info = {
         "n_test_used": int(len(rows)),
         "misclassified_only": bool((~correct).any()),
         "n_prefer_ends": int((w > 0).sum()),
         "n_prefer_centre": int((w < 0).sum()),
+        "position": position,
     }
     return (total / weight if weight > 0 else total), info
 
@@ -704,11 +728,12 @@ def _shape_aware(inputs: _Inputs) -> tuple[np.ndarray, str, dict[str, Any]]:
         source = "curve fits of tracin.npy (no shapes.parquet)"
     values, extra = shape_aware_scores(tracin, s, correct, s_min, z_max)
     note = (
-        f"for each of {extra['n_test_used']} {'misclassified' if extra['misclassified_only'] else ''} "
-        f"test instances of tracin.npy, w·(distance from the curve centre − ½) with w = +1 for S "
-        f"(s ≥ {s_min}), −1 for Z (s ≤ {z_max}), linear between; averaged over test instances "
-        f"weighted by |w| ({extra['n_prefer_ends']} prefer the ends, {extra['n_prefer_centre']} the "
-        f"centre; shapes from {source}). Uses the test labels to find misclassified test instances."
+        f"for each of {extra['n_test_used']}{' misclassified' if extra['misclassified_only'] else ''} "
+        "test instances of tracin.npy, w·(|score − curve median| / row mean − 1) with w = +1 "
+        f"(suspects far out: S, s ≥ {s_min}), −1 (suspects near the centre: Z, s ≤ {z_max}), "
+        f"linear between; averaged over test instances weighted by |w| ({extra['n_prefer_ends']} "
+        f"prefer the ends, {extra['n_prefer_centre']} the centre; shapes from {source}). "
+        "Uses the test labels to find misclassified test instances."
     )
     return values, note, extra
 

@@ -197,6 +197,11 @@ def test_shape_aware_takes_ends_of_s_and_centre_of_z():
         rows[[1, 3]], s[[1, 3]], np.zeros(2, bool), preference=1.0
     )
     assert metrics.precision_at_k(blind, flipped) == 0.0
+    # The rank form (the end ratio's measure) reads these curves the same way.
+    ranked, info = detectors.shape_aware_scores(rows, s, np.zeros(4, bool), position="rank")
+    assert info["position"] == "rank" and metrics.precision_at_k(ranked, flipped) == 1.0
+    with pytest.raises(AtlasError, match="position"):
+        detectors.shape_aware_scores(rows, s, np.zeros(4, bool), position="middle")
 
 
 def test_shape_preference_ramp():
