@@ -54,6 +54,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,11 @@ def cleanlab_scores(
         model = make_pipeline(StandardScaler(), classifier)
         x = np.asarray(features, dtype=np.float64)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(seed))
-    probs = cross_val_predict(model, x, y, cv=cv, method="predict_proba")
+    with warnings.catch_warnings():
+        # scikit-learn 1.9 announces a change of LogisticRegressionCV's fitted attributes,
+        # which this code never reads.
+        warnings.simplefilter("ignore", FutureWarning)
+        probs = cross_val_predict(model, x, y, cv=cv, method="predict_proba")
     issues = find_label_issues(labels=y, pred_probs=probs, n_jobs=1)
     quality = get_label_quality_scores(labels=y, pred_probs=probs)
     info = {

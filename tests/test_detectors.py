@@ -299,7 +299,6 @@ def test_unknown_detector_and_missing_scores_raise(tmp_path):
 
 
 def test_misclassified_influence_on_a_tiny_run(tmp_path):
-    pytest.importorskip("core.tracin")
     run = make_tiny_run(tmp_path, epochs=2)
     result = detectors.run_detect(run, detectors=["misclassified_influence"], progress=False)
     assert "misclassified_influence" in result["detectors"], result["notes"]
