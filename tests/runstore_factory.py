@@ -25,19 +25,14 @@ if str(REPO) not in sys.path:
 
 from core import store  # noqa: E402
 from core.config import PRESETS  # noqa: E402
+from core.detectors import DETECTORS  # noqa: E402
+from core.metrics import FRACTIONS  # noqa: E402
+from core.shapes import S_MIN, Z_MAX, curve_fit, shape_class  # noqa: E402
+from core.shapes import end_ratio as core_end_ratio  # noqa: E402
 
 SHAPE_CYCLE = ("S", "Z", "backslash")
-S_MIN, Z_MAX = 0.2, -0.1  # the DESIGN.md starting thresholds
-DETECTOR_NAMES = (
-    "self_influence",
-    "misclassified_influence",
-    "shape_aware",
-    "loss",
-    "aum",
-    "cleanlab",
-    "random",
-)
-FRACTIONS = (0.01, 0.025, 0.05, 0.1, 0.2)
+# One source of truth for names and thresholds: the pure-NumPy core modules the app reads too.
+DETECTOR_NAMES = DETECTORS
 ALL_STAGES = ("data", "train", "tracin", "analyze", "detect")
 
 _WORDS_POS = ["great", "lovely", "works well", "excellent", "とても良い", "happy with it"]
@@ -364,20 +359,10 @@ def _embeddings(rng, inst: pd.DataFrame, shapes_of: list[str], hidden: int) -> n
 
 
 def _fit(sorted_scores: np.ndarray) -> dict[str, float]:
-    """Regression and endpoint lines and S (DESIGN.md definitions)."""
-    n = len(sorted_scores)
-    x = np.arange(n, dtype=np.float64)
-    b_reg, a_reg = np.polyfit(x, sorted_scores.astype(np.float64), 1)
-    b_end = (sorted_scores[-1] - sorted_scores[0]) / (n - 1)
-    s_raw = b_reg - b_end
-    return {
-        "s_raw": float(s_raw),
-        "s": float(s_raw / abs(b_end)) if b_end else 0.0,
-        "b_reg": float(b_reg),
-        "a_reg": float(a_reg),
-        "b_end": float(b_end),
-        "a_end": float(sorted_scores[0]),
-    }
+    """Regression and endpoint lines and S, from core.shapes (the fake store uses the real definitions)."""
+    fit = curve_fit(sorted_scores)
+    keys = ("s_raw", "s", "b_reg", "a_reg", "b_end", "a_end")
+    return {k: float(getattr(fit, k)) for k in keys}
 
 
 def _shapes_and_curves(tracin, dist, test, train, correct) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -390,10 +375,9 @@ def _shapes_and_curves(tracin, dist, test, train, correct) -> tuple[pd.DataFrame
         order = np.argsort(-tracin[t], kind="stable")
         scores = tracin[t][order]
         fit = _fit(scores)
-        shape = "S" if fit["s"] >= S_MIN else ("Z" if fit["s"] <= Z_MAX else "backslash")
+        shape = shape_class(fit["s"], S_MIN, Z_MAX)
         ranks = np.flatnonzero(flipped[order])
-        half = (n - 1) / 2
-        end_ratio = float(np.mean(np.abs(ranks - half) / half * 100)) if len(ranks) else np.nan
+        end_ratio = float(core_end_ratio(ranks, n)) if len(ranks) else np.nan
         nearest = np.argsort(dist[t])[:10]
         rows.append(
             {
