@@ -30,6 +30,40 @@ def synthetic_reviews(n: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def csv_args(csv: Path) -> list[str]:
+    """CLI options that point a study at a :func:`synthetic_reviews` file."""
+    return ["--dataset", str(csv), "--text-col", "review", "--label-col", "sentiment"]
+
+
+def tiny_bert(vocab_size: int, seed: int | None = 0, layers: int = 2, **config: object):
+    """A random BERT classifier (hidden 16) small enough to run in milliseconds."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = {
+        "hidden_size": 16,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 32,
+        **config,
+    }
+    bert = BertConfig(vocab_size=vocab_size, num_hidden_layers=layers, num_labels=2, **settings)
+    return BertForSequenceClassification(bert)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Train with one torch thread: on a shared 2-core machine more threads thrash."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def reviews_csv(tmp_path: Path) -> Path:
     """A 200-row CSV with columns review / sentiment (neg|pos)."""
@@ -65,15 +99,6 @@ def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     csv = root / "reviews.csv"
     synthetic_reviews(240, seed=1).to_csv(csv, index=False)
     cache = root / "cache"
-    args = [
-        "run",
-        *TINY_ARGS,
-        "--dataset",
-        str(csv),
-        "--text-col",
-        "review",
-        "--label-col",
-        "sentiment",
-    ]
+    args = ["run", *TINY_ARGS, *csv_args(csv)]
     assert main([*args, "--cache", str(cache), "--name", "tiny"]) == 0
     return cache / "tiny"

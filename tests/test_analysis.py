@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+from transformers import BertForSequenceClassification, BertTokenizer
 
 import core.geometry as geometry
 from core import store
 from core.analysis import analyze_run, correlation, correlations, summary_rows
 from core.errors import AtlasError
+from tests.conftest import tiny_bert
 
 N_TRAIN, N_VAL, N_TEST = 40, 4, 10
 FLIPPED = [3, 10, 25, 33]  # training rows whose labels were flipped
@@ -33,18 +34,10 @@ def build_fake_run(run: Path) -> None:
     vocab.unlink()
     checkpoints = []
     for epoch in (1, 2):
-        torch.manual_seed(epoch)
-        config = BertConfig(
-            vocab_size=5 + len(WORDS),
-            hidden_size=HIDDEN,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-            num_labels=2,
-        )
         path = f"{store.CHECKPOINTS_DIR}/epoch-{epoch:02d}"
-        BertForSequenceClassification(config).save_pretrained(str(run / path))
+        tiny_bert(5 + len(WORDS), seed=epoch, layers=1, hidden_size=HIDDEN).save_pretrained(
+            str(run / path)
+        )
         checkpoints.append({"epoch": epoch, "path": path, "lr": 1e-3})
 
     n = N_TRAIN + N_VAL + N_TEST

@@ -12,6 +12,7 @@ import pytest
 from core import detectors, metrics, store
 from core.config import StudyConfig
 from core.errors import AtlasError
+from tests.conftest import tiny_bert
 
 POSITIVE = ["good", "great", "nice", "love", "fine", "happy"]
 NEGATIVE = ["bad", "awful", "poor", "hate", "sad", "broken"]
@@ -36,7 +37,7 @@ def make_tiny_run(
     steps; the influence files are synthetic but put the flips where real ones go
     (high self-influence, high final loss).
     """
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    from transformers import BertTokenizer
 
     rng = np.random.default_rng(0)
     run = root / "tiny-run"
@@ -75,18 +76,9 @@ def make_tiny_run(
         max_length=16,
         device="cpu",
     )
-    bert = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
     checkpoints = []
     for epoch in range(1, epochs + 1):
-        model = BertForSequenceClassification(bert)
+        model = tiny_bert(len(tokenizer), seed=None, layers=1)
         path = run / store.CHECKPOINTS_DIR / f"epoch-{epoch:02d}"
         model.save_pretrained(str(path))
         checkpoints.append({"epoch": epoch, "path": str(path.relative_to(run)), "lr": config.lr})
@@ -130,15 +122,7 @@ def make_tiny_run(
     return run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train with one torch thread: on a shared 2-core machine more threads thrash (≈40× slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CHEAP = ["self_influence", "shape_aware", "loss", "aum", "cleanlab", "random"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from core.errors import AtlasError
 from core.geometry import (
@@ -18,21 +18,12 @@ from core.geometry import (
     project_2d,
 )
 from core.models import collate
+from tests.conftest import tiny_bert
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    """A randomly initialised two-layer BERT small enough to run in milliseconds."""
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
+def tiny_model(seed: int = 0) -> BertForSequenceClassification:
+    """A randomly initialised two-layer BERT over a 40-token vocabulary."""
+    return tiny_bert(40, seed)
 
 
 def random_ids(n: int, seed: int = 0) -> list[list[int]]:
@@ -50,7 +41,7 @@ def direct_cls(model, seq: list[int]) -> np.ndarray:
 
 
 def test_cls_embeddings_match_a_direct_forward_pass():
-    model = tiny_bert()
+    model = tiny_model()
     ids = random_ids(6)
     emb = cls_embeddings(model, [collate(ids[:3], 0), collate(ids[3:], 0)])
     assert emb.shape == (6, 16) and emb.dtype == np.float32
@@ -59,7 +50,7 @@ def test_cls_embeddings_match_a_direct_forward_pass():
 
 
 def test_embed_token_ids_returns_input_order_and_restores_training_mode():
-    model = tiny_bert(1)
+    model = tiny_model(1)
     model.train()  # dropout on: embeddings must still be deterministic
     ids = random_ids(11, seed=5)
     emb = embed_token_ids(model, ids, pad_id=0, batch_size=4)

@@ -17,13 +17,9 @@ import pytest
 
 from core import store
 from core.cli import main, show_payload
-from tests.conftest import TINY_ARGS, synthetic_reviews
+from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _csv_args(csv: Path) -> list[str]:
-    return ["--dataset", str(csv), "--text-col", "review", "--label-col", "sentiment"]
 
 
 def test_study_run_is_complete_and_consistent(study_run: Path) -> None:
@@ -81,7 +77,7 @@ def test_run_prints_its_folder_last_and_reruns_are_skipped(study_run: Path, caps
     cache = study_run.parent
     csv = cache.parent / "reviews.csv"
     before = (study_run / store.TRACIN).stat().st_mtime_ns
-    assert main(["run", *TINY_ARGS, *_csv_args(csv), "--cache", str(cache), "--name", "tiny"]) == 0
+    assert main(["run", *TINY_ARGS, *csv_args(csv), "--cache", str(cache), "--name", "tiny"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(study_run)
     assert (study_run / store.TRACIN).stat().st_mtime_ns == before  # nothing recomputed
 
@@ -101,7 +97,7 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
 def test_kill_and_rerun_gives_the_same_result(tmp_path: Path) -> None:
     csv = tmp_path / "reviews.csv"
     synthetic_reviews(240, seed=2).to_csv(csv, index=False)
-    args = ["run", *TINY_ARGS, "--epochs", "4", *_csv_args(csv), "--until", "train"]
+    args = ["run", *TINY_ARGS, "--epochs", "4", *csv_args(csv), "--until", "train"]
 
     killed = _cli([*args, "--cache", str(tmp_path / "a"), "--name", "r"])
     state = tmp_path / "a" / "r" / "checkpoints" / "epoch-02" / "epoch_state.json"
@@ -132,7 +128,7 @@ def test_kill_and_rerun_gives_the_same_result(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_flips_and_first_epoch_loss(tmp_path: Path, reviews_csv: Path) -> None:
-    args = ["run", *TINY_ARGS, "--epochs", "1", *_csv_args(reviews_csv), "--until", "train"]
+    args = ["run", *TINY_ARGS, "--epochs", "1", *csv_args(reviews_csv), "--until", "train"]
     for name in ("one", "two"):
         assert main([*args, "--cache", str(tmp_path), "--name", name]) == 0
     one, two = (store.load_instances(tmp_path / n) for n in ("one", "two"))
@@ -250,7 +246,7 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_written(
 def test_too_few_rows_for_a_split_is_refused(tmp_path: Path) -> None:
     csv = tmp_path / "small.csv"
     synthetic_reviews(12).to_csv(csv, index=False)
-    assert main(["run", *_csv_args(csv), "--cache", str(tmp_path / "cache")]) == 2
+    assert main(["run", *csv_args(csv), "--cache", str(tmp_path / "cache")]) == 2
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
 
 
@@ -260,7 +256,7 @@ def test_a_different_config_under_the_same_name_is_refused(
     args = [
         "run",
         *TINY_ARGS,
-        *_csv_args(reviews_csv),
+        *csv_args(reviews_csv),
         "--until",
         "data",
         "--cache",

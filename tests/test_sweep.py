@@ -12,7 +12,7 @@ from core import store
 from core.cli import main
 from core.errors import AtlasError
 from core.sweep import CELLS_DIR, SWEEP_TABLE, cell_name, noise_threshold, parse_rates
-from tests.conftest import TINY_ARGS, synthetic_reviews
+from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
 
 
 def _table(acc: dict[float, list[float]]) -> pd.DataFrame:
@@ -53,18 +53,7 @@ def test_sweep_nests_flips_resumes_and_shows(tmp_path: Path, capsys: pytest.Capt
     csv = tmp_path / "reviews.csv"
     synthetic_reviews(240, seed=4).to_csv(csv, index=False)
     tiny = [a for a in TINY_ARGS if a not in ("--flip-count", "8")]
-    args = [
-        "sweep",
-        *tiny,
-        "--epochs",
-        "1",
-        "--dataset",
-        str(csv),
-        "--text-col",
-        "review",
-        "--label-col",
-        "sentiment",
-    ]
+    args = ["sweep", *tiny, "--epochs", "1", *csv_args(csv)]
     args += [
         "--flip-rates",
         "0,0.05,0.125",

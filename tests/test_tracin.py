@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from core import store
 from core.errors import AtlasError
@@ -23,6 +23,7 @@ from core.tracin import (
     select_parameters,
     shard_name,
 )
+from tests.conftest import tiny_bert
 
 VOCAB = 50
 LRS = [0.1, 0.05, 0.02]
@@ -31,28 +32,10 @@ SCOPES = ["all", "no-word-embeddings", "last-1", "head"]
 
 def _tiny_model(seed: int) -> BertForSequenceClassification:
     """A random 2-layer BERT (hidden 16); a large init range gives non-trivial gradients."""
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        initializer_range=0.3,
-        num_labels=2,
-        pad_token_id=0,
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny_bert(VOCAB, seed, initializer_range=0.3, pad_token_id=0).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: OpenMP threads only add barrier waits (badly so on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
