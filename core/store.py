@@ -32,6 +32,9 @@ LOGITS = "logits.npy"  # (n_epochs, n_instances, 2) float32, instances.parquet o
 TRACIN = "tracin.npy"  # (n_test, n_train) float32
 TRACIN_PER_CHECKPOINT = "tracin_per_checkpoint.npy"  # (k, n_test, n_train) float32
 SELF_INFLUENCE = "self_influence.npy"  # (n_train,) float32
+# Per-checkpoint ‖∇ℓ(w_i, z)‖ in the TracIn scope, unweighted: relative / cosine views divide by it.
+GRAD_NORMS_TRAIN = "grad_norms_train.npy"  # (k, n_train) float32
+GRAD_NORMS_TEST = "grad_norms_test.npy"  # (k, n_test) float32
 TRACIN_SHARDS_DIR = "tracin_shards"
 SHAPES = "shapes.parquet"  # one row per test instance
 CURVES = "curves.parquet"  # downsampled sorted curves, long format

@@ -116,6 +116,10 @@ class TracInResult:
     self_influence: np.ndarray  # float32 (n_train,)
     n_params: int
     seconds: float
+    # Unweighted per-checkpoint gradient norms ‖∇ℓ(w_i, z)‖ in the scope (projected when
+    # a projection is on): what relative-influence and cosine normalisations divide by.
+    train_grad_norms: np.ndarray | None = None  # float32 (k, n_train)
+    test_grad_norms: np.ndarray | None = None  # float32 (k, n_test); None without test
 
 
 # --------------------------------------------------------------------------- scopes
@@ -635,31 +639,44 @@ class TracInCP:
         try:
             for ci, (where, lr) in enumerate(self.checkpoints):
                 missing = [c for c in range(len(chunks)) if not sink.has(ci, c)]
+                need_test_norms = te is not None and not sink.has_test(ci)
                 bar.update(len(chunks) - len(missing))
-                if not missing:
+                if not missing and not need_test_norms:
                     continue
                 model = self._load(where)
                 grads = _CheckpointGrads(
                     model, self.scope, self.device, self._projector, self.dtype
                 )
                 self.n_params = grads.n_params
-                for c, block in self._checkpoint_blocks(grads, tr, te, chunks, missing):
+                test_sq = np.full(n_test, np.nan, dtype=np.float32)
+                for c, block in self._checkpoint_blocks(grads, tr, te, chunks, missing, test_sq):
                     sink.put(ci, c, lr * block)
                     bar.update(1)
+                if need_test_norms:
+                    if np.isnan(test_sq).any():  # every training chunk was already on disk
+                        test_sq = self._test_sq_norms(grads, te)
+                    sink.put_test(ci, test_sq)
                 del grads, model
         finally:
             bar.close()
         if self.n_params is None:  # every shard was on disk
             self.check()
-        matrix, stack, self_inf = _aggregate(
+        matrix, stack, self_inf, train_sq = _aggregate(
             sink, len(self.checkpoints), chunks, n_test, tr.n, per_checkpoint
         )
+        lrs = np.array([lr for _, lr in self.checkpoints], dtype=np.float64)
+        test_norms = None
+        if te is not None:
+            test_sq = np.stack([sink.get_test(ci) for ci in range(len(self.checkpoints))])
+            test_norms = np.sqrt(np.maximum(test_sq, 0.0)).astype(np.float32)
         return TracInResult(
             matrix=matrix if te is not None else None,
             per_checkpoint=stack,
             self_influence=self_inf,
             n_params=int(self.n_params),
             seconds=time.perf_counter() - start,
+            train_grad_norms=_unweighted_norms(train_sq, lrs),
+            test_grad_norms=test_norms,
         )
 
     # ---- internals
@@ -713,8 +730,13 @@ class TracInCP:
         te: _Data | None,
         chunks: list[tuple[int, int]],
         missing: list[int],
+        test_sq: np.ndarray | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (chunk, float32 (n_test + 1, chunk) unweighted block) for the missing chunks."""
+        """Yield (chunk, float32 (n_test + 1, chunk) unweighted block) for the missing chunks.
+
+        The test instances' squared gradient norms, a by-product of their features, are
+        written into ``test_sq`` (n_test,) when given and some chunk is missing.
+        """
         n_test = te.n if te is not None else 0
 
         def empty(c: int) -> np.ndarray:
@@ -726,9 +748,11 @@ class TracInCP:
                 self._score_chunk(grads, tr, chunks[c], None, None, block, None)
                 yield c, block
             return
+        if not missing:
+            return
         test_parts = self._test_parts(grads, te)
         if len(test_parts) == 1:
-            feats, vocab_pos, test_rows = self._test_features(grads, te, test_parts[0])
+            feats, vocab_pos, test_rows = self._test_features(grads, te, test_parts[0], test_sq)
             for c in missing:
                 block = empty(c)
                 self._score_chunk(grads, tr, chunks[c], feats, vocab_pos, block, test_rows)
@@ -738,7 +762,7 @@ class TracInCP:
         # chunks (recomputing their gradients), and blocks are yielded when complete.
         blocks = {c: empty(c) for c in missing}
         for part_no, part in enumerate(test_parts):
-            feats, vocab_pos, test_rows = self._test_features(grads, te, part)
+            feats, vocab_pos, test_rows = self._test_features(grads, te, part, test_sq)
             for c in missing:
                 self._score_chunk(
                     grads, tr, chunks[c], feats, vocab_pos, blocks[c], test_rows, part_no == 0
@@ -758,11 +782,23 @@ class TracInCP:
         n_parts = max(1, math.ceil(te.n * per_row / max(1, self.max_test_bytes)))
         return [a for a in np.array_split(np.arange(te.n), n_parts) if len(a)]
 
+    def _test_sq_norms(self, grads: _CheckpointGrads, te: _Data) -> np.ndarray:
+        """Squared gradient norms of every test instance (no features kept)."""
+        out = np.empty(te.n, dtype=np.float32)
+        for rows in te.batches(np.arange(te.n), self._batch_size(grads)):
+            out[rows] = grads.features(te.take(rows, self.device), None, None).float().cpu()
+        return out
+
     def _test_features(
-        self, grads: _CheckpointGrads, te: _Data, part: np.ndarray
+        self,
+        grads: _CheckpointGrads,
+        te: _Data,
+        part: np.ndarray,
+        test_sq: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         """Features of the test rows ``part`` as (width, n), the vocabulary map, and the
-        test indices of the n feature columns (length-sorted ``part``)."""
+        test indices of the n feature columns (length-sorted ``part``); squared norms go
+        into ``test_sq`` when given."""
         vocab_pos = None
         if grads.word_in_scope and self.project is None:
             vocab = _vocab_of(te, part).to(self.device)
@@ -777,9 +813,11 @@ class TracInCP:
         order = []
         filled = 0
         for rows in te.batches(part, self._batch_size(grads)):
-            grads.features(
+            sq = grads.features(
                 te.take(rows, self.device), vocab_pos, feats[filled : filled + len(rows)]
             )
+            if test_sq is not None:
+                test_sq[rows] = sq.float().cpu().numpy()
             order.append(rows)
             filled += len(rows)
         # Returned transposed (a view): the products below are (rows × width) @ (width × n).
@@ -852,13 +890,25 @@ class _Sink:
         """Return a stored block."""
         raise NotImplementedError
 
+    def has_test(self, ckpt: int) -> bool:
+        """Whether the test instances' squared gradient norms of ``ckpt`` are there."""
+        raise NotImplementedError
+
+    def put_test(self, ckpt: int, sq_norms: np.ndarray) -> None:
+        """Store the test instances' squared gradient norms of ``ckpt``."""
+        raise NotImplementedError
+
+    def get_test(self, ckpt: int) -> np.ndarray:
+        """Return the test instances' squared gradient norms of ``ckpt``."""
+        raise NotImplementedError
+
 
 class _MemorySink(_Sink):
     """Blocks kept in a dict (the in-memory API)."""
 
     def __init__(self) -> None:
         """Start empty."""
-        self.blocks: dict[tuple[int, int], np.ndarray] = {}
+        self.blocks: dict[tuple[Any, int], np.ndarray] = {}
 
     def has(self, ckpt: int, chunk: int) -> bool:
         """Whether the block was computed."""
@@ -872,10 +922,27 @@ class _MemorySink(_Sink):
         """Return the block."""
         return self.blocks[(ckpt, chunk)]
 
+    def has_test(self, ckpt: int) -> bool:
+        """Whether the test norms were computed."""
+        return ("test", ckpt) in self.blocks
+
+    def put_test(self, ckpt: int, sq_norms: np.ndarray) -> None:
+        """Keep the test norms."""
+        self.blocks[("test", ckpt)] = sq_norms
+
+    def get_test(self, ckpt: int) -> np.ndarray:
+        """Return the test norms."""
+        return self.blocks[("test", ckpt)]
+
 
 def shard_name(ckpt: int, chunk: int) -> str:
     """File name of the shard of checkpoint ``ckpt`` (0-based) and training chunk ``chunk``."""
     return f"ckpt-{ckpt:02d}_chunk-{chunk:04d}.npy"
+
+
+def norm_shard_name(ckpt: int) -> str:
+    """File name of checkpoint ``ckpt``'s test squared gradient norms, float32 (n_test,)."""
+    return f"ckpt-{ckpt:02d}_test-norms.npy"
 
 
 class _ShardSink(_Sink):
@@ -911,6 +978,18 @@ class _ShardSink(_Sink):
         """Read a shard."""
         return np.load(self.path(ckpt, chunk))
 
+    def has_test(self, ckpt: int) -> bool:
+        """Whether the test-norm shard exists."""
+        return (self.folder / norm_shard_name(ckpt)).exists()
+
+    def put_test(self, ckpt: int, sq_norms: np.ndarray) -> None:
+        """Write the test-norm shard atomically."""
+        store.write_npy(self.folder / norm_shard_name(ckpt), sq_norms.astype(np.float32))
+
+    def get_test(self, ckpt: int) -> np.ndarray:
+        """Read the test-norm shard."""
+        return np.load(self.folder / norm_shard_name(ckpt))
+
 
 def _aggregate(
     sink: _Sink,
@@ -919,10 +998,12 @@ def _aggregate(
     n_test: int,
     n_train: int,
     per_checkpoint: bool,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Sum the blocks over checkpoints into the matrix and self-influence (and the stack)."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Sum the blocks over checkpoints into the matrix and self-influence (and the stack);
+    also return the per-checkpoint self-influence terms η_i‖g_i‖², float32 (k, n_train)."""
     matrix = np.zeros((n_test, n_train), dtype=np.float32)
     self_inf = np.zeros(n_train, dtype=np.float32)
+    self_per = np.zeros((k, n_train), dtype=np.float32)
     stack = np.zeros((k, n_test, n_train), dtype=np.float32) if per_checkpoint else None
     for ci in range(k):
         for c, (lo, hi) in enumerate(chunks):
@@ -931,9 +1012,16 @@ def _aggregate(
                 raise AtlasError(f"TracIn shard {shard_name(ci, c)} has an unexpected shape.")
             matrix[:, lo:hi] += block[:n_test]
             self_inf[lo:hi] += block[n_test]
+            self_per[ci, lo:hi] = block[n_test]
             if stack is not None:
                 stack[ci, :, lo:hi] = block[:n_test]
-    return matrix, stack, self_inf
+    return matrix, stack, self_inf, self_per
+
+
+def _unweighted_norms(weighted_sq: np.ndarray, lrs: np.ndarray) -> np.ndarray:
+    """‖g_i‖ from the η_i-weighted squared norms (k, n) and the learning rates (k,)."""
+    lr = np.where(lrs != 0, lrs, 1.0)[:, None]
+    return np.sqrt(np.maximum(weighted_sq / lr, 0.0)).astype(np.float32)
 
 
 def write_per_checkpoint(
@@ -1070,7 +1158,12 @@ def run_tracin(
     options, (manifest, config) = _run_options(run, scope, project, seed)
     checkpoints = _run_checkpoints(run, manifest)
     previous = manifest.get("tracin") or {}
-    outputs = [run / store.TRACIN, run / store.TRACIN_PER_CHECKPOINT, run / store.SELF_INFLUENCE]
+    outputs = [
+        run / store.TRACIN,
+        run / store.TRACIN_PER_CHECKPOINT,
+        run / store.SELF_INFLUENCE,
+        run / store.GRAD_NORMS_TRAIN,
+    ]
     if (
         store.stage_done(run, "tracin")
         and {k: previous.get(k) for k in options} == options
@@ -1110,6 +1203,9 @@ def run_tracin(
         run / store.TRACIN_PER_CHECKPOINT,
     )
     store.write_npy(run / store.SELF_INFLUENCE, result.self_influence.astype(np.float32))
+    store.write_npy(run / store.GRAD_NORMS_TRAIN, result.train_grad_norms)
+    if result.test_grad_norms is not None:
+        store.write_npy(run / store.GRAD_NORMS_TEST, result.test_grad_norms)
     seconds = time.perf_counter() - start
     info = {
         **options,

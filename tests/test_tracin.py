@@ -18,6 +18,7 @@ from core.tracin import (
     TracInCP,
     _Projector,
     compare_to_exact,
+    norm_shard_name,
     run_tracin,
     scope_error,
     select_parameters,
@@ -143,6 +144,22 @@ def test_matches_brute_force_for_every_scope(checkpoints, train, test_data, scop
     assert result.n_params == sum(p.numel() for _, p in select_parameters(model, scope))
 
 
+@pytest.mark.parametrize("scope", ["all", "last-1"])
+def test_per_checkpoint_gradient_norms_match_brute_force(checkpoints, train, test_data, scope):
+    from transformers import AutoModelForSequenceClassification
+
+    result = TracInCP(checkpoints, scope=scope, batch_size=3, chunk_size=4).compute(
+        train, test_data
+    )
+    assert result.train_grad_norms.shape == (3, 10) and result.test_grad_norms.shape == (3, 4)
+    for i, (path, _) in enumerate(checkpoints):
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        ref_train = _brute_grads(model, train, scope).norm(dim=1)
+        ref_test = _brute_grads(model, test_data, scope).norm(dim=1)
+        assert _rel(result.train_grad_norms[i], ref_train) < 1e-5
+        assert _rel(result.test_grad_norms[i], ref_test) < 1e-5
+
+
 def test_scopes_select_the_documented_parameters():
     model = _tiny_model(0)
     names = lambda scope: [n for n, _ in select_parameters(model, scope)]  # noqa: E731
@@ -234,10 +251,13 @@ def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_pa
     shard_dir = tmp_path / "shards"
     engine = TracInCP(checkpoints, scope="all", chunk_size=4, loader=loader)
     first = engine.compute(train, test_data, shard_dir=shard_dir)
-    files = sorted(p.name for p in shard_dir.glob("ckpt-*.npy"))
+    files = sorted(p.name for p in shard_dir.glob("ckpt-*_chunk-*.npy"))
     assert files == [shard_name(i, c) for i in range(3) for c in range(3)]
+    assert sorted(p.name for p in shard_dir.glob("ckpt-*_test-norms.npy")) == [
+        norm_shard_name(i) for i in range(3)
+    ]
     assert np.load(shard_dir / shard_name(0, 0)).shape == (4 + 1, 4)
-    stamps = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("ckpt-*.npy")}
+    stamps = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("ckpt-*_chunk-*.npy")}
     (shard_dir / shard_name(1, 2)).unlink()
     loads.clear()
     again = engine.compute(train, test_data, shard_dir=shard_dir)
@@ -247,6 +267,11 @@ def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_pa
             assert (shard_dir / name).stat().st_mtime_ns == stamp
     assert np.array_equal(first.matrix, again.matrix)
     assert np.array_equal(first.self_influence, again.self_influence)
+    assert np.array_equal(first.test_grad_norms, again.test_grad_norms)
+    # Shards of an older layout without test norms: only the norms are recomputed.
+    (shard_dir / norm_shard_name(0)).unlink()
+    third = engine.compute(train, test_data, shard_dir=shard_dir)
+    assert np.allclose(third.test_grad_norms, first.test_grad_norms, rtol=1e-6)
     # Other options invalidate the shards instead of mixing them in.
     other = TracInCP(checkpoints, scope="head", chunk_size=4, loader=loader)
     head = other.compute(train, test_data, shard_dir=shard_dir)
@@ -364,6 +389,13 @@ def test_run_stage_writes_the_contract_files(checkpoints, tmp_path):
     assert matrix.dtype == np.float32 and matrix.shape == (5, 12)
     assert stack.dtype == np.float32 and stack.shape == (3, 5, 12)
     assert self_inf.dtype == np.float32 and self_inf.shape == (12,)
+    norms_train = np.load(run / store.GRAD_NORMS_TRAIN)
+    norms_test = np.load(run / store.GRAD_NORMS_TEST)
+    assert norms_train.shape == (3, 12) and norms_test.shape == (3, 5)
+    lrs = np.array([lr for _, lr in checkpoints])
+    assert np.allclose(
+        (lrs[:, None] * norms_train.astype(np.float64) ** 2).sum(0), self_inf, rtol=1e-4
+    )
     assert np.allclose(stack.sum(0), matrix, rtol=1e-5, atol=1e-6 * abs(matrix).max())
     train, test = _run_inputs(run)
     ref, ref_self = _brute_tracin(checkpoints, train, test, "all")
