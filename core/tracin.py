@@ -77,6 +77,7 @@ from tqdm.auto import tqdm
 
 from core import store
 from core.errors import AtlasError
+from core.tracin_options import parse_scope
 
 # Elements of one generated projection block (16 MiB in float32): bounds generation memory.
 PROJECTION_BLOCK_ELEMS = 1 << 22
@@ -95,7 +96,6 @@ CHUNK_SIZE = 512
 SHARD_OPTIONS = "options.json"
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
-_SCOPE_RE = re.compile(r"^last-(\d+)$")
 
 
 class TopK(NamedTuple):
@@ -123,18 +123,6 @@ class TracInResult:
 
 
 # --------------------------------------------------------------------------- scopes
-
-
-def parse_scope(scope: str) -> tuple[str, int]:
-    """Split a scope string into (kind, N); raise :class:`AtlasError` if it is not one."""
-    if scope in ("all", "no-word-embeddings", "head"):
-        return scope, 0
-    match = _SCOPE_RE.match(str(scope))
-    if match and int(match.group(1)) >= 1:
-        return "last", int(match.group(1))
-    raise AtlasError(
-        f"'{scope}' is not a TracIn parameter scope; use all, no-word-embeddings, last-N (N ≥ 1) or head."
-    )
 
 
 def _word_embedding_name(model: nn.Module) -> str | None:
