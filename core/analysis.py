@@ -1,9 +1,13 @@
 """The analyze stage: curve shapes, end ratios, [CLS] geometry and their correlations, into the run.
 
-Reads ``tracin.npy``, ``logits.npy``, ``instances.parquet`` and one checkpoint;
-writes ``shapes.parquet``, ``curves.parquet``, ``embeddings.npy``,
-``distances.npy``, ``coords.parquet`` and ``analysis.json`` (see
-``docs/run-store.md``). The paper's two questions are answered in
+Reads ``tracin.npy``, ``logits.npy``, ``instances.parquet``, the per-checkpoint stack and
+gradient norms when present, and one checkpoint (or the stored embeddings when the run
+ships without checkpoints); writes ``shapes.parquet``, ``curves.parquet``,
+``shapes_by_view.parquet``, ``flip_ranks.npy``, ``embeddings.npy``, ``distances.npy``,
+``coords.parquet`` and ``analysis.json`` (see ``docs/run-store.md``). Shapes are
+:func:`core.shapes.classify` of every view: the default (all checkpoints, raw scores),
+each checkpoint alone and the cumulative sum up to each, in every normalisation the
+stored norms allow (:mod:`core.views`). The paper's two questions are answered in
 ``analysis.json``: does S-shapedness go with flipped instances at the curve's
 ends (Fig. 3), and does it go with the test instance's distance to the training
 data (Fig. 2)? Correlations are reported for all test instances and split into
@@ -22,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import shapes, store
+from core import shapes, stats, store, views
 from core.errors import AtlasError
 
 STAGE = "analyze"
@@ -30,7 +34,26 @@ GROUPS = ("all", "correct", "misclassified")
 # Rows of the TracIn matrix handled at once: bounds the float64 copies for big runs.
 _ROW_BLOCK = 256
 # Columns of shapes.parquet that summary_rows (and `show --json`) reports.
-SUMMARY_COLUMNS = ["id", "correct", "s_raw", "s", "shape", "end_ratio", "mean_distance"]
+SUMMARY_COLUMNS = [
+    "id",
+    "correct",
+    "s_raw",
+    "s",
+    "s_bulk",
+    "shape",
+    "end_ratio",
+    "mean_distance",
+]
+# Per-test-instance columns of shapes_by_view.parquet (besides view, kind, normalisation, first, last).
+VIEW_COLUMNS = ("s_raw", "s", "s_bulk", "shape", "end_ratio")
+# The threshold grids of the sensitivity table (class counts as one threshold moves).
+SENSITIVITY_GRID = {
+    "s_min": tuple(round(v, 3) for v in np.linspace(0.0, 0.6, 13)),
+    "z_max": tuple(round(v, 3) for v in np.linspace(-0.3, 0.0, 7)),
+    "trim": (0.0, 0.01, 0.025, 0.05, 0.1, 0.2),
+}
+# Real examples per class on the Learn-the-shapes page.
+N_EXAMPLES = 4
 
 
 def analyze_run(
@@ -38,6 +61,7 @@ def analyze_run(
     checkpoint: int = -1,
     s_min: float = shapes.S_MIN,
     z_max: float = shapes.Z_MAX,
+    trim: float = shapes.TRIM,
     k: int = 10,
     max_points: int = 2000,
     progress: bool = True,
@@ -50,18 +74,20 @@ def analyze_run(
     the model whose [CLS] vectors give the embeddings; correctness always comes from
     the last epoch's logits. The stage is skipped (its stored result returned) when
     it is complete with the same checkpoint and parameters, unless ``force``.
-    ``device`` defaults to the run's configured device.
+    ``device`` defaults to the run's configured device. Without the checkpoint (a run
+    shipped with its small files only) the stored embeddings, distances and maps are
+    reused when they were made from the same checkpoint.
     """
     run = Path(run_dir)
     manifest = store.load_manifest(run)
     inputs = _load_inputs(run)  # raises AtlasError before anything is written
-    params = _validate_params(manifest, checkpoint, s_min, z_max, k, max_points)
+    params = _validate_params(manifest, checkpoint, s_min, z_max, trim, k, max_points)
     previous = manifest.get("stages", {}).get(STAGE, {})
     if (
         not force
         and previous.get("status") == store.STATUS_COMPLETE
         and previous.get("params") == params
-        and (run / store.ANALYSIS).exists()
+        and all((run / name).exists() for name in OUTPUTS)
     ):
         _say(progress, "analyze: already complete (use --force to recompute)")
         return store.read_json(run / store.ANALYSIS)
@@ -99,35 +125,8 @@ def correlations(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Spearman and Pearson correlation with p-values; None where undefined.
-
-    Pairs with a NaN on either side are dropped first. Fewer than 3 pairs or a
-    constant side give None rather than an error or NaN, so the result is valid JSON.
-    """
-    from scipy import stats
-
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    out: dict[str, Any] = {
-        "n": int(x.size),
-        "spearman": None,
-        "spearman_p": None,
-        "pearson": None,
-        "pearson_p": None,
-    }
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return out
-    sp = stats.spearmanr(x, y)
-    pe = stats.pearsonr(x, y)
-    out.update(
-        spearman=_finite(sp.statistic),
-        spearman_p=_finite(sp.pvalue),
-        pearson=_finite(pe.statistic),
-        pearson_p=_finite(pe.pvalue),
-    )
-    return out
+    """:func:`core.stats.correlation` (kept here for callers of the analyze stage)."""
+    return stats.correlation(x, y)
 
 
 def _analyze(
@@ -139,8 +138,6 @@ def _analyze(
     device: str | None,
 ) -> dict[str, Any]:
     """Compute and write every analyze output; return analysis.json's content."""
-    from core import geometry  # torch lives there; keep `import core.analysis` light for readers
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     inst: pd.DataFrame = inputs["instances"]
@@ -158,75 +155,66 @@ def _analyze(
 
     t = time.perf_counter()
     _say(progress, f"analyze: curve shapes of {len(test_ids)} test × {len(train_ids)} train")
-    fit_parts, rank_parts, curve_parts = [], [], []
+    rule = {"s_min": params["s_min"], "z_max": params["z_max"], "trim": params["trim"]}
+    cls_parts, rank_parts, curve_parts = [], [], []
     for start in range(0, len(test_ids), _ROW_BLOCK):
         block = np.asarray(tracin[start : start + _ROW_BLOCK], dtype=np.float64)
-        fit_parts.append(shapes.curve_fit(block))
+        cls_parts.append(shapes.classify(block, flipped, **rule))
         rank_parts.append(shapes.flipped_ranks(block, flipped))
         curve_parts.append(
             _curve_rows(block, test_ids[start : start + _ROW_BLOCK], train_ids, flipped, params)
         )
-    fit = {f: np.concatenate([getattr(p, f) for p in fit_parts]) for f in _FIT_FIELDS}
+    cls = {f: np.concatenate([p[f] for p in cls_parts]) for f in cls_parts[0]}
     ranks = np.concatenate(rank_parts) if rank_parts else np.zeros((0, flipped.sum()), int)
-    ratio = shapes.end_ratio(ranks, len(train_ids))
-    shape = shapes.shape_class(fit["s"], params["s_min"], params["z_max"])
     timings["shapes"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    _say(progress, f"analyze: [CLS] embeddings of {len(inst)} instances (epoch {params['epoch']})")
-    dev = device or manifest.get("config", {}).get("device", "auto")
-    emb, _ = geometry.run_embeddings(
-        run, inst["text"].tolist(), checkpoint=params["checkpoint_index"], device=dev
-    )
-    timings["embeddings"] = time.perf_counter() - t
+    view_df, flip_ranks, view_keys = _view_shapes(inputs, test_ids, flipped, rule, progress)
+    timings["views"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    dist = geometry.euclidean_distances(emb[test_ids], emb[train_ids])
+    emb, dist, coords, geometry_note = _geometry(run, manifest, inst, params, device, progress)
     mean_distance = dist.mean(axis=1) if dist.shape[1] else np.full(len(test_ids), np.nan)
-    knn = geometry.knn_flip_share(dist, flipped, params["k"])
-    timings["distances"] = time.perf_counter() - t
+    from core import geometry
 
-    t = time.perf_counter()
-    _say(progress, "analyze: 2-D maps (UMAP, PCA)")
-    seed = int(manifest.get("config", {}).get("seed", 0))
-    coords = geometry.project_2d(emb, seed=seed)
-    timings["projection"] = time.perf_counter() - t
+    knn = geometry.knn_flip_share(dist, flipped, params["k"])
+    timings["geometry"] = time.perf_counter() - t
 
     t = time.perf_counter()
     shapes_df = pd.DataFrame(
         {
             "id": test_ids,
             "correct": correct,
-            "s_raw": fit["s_raw"],
-            "s": fit["s"],
-            "shape": pd.Series(shape, dtype=object).astype(str),
-            "end_ratio": ratio,
-            "b_reg": fit["b_reg"],
-            "a_reg": fit["a_reg"],
-            "b_end": fit["b_end"],
-            "a_end": fit["a_end"],
+            "s_raw": cls["s_raw"],
+            "s": cls["s"],
+            "s_bulk": cls["s_bulk"],
+            "shape": pd.Series(cls["shape"], dtype=object).astype(str),
+            "end_ratio": cls["end_ratio"],
+            "b_reg": cls["b_reg"],
+            "a_reg": cls["a_reg"],
+            "b_end": cls["b_end"],
+            "a_end": cls["a_end"],
             "mean_distance": mean_distance.astype(np.float64),
             "knn_flip_share": knn,
             "flipped_ranks": [r.tolist() for r in ranks],
         }
     )
-    coords_df = pd.DataFrame(
-        {
-            "id": inst["id"].to_numpy(np.int64),
-            "umap_x": coords["umap"][:, 0],
-            "umap_y": coords["umap"][:, 1],
-            "pca_x": coords["pca"][:, 0],
-            "pca_y": coords["pca"][:, 1],
-        }
-    )
+    seed = int(manifest.get("config", {}).get("seed", 0))
     result = _summarise(
         shapes_df, params, seed, n_train=len(train_ids), n_flipped=int(flipped.sum())
     )
-    store.write_npy(run / store.EMBEDDINGS, emb.astype(np.float32, copy=False))
-    store.write_npy(run / store.DISTANCES, dist)
+    result["geometry"] = geometry_note
+    result["sensitivity"] = sensitivity_table(np.asarray(tracin), flipped, rule)
+    result["views"] = _view_summary(view_df, shapes_df, view_keys, flipped, train_ids)
+    result["examples"] = learning_examples(shapes_df, view_df, params)
+    if coords is not None:
+        store.write_npy(run / store.EMBEDDINGS, emb.astype(np.float32, copy=False))
+        store.write_npy(run / store.DISTANCES, dist)
+        store.write_parquet(run / store.COORDS, coords)
     store.write_parquet(run / store.SHAPES, shapes_df)
     store.write_parquet(run / store.CURVES, pd.concat(curve_parts, ignore_index=True))
-    store.write_parquet(run / store.COORDS, coords_df)
+    store.write_parquet(run / store.SHAPES_BY_VIEW, view_df)
+    store.write_npy(run / store.FLIP_RANKS, flip_ranks)
     # analysis.json last: its presence plus the stage mark mean every other file is in place.
     store.write_json(run / store.ANALYSIS, result)
     timings["write"] = time.perf_counter() - t
@@ -244,7 +232,256 @@ def _analyze(
     return result
 
 
-_FIT_FIELDS = ("b_reg", "a_reg", "b_end", "a_end", "s_raw", "s")
+OUTPUTS = (
+    store.SHAPES,
+    store.CURVES,
+    store.SHAPES_BY_VIEW,
+    store.FLIP_RANKS,
+    store.EMBEDDINGS,
+    store.DISTANCES,
+    store.COORDS,
+    store.ANALYSIS,
+)
+
+
+def available_normalisations(inputs: dict[str, Any]) -> tuple[str, ...]:
+    """Normalisations the stored arrays allow: raw always, relative / cosine with the norms."""
+    if inputs.get("norms") is None:
+        return (views.RAW,)
+    train_norms, test_norms = inputs["norms"]
+    if test_norms is None:
+        return (views.RAW, views.RELATIVE)
+    return views.NORMALISATIONS
+
+
+def _view_shapes(
+    inputs: dict[str, Any],
+    test_ids: np.ndarray,
+    flipped: np.ndarray,
+    rule: dict[str, float],
+    progress: bool,
+) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """Shapes of every standard view, long format, and the flipped instances' ranks per view.
+
+    Returns (rows of shapes_by_view.parquet, ranks (n_views, n_test, n_flipped), view keys
+    in the order of the ranks' first axis). Without the per-checkpoint stack: no views.
+    """
+    stack = inputs.get("stack")
+    n_flip = int(flipped.sum())
+    if stack is None or len(test_ids) == 0:
+        empty = pd.DataFrame(
+            columns=["view", "kind", "normalisation", "first", "last", "id", *VIEW_COLUMNS]
+        )
+        return empty, np.zeros((0, len(test_ids), n_flip), np.int32), []
+    norms = inputs.get("norms") or (None, None)
+    todo = views.standard_views(stack.shape[0], available_normalisations(inputs))
+    _say(progress, f"analyze: shapes of {len(todo)} per-checkpoint views")
+    rank_dtype = np.int16 if flipped.size <= np.iinfo(np.int16).max else np.int32
+    ranks = np.zeros((len(todo), len(test_ids), n_flip), dtype=rank_dtype)
+    frames, keys = [], []
+    for i, (kind, view) in enumerate(todo):
+        scores = views.view_scores(stack, view, norms[0], norms[1])
+        cls = shapes.classify(scores, flipped, **rule)
+        ranks[i] = shapes.flipped_ranks(scores, flipped)
+        keys.append(view.key)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "view": view.key,
+                    "kind": kind,
+                    "normalisation": view.normalisation,
+                    "first": view.first,
+                    "last": view.last,
+                    "id": test_ids,
+                    **{c: cls[c] for c in VIEW_COLUMNS},
+                }
+            )
+        )
+    df = pd.concat(frames, ignore_index=True)
+    df["shape"] = df["shape"].astype(str)
+    return df, ranks, keys
+
+
+def _geometry(
+    run: Path,
+    manifest: dict[str, Any],
+    inst: pd.DataFrame,
+    params: dict[str, Any],
+    device: str | None,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame | None, dict[str, Any]]:
+    """Embeddings, test → train distances and 2-D maps: computed from the checkpoint, or the
+    stored ones reused when the checkpoint is absent and they came from the same one.
+
+    Returns (embeddings, distances, coords frame or None when reused, a note for analysis.json).
+    """
+    from core import geometry  # torch lives there; keep `import core.analysis` light for readers
+
+    train_ids = inst.loc[inst["split"] == "train", "id"].to_numpy(np.int64)
+    test_ids = inst.loc[inst["split"] == "test", "id"].to_numpy(np.int64)
+    ckpt_dir = run / str(params["checkpoint_path"] or "")
+    if params["checkpoint_path"] and ckpt_dir.is_dir():
+        _say(
+            progress,
+            f"analyze: [CLS] embeddings of {len(inst)} instances (epoch {params['epoch']})",
+        )
+        dev = device or manifest.get("config", {}).get("device", "auto")
+        emb, _ = geometry.run_embeddings(
+            run, inst["text"].tolist(), checkpoint=params["checkpoint_index"], device=dev
+        )
+        dist = geometry.euclidean_distances(emb[test_ids], emb[train_ids])
+        _say(progress, "analyze: 2-D maps (UMAP, PCA)")
+        coords = geometry.project_2d(emb, seed=int(manifest.get("config", {}).get("seed", 0)))
+        frame = pd.DataFrame(
+            {
+                "id": inst["id"].to_numpy(np.int64),
+                "umap_x": coords["umap"][:, 0],
+                "umap_y": coords["umap"][:, 1],
+                "pca_x": coords["pca"][:, 0],
+                "pca_y": coords["pca"][:, 1],
+            }
+        )
+        return emb, dist, frame, {"epoch": params["epoch"], "source": "checkpoint"}
+    stored = _stored_geometry(run)
+    made_from = (stored or {}).get("epoch")
+    if stored is None or made_from != params["epoch"]:
+        command = (
+            manifest.get("command") or f"python -m core run (the command in {run}/manifest.json)"
+        )
+        raise AtlasError(
+            f"The checkpoint {ckpt_dir} is not on disk and no stored embeddings of epoch "
+            f"{params['epoch']} exist; recreate the checkpoints with `{command}`."
+        )
+    emb = store.read_npy(run / store.EMBEDDINGS)
+    dist = store.read_npy(run / store.DISTANCES)
+    if emb.shape[0] != len(inst) or dist.shape != (len(test_ids), len(train_ids)):
+        raise AtlasError(
+            f"The stored embeddings or distances of {run} do not match its instances; recreate "
+            "the checkpoints and run analyze again."
+        )
+    _say(
+        progress, f"analyze: checkpoint not on disk; reusing the stored epoch-{made_from} geometry"
+    )
+    return emb, np.asarray(dist), None, {"epoch": made_from, "source": "stored (checkpoint absent)"}
+
+
+def _stored_geometry(run: Path) -> dict[str, Any] | None:
+    """Which checkpoint the stored embeddings, distances and maps came from, if all exist."""
+    if not all((run / f).exists() for f in (store.EMBEDDINGS, store.DISTANCES, store.COORDS)):
+        return None
+    try:
+        previous = store.read_json(run / store.ANALYSIS)
+    except AtlasError:
+        return None
+    if not isinstance(previous, dict):
+        return None
+    note = previous.get("geometry") or {}
+    epoch = note.get("epoch", (previous.get("checkpoint") or {}).get("epoch"))
+    return {"epoch": epoch}
+
+
+def sensitivity_table(
+    scores: np.ndarray, flipped: np.ndarray, rule: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Class counts of the default view as each threshold moves over its range, the others fixed.
+
+    One row per (threshold, value): ``{"threshold", "value", "S", "Z", "backslash", "default"}``;
+    ``default`` marks the value in force. Values that would put z_max at or above s_min are skipped.
+    """
+    y = np.asarray(scores, dtype=np.float64)
+    if y.shape[0] == 0:
+        return []
+    bulk = {rule["trim"]: np.atleast_1d(shapes.bulk_index(y, rule["trim"]))}
+    rows = []
+    for name, grid in SENSITIVITY_GRID.items():
+        for value in sorted(set(grid) | {rule[name]}):
+            r = {**rule, name: float(value)}
+            if not r["z_max"] < r["s_min"]:
+                continue
+            if r["trim"] not in bulk:
+                bulk[r["trim"]] = np.atleast_1d(shapes.bulk_index(y, r["trim"]))
+            cls = shapes.shape_class(bulk[r["trim"]], r["s_min"], r["z_max"])
+            rows.append(
+                {
+                    "threshold": name,
+                    "value": float(value),
+                    **{c: int((cls == c).sum()) for c in shapes.SHAPES},
+                    "default": bool(value == rule[name]),
+                }
+            )
+    return rows
+
+
+def _view_summary(
+    view_df: pd.DataFrame,
+    shapes_df: pd.DataFrame,
+    keys: list[str],
+    flipped: np.ndarray,
+    train_ids: np.ndarray,
+) -> dict[str, Any]:
+    """Class counts and mean end ratios per view, the order of flip_ranks.npy, the flipped ids."""
+    correct = shapes_df.set_index("id")["correct"]
+    counts = {}
+    for key, d in view_df.groupby("view", sort=False):
+        mis = ~correct.loc[d["id"].to_numpy()].to_numpy(bool)
+        counts[key] = {
+            "kind": str(d["kind"].iloc[0]),
+            "normalisation": str(d["normalisation"].iloc[0]),
+            "first": int(d["first"].iloc[0]),
+            "last": int(d["last"].iloc[0]),
+            **{c: int((d["shape"] == c).sum()) for c in shapes.SHAPES},
+            "misclassified": {
+                c: int(((d["shape"] == c).to_numpy() & mis).sum()) for c in shapes.SHAPES
+            },
+            "mean_end_ratio": _mean(d["end_ratio"]),
+            "mean_end_ratio_misclassified": _mean(d["end_ratio"][mis]),
+        }
+    return {
+        "rank_order": keys,
+        "flipped_train_ids": train_ids[flipped].tolist(),
+        "normalisations": sorted(set(view_df["normalisation"]), key=views.NORMALISATIONS.index),
+        "counts": counts,
+    }
+
+
+def learning_examples(
+    shapes_df: pd.DataFrame, view_df: pd.DataFrame, params: dict[str, Any], n: int = N_EXAMPLES
+) -> dict[str, Any]:
+    """Real test instances that show each class, for the Learn-the-shapes page.
+
+    For each class: the view (default first, then the precomputed ones) in which the most
+    test instances take that class, and up to ``n`` of them, the most decided first
+    (S: highest bulk index, Z: lowest, backslash: nearest the middle of its band).
+    Misclassified instances come first, as in the paper. A class that no view shows
+    gets ``count`` 0 and no ids.
+    """
+    default = shapes_df.assign(view="default", kind="default", normalisation=views.RAW)
+    frames = [default] + ([view_df] if len(view_df) else [])
+    allv = pd.concat(frames, ignore_index=True)
+    mis = set(shapes_df.loc[~shapes_df["correct"].astype(bool), "id"].astype(int))
+    middle = (params["s_min"] + params["z_max"]) / 2
+    out = {}
+    for cls in shapes.SHAPES:
+        hits = allv[allv["shape"] == cls]
+        if hits.empty:
+            out[cls] = {"view": None, "count": 0, "ids": []}
+            continue
+        per_view = hits.groupby("view", sort=False).size()
+        best = per_view.idxmax()  # first maximum: the default view wins ties
+        d = hits[hits["view"] == best].copy()
+        d["miss"] = d["id"].astype(int).isin(mis)
+        key = {
+            shapes.SHAPE_S: -d["s_bulk"],
+            shapes.SHAPE_Z: d["s_bulk"],
+            shapes.SHAPE_BACKSLASH: (d["s_bulk"] - middle).abs(),
+        }[cls]
+        d = d.assign(order=key).sort_values(["miss", "order"], ascending=[False, True])
+        out[cls] = {
+            "view": str(best),
+            "count": int(per_view.max()),
+            "ids": d["id"].astype(int).head(n).tolist(),
+        }
+    return out
 
 
 def _curve_rows(
@@ -294,8 +531,12 @@ def _summarise(
         "correct": df[df["correct"]],
         "misclassified": df[~df["correct"]],
     }
-    s_vs_end = {g: correlation(d["s"], d["end_ratio"]) for g, d in groups.items()}
-    s_vs_dist = {g: correlation(d["s"], d["mean_distance"]) for g, d in groups.items()}
+
+    def corr(col: str, other: str) -> dict[str, dict[str, Any]]:
+        return {
+            g: stats.correlation(d[col], d[other], names=(col, other)) for g, d in groups.items()
+        }
+
     by_shape = {g: _by_shape(d) for g, d in groups.items()}
     return {
         "checkpoint": {
@@ -306,8 +547,9 @@ def _summarise(
         "thresholds": {
             "s_min": params["s_min"],
             "z_max": params["z_max"],
-            "rule": "S if s >= s_min; Z if s <= z_max; backslash otherwise "
-            "(s = (b_reg - b_end) / |b_end| of the descending sorted curve)",
+            "trim": params["trim"],
+            "rule": shapes.RULE,
+            "calibration": "docs/shapes.md (reference curves in core/shape_references.py)",
         },
         "k": params["k"],
         "max_points": params["max_points"],
@@ -317,7 +559,12 @@ def _summarise(
         "n_flipped": n_flipped,
         "n_correct": len(groups["correct"]),
         "n_misclassified": len(groups["misclassified"]),
-        "correlations": {"s_vs_end_ratio": s_vs_end, "s_vs_mean_distance": s_vs_dist},
+        "correlations": {
+            "s_vs_end_ratio": corr("s", "end_ratio"),
+            "s_vs_mean_distance": corr("s", "mean_distance"),
+            "s_bulk_vs_end_ratio": corr("s_bulk", "end_ratio"),
+            "s_bulk_vs_mean_distance": corr("s_bulk", "mean_distance"),
+        },
         "by_shape": by_shape,
         "knn_flip_share": {
             "k": params["k"],
@@ -335,6 +582,7 @@ def _by_shape(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
         out[name] = {
             "count": len(d),
             "mean_s": _mean(d["s"]),
+            "mean_s_bulk": _mean(d["s_bulk"]),
             "mean_end_ratio": _mean(d["end_ratio"]),
             "mean_distance": _mean(d["mean_distance"]),
             "median_distance": _median(d["mean_distance"]),
@@ -344,13 +592,23 @@ def _by_shape(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 
 def _validate_params(
-    manifest: dict[str, Any], checkpoint: int, s_min: float, z_max: float, k: int, max_points: int
+    manifest: dict[str, Any],
+    checkpoint: int,
+    s_min: float,
+    z_max: float,
+    trim: float,
+    k: int,
+    max_points: int,
 ) -> dict[str, Any]:
     """Check the arguments and return them, with the resolved checkpoint, as a plain dict."""
     from core.geometry import checkpoint_entry
 
     if not z_max < s_min:
         raise AtlasError(f"The Z threshold ({z_max}) must be below the S threshold ({s_min}).")
+    if not (np.isfinite(s_min) and np.isfinite(z_max)):
+        raise AtlasError("The shape thresholds must be finite numbers.")
+    if not 0.0 <= float(trim) < 0.5:
+        raise AtlasError(f"The trim share must lie in [0, 0.5) (got {trim}).")
     if int(k) < 1:
         raise AtlasError(f"k must be at least 1 (got {k}).")
     if int(max_points) < 2:
@@ -362,6 +620,7 @@ def _validate_params(
         "checkpoint_path": entry.get("path"),
         "s_min": float(s_min),
         "z_max": float(z_max),
+        "trim": float(trim),
         "k": int(k),
         "max_points": int(max_points),
     }
@@ -400,7 +659,29 @@ def _load_inputs(run: Path) -> dict[str, Any]:
         raise AtlasError(
             f"{run / store.LOGITS} has shape {logits.shape}; expected (epochs, {len(inst)}, 2)."
         )
-    return {"instances": inst, "tracin": tracin, "logits": logits}
+    out = {"instances": inst, "tracin": tracin, "logits": logits, "stack": None, "norms": None}
+    if (run / store.TRACIN_PER_CHECKPOINT).exists():
+        stack = store.read_npy(run / store.TRACIN_PER_CHECKPOINT)
+        if stack.ndim == 3 and stack.shape[1:] == (n_test, n_train):
+            out["stack"] = stack
+        else:
+            raise AtlasError(
+                f"{run / store.TRACIN_PER_CHECKPOINT} has shape {stack.shape}; expected "
+                f"(checkpoints, {n_test}, {n_train}); recompute it with `python -m core tracin {run}`."
+            )
+    if out["stack"] is not None and (run / store.GRAD_NORMS_TRAIN).exists():
+        k = out["stack"].shape[0]
+        train_norms = store.read_npy(run / store.GRAD_NORMS_TRAIN)
+        test_norms = (
+            store.read_npy(run / store.GRAD_NORMS_TEST)
+            if (run / store.GRAD_NORMS_TEST).exists()
+            else None
+        )
+        if train_norms.shape == (k, n_train) and (
+            test_norms is None or test_norms.shape == (k, n_test)
+        ):
+            out["norms"] = (train_norms, test_norms)
+    return out
 
 
 def _say(progress: bool, message: str) -> None:

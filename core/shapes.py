@@ -19,9 +19,18 @@ SHAPE_Z = "Z"
 SHAPE_BACKSLASH = "backslash"
 SHAPES = (SHAPE_S, SHAPE_Z, SHAPE_BACKSLASH)
 
-# Default thresholds on the scale-free S (DESIGN.md "a starting point").
-S_MIN = 0.2
-Z_MAX = -0.1
+# The class rule reads the bulk of the curve: the scale-free index on the sorted curve with
+# TRIM of the ranks cut off at each end, so a handful of extreme points cannot decide it.
+TRIM = 0.05
+# Thresholds on that bulk index, calibrated on the reference curves of
+# core/shape_references.py (calibrate(), rounded; docs/shapes.md), never on a run's data.
+S_MIN = 0.24
+Z_MAX = -0.05
+RULE = (
+    "S if s_bulk >= s_min; Z if s_bulk <= z_max; backslash otherwise "
+    "(s_bulk = (b_reg - b_end) / |b_end| of the descending sorted curve "
+    "without its top and bottom `trim` share of ranks)"
+)
 
 
 @dataclass(frozen=True)
@@ -82,10 +91,61 @@ def curve_fit(scores: np.ndarray) -> CurveFit:
     return CurveFit(b_reg, a_reg, b_end, a_end, s_raw, s)
 
 
+def trimmed_curves(scores: np.ndarray, trim: float = TRIM) -> np.ndarray:
+    """The sorted curves without their first and last ``ceil(trim · n)`` ranks (at least 2 kept)."""
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim must lie in [0, 0.5), got {trim}")
+    y = sorted_curves(scores)
+    n = y.shape[-1]
+    cut = min(int(np.ceil(trim * n - 1e-9)), max((n - 2) // 2, 0))
+    return y[..., cut : n - cut]
+
+
+def bulk_index(scores: np.ndarray, trim: float = TRIM) -> float | np.ndarray:
+    """Scale-free S-shapedness of the bulk: :func:`curve_fit`'s ``s`` on :func:`trimmed_curves`."""
+    return curve_fit(trimmed_curves(scores, trim)).s
+
+
+def classify(
+    scores: np.ndarray,
+    flipped: np.ndarray | None = None,
+    *,
+    s_min: float = S_MIN,
+    z_max: float = Z_MAX,
+    trim: float = TRIM,
+) -> dict[str, np.ndarray]:
+    """Shape indices and class of each curve; the one definition the pipeline and the app use.
+
+    ``scores`` is one curve (n_train,) or a matrix (n_test, n_train) of unsorted scores
+    (rows = test instances); ``flipped`` an optional boolean (n_train,) mask. Returns a
+    dict of arrays with one entry per row: ``s_raw`` and ``s`` (the paper's index on the
+    whole curve, in score units and scale-free), ``s_bulk`` (the same on the trimmed
+    curve, which the class uses), ``shape``, the line coefficients ``b_reg``, ``a_reg``,
+    ``b_end``, ``a_end`` and, when ``flipped`` is given, ``end_ratio`` (%). Invariant to
+    a positive affine rescaling of a row.
+    """
+    y = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    fit = curve_fit(y)
+    s_bulk = np.atleast_1d(bulk_index(y, trim))
+    out: dict[str, np.ndarray] = {
+        "s_raw": np.atleast_1d(fit.s_raw),
+        "s": np.atleast_1d(fit.s),
+        "s_bulk": s_bulk,
+        "shape": np.atleast_1d(shape_class(s_bulk, s_min, z_max)),
+        "b_reg": np.atleast_1d(fit.b_reg),
+        "a_reg": np.atleast_1d(fit.a_reg),
+        "b_end": np.atleast_1d(fit.b_end),
+        "a_end": np.atleast_1d(fit.a_end),
+    }
+    if flipped is not None:
+        out["end_ratio"] = np.atleast_1d(end_ratio(flipped_ranks(y, flipped), y.shape[-1]))
+    return out
+
+
 def shape_class(
     s: float | np.ndarray, s_min: float = S_MIN, z_max: float = Z_MAX
 ) -> str | np.ndarray:
-    """Classify scale-free S values: 'S' if s ≥ s_min, 'Z' if s ≤ z_max, else 'backslash'.
+    """Classify bulk-index values: 'S' if s ≥ s_min, 'Z' if s ≤ z_max, else 'backslash'.
 
     A scalar gives a str, an array gives an array of str of the same shape.
     NaN (no curve) is classed 'backslash', the neutral class.

@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 from transformers import BertForSequenceClassification, BertTokenizer
 
 import core.geometry as geometry
-from core import store
+from core import shapes, store, views
 from core.analysis import analyze_run, correlation, correlations, summary_rows
 from core.errors import AtlasError
 from tests.conftest import tiny_bert
@@ -58,15 +59,31 @@ def build_fake_run(run: Path) -> None:
     store.write_parquet(run / store.INSTANCES, inst)
 
     tracin = rng.normal(size=(N_TEST, N_TRAIN))
-    # Row 0: an S curve (mostly ~0) with the flipped instances at both steep ends.
-    tracin[0] = rng.normal(scale=1e-3, size=N_TRAIN)
-    tracin[0, FLIPPED] = [5.0, 4.0, -4.0, -5.0]
+    # Row 0: an S curve (heavy-tailed: most scores near 0) with the flips at both steep ends.
+    others = [i for i in range(N_TRAIN) if i not in FLIPPED]
+    heavy = stats.t.ppf(np.linspace(0.01, 0.99, N_TRAIN), 1.5)[::-1]  # descending
+    tracin[0, FLIPPED] = heavy[[0, 1, N_TRAIN - 2, N_TRAIN - 1]]
+    tracin[0, others] = heavy[2 : N_TRAIN - 2]
     # Row 1: a Z curve (two plateaus) with the flipped instances in the step.
     tracin[1] = np.where(np.arange(N_TRAIN) % 2 == 0, 1.0, -1.0) + rng.normal(
         scale=1e-3, size=N_TRAIN
     )
     tracin[1, FLIPPED] = [0.02, 0.01, -0.01, -0.02]
-    store.write_npy(run / store.TRACIN, tracin.astype(np.float32))
+    # Two checkpoints' contributions whose float32 sum is exactly tracin.npy (as the engine sums).
+    first = (tracin * rng.uniform(0.2, 0.8, tracin.shape)).astype(np.float32)
+    second = (tracin - first).astype(np.float32)
+    stack = np.stack([first, second])
+    summed = np.zeros_like(first)
+    for part in stack:
+        summed += part
+    store.write_npy(run / store.TRACIN, summed)
+    store.write_npy(run / store.TRACIN_PER_CHECKPOINT, stack)
+    store.write_npy(
+        run / store.GRAD_NORMS_TRAIN, rng.uniform(0.5, 2.0, (2, N_TRAIN)).astype(np.float32)
+    )
+    store.write_npy(
+        run / store.GRAD_NORMS_TEST, rng.uniform(0.5, 2.0, (2, N_TEST)).astype(np.float32)
+    )
 
     logits = rng.normal(size=(2, n, 2)).astype(np.float32)
     # Final epoch: the first half of the test split right, the second half wrong.
@@ -146,7 +163,7 @@ def test_analyze_writes_every_file_with_consistent_shapes(run):
 
     shapes_df = pd.read_parquet(run / store.SHAPES)
     assert list(shapes_df.columns) == [
-        "id", "correct", "s_raw", "s", "shape", "end_ratio", "b_reg", "a_reg",
+        "id", "correct", "s_raw", "s", "s_bulk", "shape", "end_ratio", "b_reg", "a_reg",
         "b_end", "a_end", "mean_distance", "knn_flip_share", "flipped_ranks",
     ]  # fmt: skip
     assert shapes_df["id"].tolist() == list(range(N_TRAIN + N_VAL, n))
@@ -165,19 +182,21 @@ def test_analyze_writes_every_file_with_consistent_shapes(run):
 
     assert strict_json(run / store.ANALYSIS) == json.loads(json.dumps(result))
     assert result["n_test"] == N_TEST and result["n_flipped"] == len(FLIPPED)
-    assert result["thresholds"]["s_min"] == 0.2 and result["thresholds"]["z_max"] == -0.1
+    assert result["thresholds"]["s_min"] == shapes.S_MIN
+    assert result["thresholds"]["z_max"] == shapes.Z_MAX
+    assert result["thresholds"]["trim"] == shapes.TRIM
     assert result["k"] == 10 and result["checkpoint"]["epoch"] == 2
     counts = sum(v["count"] for v in result["by_shape"]["all"].values())
     assert counts == N_TEST
     for group in ("all", "correct", "misclassified"):
         for key in ("s_vs_end_ratio", "s_vs_mean_distance"):
             assert set(result["correlations"][key][group]) == {
-                "n", "spearman", "spearman_p", "pearson", "pearson_p",
+                "n", "spearman", "spearman_p", "pearson", "pearson_p", "reason",
             }  # fmt: skip
 
     stage = store.load_manifest(run)["stages"]["analyze"]
     assert stage["status"] == "complete"
-    assert set(stage["timings_s"]) == {"shapes", "embeddings", "distances", "projection", "write"}
+    assert set(stage["timings_s"]) == {"shapes", "views", "geometry", "write"}
     assert "analyze" in store.load_manifest(run)["timings_s"]
 
 
@@ -212,7 +231,7 @@ def test_known_shapes_end_ratios_and_correctness(run):
     analyze_run(run, progress=False)
     df = pd.read_parquet(run / store.SHAPES)
     s_row, z_row = df.iloc[0], df.iloc[1]
-    assert s_row["shape"] == "S" and s_row["s"] > 0.5
+    assert s_row["shape"] == "S" and s_row["s"] > 0.5 and s_row["s_bulk"] >= shapes.S_MIN
     assert list(s_row["flipped_ranks"]) == [0, 1, N_TRAIN - 2, N_TRAIN - 1]
     assert s_row["end_ratio"] > 95
     assert z_row["shape"] == "Z" and z_row["s"] < -0.3
@@ -292,7 +311,9 @@ def test_summary_rows_and_correlations_for_show_json(run):
     analyze_run(run, progress=False)
     rows = summary_rows(run)
     assert len(rows) == N_TEST
-    assert set(rows[0]) == {"id", "correct", "s_raw", "s", "shape", "end_ratio", "mean_distance"}
+    assert set(rows[0]) == {
+        "id", "correct", "s_raw", "s", "s_bulk", "shape", "end_ratio", "mean_distance",
+    }  # fmt: skip
     assert isinstance(rows[0]["id"], int) and isinstance(rows[0]["correct"], bool)
     json.dumps(rows, allow_nan=False)
     corr = correlations(run)
@@ -301,16 +322,79 @@ def test_summary_rows_and_correlations_for_show_json(run):
     json.dumps(corr, allow_nan=False)
 
 
-def test_correlation_is_nan_safe():
-    from scipy import stats
-
+def test_correlation_is_nan_safe_and_says_when_it_means_nothing():
     none = {"spearman": None, "spearman_p": None, "pearson": None, "pearson_p": None}
-    assert correlation([1, 2], [3, 4]) == {"n": 2, **none}
-    assert correlation([1, 2, 3, 4], [5, 5, 5, 5]) == {"n": 4, **none}
+    few = correlation([1, 2], [3, 4])
+    assert {k: few[k] for k in none} == none and few["n"] == 2 and "at least 8" in few["reason"]
+    flat = correlation(np.arange(12.0), np.r_[np.full(11, 0.12345), 0.12346])
+    assert flat["spearman"] is None and "no spread" in flat["reason"]
     assert correlation([1, np.nan, 3], [1, 2, 3])["n"] == 2
-    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, np.nan])
-    y = np.array([2.0, 1.0, 4.0, 3.0, 6.0, 1.0])
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, np.nan])
+    y = np.array([2.0, 1.0, 4.0, 3.0, 6.0, 5.0, 9.0, 7.0, 8.0, 1.0])
     got = correlation(x, y)
-    assert got["n"] == 5
-    assert got["spearman"] == pytest.approx(stats.spearmanr(x[:5], y[:5]).statistic)
-    assert got["pearson_p"] == pytest.approx(stats.pearsonr(x[:5], y[:5]).pvalue)
+    assert got["n"] == 9 and got["reason"] is None
+    assert got["spearman"] == pytest.approx(stats.spearmanr(x[:9], y[:9]).statistic)
+    assert got["pearson_p"] == pytest.approx(stats.pearsonr(x[:9], y[:9]).pvalue)
+
+
+def test_views_cumulative_to_the_last_checkpoint_reproduce_the_default_shapes(run):
+    result = analyze_run(run, progress=False)
+    default = pd.read_parquet(run / store.SHAPES).set_index("id")
+    by_view = pd.read_parquet(run / store.SHAPES_BY_VIEW)
+    # 3 normalisations × 2 checkpoints × (single, cumulative).
+    assert set(by_view["view"]) == {
+        f"{n}:{a}-{b}" for n in views.NORMALISATIONS for a, b in ((1, 1), (2, 2), (1, 2))
+    }
+    full = by_view[(by_view["view"] == "raw:1-2") & (by_view["kind"] == "cumulative")]
+    full = full.set_index("id").loc[default.index]
+    assert (full["shape"] == default["shape"]).all()
+    np.testing.assert_array_equal(full["s_bulk"], default["s_bulk"])
+    np.testing.assert_array_equal(full["end_ratio"], default["end_ratio"])
+    ranks = np.load(run / store.FLIP_RANKS)
+    order = result["views"]["rank_order"]
+    assert ranks.shape == (len(order), N_TEST, len(FLIPPED))
+    np.testing.assert_array_equal(
+        ranks[order.index("raw:1-2")], np.stack(default["flipped_ranks"].to_numpy())
+    )
+    assert result["views"]["flipped_train_ids"] == FLIPPED
+    counts = result["views"]["counts"]["raw:1-2"]
+    assert sum(counts[c] for c in shapes.SHAPES) == N_TEST
+
+
+def test_sensitivity_table_and_learning_examples(run):
+    result = analyze_run(run, progress=False)
+    table = pd.DataFrame(result["sensitivity"])
+    assert set(table["threshold"]) == {"s_min", "z_max", "trim"}
+    assert (table[list(shapes.SHAPES)].sum(axis=1) == N_TEST).all()
+    default = table[table["default"] & (table["threshold"] == "s_min")].iloc[0]
+    for c in shapes.SHAPES:
+        assert default[c] == result["by_shape"]["all"][c]["count"]
+    # Raising s_min can only move curves out of S.
+    s_rows = table[table["threshold"] == "s_min"].sort_values("value")
+    assert s_rows["S"].is_monotonic_decreasing
+    ex = result["examples"]
+    df = pd.read_parquet(run / store.SHAPES).set_index("id")
+    by_view = pd.read_parquet(run / store.SHAPES_BY_VIEW)
+    assert ex["S"]["view"] is not None and ex["Z"]["view"] is not None  # rows 0 and 1
+    for c in shapes.SHAPES:
+        if ex[c]["view"] is None:
+            assert ex[c]["ids"] == [] and ex[c]["count"] == 0
+            continue
+        assert 1 <= len(ex[c]["ids"]) <= min(4, ex[c]["count"])
+        if ex[c]["view"] == "default":
+            shown = df.loc[ex[c]["ids"], "shape"]
+        else:
+            shown = by_view[by_view["view"] == ex[c]["view"]].set_index("id").loc[ex[c]["ids"]]
+            shown = shown["shape"]
+        assert (shown == c).all()
+
+
+def test_a_run_without_checkpoints_is_reanalysed_from_its_stored_geometry(run):
+    analyze_run(run, progress=False)
+    emb = np.load(run / store.EMBEDDINGS)
+    shutil.rmtree(run / "checkpoints")
+    (run / store.SHAPES).unlink()
+    again = analyze_run(run, s_min=0.3, progress=False)
+    assert again["geometry"]["source"].startswith("stored")
+    np.testing.assert_array_equal(np.load(run / store.EMBEDDINGS), emb)
+    assert (run / store.SHAPES).exists() and again["thresholds"]["s_min"] == 0.3

@@ -8,8 +8,14 @@ import sys
 import numpy as np
 import pytest
 
+from core import shape_references as refs
 from core.shapes import (
+    S_MIN,
+    TRIM,
+    Z_MAX,
     CurveFit,
+    bulk_index,
+    classify,
     curve_fit,
     downsample_curve,
     end_ratio,
@@ -75,6 +81,73 @@ def test_s_raw_is_the_slope_difference_in_score_units():
     assert scaled.s == pytest.approx(fit.s)
 
 
+def test_reference_curves_fall_in_their_documented_class_on_unseen_seeds():
+    # Calibration used seeds 0..19; these are others, with and without extreme points.
+    for seed in range(100, 110):
+        for extremes in (False, True):
+            curves = refs.reference_curves(seed, extremes=extremes)
+            names = list(curves)
+            got = classify(np.stack([curves[k][0] for k in names]))["shape"]
+            for name, shape in zip(names, got, strict=True):
+                assert shape == curves[name][1], (seed, name)
+
+
+def test_the_named_references_get_the_issues_classes():
+    curves = refs.reference_curves(7)
+    want = {
+        "uniform": "backslash",
+        "two plateaus 50/50": "Z",
+        "two plateaus 60/40": "Z",
+        "laplace": "S",
+        "student-t(3)": "S",
+    }
+    for name, shape in want.items():
+        assert classify(curves[name][0])["shape"][0] == shape
+
+
+def test_default_thresholds_are_the_calibration_rounded():
+    cal = refs.calibrate()
+    assert round(cal["s_min"], 2) == S_MIN and round(cal["z_max"], 2) == Z_MAX
+    assert cal["margin_s"] > 0 and cal["margin_z"] > 0  # the classes do not overlap
+
+
+def test_a_few_extreme_points_do_not_decide_the_class():
+    rng = np.random.default_rng(3)
+    plateaus = np.r_[rng.normal(1, 0.1, 944), rng.normal(-1, 0.1, 656)]  # 59/41
+    spiked = refs.with_extremes(plateaus, rng, share=0.025)
+    assert curve_fit(spiked).s > 0.5  # the paper's index alone would call it S
+    assert classify(spiked)["shape"][0] == "Z" == classify(plateaus)["shape"][0]
+
+
+def test_classify_is_invariant_to_positive_affine_rescaling():
+    rng = np.random.default_rng(4)
+    m = np.stack([rng.laplace(size=400), rng.uniform(size=400), np.sign(rng.normal(size=400))])
+    a, b = classify(m), classify(3.7 * m - 12.0)
+    np.testing.assert_allclose(a["s_bulk"], b["s_bulk"], rtol=1e-9)
+    np.testing.assert_allclose(a["s"], b["s"], rtol=1e-9)
+    assert list(a["shape"]) == list(b["shape"])
+
+
+def test_classify_rows_and_fields_and_end_ratio():
+    rng = np.random.default_rng(5)
+    m = rng.normal(size=(4, 200))
+    flipped = np.zeros(200, bool)
+    flipped[[3, 50, 120]] = True
+    out = classify(m, flipped)
+    assert {"s_raw", "s", "s_bulk", "shape", "end_ratio"} <= set(out)
+    assert all(len(v) == 4 for v in out.values())
+    for i in range(4):
+        one = classify(m[i], flipped)
+        assert one["s_bulk"][0] == pytest.approx(out["s_bulk"][i])
+        ranks = flipped_ranks(m[i], flipped)
+        assert one["end_ratio"][0] == pytest.approx(end_ratio(ranks, 200))
+    assert "end_ratio" not in classify(m)
+    # The bulk index is the paper's index on the curve without TRIM of its ranks at each end.
+    y = np.sort(m[0])[::-1]
+    cut = int(np.ceil(TRIM * 200))
+    assert bulk_index(m[0]) == pytest.approx(curve_fit(y[cut : 200 - cut]).s)
+
+
 def test_noisy_curves_keep_their_class():
     rng = np.random.default_rng(0)
     n = 1600
@@ -84,9 +157,9 @@ def test_noisy_curves_keep_their_class():
     z_curve = np.r_[rng.normal(1.0, 0.05, n // 2), rng.normal(-1.0, 0.05, n // 2)]
     # Backslash: uniform scores sort into a noisy straight line.
     line = rng.uniform(-1, 1, n)
-    fits = curve_fit(np.stack([s_curve, z_curve, line]))
-    assert list(shape_class(fits.s)) == ["S", "Z", "backslash"]
-    assert fits.s[0] > 0.5 and fits.s[1] < -0.25 and abs(fits.s[2]) < 0.05
+    got = classify(np.stack([s_curve, z_curve, line]))
+    assert list(got["shape"]) == ["S", "Z", "backslash"]
+    assert got["s"][0] > 0.5 and got["s"][1] < -0.25 and abs(got["s"][2]) < 0.05
 
 
 def test_input_order_does_not_matter():
@@ -119,9 +192,9 @@ def test_too_short_curve_raises():
 
 
 def test_shape_class_thresholds_are_inclusive_and_configurable():
-    assert shape_class(0.2) == "S"
-    assert shape_class(0.19) == "backslash"
-    assert shape_class(-0.1) == "Z"
+    assert shape_class(S_MIN) == "S"
+    assert shape_class(S_MIN - 0.01) == "backslash"
+    assert shape_class(Z_MAX) == "Z"
     assert shape_class(0.19, s_min=0.1) == "S"
     assert shape_class(-0.05, z_max=-0.01) == "Z"
     assert list(shape_class(np.array([0.5, 0.0, -0.3, np.nan]))) == [
