@@ -131,10 +131,12 @@ def _inverse(norms: np.ndarray) -> np.ndarray:
 
 def standard_views(n_checkpoints: int, normalisations: tuple[str, ...]) -> list[tuple[str, View]]:
     """The views the analyze stage precomputes: ``(kind, view)`` for each normalisation and
-    checkpoint c, kind ``single`` (c alone) and ``cumulative`` (1..c)."""
+    checkpoint c, kind ``single`` (c alone) and ``cumulative`` (1..c, for c ≥ 2: the sum up
+    to checkpoint 1 is checkpoint 1 alone). Every key appears once."""
     out = []
     for norm in normalisations:
         for c in range(1, n_checkpoints + 1):
             out.append(("single", View(c, c, norm)))
-            out.append(("cumulative", View(1, c, norm)))
+            if c >= 2:
+                out.append(("cumulative", View(1, c, norm)))
     return out
