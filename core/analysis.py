@@ -263,8 +263,9 @@ def _view_shapes(
 ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """Shapes of every standard view, long format, and the flipped instances' ranks per view.
 
-    Returns (rows of shapes_by_view.parquet, ranks (n_views, n_test, n_flipped), view keys
-    in the order of the ranks' first axis). Without the per-checkpoint stack: no views.
+    Returns (rows of shapes_by_view.parquet, ranks (n_views, n_test, n_flipped) with column
+    j the j-th flipped training instance, view keys in the order of the ranks' first axis).
+    Without the per-checkpoint stack: no views.
     """
     stack = inputs.get("stack")
     n_flip = int(flipped.sum())
@@ -282,7 +283,7 @@ def _view_shapes(
     for i, (kind, view) in enumerate(todo):
         scores = views.view_scores(stack, view, norms[0], norms[1])
         cls = shapes.classify(scores, flipped, **rule)
-        ranks[i] = shapes.flipped_ranks(scores, flipped)
+        ranks[i] = shapes.ranks_of(scores, flipped)
         keys.append(view.key)
         frames.append(
             pd.DataFrame(

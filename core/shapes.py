@@ -18,6 +18,8 @@ SHAPE_S = "S"
 SHAPE_Z = "Z"
 SHAPE_BACKSLASH = "backslash"
 SHAPES = (SHAPE_S, SHAPE_Z, SHAPE_BACKSLASH)
+# Display order, from most S-like to most Z-like (the paper's Fig. 1 order).
+SHAPE_ORDER = (SHAPE_S, SHAPE_BACKSLASH, SHAPE_Z)
 
 # The class rule reads the bulk of the curve: the scale-free index on the sorted curve with
 # TRIM of the ranks cut off at each end, so a handful of extreme points cannot decide it.
@@ -177,6 +179,23 @@ def flipped_ranks(scores: np.ndarray, flipped_mask: np.ndarray) -> np.ndarray:
         return np.flatnonzero(sorted_mask)
     # Every row holds the same number of flips, so row-major nonzero reshapes cleanly.
     return np.nonzero(sorted_mask)[1].reshape(scores.shape[0], int(mask.sum()))
+
+
+def ranks_of(scores: np.ndarray, flipped_mask: np.ndarray) -> np.ndarray:
+    """The 0-based rank of each flipped instance, in training order (not sorted by rank).
+
+    Same ranks as :func:`flipped_ranks` (stable ties), but column j is always the j-th
+    flipped training instance, so one instance can be followed across views.
+    Shape (n_flipped,) or (n_test, n_flipped).
+    """
+    scores = np.asarray(scores)
+    mask = np.asarray(flipped_mask, dtype=bool)
+    if mask.shape != scores.shape[-1:]:
+        raise ValueError(f"flipped_mask has shape {mask.shape}, expected ({scores.shape[-1]},)")
+    order = sort_order(scores)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(scores.shape[-1]), axis=-1)
+    return rank[..., mask]
 
 
 def end_ratio(ranks: np.ndarray, n: int) -> float | np.ndarray:

@@ -20,6 +20,7 @@ from core.shapes import (
     downsample_curve,
     end_ratio,
     flipped_ranks,
+    ranks_of,
     shape_class,
     sort_order,
 )
@@ -279,3 +280,10 @@ def test_downsample_keeps_all_flipped_beyond_the_budget():
 def test_shapes_module_does_not_import_torch():
     code = "import sys, core.shapes; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_ranks_of_follow_each_flipped_instance():
+    scores = np.array([[0.1, 0.9, 0.5, -0.2], [0.9, -1.0, 0.2, 0.3]])
+    mask = np.array([True, False, True, True])
+    np.testing.assert_array_equal(ranks_of(scores, mask), [[2, 1, 3], [0, 2, 1]])
+    np.testing.assert_array_equal(np.sort(ranks_of(scores, mask), 1), flipped_ranks(scores, mask))
