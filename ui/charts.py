@@ -157,58 +157,73 @@ def small_multiples(
     return _tag(chart, "small_multiples")
 
 
+SCATTER_AXES = {
+    "s_bulk": "bulk S (the class rule: Z ≤ z_max … S ≥ s_min)",
+    "s": "S, whole curve (the paper's index)",
+    "end_ratio": "end ratio of flipped instances (%)",
+    "mean_distance": "mean [CLS] distance to the training data",
+}
+
+
 def shape_scatter(
     shapes: pd.DataFrame,
     *,
     selected: int | None = None,
-    thresholds: tuple[float, float] = (0.2, -0.1),
+    thresholds: tuple[float, float] = (0.24, -0.05),
     select_name: str = "pick",
+    x: str = "s_bulk",
+    y: str = "end_ratio",
 ) -> alt.LayerChart:
-    """Fig. 3: S against end ratio, one point per test instance, coloured by shape; clickable."""
-    df = shapes[["id", "s", "end_ratio", "shape"]].copy()
+    """Fig. 3 / Fig. 2: an S index against end ratio or distance, one point per test instance,
+    coloured by shape, clickable; the selected instance drawn large, outlined and on top."""
+    cols = ["id", "shape", *dict.fromkeys([x, y, "s", "end_ratio"])]
+    df = shapes[[c for c in cols if c in shapes]].copy()
     df["correct"] = shapes["correct"].to_numpy(bool) if "correct" in shapes else True
     df["prediction"] = np.where(df["correct"], "correct", "misclassified")
     df["selected"] = df["id"] == (selected if selected is not None else -1)
     pick = alt.selection_point(name=select_name, fields=["id"], on="click", toggle=False)
+    y_scale = alt.Scale(domain=[0, 100]) if y == "end_ratio" else alt.Scale(zero=False)
+    encoding = {
+        "x": alt.X(f"{x}:Q", title=SCATTER_AXES.get(x, x), scale=alt.Scale(zero=False)),
+        "y": alt.Y(f"{y}:Q", title=SCATTER_AXES.get(y, y), scale=y_scale),
+        "color": alt.Color("shape:N", scale=_shape_scale(), title="shape"),
+        "shape": alt.Shape(
+            "prediction:N",
+            scale=alt.Scale(domain=["misclassified", "correct"], range=["circle", "triangle-up"]),
+            title="prediction",
+        ),
+        "tooltip": [
+            alt.Tooltip("id:Q", title="test id"),
+            alt.Tooltip("shape:N"),
+            alt.Tooltip(f"{x}:Q", title=x, format=".3f"),
+            alt.Tooltip(f"{y}:Q", title=y, format=".2f"),
+            alt.Tooltip("prediction:N"),
+        ],
+    }
     points = (
-        alt.Chart(df)
-        .mark_point(size=90, filled=True, opacity=0.85)
-        .encode(
-            x=alt.X("s:Q", title="S-shapedness S  (Z −0.5 … backslash 0 … S 1)"),
-            y=alt.Y(
-                "end_ratio:Q",
-                title="end ratio of flipped instances (%)",
-                scale=alt.Scale(domain=[0, 100]),
-            ),
-            color=alt.Color("shape:N", scale=_shape_scale(), title="shape"),
-            shape=alt.Shape(
-                "prediction:N",
-                scale=alt.Scale(
-                    domain=["misclassified", "correct"], range=["circle", "triangle-up"]
-                ),
-                title="prediction",
-            ),
-            stroke=alt.condition(alt.datum.selected, alt.value("black"), alt.value(None)),
-            strokeWidth=alt.condition(alt.datum.selected, alt.value(2.5), alt.value(0)),
-            tooltip=[
-                alt.Tooltip("id:Q", title="test id"),
-                alt.Tooltip("shape:N"),
-                alt.Tooltip("s:Q", title="S", format=".3f"),
-                alt.Tooltip("end_ratio:Q", title="end ratio %", format=".1f"),
-                alt.Tooltip("prediction:N"),
-            ],
-        )
+        alt.Chart(df[~df["selected"]])
+        .mark_point(size=80, filled=True, opacity=0.75)
+        .encode(**encoding)
         .add_params(pick)
     )
-    s_min, z_max = thresholds
-    refs = pd.DataFrame({"x": [s_min, z_max]})
-    vrules = alt.Chart(refs).mark_rule(strokeDash=[4, 4], color=GREY).encode(x="x:Q")
-    hrule = (
-        alt.Chart(pd.DataFrame({"y": [50.0]}))
-        .mark_rule(strokeDash=[2, 2], color=GREY)
-        .encode(y="y:Q")
+    # The selected instance as its own layer, after the others: it can never hide in a cluster.
+    chosen = (
+        alt.Chart(df[df["selected"]])
+        .mark_point(size=420, filled=True, opacity=1.0, stroke="black", strokeWidth=3)
+        .encode(**encoding)
     )
-    chart = alt.layer(vrules, hrule, points).properties(height=420)
+    layers = []
+    if x == "s_bulk":
+        s_min, z_max = thresholds
+        refs = pd.DataFrame({"x": [s_min, z_max]})
+        layers.append(alt.Chart(refs).mark_rule(strokeDash=[4, 4], color=GREY).encode(x="x:Q"))
+    if y == "end_ratio":
+        layers.append(
+            alt.Chart(pd.DataFrame({"y": [50.0]}))
+            .mark_rule(strokeDash=[2, 2], color=GREY)
+            .encode(y="y:Q")
+        )
+    chart = alt.layer(*layers, points, chosen).properties(height=420)
     return _tag(chart, "shape_scatter")
 
 
@@ -479,3 +494,124 @@ def cleaning_chart(results: pd.DataFrame) -> alt.LayerChart:
     )
     chart = alt.layer(spread, bars, rules).properties(height=max(160, 44 * len(g)))
     return _tag(chart, "cleaning")
+
+
+def panel_chart(
+    points: pd.DataFrame,
+    lines: pd.DataFrame,
+    title: str,
+    score_title: str = "TracIn",
+    *,
+    height: int = 170,
+) -> alt.LayerChart:
+    """One small-multiple panel: a sorted curve with its two lines, sized by its column."""
+    p = points[["rank", "score", "flipped"]].copy()
+    p["status"] = np.where(p["flipped"].to_numpy(bool), "flipped", "clean")
+    color = alt.Color(
+        "status:N", scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE), legend=None
+    )
+    dots = (
+        alt.Chart(p)
+        .mark_circle(opacity=0.8)
+        .encode(
+            x=alt.X("rank:Q", title="rank"),
+            y=alt.Y("score:Q", title=score_title),
+            color=color,
+            size=alt.condition(alt.datum.flipped, alt.value(36), alt.value(10)),
+            order=alt.Order("flipped:Q"),
+            tooltip=[
+                alt.Tooltip("rank:Q"),
+                alt.Tooltip("score:Q", format=".4g"),
+                alt.Tooltip("status:N"),
+            ],
+        )
+    )
+    segs = lines.rename(columns={"line": "status"})
+    rules = (
+        alt.Chart(segs)
+        .mark_rule(strokeWidth=1.5)
+        .encode(x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", color=color)
+    )
+    chart = alt.layer(dots, rules).properties(
+        height=height, title=alt.TitleParams(title, fontSize=12)
+    )
+    return _tag(chart, "curve_panel")
+
+
+def index_over_training(series: pd.DataFrame, thresholds: tuple[float, float]) -> alt.LayerChart:
+    """Bulk S of one test instance per checkpoint (alone and cumulative), with the class bands."""
+    s_min, z_max = thresholds
+    lines = (
+        alt.Chart(series)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("checkpoint:O", title="checkpoint (epoch order)"),
+            y=alt.Y("s_bulk:Q", title="bulk S"),
+            color=alt.Color("scores:N", title=None, legend=alt.Legend(orient="bottom")),
+            tooltip=[
+                alt.Tooltip("checkpoint:O"),
+                alt.Tooltip("scores:N"),
+                alt.Tooltip("shape:N"),
+                alt.Tooltip("s_bulk:Q", format="+.3f"),
+                alt.Tooltip("end_ratio:Q", title="end ratio %", format=".1f"),
+            ],
+        )
+    )
+    refs = pd.DataFrame({"y": [s_min, z_max], "class": ["S above", "Z below"]})
+    rules = alt.Chart(refs).mark_rule(strokeDash=[4, 4], color=GREY).encode(y="y:Q")
+    return _tag(alt.layer(rules, lines).properties(height=240), "index_over_training")
+
+
+def flip_ranks_over_training(traces: pd.DataFrame, n_train: int, mode: str) -> alt.LayerChart:
+    """Rank of every flipped training instance at each checkpoint (one line per instance)."""
+    lines = (
+        alt.Chart(traces)
+        .mark_line(point=True, color=RED, opacity=0.45, strokeWidth=1)
+        .encode(
+            x=alt.X("checkpoint:O", title="checkpoint (epoch order)"),
+            y=alt.Y(
+                "rank:Q",
+                title=f"rank of each flipped instance (0 … {n_train - 1})",
+                scale=alt.Scale(domain=[0, n_train - 1], reverse=True),
+            ),
+            detail="train_id:N",
+            tooltip=[
+                alt.Tooltip("train_id:Q", title="training id"),
+                alt.Tooltip("checkpoint:O"),
+                alt.Tooltip("rank:Q"),
+                alt.Tooltip("from_centre:Q", title="distance from centre %", format=".0f"),
+            ],
+        )
+    )
+    centre = (
+        alt.Chart(pd.DataFrame({"y": [(n_train - 1) / 2]}))
+        .mark_rule(strokeDash=[2, 2], color=GREY)
+        .encode(y="y:Q")
+    )
+    return _tag(alt.layer(centre, lines).properties(height=240, title=mode), "flip_ranks")
+
+
+def sensitivity_chart(rows: pd.DataFrame, threshold: str) -> alt.LayerChart:
+    """Class counts as one threshold moves (stacked bars), the value in force marked."""
+    long = rows.melt(
+        id_vars=["value", "default"],
+        value_vars=[c for c in SHAPE_COLORS if c in rows],
+        var_name="shape",
+        value_name="count",
+    )
+    bars = (
+        alt.Chart(long)
+        .mark_bar()
+        .encode(
+            x=alt.X("value:O", title=threshold),
+            y=alt.Y("count:Q", title="test instances"),
+            color=alt.Color("shape:N", scale=_shape_scale(), title="shape"),
+            tooltip=["value:O", "shape:N", "count:Q"],
+        )
+    )
+    mark = (
+        alt.Chart(rows[rows["default"]])
+        .mark_text(dy=-8, text="in force")
+        .encode(x=alt.X("value:O"), y=alt.value(0))
+    )
+    return _tag(alt.layer(bars, mark).properties(height=160), f"sensitivity_{threshold}")

@@ -19,7 +19,7 @@ import streamlit as st
 
 from core import store
 from core.errors import AtlasError
-from ui.compute import DEFAULT_S_MIN, DEFAULT_Z_MAX
+from core.shapes import S_MIN, TRIM, Z_MAX
 
 ENV_CACHE = "ATLAS_CACHE"  # points the app at another run store (tests, hosted demos)
 DEMO_RUN = "demo"
@@ -276,14 +276,41 @@ class Run:
         return _json(str(path), stamp(path)) if path.exists() else {}
 
     def thresholds(self) -> tuple[float, float]:
-        """(s_min, z_max) recorded by the analyze stage, else DESIGN.md's defaults."""
+        """(s_min, z_max) recorded by the analyze stage, else core's calibrated defaults."""
+        rule = self.rule()
+        return rule["s_min"], rule["z_max"]
+
+    def rule(self) -> dict[str, float]:
+        """The class rule the analyze stage used (s_min, z_max, trim), else core's defaults."""
         t = self.analysis().get("thresholds") or {}
-        s_min = t.get("s_min", t.get("S", DEFAULT_S_MIN))
-        z_max = t.get("z_max", t.get("Z", DEFAULT_Z_MAX))
-        try:
-            return float(s_min), float(z_max)
-        except (TypeError, ValueError):
-            return DEFAULT_S_MIN, DEFAULT_Z_MAX
+        out = {"s_min": S_MIN, "z_max": Z_MAX, "trim": TRIM}
+        for name in out:
+            value = t.get(name)
+            if isinstance(value, int | float) and np.isfinite(value):
+                out[name] = float(value)
+        return out
+
+    def shapes_by_view(self) -> pd.DataFrame | None:
+        """shapes_by_view.parquet (every single / cumulative checkpoint view), or None."""
+        if not self.has(store.SHAPES_BY_VIEW):
+            return None
+        return self._parquet(store.SHAPES_BY_VIEW, "analyze", ("view", "kind", "id", "shape"))
+
+    def flip_ranks(self) -> np.ndarray | None:
+        """flip_ranks.npy (n_views, n_test, n_flipped), in analysis.json's views.rank_order."""
+        if not self.has(store.FLIP_RANKS):
+            return None
+        return self._npy(store.FLIP_RANKS, "analyze")
+
+    def grad_norms(self) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Per-checkpoint gradient norms (train (k, n_train), test (k, n_test) or None), or None."""
+        if not self.has(store.GRAD_NORMS_TRAIN):
+            return None
+        train = self._npy(store.GRAD_NORMS_TRAIN, "tracin")
+        test = (
+            self._npy(store.GRAD_NORMS_TEST, "tracin") if self.has(store.GRAD_NORMS_TEST) else None
+        )
+        return train, test
 
     def detectors(self) -> pd.DataFrame:
         """detectors.parquet: suspicion per training instance and detector."""

@@ -1,4 +1,4 @@
-"""Score curves (paper Fig. 1): small multiples of sorted TracIn curves, one enlarged with tooltips."""
+"""Score curves (paper Fig. 1): sorted TracIn curves under a chosen view, and how they form over training."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import store
-from ui import charts, compute, data, widgets
+from core import shapes as core_shapes
+from core import store, views
+from ui import charts, compute, data, influence, widgets
 
-SUMMED = "sum over checkpoints"
 PANEL_POINTS = 150  # points per small multiple (every flipped instance is kept on top)
 ENLARGED_POINTS = 2000
+SUMMED_UP_TO = "sum of checkpoints 1…c"
+ALONE = "checkpoint c alone"
 
 
 @dataclass
@@ -22,68 +24,82 @@ class Curve:
 
     test_id: int
     points: pd.DataFrame  # rank, train_id, score, flipped, text, label, observed_label
-    lines: dict[str, float]  # a_reg, b_reg, a_end, b_end, s (and s_raw when known)
+    lines: dict[str, float]  # a_reg, b_reg, a_end, b_end, s, s_bulk
     shape: str
     n: int  # full curve length (the points may be thinned)
+    end_ratio: float
 
 
-def score_sources(run: data.Run) -> list[str]:
-    """'sum over checkpoints' plus one entry per checkpoint when per-checkpoint scores exist."""
-    options = [SUMMED]
-    if run.has(store.TRACIN_PER_CHECKPOINT):
-        cps = run.manifest.get("checkpoints") or []
-        k = run.per_checkpoint().shape[0]
-        for i in range(k):
-            epoch = cps[i].get("epoch", i + 1) if i < len(cps) else i + 1
-            options.append(f"checkpoint {i + 1} (epoch {epoch})")
-    return options
-
-
-def load_curve(run: data.Run, test_id: int, source: str, max_points: int) -> Curve:
-    """The curve of ``test_id`` for the summed score (curves.parquet when present) or one checkpoint.
-
-    Cached per process: widget changes re-run the page, and the same curves come back.
-    """
-    files = (store.SHAPES, store.CURVES, store.TRACIN, store.TRACIN_PER_CHECKPOINT, store.ANALYSIS)
-    stamps = tuple(data.stamp(run.file(f)) for f in files)
-    return _cached_curve(str(run.path), stamps, int(test_id), source, int(max_points))
+def load_curve(run: data.Run, test_id: int, view: views.View, max_points: int) -> Curve:
+    """The curve of ``test_id`` under ``view``; cached per process, keyed by the run's file stamps."""
+    files = (
+        store.SHAPES,
+        store.CURVES,
+        store.TRACIN,
+        store.TRACIN_PER_CHECKPOINT,
+        store.ANALYSIS,
+        store.GRAD_NORMS_TRAIN,
+    )
+    stamps = tuple(data.stamp(run.file(f)) if run.has(f) else 0 for f in files)
+    return _cached_curve(str(run.path), stamps, int(test_id), view.key, int(max_points))
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def _cached_curve(
-    path: str, stamps: tuple[int, ...], test_id: int, source: str, max_points: int
+    path: str, stamps: tuple[int, ...], test_id: int, key: str, max_points: int
 ) -> Curve:
     """``_load_curve`` keyed by the run's file stamps (a recomputed run is re-read)."""
-    return _load_curve(data.Run(path), test_id, source, max_points)
+    return _load_curve(data.Run(path), test_id, views.View.parse(key), max_points)
 
 
-def _load_curve(run: data.Run, test_id: int, source: str, max_points: int) -> Curve:
-    """Build one curve from the run store (uncached)."""
-    shapes = run.shapes().set_index("id")
-    s_min, z_max = run.thresholds()
-    if source == SUMMED:
+def _load_curve(run: data.Run, test_id: int, view: views.View, max_points: int) -> Curve:
+    """Build one curve from the run store (uncached), every number from core's definitions."""
+    train = run.train
+    flipped_all = train["flipped"].to_numpy(bool)
+    if influence.is_default(run, view) and run.curves() is not None:
         curves = run.curves()
-        pts = (
-            compute.curve_from_long(curves, test_id, run.train, max_points)
-            if curves is not None
-            else None
-        )
-        if pts is not None:
-            row = shapes.loc[test_id]
-            if {"a_reg", "b_reg", "a_end", "b_end"} <= set(shapes.columns):
-                lines = {k: float(row[k]) for k in ("a_reg", "b_reg", "a_end", "b_end")}
-                lines["s"] = float(row["s"])
-            else:  # older analyze output: refit on the stored (possibly thinned) curve
-                lines = compute.fit_lines(pts["score"].to_numpy())
-            return Curve(test_id, pts, lines, str(row["shape"]), len(run.train))
-        scores = np.asarray(run.tracin()[run.test_row(test_id)], dtype=np.float64)
-    else:
-        k = score_sources(run).index(source) - 1
-        scores = np.asarray(run.per_checkpoint()[k, run.test_row(test_id)], dtype=np.float64)
-    lines = compute.fit_lines(np.sort(scores)[::-1])
-    pts = compute.sorted_curve(scores, run.train, max_points)
-    shape = compute.classify(lines["s"], s_min, z_max)
-    return Curve(test_id, pts, lines, shape, len(scores))
+        c = curves[curves["test_id"] == test_id].sort_values("rank")
+        if len(c):
+            row = run.shapes().set_index("id").loc[test_id]
+            keep = core_shapes.downsample_curve(
+                c["score"].to_numpy(np.float64), c["flipped"].to_numpy(bool), max_points
+            )
+            c = c.iloc[keep]
+            lines = {k: float(row[k]) for k in ("a_reg", "b_reg", "a_end", "b_end", "s")}
+            lines["s_bulk"] = float(row.get("s_bulk", np.nan))
+            return Curve(
+                test_id,
+                _with_text(run, c["rank"], c["train_id"], c["score"], c["flipped"]),
+                lines,
+                str(row["shape"]),
+                len(train),
+                float(row["end_ratio"]),
+            )
+    scores = influence.view_row(run, view, test_id)
+    cls = core_shapes.classify(scores, flipped_all, **run.rule())
+    order = core_shapes.sort_order(scores)
+    keep = core_shapes.downsample_curve(scores[order], flipped_all[order], max_points)
+    pos = order[keep]
+    lines = {k: float(cls[k][0]) for k in ("a_reg", "b_reg", "a_end", "b_end", "s", "s_bulk")}
+    pts = _with_text(run, keep, train["id"].to_numpy()[pos], scores[pos], flipped_all[pos])
+    return Curve(test_id, pts, lines, str(cls["shape"][0]), len(scores), float(cls["end_ratio"][0]))
+
+
+def _with_text(run: data.Run, rank, train_id, score, flipped) -> pd.DataFrame:
+    """Curve points joined with the training rows' text and labels (for tooltips)."""
+    ids = np.asarray(train_id, dtype=np.int64)
+    meta = run.instances.iloc[ids]
+    return pd.DataFrame(
+        {
+            "rank": np.asarray(rank, dtype=np.int64),
+            "train_id": ids,
+            "score": np.asarray(score, dtype=np.float64),
+            "flipped": np.asarray(flipped, dtype=bool),
+            "text": meta["text"].to_numpy(),
+            "label": meta["label"].to_numpy(),
+            "observed_label": meta["observed_label"].to_numpy(),
+        }
+    )
 
 
 def render() -> None:
@@ -101,64 +117,71 @@ def render() -> None:
 
 
 def body(run: data.Run) -> None:
-    """Controls, the enlarged curve and the small multiples."""
-    shapes = run.shapes()
+    """Controls, the enlarged curve, how it formed over training, and the small multiples."""
     run.tracin()  # fail early, with the command to run, when TracIn is missing
-    sources = score_sources(run)
     sb = st.sidebar
-    source = sb.selectbox(
-        "Score",
-        sources,
-        key="curves_source",
-        help="The summed TracIn score, or one checkpoint's η-weighted contribution.",
-    )
+    view = influence.pick_view(run)
+    table = influence.view_table(run, view)
     which = sb.radio(
         "Test instances", ["misclassified", "all"], key="curves_which", horizontal=True
     )
     kinds = sb.multiselect(
-        "Shapes", list(compute.SHAPES), default=list(compute.SHAPES), key="curves_shapes"
+        "Shapes",
+        list(core_shapes.SHAPE_ORDER),
+        default=list(core_shapes.SHAPE_ORDER),
+        key="curves_shapes",
     )
     max_panels = sb.slider("Panels at most", 3, 48, 12, step=3, key="curves_panels")
+    n_cols = sb.slider("Panels per row", 1, 6, 3, key="curves_columns")
 
-    test_id = widgets.pick_test(run, shapes, where=st, label="Enlarge test instance")
-    enlarged(run, test_id, source)
+    # The paper's order, under the view shown: most S-shaped first, down to the most Z-shaped.
+    ordered = table.sort_values("s_bulk", ascending=False, kind="stable")
+    test_id = widgets.pick_test(run, ordered, where=st, label="Enlarge test instance")
+    enlarged(run, test_id, view)
+    over_training(run, test_id, view)
 
-    sel = shapes[shapes["shape"].isin(kinds)]
+    sel = ordered[ordered["shape"].isin(kinds)]
     if which == "misclassified" and "correct" in sel:
         sel = sel[~sel["correct"].astype(bool)]
-    # The paper's order: most S-shaped first, down to the most Z-shaped.
-    sel = sel.sort_values("s", ascending=False)
     st.subheader(f"{min(len(sel), max_panels)} of {len(sel)} {which} test instances")
+    st.caption(
+        f"View: {view.label(influence.n_checkpoints(run))}; ordered by bulk S, highest first."
+    )
     if sel.empty:
         st.info("No test instance matches these filters.")
         return
-    points, lines, order = panels(run, sel.head(max_panels), source)
-    st.altair_chart(charts.small_multiples(points, lines, order), width="content")
+    grid(run, sel.head(max_panels), view, n_cols)
 
 
-def panels(
-    run: data.Run, sel: pd.DataFrame, source: str
-) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Stacked points and line segments of the selected test instances, with panel titles."""
-    pts, lns, order = [], [], []
+def grid(run: data.Run, sel: pd.DataFrame, view: views.View, n_cols: int) -> None:
+    """Small multiples as a grid of columns, so the panels wrap to the window's width."""
     correct = sel.set_index("id")["correct"] if "correct" in sel else None
-    for test_id in sel["id"].astype(int):
-        c = load_curve(run, test_id, source, PANEL_POINTS)
-        ok = None if correct is None else bool(correct.loc[test_id])
-        title = compute.panel_title(test_id, c.shape, c.lines["s"], ok)
-        order.append(title)
-        pts.append(c.points[["rank", "score", "flipped"]].assign(panel=title))
-        lns.append(compute.line_rows(c.lines, c.n).assign(panel=title))
-    return pd.concat(pts, ignore_index=True), pd.concat(lns, ignore_index=True), order
+    ids = [int(i) for i in sel["id"]]
+    for start in range(0, len(ids), n_cols):
+        cols = st.columns(n_cols)
+        for col, test_id in zip(cols, ids[start : start + n_cols], strict=False):
+            c = load_curve(run, test_id, view, PANEL_POINTS)
+            ok = None if correct is None else bool(correct.loc[test_id])
+            title = compute.panel_title(test_id, c.shape, c.lines["s_bulk"], ok)
+            with col:
+                st.altair_chart(
+                    charts.panel_chart(
+                        c.points,
+                        compute.line_rows(c.lines, c.n),
+                        title,
+                        influence.score_title(view),
+                    ),
+                    width="stretch",
+                )
 
 
-def enlarged(run: data.Run, test_id: int, source: str) -> None:
+def enlarged(run: data.Run, test_id: int, view: views.View) -> None:
     """One curve, large, with text tooltips and the facts about its flipped instances."""
-    c = load_curve(run, test_id, source, ENLARGED_POINTS)
+    c = load_curve(run, test_id, view, ENLARGED_POINTS)
     row = run.shapes().set_index("id").loc[test_id]
     inst = run.instances.iloc[test_id]
     names = run.label_names
-    title = compute.panel_title(test_id, c.shape, c.lines["s"])
+    title = compute.panel_title(test_id, c.shape, c.lines["s_bulk"])
     st.subheader(f"Curve of test instance {test_id}")
     left, right = st.columns([3, 1])
     with left:
@@ -167,27 +190,32 @@ def enlarged(run: data.Run, test_id: int, source: str) -> None:
             compute.line_rows(c.lines, c.n),
             title=title,
             label_names=names,
-            score_title="TracIn" if source == SUMMED else "contribution",
+            score_title=influence.score_title(view),
         )
         st.altair_chart(chart, width="stretch")
     with right:
-        st.markdown(f"> {inst['text']}")
-        st.markdown(
-            f"true label **{names[int(inst['label'])]}**"
-            + ("" if row.get("correct", True) else " · **misclassified**")
+        st.text(str(inst["text"]))
+        st.caption(
+            f"true label: {names[int(inst['label'])]}"
+            + ("" if row.get("correct", True) else " · misclassified")
         )
         st.metric(
-            "S-shapedness",
-            widgets.fmt(c.lines["s"], "+.3f"),
+            "shape (bulk S)",
             c.shape,
+            widgets.fmt(c.lines["s_bulk"], "+.3f"),
             delta_color="off",
             delta_arrow="off",
+            help="The class reads the curve without its top and bottom 5 % of ranks.",
+        )
+        st.metric(
+            "S, whole curve (paper)",
+            widgets.fmt(c.lines["s"], "+.3f"),
+            help="(b_reg − b_end)/|b_end|: yellow slope minus green slope, scale-free.",
         )
         flips = c.points[c.points["flipped"]]
-        ratio = compute.end_ratio(flips["rank"].to_numpy(), c.n)
         st.metric(
             "end ratio of flipped",
-            widgets.fmt(ratio, ".1f") + " %",
+            widgets.fmt(c.end_ratio, ".1f") + " %",
             help="0 % centre, 100 % ends, 50 % random",
         )
         st.caption(
@@ -198,3 +226,77 @@ def enlarged(run: data.Run, test_id: int, source: str) -> None:
         table["label used"] = [names[int(v)] for v in flips["observed_label"]]
         table["true label"] = [names[int(v)] for v in flips["label"]]
         st.dataframe(table, hide_index=True, width="stretch")
+
+
+def over_training(run: data.Run, test_id: int, view: views.View) -> None:
+    """How this test instance's curve forms checkpoint by checkpoint, and where its flips move."""
+    k = influence.n_checkpoints(run)
+    st.subheader("Built up over training")
+    stored = run.shapes_by_view()
+    if k < 2 or stored is None or run.flip_ranks() is None:
+        st.info(
+            "This run stores no per-checkpoint views; recompute them with "
+            f"`{run.command('analyze')} --force`."
+        )
+        return
+    norm = view.normalisation
+    left, right = st.columns([2, 3])
+    with left:
+        c = st.select_slider("Checkpoint c", list(range(1, k + 1)), value=k, key="train_ckpt")
+        mode = st.radio("Scores", [SUMMED_UP_TO, ALONE], key="train_mode", horizontal=True)
+    step = views.View(1, c, norm) if mode == SUMMED_UP_TO else views.View(c, c, norm)
+    curve = load_curve(run, test_id, step, PANEL_POINTS * 2)
+    with right:
+        st.altair_chart(
+            charts.panel_chart(
+                curve.points,
+                compute.line_rows(curve.lines, curve.n),
+                compute.panel_title(test_id, curve.shape, curve.lines["s_bulk"])
+                + f" · {step.label(k)}",
+                influence.score_title(step),
+                height=220,
+            ),
+            width="stretch",
+        )
+    mine = stored[(stored["id"] == test_id) & (stored["normalisation"] == norm)]
+    series = mine.assign(
+        checkpoint=mine["last"],
+        scores=np.where(mine["kind"] == "single", ALONE, SUMMED_UP_TO),
+    )
+    # Checkpoint 1 alone is also the sum up to checkpoint 1.
+    first = series[series["view"] == f"{norm}:1-1"].assign(scores=SUMMED_UP_TO)
+    series = pd.concat([series, first], ignore_index=True)
+    order = run.analysis().get("views", {}).get("rank_order", [])
+    flip_ids = run.analysis().get("views", {}).get("flipped_train_ids", [])
+    ranks = run.flip_ranks()
+    row = run.test_row(test_id)
+    traces = []
+    for cc in range(1, k + 1):
+        key = views.View(1, cc, norm).key if mode == SUMMED_UP_TO else views.View(cc, cc, norm).key
+        if key in order:
+            r = np.asarray(ranks[order.index(key), row], dtype=np.float64)
+            centre = (len(run.train) - 1) / 2
+            traces.append(
+                pd.DataFrame(
+                    {
+                        "checkpoint": cc,
+                        "train_id": flip_ids[: len(r)],
+                        "rank": r,
+                        "from_centre": np.abs(r - centre) / centre * 100,
+                    }
+                )
+            )
+    a, b = st.columns(2)
+    with a:
+        st.altair_chart(charts.index_over_training(series, run.thresholds()), width="stretch")
+    with b:
+        if traces:
+            st.altair_chart(
+                charts.flip_ranks_over_training(pd.concat(traces), len(run.train), mode),
+                width="stretch",
+            )
+    st.caption(
+        "Left: the bulk S of this curve for each checkpoint alone and for the sum up to it, with the "
+        "class thresholds. Right: the rank of every flipped training instance at each checkpoint "
+        f"({mode}); the paper's S puts them near both ends, Z near the centre."
+    )

@@ -1,0 +1,150 @@
+"""The influence view a page shows (a checkpoint range × a normalisation), from core's definitions.
+
+Every number here comes from ``core``: the default view's shapes from ``shapes.parquet``,
+the precomputed single / cumulative views from ``shapes_by_view.parquet``, and any other
+range computed on the fly with :func:`core.views.view_scores` and
+:func:`core.shapes.classify` under the run's recorded rule. Nothing is re-derived.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core import shapes as core_shapes
+from core import store, views
+from ui import data
+
+TABLE_COLUMNS = ["id", "correct", "s_raw", "s", "s_bulk", "shape", "end_ratio", "mean_distance"]
+_NORM_KEY = "view_normalisation"
+_RANGE_KEY = "view_range"
+
+
+def n_checkpoints(run: data.Run) -> int:
+    """How many checkpoints the run's per-checkpoint stack holds (0 without one)."""
+    if not run.has(store.TRACIN_PER_CHECKPOINT):
+        return 0
+    return int(run.per_checkpoint().shape[0])
+
+
+def normalisations(run: data.Run) -> tuple[str, ...]:
+    """Normalisations the stored arrays allow: raw always, relative / cosine with the norms."""
+    if n_checkpoints(run) == 0 or not run.has(store.GRAD_NORMS_TRAIN):
+        return (views.RAW,)
+    if not run.has(store.GRAD_NORMS_TEST):
+        return (views.RAW, views.RELATIVE)
+    return views.NORMALISATIONS
+
+
+def default_view(run: data.Run) -> views.View:
+    """Every checkpoint, raw scores: the TracIn matrix itself."""
+    return views.full_view(max(n_checkpoints(run), 1))
+
+
+def is_default(run: data.Run, view: views.View) -> bool:
+    """Whether ``view`` is what ``shapes.parquet`` describes."""
+    return view == default_view(run)
+
+
+def score_title(view: views.View) -> str:
+    """Axis title of a view's scores, the same on every chart."""
+    return {
+        views.RAW: "TracIn",
+        views.RELATIVE: "relative TracIn",
+        views.COSINE: "cosine TracIn",
+    }[view.normalisation]
+
+
+def pick_view(run: data.Run, where=st.sidebar, key: str = "") -> views.View:
+    """Sidebar controls for the view: normalisation and checkpoint range (default: all, raw)."""
+    k = n_checkpoints(run)
+    norms = normalisations(run)
+    if k <= 1 and len(norms) == 1:
+        return default_view(run)
+    where.markdown("**Influence view**")
+    nkey, rkey = _NORM_KEY + key, _RANGE_KEY + key
+    if st.session_state.get(nkey) not in norms:
+        st.session_state[nkey] = views.RAW
+    norm = where.selectbox(
+        "Normalisation",
+        norms,
+        key=nkey,
+        format_func=lambda n: n,
+        help="; ".join(f"{n}: {views.NORMALISATION_HELP[n]}" for n in norms)
+        + (
+            ""
+            if len(norms) == 3
+            else ". This run stores no per-checkpoint gradient norms, so only raw scores exist."
+        ),
+    )
+    first, last = 1, max(k, 1)
+    if k > 1:
+        current = st.session_state.get(rkey)
+        if not (isinstance(current, tuple) and 1 <= current[0] <= current[1] <= k):
+            st.session_state[rkey] = (1, k)
+        first, last = where.slider(
+            "Checkpoints summed",
+            1,
+            k,
+            key=rkey,
+            help="TracIn sums one term per checkpoint. Pick one checkpoint (both handles "
+            "together) or any range; 1 to the last is the full score.",
+        )
+    view = views.View(int(first), int(last), norm)
+    where.caption(view.label(k))
+    return view
+
+
+def view_table(run: data.Run, view: views.View) -> pd.DataFrame:
+    """One row per test instance under ``view``: id, correct, s_raw, s, s_bulk, shape,
+    end_ratio, mean_distance (as far as the run has them)."""
+    base = run.shapes()
+    if is_default(run, view):
+        return base[[c for c in TABLE_COLUMNS if c in base]].copy()
+    extra = base[[c for c in ("id", "correct", "mean_distance") if c in base]]
+    stored = run.shapes_by_view()
+    if stored is not None:
+        hit = stored[stored["view"] == view.key].drop_duplicates("id")
+        if len(hit) == len(base):
+            cols = ["id", "s_raw", "s", "s_bulk", "shape", "end_ratio"]
+            return extra.merge(hit[cols], on="id", how="left")[
+                [c for c in TABLE_COLUMNS if c in extra or c in cols]
+            ]
+    files = (store.TRACIN_PER_CHECKPOINT, store.GRAD_NORMS_TRAIN, store.GRAD_NORMS_TEST)
+    stamps = tuple(data.stamp(run.file(f)) if run.has(f) else 0 for f in files)
+    computed = _computed_table(str(run.path), stamps, view.key, tuple(sorted(run.rule().items())))
+    return extra.merge(computed, on="id", how="left")
+
+
+@st.cache_data(show_spinner="Classifying the curves of this view…", max_entries=64)
+def _computed_table(
+    path: str, stamps: tuple[int, ...], key: str, rule: tuple[tuple[str, float], ...]
+) -> pd.DataFrame:
+    """Shapes of a view the pipeline did not precompute, through core.shapes.classify."""
+    run = data.Run(path)
+    scores = view_scores(run, views.View.parse(key))
+    cls = core_shapes.classify(scores, run.train["flipped"].to_numpy(bool), **dict(rule))
+    return pd.DataFrame(
+        {"id": run.test_ids, **{c: cls[c] for c in ("s_raw", "s", "s_bulk", "shape", "end_ratio")}}
+    )
+
+
+def view_scores(run: data.Run, view: views.View, rows=None) -> np.ndarray:
+    """Scores of ``view`` (test rows × training instances) via core.views.view_scores."""
+    if is_default(run, view) and n_checkpoints(run) == 0:
+        tr = np.asarray(run.tracin(), dtype=np.float64)
+        return tr if rows is None else tr[rows]
+    norms = run.grad_norms()
+    return views.view_scores(
+        run.per_checkpoint(),
+        view,
+        None if norms is None else norms[0],
+        None if norms is None else norms[1],
+        rows=rows,
+    )
+
+
+def view_row(run: data.Run, view: views.View, test_id: int) -> np.ndarray:
+    """One test instance's scores under ``view`` (training order)."""
+    return view_scores(run, view, rows=[run.test_row(test_id)])[0]
