@@ -615,3 +615,19 @@ def sensitivity_chart(rows: pd.DataFrame, threshold: str) -> alt.LayerChart:
         .encode(x=alt.X("value:O"), y=alt.value(0))
     )
     return _tag(alt.layer(bars, mark).properties(height=160), f"sensitivity_{threshold}")
+
+
+def reference_curves_chart(curves: pd.DataFrame) -> alt.FacetChart:
+    """The synthetic calibration references, standardised, one small panel each."""
+    chart = (
+        alt.Chart(curves)
+        .mark_line(color=BLUE)
+        .encode(
+            x=alt.X("rank:Q", title="rank"),
+            y=alt.Y("score:Q", title="standardised score"),
+        )
+        .properties(width=150, height=90)
+        .facet(facet=alt.Facet("reference:N", title=None), columns=4)
+        .resolve_scale(y="independent")
+    )
+    return _tag(chart, "reference_curves")
