@@ -330,9 +330,11 @@ def accuracy_chart(acc: pd.DataFrame) -> alt.Chart:
 
 def teaching_curve(df: pd.DataFrame, title: str) -> alt.LayerChart:
     """A small synthetic curve (compute.synthetic_curve) with its two lines, for the home page."""
-    from ui.compute import fit_lines, line_rows
+    from core.shapes import classify
+    from ui.compute import line_rows
 
-    lines = line_rows(fit_lines(df["score"].to_numpy()), len(df))
+    cls = classify(df["score"].to_numpy())
+    lines = line_rows({k: float(cls[k][0]) for k in ("a_reg", "b_reg", "a_end", "b_end")}, len(df))
     chart = curve_chart(df, lines, title=title, height=180, score_title="score", rank_title="rank")
     # The legend is the text around these charts; without it the three fit side by side.
     chart = chart.configure_legend(disable=True)

@@ -1,8 +1,9 @@
-"""Pure NumPy / pandas helpers behind the pages: curves, lines, rankings, summaries.
+"""Pure NumPy / pandas helpers behind the pages that are about presentation only.
 
-Nothing here imports streamlit, so tests call these directly. The heavy numbers
-(TracIn, shapes, distances) come precomputed from the run store; these helpers
-only slice, sort, downsample and summarise what is already there.
+Nothing here imports streamlit, so tests call these directly. No definition lives here:
+curve fits, shape classes, end ratios, downsampling, correlations and detection metrics
+come from ``core`` (``core.shapes``, ``core.views``, ``core.stats``, ``core.metrics``);
+these helpers only slice, label and lay out what core computed.
 """
 
 from __future__ import annotations
@@ -12,111 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# DESIGN.md's starting thresholds; a run's analysis.json overrides them when it records its own.
-DEFAULT_S_MIN = 0.2
-DEFAULT_Z_MAX = -0.1
-SHAPES = ("S", "backslash", "Z")
-
-
-def fit_lines(sorted_scores: np.ndarray) -> dict[str, float]:
-    """Regression (yellow) and endpoint (green) lines of a descending curve, S_raw and S."""
-    y = np.asarray(sorted_scores, dtype=np.float64)
-    n = len(y)
-    if n < 2:
-        return {"b_reg": 0.0, "a_reg": float(y[0]) if n else 0.0, "b_end": 0.0, "a_end": 0.0}
-    x = np.arange(n, dtype=np.float64)
-    # Closed-form least squares: cheaper than polyfit and exact for one predictor.
-    xm, ym = x.mean(), y.mean()
-    b_reg = float(((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum())
-    a_reg = float(ym - b_reg * xm)
-    b_end = float((y[-1] - y[0]) / (n - 1))
-    s_raw = b_reg - b_end
-    s = s_raw / abs(b_end) if b_end != 0 else 0.0
-    return {
-        "b_reg": b_reg,
-        "a_reg": a_reg,
-        "b_end": b_end,
-        "a_end": float(y[0]),
-        "s_raw": s_raw,
-        "s": s,
-    }
-
-
-def classify(s: float, s_min: float = DEFAULT_S_MIN, z_max: float = DEFAULT_Z_MAX) -> str:
-    """Shape class from the scale-free S (S above s_min, Z below z_max, backslash between)."""
-    if s >= s_min:
-        return "S"
-    if s <= z_max:
-        return "Z"
-    return "backslash"
-
-
-def end_ratio(ranks: np.ndarray, n: int) -> float:
-    """Mean distance of the given ranks from the curve's centre, in % (0 centre, 100 ends)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if len(ranks) == 0 or n < 2:
-        return float("nan")
-    half = (n - 1) / 2
-    return float(np.mean(np.abs(ranks - half) / half * 100))
-
-
-def downsample_ranks(n: int, keep: np.ndarray | None, max_points: int) -> np.ndarray:
-    """Indices 0..n-1 thinned to about max_points, always keeping both ends and ``keep``."""
-    if n <= max_points:
-        return np.arange(n)
-    grid = np.unique(np.linspace(0, n - 1, max_points).round().astype(np.int64))
-    parts = [grid, np.array([0, n - 1])]
-    if keep is not None:
-        parts.append(np.flatnonzero(keep))
-    return np.unique(np.concatenate(parts))
-
-
-def sorted_curve(scores: np.ndarray, train: pd.DataFrame, max_points: int = 2000) -> pd.DataFrame:
-    """One test instance's sorted curve with the training rows' text and labels, downsampled.
-
-    ``scores`` is a TracIn row in training order; ``train`` the training rows of
-    instances.parquet in the same order. Every flipped instance is kept, so the
-    number of red points always equals the number of flips.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
-    flipped = train["flipped"].to_numpy()[order]
-    idx = downsample_ranks(len(order), flipped, max_points)
-    rows = train.iloc[order[idx]]
-    return pd.DataFrame(
-        {
-            "rank": idx,
-            "train_id": rows["id"].to_numpy(),
-            "score": scores[order][idx],
-            "flipped": flipped[idx],
-            "text": rows["text"].to_numpy(),
-            "label": rows["label"].to_numpy(),
-            "observed_label": rows["observed_label"].to_numpy(),
-        }
-    )
-
-
-def curve_from_long(curves: pd.DataFrame, test_id: int, train: pd.DataFrame, max_points: int):
-    """A test instance's curve from curves.parquet, joined with text and labels, thinned."""
-    c = curves[curves["test_id"] == test_id].sort_values("rank")
-    if c.empty:
-        return None
-    flipped = c["flipped"].to_numpy()
-    idx = downsample_ranks(len(c), flipped, max_points)
-    # curves.parquet may itself be downsampled: keep its ranks, not positions.
-    c = c.iloc[idx]
-    meta = train.set_index("id").loc[c["train_id"].to_numpy()]
-    return pd.DataFrame(
-        {
-            "rank": c["rank"].to_numpy(),
-            "train_id": c["train_id"].to_numpy(),
-            "score": c["score"].to_numpy(np.float64),
-            "flipped": c["flipped"].to_numpy(bool),
-            "text": meta["text"].to_numpy(),
-            "label": meta["label"].to_numpy(),
-            "observed_label": meta["observed_label"].to_numpy(),
-        }
-    )
+from core.shapes import downsample_curve
 
 
 def line_rows(lines: dict[str, float], n: int) -> pd.DataFrame:
@@ -168,21 +65,6 @@ def misclassified_mask(logits: np.ndarray, inst: pd.DataFrame) -> np.ndarray:
     return pred != inst["label"].to_numpy()[test]
 
 
-def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Pearson and Spearman correlation (NaNs dropped); NaN when fewer than 3 points."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return {"pearson": float("nan"), "spearman": float("nan"), "n": int(len(x))}
-    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
-    return {
-        "pearson": float(np.corrcoef(x, y)[0, 1]),
-        "spearman": float(np.corrcoef(rx, ry)[0, 1]),
-        "n": int(len(x)),
-    }
-
-
 def top_influencers(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Training positions of the k most positive (proponents) and most negative (opponents) scores."""
     row = np.asarray(row, dtype=np.float64)
@@ -218,7 +100,7 @@ def sorted_distance_curves(distances: np.ndarray, test_ids: np.ndarray, max_poin
     frames = []
     for row, tid in zip(distances, test_ids, strict=True):
         d = np.sort(np.asarray(row, dtype=np.float64))
-        idx = downsample_ranks(len(d), None, max_points)
+        idx = downsample_curve(-d, np.zeros(len(d), bool), max_points)
         frames.append(pd.DataFrame({"test_id": tid, "rank": idx, "distance": d[idx]}))
     if not frames:
         return pd.DataFrame(columns=["test_id", "rank", "distance"])

@@ -7,6 +7,7 @@ import contextlib
 import pandas as pd
 import streamlit as st
 
+from core import shapes as core_shapes
 from core import store
 from core.errors import AtlasError
 from ui import charts, compute, data, widgets
@@ -152,7 +153,7 @@ def _shape_counts(shapes: pd.DataFrame) -> pd.DataFrame:
         if "correct" in shapes
         else pd.Series(False, index=shapes.index)
     )
-    for shape in compute.SHAPES:
+    for shape in core_shapes.SHAPE_ORDER:
         sel = shapes["shape"] == shape
         rows.append(
             {
@@ -185,8 +186,9 @@ def teaching() -> None:
         cols, ("S", "backslash", "Z"), ("S-shaped", "backslash-shaped", "Z-shaped"), strict=True
     ):
         df = compute.synthetic_curve(kind)
-        s = compute.fit_lines(df["score"].to_numpy())["s"]
-        col.altair_chart(charts.teaching_curve(df, f"{title} (S = {s:+.2f})"), width="stretch")
+        cls = core_shapes.classify(df["score"].to_numpy())
+        label = f"{title}: class {cls['shape'][0]}, bulk S = {cls['s_bulk'][0]:+.2f}"
+        col.altair_chart(charts.teaching_curve(df, label), width="stretch")
     st.caption("Synthetic curves of 200 training instances with 8 flipped, for illustration.")
     st.subheader("The pages")
     st.markdown(PAGES_TEXT)

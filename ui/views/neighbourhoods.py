@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from core import stats
 from ui import charts, compute, data, widgets
-from ui.views import shape
 
 MAX_LINES = 30  # sorted-distance curves drawn at most (Fig. 2b gets unreadable beyond)
 
@@ -54,14 +54,20 @@ def body(run: data.Run) -> None:
         if "mean_distance" in shapes
         else pd.Series(np.asarray(dist).mean(1))
     )
-    r = compute.correlation(shapes["s"].to_numpy(), mean_dist.to_numpy())
-    p = (shape.stored_correlations(run, "s_vs_mean_distance").get("all") or {}).get("spearman_p")
-    st.markdown(
-        f"Spearman ρ between S and mean distance over all {r['n']} test instances: "
-        f"**{widgets.fmt(r['spearman'], '+.2f')}**"
-        + (f" (p = {p:.3g})" if isinstance(p, float) else "")
-        + ". The hypothesis predicts a positive value: larger distances, more S-shaped."
+    # One definition (core.stats), the same numbers as Shape vs position shows.
+    r = stats.correlation(
+        shapes["s_bulk"].to_numpy() if "s_bulk" in shapes else shapes["s"].to_numpy(),
+        mean_dist.to_numpy(),
+        names=("bulk S", "mean distance"),
     )
+    if r["spearman"] is None:
+        st.markdown(f"No correlation of bulk S with mean distance is shown: {r['reason']}.")
+    else:
+        st.markdown(
+            f"Spearman ρ between bulk S and mean distance over all {r['n']} test instances: "
+            f"**{widgets.fmt(r['spearman'], '+.2f')}** (p = {r['spearman_p']:.3g}). "
+            "The hypothesis predicts a positive value: larger distances, more S-shaped."
+        )
     left, right = st.columns(2)
     with left:
         st.subheader("(a) Mean distance to the training set")
