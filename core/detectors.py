@@ -65,6 +65,7 @@ import pandas as pd
 from core import metrics, store
 from core.config import StudyConfig, config_from_dict
 from core.errors import AtlasError
+from core.shapes import S_MIN, TRIM, Z_MAX
 
 DETECTORS: tuple[str, ...] = (
     "self_influence",
@@ -238,7 +239,7 @@ def rank_positions(rows: np.ndarray) -> np.ndarray:
 def shape_preference(s: np.ndarray, s_min: float, z_max: float) -> np.ndarray:
     """Where to look for flips in each curve: +1 at the ends (S), −1 at the centre (Z), linear between.
 
-    ``s`` is the scale-free S-shapedness; the ramp runs from ``z_max`` to ``s_min``, the
+    ``s`` is the bulk S-shapedness (core.shapes.bulk_index); the ramp runs from ``z_max`` to ``s_min``, the
     shape-class thresholds, so a clear S or Z gets full weight and an ambiguous
     backslash little.
     """
@@ -264,8 +265,8 @@ def shape_aware_scores(
     tracin: np.ndarray,
     s: np.ndarray,
     correct: np.ndarray,
-    s_min: float = 0.2,
-    z_max: float = -0.1,
+    s_min: float = S_MIN,
+    z_max: float = Z_MAX,
     preference: np.ndarray | float | None = None,
     position: str = "value",
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -703,21 +704,23 @@ def _shape_aware(inputs: _Inputs) -> tuple[np.ndarray, str, dict[str, Any]]:
         raise _Skip(f"{store.TRACIN} has shape {tracin.shape}, not ({n_test}, {len(inputs.train)})")
     if n_test == 0:
         raise _Skip("the run has no test instances")
-    s_min, z_max = 0.2, -0.1
+    s_min, z_max, trim = S_MIN, Z_MAX, TRIM
     analysis = inputs.run / store.ANALYSIS
     if analysis.exists():
         thresholds = store.read_json(analysis).get("thresholds", {}) or {}
         s_min = float(thresholds.get("s_min", s_min))
         z_max = float(thresholds.get("z_max", z_max))
+        trim = float(thresholds.get("trim", trim))
     shapes_path = inputs.run / store.SHAPES
-    if shapes_path.exists():
-        shapes_df = pd.read_parquet(shapes_path, columns=["id", "correct", "s"])
-        s = shapes_df["s"].to_numpy(np.float64)
+    columns = set(pd.read_parquet(shapes_path).columns) if shapes_path.exists() else set()
+    if "s_bulk" in columns:
+        shapes_df = pd.read_parquet(shapes_path, columns=["id", "correct", "s_bulk"])
+        s = shapes_df["s_bulk"].to_numpy(np.float64)
         correct = shapes_df["correct"].to_numpy(bool)
         source = store.SHAPES
     else:
-        # The analyze stage has not run: fit the curves and judge correctness here.
-        from core.shapes import curve_fit
+        # No current analyze output: classify the curves here with core's rule.
+        from core.shapes import bulk_index
 
         logits = inputs.logits()
         test = inputs.instances[inputs.instances["split"] == "test"]
@@ -726,16 +729,16 @@ def _shape_aware(inputs: _Inputs) -> tuple[np.ndarray, str, dict[str, Any]]:
         )
         s = np.concatenate(
             [
-                np.atleast_1d(curve_fit(np.asarray(tracin[i : i + 256], np.float64)).s)
+                np.atleast_1d(bulk_index(np.asarray(tracin[i : i + 256], np.float64), trim))
                 for i in range(0, n_test, 256)
             ]
         )
-        source = "curve fits of tracin.npy (no shapes.parquet)"
+        source = "bulk indices of tracin.npy (no current shapes.parquet)"
     values, extra = shape_aware_scores(tracin, s, correct, s_min, z_max)
     note = (
         f"for each of {extra['n_test_used']}{' misclassified' if extra['misclassified_only'] else ''} "
         "test instances of tracin.npy, w·(|score − curve median| / row mean − 1) with w = +1 "
-        f"(suspects far out: S, s ≥ {s_min}), −1 (suspects near the centre: Z, s ≤ {z_max}), "
+        f"(suspects far out: S, bulk S ≥ {s_min}), −1 (suspects near the centre: Z, bulk S ≤ {z_max}), "
         f"linear between; averaged over test instances weighted by |w| ({extra['n_prefer_ends']} "
         f"prefer the ends, {extra['n_prefer_centre']} the centre; shapes from {source}). "
         "Uses the test labels to find misclassified test instances."
