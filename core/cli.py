@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core import store
+from core import shapes, store
 from core.config import PRESETS, StudyConfig, preset_config
 from core.errors import AtlasError
 
@@ -214,6 +214,7 @@ def cmd_analyze(args: argparse.Namespace) -> str:
         checkpoint=args.checkpoint,
         s_min=args.s_min,
         z_max=args.z_max,
+        trim=args.trim,
         k=args.k,
         force=args.force,
     )
@@ -334,8 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", type=int, default=-1, help="checkpoint index for embeddings (default last)"
     )
-    p.add_argument("--s-min", type=float, default=0.2, help="S class when S >= this")
-    p.add_argument("--z-max", type=float, default=-0.1, help="Z class when S <= this")
+    p.add_argument(
+        "--s-min",
+        type=float,
+        default=shapes.S_MIN,
+        help=f"S class when the bulk S >= this (default {shapes.S_MIN}, docs/shapes.md)",
+    )
+    p.add_argument(
+        "--z-max",
+        type=float,
+        default=shapes.Z_MAX,
+        help=f"Z class when the bulk S <= this (default {shapes.Z_MAX})",
+    )
+    p.add_argument(
+        "--trim",
+        type=float,
+        default=shapes.TRIM,
+        help=f"share of ranks cut at each end before the bulk S (default {shapes.TRIM})",
+    )
     p.add_argument("--k", type=int, default=10, help="neighbours for the flipped-neighbour share")
     p.add_argument("--force", action="store_true", help="recompute even if complete")
     p.set_defaults(func=cmd_analyze)
