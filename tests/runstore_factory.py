@@ -27,8 +27,8 @@ from core import store  # noqa: E402
 from core.config import PRESETS  # noqa: E402
 from core.detectors import DETECTORS  # noqa: E402
 from core.metrics import FRACTIONS  # noqa: E402
-from core.shapes import S_MIN, Z_MAX, curve_fit, shape_class  # noqa: E402
-from core.shapes import end_ratio as core_end_ratio  # noqa: E402
+from core.shapes import RULE, S_MIN, TRIM, Z_MAX, classify  # noqa: E402
+from core.stats import correlation  # noqa: E402
 
 SHAPE_CYCLE = ("S", "Z", "backslash")
 # One source of truth for names and thresholds: the pure-NumPy core modules the app reads too.
@@ -358,13 +358,6 @@ def _embeddings(rng, inst: pd.DataFrame, shapes_of: list[str], hidden: int) -> n
     return emb.astype(np.float32)
 
 
-def _fit(sorted_scores: np.ndarray) -> dict[str, float]:
-    """Regression and endpoint lines and S, from core.shapes (the fake store uses the real definitions)."""
-    fit = curve_fit(sorted_scores)
-    keys = ("s_raw", "s", "b_reg", "a_reg", "b_end", "a_end")
-    return {k: float(getattr(fit, k)) for k in keys}
-
-
 def _shapes_and_curves(tracin, dist, test, train, correct) -> tuple[pd.DataFrame, pd.DataFrame]:
     """shapes.parquet and curves.parquet (all points kept: the fake run is small)."""
     flipped = train.flipped.to_numpy()
@@ -374,10 +367,15 @@ def _shapes_and_curves(tracin, dist, test, train, correct) -> tuple[pd.DataFrame
     for t, test_id in enumerate(test.id.to_numpy()):
         order = np.argsort(-tracin[t], kind="stable")
         scores = tracin[t][order]
-        fit = _fit(scores)
-        shape = shape_class(fit["s"], S_MIN, Z_MAX)
+        # The real definitions (core.shapes.classify), as the analyze stage writes them.
+        cls = classify(tracin[t], flipped)
+        fit = {
+            k: float(cls[k][0])
+            for k in ("s_raw", "s", "s_bulk", "b_reg", "a_reg", "b_end", "a_end")
+        }
+        shape = str(cls["shape"][0])
         ranks = np.flatnonzero(flipped[order])
-        end_ratio = float(core_end_ratio(ranks, n)) if len(ranks) else np.nan
+        end_ratio = float(cls["end_ratio"][0]) if len(ranks) else np.nan
         nearest = np.argsort(dist[t])[:10]
         rows.append(
             {
@@ -404,7 +402,18 @@ def _shapes_and_curves(tracin, dist, test, train, correct) -> tuple[pd.DataFrame
         )
     shapes = pd.DataFrame(rows)
     # Scores/arrays shaped like the pipeline's; S values reordered columns as documented.
-    cols = ["id", "correct", "s_raw", "s", "shape", "end_ratio", "b_reg", "a_reg", "b_end"]
+    cols = [
+        "id",
+        "correct",
+        "s_raw",
+        "s",
+        "s_bulk",
+        "shape",
+        "end_ratio",
+        "b_reg",
+        "a_reg",
+        "b_end",
+    ]
     cols += ["a_end", "mean_distance", "knn_flip_share", "flipped_ranks"]
     return shapes[cols], pd.concat(curves, ignore_index=True)
 
@@ -418,24 +427,10 @@ def _analysis(shapes: pd.DataFrame) -> dict[str, Any]:
     }
 
     def corr(x: pd.Series, y: pd.Series) -> dict[str, Any]:
-        if len(x) < 3:
-            return {
-                "n": len(x),
-                "spearman": None,
-                "spearman_p": None,
-                "pearson": None,
-                "pearson_p": None,
-            }
-        return {
-            "n": len(x),
-            "spearman": float(np.corrcoef(x.rank(), y.rank())[0, 1]),
-            "spearman_p": 0.01,  # not computed: the factory avoids scipy
-            "pearson": float(np.corrcoef(x, y)[0, 1]),
-            "pearson_p": 0.01,
-        }
+        return correlation(x.to_numpy(), y.to_numpy())
 
     return {
-        "thresholds": {"s_min": S_MIN, "z_max": Z_MAX, "rule": "S if s >= s_min; Z if s <= z_max"},
+        "thresholds": {"s_min": S_MIN, "z_max": Z_MAX, "trim": TRIM, "rule": RULE},
         "n_test": len(shapes),
         "correlations": {
             "s_vs_end_ratio": {g: corr(d.s, d.end_ratio) for g, d in groups.items()},

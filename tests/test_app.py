@@ -23,7 +23,7 @@ import runstore_factory as factory  # also puts the repository on sys.path
 from streamlit.testing.v1 import AppTest
 
 from core.errors import AtlasError
-from ui import charts, compute, study, widgets
+from ui import compute, study, widgets
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = {
@@ -34,6 +34,7 @@ PAGES = {
     "sweep": "pages/4_Noise_sweep.py",
     "cleaning": "pages/5_Cleaning_lab.py",
     "study": "pages/6_Run_a_study.py",
+    "learn": "pages/7_Learn_the_shapes.py",
 }
 FORBIDDEN = {"torch", "transformers", "umap", "fugashi"}
 
@@ -147,101 +148,6 @@ def test_run_picker_and_link_choose_the_run(cache, monkeypatch):
 
 
 # -- score curves --------------------------------------------------------------------------------
-
-
-def test_enlarged_curve_has_one_red_point_per_flip(cache, monkeypatch):
-    at = open_page("curves", cache, monkeypatch)
-    spec, frames = one_chart(at, "score_curve")
-    pts = frame_with(frames, "rank", "score", "flipped", "text")
-    n_flips = int(pd.read_parquet(cache / "demo" / "instances.parquet").flipped.sum())
-    assert int(pts.flipped.sum()) == n_flips
-    assert (pts.status == "flipped").sum() == n_flips  # the colour field
-    assert set(frame_with(frames, "x2", "y2")["status"]) == {"regression", "endpoints"}
-    # the colour scale maps flipped to red and clean to blue, lines yellow / green
-    color = spec["layer"][0]["encoding"]["color"]["scale"]
-    assert dict(zip(color["domain"], color["range"], strict=True)) == {
-        "clean": charts.BLUE,
-        "flipped": charts.RED,
-        "regression": charts.YELLOW,
-        "endpoints": charts.GREEN,
-    }
-    tooltip_fields = {t["field"] for t in spec["layer"][0]["encoding"]["tooltip"]}
-    assert {"text", "observed", "true", "score"} <= tooltip_fields
-
-
-def test_small_multiples_follow_the_filters(cache, monkeypatch):
-    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
-    at = open_page("curves", cache, monkeypatch)
-    _, frames = one_chart(at, "small_multiples")
-    panels = frame_with(frames, "panel", "layer").query("layer == 'point'").panel.unique()
-    assert len(panels) == int((~shapes.correct).sum())
-    assert all(("S = " in p and "(" in p) for p in panels)  # shape and S in every title
-    at.radio(key="curves_which").set_value("all").run()
-    _, frames = one_chart(at, "small_multiples")
-    assert frame_with(frames, "panel").panel.nunique() == min(len(shapes), 12)
-    at.multiselect(key="curves_shapes").set_value(["Z"]).run()
-    _, frames = one_chart(at, "small_multiples")
-    titles = frame_with(frames, "panel").panel.unique()
-    assert titles.size == (shapes["shape"] == "Z").sum() and all("(Z)" in t for t in titles)
-
-
-def test_checkpoint_switch_shows_that_checkpoints_contribution(cache, monkeypatch):
-    at = open_page("curves", cache, monkeypatch)
-    test_id = int(qp(at, "test"))
-    options = at.selectbox(key="curves_source").options
-    assert len(options) == 1 + 3  # summed + one per checkpoint
-    at.selectbox(key="curves_source").select(options[1]).run()
-    _, frames = one_chart(at, "score_curve")
-    pts = frame_with(frames, "train_id", "score")
-    per = np.load(cache / "demo" / "tracin_per_checkpoint.npy")
-    inst = pd.read_parquet(cache / "demo" / "instances.parquet")
-    row = int(np.flatnonzero(inst[inst.split == "test"].id.to_numpy() == test_id)[0])
-    expected = np.sort(per[0, row].astype(np.float64))[::-1]
-    np.testing.assert_allclose(pts.sort_values("rank").score.to_numpy(), expected, rtol=1e-6)
-
-
-def test_query_param_link_selects_the_test_instance(cache, monkeypatch):
-    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
-    chosen = int(shapes[shapes.correct].id.iloc[-1])  # not the default (a misclassified one)
-    at = open_page("curves", cache, monkeypatch, {"run": "demo", "test": str(chosen)})
-    assert at.selectbox(key="picker_test_demo").value == str(chosen)
-    assert f"Curve of test instance {chosen}" in texts(at)
-    spec, _ = one_chart(at, "score_curve")
-    assert spec["title"].startswith(f"{chosen} (")
-    # an id that is not a test instance falls back to the default instead of failing
-    at = open_page("curves", cache, monkeypatch, {"run": "demo", "test": "0"})
-    assert at.selectbox(key="picker_test_demo").value != "0"
-
-
-# -- shape vs position ---------------------------------------------------------------------------
-
-
-def test_shape_scatter_has_one_point_per_test_instance(cache, monkeypatch):
-    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
-    at = open_page("shape", cache, monkeypatch)
-    spec, frames = one_chart(at, "shape_scatter")
-    pts = frame_with(frames, "id", "s", "end_ratio", "shape")
-    assert sorted(pts.id) == sorted(shapes.id)
-    params = spec.get("params", []) + [
-        p for layer in spec["layer"] for p in layer.get("params", [])
-    ]
-    assert any(p.get("name") == "pick" for p in params)  # the click selection
-    assert "Spearman" in " ".join(m.label for m in at.metric)
-    at.radio(key="shape_which").set_value("misclassified").run()
-    _, frames = one_chart(at, "shape_scatter")
-    assert len(frame_with(frames, "id", "s")) == int((~shapes.correct).sum())
-
-
-def test_shape_page_opens_the_linked_instances_curve(cache, monkeypatch):
-    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
-    chosen = int(shapes.id.iloc[4])
-    at = open_page("shape", cache, monkeypatch, {"test": str(chosen)})
-    assert f"Curve of test instance {chosen}" in texts(at)
-    _, frames = one_chart(at, "shape_scatter")
-    pts = frame_with(frames, "id", "selected")
-    assert pts.loc[pts.selected, "id"].tolist() == [chosen]
-    spec, _ = one_chart(at, "score_curve")
-    assert spec["title"].startswith(f"{chosen} (")
 
 
 def test_selected_point_reads_streamlit_selection_events():
@@ -492,35 +398,6 @@ def test_upload_is_parsed_as_data_and_validated(tmp_path, monkeypatch):
 
 
 # -- chart builders and helpers, without Streamlit ----------------------------------------------
-
-
-def test_downsampled_curve_keeps_every_flip_and_both_ends():
-    rng = np.random.default_rng(0)
-    n = 5000
-    train = pd.DataFrame(
-        {
-            "id": np.arange(n),
-            "text": ["t"] * n,
-            "label": 0,
-            "observed_label": 0,
-            "flipped": rng.random(n) < 0.02,
-        }
-    )
-    scores = rng.normal(size=n)
-    curve = compute.sorted_curve(scores, train, max_points=300)
-    assert len(curve) < 500
-    assert curve.flipped.sum() == train.flipped.sum()
-    assert curve["rank"].iloc[0] == 0 and curve["rank"].iloc[-1] == n - 1
-    assert curve.score.is_monotonic_decreasing
-
-
-def test_fit_lines_match_the_definitions():
-    u = np.linspace(1, -1, 401)
-    assert compute.fit_lines(u)["s"] == pytest.approx(0, abs=1e-9)
-    assert compute.classify(compute.fit_lines(u**5)["s"]) == "S"
-    assert compute.classify(compute.fit_lines(np.tanh(8 * u))["s"]) == "Z"
-    assert compute.end_ratio(np.array([0, 400]), 401) == 100
-    assert compute.end_ratio(np.array([200]), 401) == 0
 
 
 def test_recall_curve_and_review_queue():
