@@ -319,6 +319,8 @@ def test_summary_rows_and_correlations_for_show_json(run):
     corr = correlations(run)
     assert corr["s_vs_end_ratio"]["misclassified"]["n"] == N_TEST // 2
     assert {"s_vs_mean_distance", "by_shape", "thresholds", "checkpoint"} <= set(corr)
+    # show --json carries the sensitivity table and the per-view counts with the correlations.
+    assert {"sensitivity", "views", "examples"} <= set(corr) and corr["sensitivity"]
     json.dumps(corr, allow_nan=False)
 
 
