@@ -149,9 +149,10 @@ def _run_caption(run: data.Run) -> str:
 
 
 def test_label(row: pd.Series) -> str:
-    """Option label of a test instance: id, shape, S, prediction."""
+    """Option label of a test instance: id, shape, bulk S (the class index), prediction."""
     wrong = "" if bool(row.get("correct", True)) else " · misclassified"
-    return f"{int(row['id'])} ({row['shape']}) S={float(row['s']):+.2f}{wrong}"
+    index = float(row["s_bulk"]) if "s_bulk" in row else float(row["s"])
+    return f"{int(row['id'])} ({row['shape']}) S={index:+.2f}{wrong}"
 
 
 def pick_test(
