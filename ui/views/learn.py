@@ -73,8 +73,8 @@ def body(run: data.Run) -> None:
         if not ids:
             st.info(
                 f"No test instance of this run shows a {cls} curve in any stored view "
-                "(all checkpoints, each checkpoint alone, each cumulative sum, every normalisation). "
-                "The data disagree with the paper here; the reference curves below show the shape."
+                "(all checkpoints, each checkpoint alone, each cumulative sum, every normalisation), "
+                "although the paper found them on its data. The reference curves below show the shape."
             )
             continue
         view = _view_of(run, ex.get("view"))
