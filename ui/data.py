@@ -257,8 +257,16 @@ class Run:
         return arr
 
     def shapes(self) -> pd.DataFrame:
-        """shapes.parquet: one row per test instance."""
-        return self._parquet(store.SHAPES, "analyze", SHAPES_COLUMNS)
+        """shapes.parquet: one row per test instance (MissingData when analysed by an older
+        version without the bulk index the class rule uses)."""
+        df = self._parquet(store.SHAPES, "analyze", SHAPES_COLUMNS)
+        if "s_bulk" not in df.columns:
+            raise MissingData(
+                f"Run '{self.name}' was analysed before shape classes read the bulk of the curve "
+                "(its shapes.parquet has no s_bulk).",
+                self.command("analyze") + " --force",
+            )
+        return df
 
     def curves(self) -> pd.DataFrame | None:
         """curves.parquet (downsampled sorted curves), or None when the run has none."""
