@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +104,102 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def read_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
-    """Read a ``.npy`` file (memory-mapped by default), raising :class:`AtlasError` if absent."""
+def read_npy(
+    path: str | os.PathLike,
+    mmap: bool = True,
+    shape: tuple[int | None, ...] | None = None,
+) -> np.ndarray:
+    """Read a ``.npy`` file (memory-mapped by default) after checking it is whole.
+
+    ``shape`` (None entries match any size) is checked too. Any problem, a missing,
+    truncated, pickled or wrongly shaped file, raises :class:`AtlasError` naming the file
+    and, inside a run folder, the command that rebuilds it.
+    """
     p = Path(path)
     if not p.exists():
-        raise AtlasError(f"{p} does not exist.")
+        raise AtlasError(f"{p} does not exist{_rebuild_hint(p)}.")
+    found, _ = npy_header(p)
+    if shape is not None and not _shape_matches(found, shape):
+        raise AtlasError(
+            f"{p} has shape {found}, expected {_shape_text(shape)}{_rebuild_hint(p, damaged=True)}."
+        )
     try:
         return np.load(p, mmap_mode="r" if mmap else None)
-    except ValueError as exc:
-        raise AtlasError(f"{p} is not a readable .npy file ({exc}).") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise AtlasError(
+            f"{p} is not a readable .npy file ({_first_line(exc)}){_rebuild_hint(p, damaged=True)}."
+        ) from None
+
+
+def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a ``.npy`` file, checked against its size without reading the data."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if major == 1
+                else np.lib.format.read_array_header_2_0
+            )
+            found, _, dtype = read(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise AtlasError(
+            f"{p} is not a readable .npy file ({_first_line(exc)}){_rebuild_hint(p, damaged=True)}."
+        ) from None
+    if dtype.hasobject:
+        raise AtlasError(f"{p} holds Python objects, not numbers{_rebuild_hint(p, damaged=True)}.")
+    expected = offset + int(np.prod(found, dtype=np.int64)) * dtype.itemsize
+    size = p.stat().st_size
+    if size != expected:
+        raise AtlasError(
+            f"{p} is {'truncated' if size < expected else 'longer than its header says'} "
+            f"({size} of {expected} bytes){_rebuild_hint(p, damaged=True)}."
+        )
+    return tuple(int(n) for n in found), dtype
+
+
+def read_parquet(
+    path: str | os.PathLike, columns: Sequence[str] | None = None, n_rows: int | None = None
+) -> pd.DataFrame:
+    """Read a Parquet file, checking that ``columns`` (all of them are read) and ``n_rows`` fit.
+
+    Any problem raises :class:`AtlasError` naming the file and, inside a run folder, the
+    command that rebuilds it.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise AtlasError(f"{p} does not exist{_rebuild_hint(p)}.")
+    try:
+        df = pd.read_parquet(p)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise AtlasError(
+            f"{p} is not a readable Parquet file ({_first_line(exc)}){_rebuild_hint(p, damaged=True)}."
+        ) from None
+    missing = [c for c in columns or () if c not in df.columns]
+    if missing:
+        raise AtlasError(
+            f"{p} has no column {', '.join(map(repr, missing))}{_rebuild_hint(p, damaged=True)}."
+        )
+    if n_rows is not None and len(df) != n_rows:
+        raise AtlasError(
+            f"{p} has {len(df)} rows, expected {n_rows}{_rebuild_hint(p, damaged=True)}."
+        )
+    return df
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON file that must hold an object, or raise :class:`AtlasError`."""
+    p = Path(path)
+    if not p.exists():
+        raise AtlasError(f"{p} does not exist{_rebuild_hint(p)}.")
+    data = read_json(p)
+    if not isinstance(data, dict):
+        raise AtlasError(
+            f"{p} holds a JSON {type(data).__name__}, not an object{_rebuild_hint(p, damaged=True)}."
+        )
+    return data
 
 
 def load_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -136,12 +224,29 @@ def update_manifest(run_dir: str | os.PathLike, **changes: Any) -> dict[str, Any
 
 
 def stage_done(run_dir: str | os.PathLike, stage: str) -> bool:
-    """Whether ``stage`` (e.g. 'train', 'tracin', 'analyze') is recorded complete in the manifest."""
-    path = Path(run_dir) / MANIFEST
-    if not path.exists():
+    """Whether ``stage`` (e.g. 'train', 'tracin', 'analyze') is recorded complete in the manifest.
+
+    This reads the record only; :func:`stage_complete` also requires the stage's files.
+    """
+    try:
+        manifest = read_json(Path(run_dir) / MANIFEST)
+    except AtlasError:
         return False
-    stages = read_json(path).get("stages", {})
-    return stages.get(stage, {}).get("status") == STATUS_COMPLETE
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    entry = stages.get(stage) if isinstance(stages, dict) else None
+    return isinstance(entry, dict) and entry.get("status") == STATUS_COMPLETE
+
+
+def stage_complete(run_dir: str | os.PathLike, stage: str) -> bool:
+    """Whether ``stage`` is recorded complete and its output files (``STAGE_OUTPUTS``) exist.
+
+    A complete stage whose file was deleted is not complete: ``run`` makes it again and
+    ``show``/``list`` do not report it complete.
+    """
+    run = Path(run_dir)
+    return stage_done(run, stage) and all(
+        (run / name).exists() for name in STAGE_OUTPUTS.get(stage, ())
+    )
 
 
 def mark_stage(
@@ -158,21 +263,19 @@ def mark_stage(
 
 
 def load_instances(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Return ``instances.parquet`` (id, split, text, label, observed_label, flipped)."""
+    """Return ``instances.parquet`` (id, split, text, label, observed_label, flipped), checked."""
     path = Path(run_dir) / INSTANCES
     if not path.exists():
         raise AtlasError(f"{path} does not exist; the run has no data yet.")
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise AtlasError(f"{path} is not a readable Parquet file ({exc}).") from None
+    return read_parquet(path, INSTANCE_COLUMNS)
 
 
 def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Return one summary dict per run or sweep under ``cache_dir``, newest first.
 
-    Folders without a readable manifest are reported with status 'unreadable'
-    rather than skipped, so a user sees that something is there.
+    Folders without a readable manifest (corrupt JSON, not an object) are reported with
+    status 'unreadable' and the reason rather than skipped, so a user sees that something
+    is there; a run recorded complete whose stage files are missing says 'incomplete'.
     """
     cache = Path(cache_dir)
     if not cache.is_dir():
@@ -185,24 +288,191 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
         if not path.exists():
             continue
         try:
-            manifest = read_json(path)
+            manifest = load_manifest(child)
+        except AtlasError as exc:
             rows.append(
                 {
                     "name": child.name,
                     "path": str(child),
-                    "kind": manifest.get("kind", "run"),
-                    "status": manifest.get("status", "unknown"),
-                    "created": manifest.get("created", ""),
-                    "dataset": manifest.get("config", {}).get("dataset", ""),
-                    "model": manifest.get("config", {}).get("model", ""),
-                    "test_accuracy": manifest.get("test_accuracy"),
+                    "kind": "?",
+                    "status": "unreadable",
+                    "created": "",
+                    "dataset": "",
+                    "model": "",
+                    "test_accuracy": None,
+                    "error": str(exc),
                 }
             )
-        except AtlasError:
-            rows.append(
-                {"name": child.name, "path": str(child), "kind": "?", "status": "unreadable"}
-            )
-    return sorted(rows, key=lambda r: r.get("created", ""), reverse=True)
+            continue
+        config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+        acc = manifest.get("test_accuracy")
+        rows.append(
+            {
+                "name": child.name,
+                "path": str(child),
+                "kind": _text(manifest.get("kind", "run")),
+                "status": run_status(child, manifest),
+                "created": _text(manifest.get("created", "")),
+                "dataset": _text(config.get("dataset", "")),
+                "model": _text(config.get("model", "")),
+                "test_accuracy": float(acc) if isinstance(acc, int | float) else None,
+            }
+        )
+    return sorted(rows, key=lambda r: r["created"], reverse=True)
+
+
+def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
+    """The manifest's status, except 'incomplete' when a stage it calls complete lost a file."""
+    status = _text(manifest.get("status", "unknown"))
+    if status != STATUS_COMPLETE:
+        return status
+    run = Path(run_dir)
+    stages = manifest.get("stages")
+    for stage, entry in (stages if isinstance(stages, dict) else {}).items():
+        complete = isinstance(entry, dict) and entry.get("status") == STATUS_COMPLETE
+        if complete and not all((run / n).exists() for n in STAGE_OUTPUTS.get(stage, ())):
+            return "incomplete"
+    return status
+
+
+# -- checking a run's files ----------------------------------------------------------------------
+
+# The files each stage leaves (heavy tiers such as checkpoints/ excepted: a shipped run has
+# none). A stage recorded complete is done only while these exist; show checks their content.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "data": (INSTANCES,),
+    "train": (LOGITS,),
+    "tracin": (TRACIN, TRACIN_PER_CHECKPOINT, SELF_INFLUENCE),
+    "analyze": (SHAPES, CURVES, ANALYSIS, EMBEDDINGS, DISTANCES, COORDS),
+    "detect": (DETECTORS, DETECTION),
+}
+INSTANCE_COLUMNS = ("id", "split", "text", "label", "observed_label", "flipped")
+# The stage that writes each file, for "rebuild it with ..." (files of other stages included).
+FILE_STAGE: dict[str, str] = {
+    **{name: stage for stage, names in STAGE_OUTPUTS.items() for name in names},
+    GRAD_NORMS_TRAIN: "tracin",
+    GRAD_NORMS_TEST: "tracin",
+    SHAPES_BY_VIEW: "analyze",
+    FLIP_RANKS: "analyze",
+}
+
+
+def rebuild_command(run_dir: str | os.PathLike, stage: str) -> str:
+    """The command that (re)makes ``stage``'s files of a run."""
+    run = shlex.quote(str(run_dir))
+    if stage == "tracin":
+        return f"python -m core tracin {run}"
+    if stage in ("analyze", "detect"):
+        return f"python -m core {stage} {run} --force"
+    try:
+        command = read_json(Path(run_dir) / MANIFEST).get("command")
+    except (AtlasError, AttributeError):
+        command = None
+    if isinstance(command, str) and command.strip():
+        return command.strip()
+    return f"python -m core run --name {shlex.quote(Path(run_dir).name)} --cache {shlex.quote(str(Path(run_dir).parent))} with the options that made it"
+
+
+def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, str]:
+    """Check the files of every stage the manifest calls complete; return {stage: problem}.
+
+    Arrays are checked by their headers and sizes (nothing large is read), tables by
+    their columns and row counts, JSON files by type. An empty result means every
+    complete stage's files are whole and fit the run's sizes.
+    """
+    run = Path(run_dir)
+    stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+    sizes = {k: manifest.get(k) for k in ("n_train", "n_val", "n_test")}
+    n_train, n_test = (
+        v if isinstance(v, int) else None for v in (sizes["n_train"], sizes["n_test"])
+    )
+    n_all = sum(sizes.values()) if all(isinstance(v, int) for v in sizes.values()) else None
+    epochs = manifest.get("epochs")
+    n_epochs = len(epochs) if isinstance(epochs, list) and epochs else None
+    checks: dict[str, list] = {
+        "data": [lambda: read_parquet(run / INSTANCES, INSTANCE_COLUMNS, n_all)],
+        "train": [lambda: read_npy(run / LOGITS, shape=(n_epochs, n_all, 2))],
+        "tracin": [
+            lambda: read_npy(run / TRACIN, shape=(n_test, n_train)),
+            lambda: read_npy(run / TRACIN_PER_CHECKPOINT, shape=(None, n_test, n_train)),
+            lambda: read_npy(run / SELF_INFLUENCE, shape=(n_train,)),
+        ],
+        "analyze": [
+            lambda: read_parquet(run / SHAPES, ("id", "s", "shape"), n_test),
+            lambda: read_json_object(run / ANALYSIS),
+            lambda: read_npy(run / DISTANCES, shape=(n_test, n_train)),
+            lambda: read_npy(run / EMBEDDINGS, shape=(n_all, None)),
+            lambda: _parquet_footer(run / CURVES),
+            lambda: _parquet_footer(run / COORDS),
+        ],
+        "detect": [
+            lambda: read_parquet(run / DETECTORS, ("id",), n_train),
+            lambda: read_json_object(run / DETECTION),
+        ],
+    }
+    problems = {}
+    for stage, entry in stages.items():
+        if not isinstance(entry, dict) or entry.get("status") != STATUS_COMPLETE:
+            continue
+        for check in checks.get(stage, []):
+            try:
+                check()
+            except AtlasError as exc:
+                problems[stage] = str(exc)
+                break
+    return problems
+
+
+def _parquet_footer(path: Path) -> None:
+    """Check that a Parquet file exists and its footer (schema, row groups) reads."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise AtlasError(f"{path} does not exist{_rebuild_hint(path)}.")
+    try:
+        pq.read_metadata(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise AtlasError(
+            f"{path} is not a readable Parquet file ({_first_line(exc)}){_rebuild_hint(path, damaged=True)}."
+        ) from None
+
+
+def _rebuild_hint(path: Path, damaged: bool = False) -> str:
+    """'; rebuild it with `...`' for a file of a run folder, '' elsewhere."""
+    stage = FILE_STAGE.get(path.name)
+    if stage is None or not (path.parent / MANIFEST).is_file():
+        return ""
+    command = rebuild_command(path.parent, stage)
+    return f"; {'delete it and ' if damaged else ''}rebuild it with `{command}`"
+
+
+def _shape_matches(found: tuple[int, ...], wanted: tuple[int | None, ...]) -> bool:
+    """Whether an array shape fits a pattern whose None entries match any size."""
+    return len(found) == len(wanted) and all(
+        w is None or f == w for f, w in zip(found, wanted, strict=True)
+    )
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    """A shape pattern as text, '?' for any size."""
+    return (
+        "("
+        + ", ".join("?" if n is None else str(n) for n in shape)
+        + ("," if len(shape) == 1 else "")
+        + ")"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, shortened, for one-sentence errors."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text[:160].rstrip(".")
+
+
+def _text(value: Any) -> str:
+    """A manifest value shown as text (a hand-edited manifest may hold anything)."""
+    return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
 def _json_default(obj: Any) -> Any:
