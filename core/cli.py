@@ -15,11 +15,44 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core import shapes, store
+from core import locks, shapes, store
 from core.config import PRESETS, StudyConfig, preset_config
 from core.errors import AtlasError
+from core.validation import DATA_SUFFIXES, check_device, check_number, validate_study
 
 DEFAULT_CACHE = os.environ.get("ATLAS_CACHE", "cache")
+# Bounds of the per-command integer options (typos fail at once, not after hours).
+_MAX_COUNT = 10_000_000
+_MAX_SEED = 2**32 - 1
+
+
+class UsageError(AtlasError):
+    """A command line argparse cannot read: reported as one sentence, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--epoch`` is not ``--epochs``) and one-sentence errors.
+
+    argparse would print the whole usage block and exit; this raises :class:`UsageError`
+    instead, so ``main`` reports it like any other bad input and the app can validate an
+    argument list without exiting.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see `{self.prog} --help`.")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse, but unknown options name the subcommand whose help lists the valid ones."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)}; see `{prog} --help`.")
+        return parsed
 
 
 def add_study_options(p: argparse.ArgumentParser) -> None:
@@ -64,9 +97,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """Preset plus command-line overrides."""
     base = preset_config(args.preset)
     dataset, data_file = args.dataset, None
-    if dataset and (
-        Path(dataset).suffix.lower() in {".csv", ".tsv", ".jsonl", ".txt"} or Path(dataset).exists()
-    ):
+    if dataset and (Path(dataset).suffix.lower() in DATA_SUFFIXES or Path(dataset).exists()):
         data_file = str(Path(dataset).resolve())
         dataset = "file"
     if data_file is None and (args.text_col or args.label_col or args.rating_col):
@@ -111,7 +142,8 @@ def cmd_run(args: argparse.Namespace) -> str:
     if args.detect:
         from core.detectors import run_detect
 
-        run_detect(run_dir)
+        with locks.hold(run_dir):
+            run_detect(run_dir)
     return str(run_dir)
 
 
@@ -128,8 +160,10 @@ def cmd_list(args: argparse.Namespace) -> None:
         acc = r.get("test_accuracy")
         acc_text = f"{acc:.3f}" if isinstance(acc, float) else "-"
         print(
-            f"{r['path']:<48} {r['kind']:<6} {r['status']:<10} {r.get('dataset', ''):<16} {r.get('model', ''):<8} acc={acc_text}"
+            f"{r['path']:<48} {r['kind']:<6} {r['status']:<10} {r['dataset']:<16} {r['model']:<8} acc={acc_text}"
         )
+        if r.get("error"):
+            print(f"  {r['error']}")
 
 
 def show_payload(run_dir: Path) -> dict[str, Any]:
@@ -138,11 +172,23 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
     if manifest.get("kind") == "sweep":
         from core.sweep import sweep_table
 
-        return {**manifest, "table": sweep_table(run_dir)}
+        try:
+            return {**manifest, "table": sweep_table(run_dir)}
+        except AtlasError as exc:
+            return {**manifest, "status": "damaged", "table": [], "problems": {"sweep": str(exc)}}
+    # Stages the manifest calls complete are reported complete only when their files are whole.
+    problems = store.verify_run(run_dir, manifest)
+    stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+    stages = {
+        stage: {**entry, "status": "damaged", "problem": problems[stage]}
+        if stage in problems and isinstance(entry, dict)
+        else entry
+        for stage, entry in stages.items()
+    }
     out = {
         "name": manifest.get("name", run_dir.name),
         "path": str(run_dir),
-        "status": manifest.get("status"),
+        "status": "damaged" if problems else store.run_status(run_dir, manifest),
         "command": manifest.get("command"),
         "config": manifest.get("config"),
         "data": manifest.get("data"),
@@ -153,19 +199,32 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         "test_accuracy": manifest.get("test_accuracy"),
         "epochs": manifest.get("epochs", []),
         "checkpoints": manifest.get("checkpoints", []),
-        "stages": manifest.get("stages", {}),
+        "stages": stages,
         "timings_s": manifest.get("timings_s", {}),
         "tracin": manifest.get("tracin"),
+        "problems": problems,
     }
-    if store.stage_done(run_dir, "analyze"):
-        from core.analysis import correlations, summary_rows
+    if store.stage_complete(run_dir, "analyze") and "analyze" not in problems:
+        from core.analysis import SUMMARY_COLUMNS, correlations, summary_rows
 
-        out["test_instances"] = summary_rows(run_dir)
-        out["correlations"] = correlations(run_dir)
-    if store.stage_done(run_dir, "detect"):
+        try:  # a run analysed by an older version may lack columns this one reports
+            store.read_parquet(run_dir / store.SHAPES, SUMMARY_COLUMNS)
+            out["test_instances"] = summary_rows(run_dir)
+            out["correlations"] = correlations(run_dir)
+        except AtlasError as exc:
+            problems["analyze"] = str(exc)
+    if store.stage_complete(run_dir, "detect") and "detect" not in problems:
         from core.detectors import detection_table
 
-        out["detection"] = detection_table(run_dir)
+        try:
+            out["detection"] = detection_table(run_dir)
+        except AtlasError as exc:
+            problems["detect"] = str(exc)
+    for stage, problem in problems.items():
+        if isinstance(stages.get(stage), dict):
+            stages[stage] = {**stages[stage], "status": "damaged", "problem": problem}
+    if problems:
+        out["status"] = "damaged"
     return out
 
 
@@ -181,43 +240,70 @@ def cmd_show(args: argparse.Namespace) -> None:
         if key in payload:
             print(f"  {key:<14} {payload[key]}")
     for e in payload.get("epochs", []) or []:
-        print(
-            f"  epoch {e['epoch']:>2}  loss {e['train_loss']:.4f}  val {e.get('val_accuracy', float('nan')):.3f}"
-            f"  test {e.get('test_accuracy', float('nan')):.3f}"
-        )
+        if isinstance(e, dict):
+            cells = [f"epoch {e.get('epoch', '?'):>2}"] + [
+                f"{label} {_number(e.get(key))}"
+                for label, key in (("loss", "train_loss"), ("val", "val_accuracy"))
+            ]
+            print("  " + "  ".join([*cells, f"test {_number(e.get('test_accuracy'))}"]))
+    stages = payload.get("stages") or {}
+    for stage, entry in stages.items():
+        status = entry.get("status") if isinstance(entry, dict) else entry
+        print(f"  {stage:<14} {status}")
     for stage, secs in (payload.get("timings_s") or {}).items():
-        print(f"  {stage:<14} {secs:.1f} s")
+        print(f"  {stage:<14} {_number(secs, '.1f')} s")
+    for problem in (payload.get("problems") or {}).values():
+        print(f"  problem: {problem}")
 
 
 def cmd_tracin(args: argparse.Namespace) -> str:
     """Compute (or resume) the TracIn matrix of a run."""
-    from core.tracin import compare_to_exact, run_tracin
+    from core.tracin_options import parse_scope
 
     run_dir = _existing_run(args.run)
-    if args.compare:
-        report = compare_to_exact(
-            run_dir, args.params, args.project, args.seed, n_test=args.compare_n
+    if args.params is not None:
+        parse_scope(args.params)
+    check_number("--project", args.project, 1, 1_000_000)
+    check_number("--seed", args.seed, 0, _MAX_SEED)
+    check_number("--compare-n", args.compare_n, 1, _MAX_COUNT)
+    check_device(args.device)
+    from core.tracin import compare_to_exact, run_tracin
+
+    with locks.hold(run_dir):
+        if args.compare:
+            report = compare_to_exact(
+                run_dir, args.params, args.project, args.seed, n_test=args.compare_n
+            )
+            print(json.dumps(report, indent=2, default=store._json_default))
+            return str(run_dir)
+        run_tracin(
+            run_dir, scope=args.params, project=args.project, seed=args.seed, device=args.device
         )
-        print(json.dumps(report, indent=2, default=store._json_default))
-        return str(run_dir)
-    run_tracin(run_dir, scope=args.params, project=args.project, seed=args.seed, device=args.device)
     return str(run_dir)
 
 
 def cmd_analyze(args: argparse.Namespace) -> str:
     """Compute curve shapes, end ratios, distances and 2-D maps of a run."""
+    run_dir = _existing_run(args.run)
+    check_number("--checkpoint", args.checkpoint, -1000, 1000)
+    check_number("--s-min", args.s_min, -1.0, 1.0)
+    check_number("--z-max", args.z_max, -1.0, 1.0)
+    if args.z_max >= args.s_min:
+        raise AtlasError(f"--z-max ({args.z_max:g}) must be below --s-min ({args.s_min:g}).")
+    check_number("--trim", args.trim, 0.0, 0.49)
+    check_number("--k", args.k, 1, _MAX_COUNT)
     from core.analysis import analyze_run
 
-    run_dir = _existing_run(args.run)
-    analyze_run(
-        run_dir,
-        checkpoint=args.checkpoint,
-        s_min=args.s_min,
-        z_max=args.z_max,
-        trim=args.trim,
-        k=args.k,
-        force=args.force,
-    )
+    with locks.hold(run_dir):
+        analyze_run(
+            run_dir,
+            checkpoint=args.checkpoint,
+            s_min=args.s_min,
+            z_max=args.z_max,
+            trim=args.trim,
+            k=args.k,
+            force=args.force,
+        )
     return str(run_dir)
 
 
@@ -226,7 +312,8 @@ def cmd_detect(args: argparse.Namespace) -> str:
     from core.detectors import run_detect
 
     run_dir = _existing_run(args.run)
-    run_detect(run_dir, detectors=args.detectors, force=args.force)
+    with locks.hold(run_dir):
+        run_detect(run_dir, detectors=args.detectors, force=args.force)
     if not args.quiet:
         from core.detectors import detection_table
 
@@ -237,22 +324,28 @@ def cmd_detect(args: argparse.Namespace) -> str:
 
 def cmd_clean(args: argparse.Namespace) -> str:
     """Retrain with the top-k suspects excluded, relabelled or reweighted."""
+    run_dir = _existing_run(args.run)
+    check_number("--k", args.k, 1, _MAX_COUNT)
+    check_number("--seeds", args.seeds, 1, 1000)
     from core.cleaning import run_clean
 
-    run_dir = _existing_run(args.run)
-    run_clean(run_dir, detector=args.detector, action=args.action, k=args.k, seeds=args.seeds)
+    with locks.hold(run_dir):
+        run_clean(run_dir, detector=args.detector, action=args.action, k=args.k, seeds=args.seeds)
     return str(run_dir / store.CLEANING_DIR)
 
 
 def cmd_export(args: argparse.Namespace) -> str:
     """Write the review queue or the cleaned dataset as CSV."""
+    run_dir = _existing_run(args.run)
+    check_number("--k", args.k, 1, _MAX_COUNT)
+    check_number("--top", args.top, 1, _MAX_COUNT)
     from core.cleaning import export_cleaned, export_review_queue
 
-    run_dir = _existing_run(args.run)
-    if args.what == "review":
-        path = export_review_queue(run_dir, args.detector, args.out, top=args.top)
-    else:
-        path = export_cleaned(run_dir, args.detector, args.action, args.k, args.out)
+    with locks.hold(run_dir):  # writes into the run's cleaning/ folder
+        if args.what == "review":
+            path = export_review_queue(run_dir, args.detector, args.out, top=args.top)
+        else:
+            path = export_cleaned(run_dir, args.detector, args.action, args.k, args.out)
     return str(path)
 
 
@@ -291,8 +384,8 @@ def cmd_fetch(args: argparse.Namespace) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="python -m core",
+    parser = _Parser(
+        prog=_prog(),
         description="Influence Atlas: where do mislabeled training instances land in TracIn scores?",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -402,9 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     _quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         out = args.func(args)
     except AtlasError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -415,6 +507,25 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         print(out)
     return 0
+
+
+def check_study_argv(argv: list[str]) -> Path:
+    """Validate a ``run`` or ``sweep`` argument list exactly as the CLI would; write nothing.
+
+    Returns the folder the command would write (the cache folder when no ``--name`` is
+    given). The app calls this before it starts a job, so a form the CLI would refuse is
+    refused on the page, with the same sentence.
+    """
+    args = build_parser().parse_args(argv)
+    if args.command not in ("run", "sweep"):
+        raise AtlasError(f"Only run and sweep requests are checked here, not {args.command}.")
+    config = config_from_args(args)
+    if args.command == "sweep":
+        from core.sweep import parse_rates
+
+        parse_rates(args.flip_rates)
+        check_number("--seeds", args.seeds, 1, 1000)
+    return validate_study(config, args.cache, args.name)
 
 
 def _existing_run(path: str) -> Path:
@@ -429,8 +540,18 @@ def _existing_run(path: str) -> Path:
     return candidate
 
 
+def _number(value: Any, fmt: str = ".4f") -> str:
+    """A manifest number for the text summary ('-' when absent or not a number)."""
+    return format(value, fmt) if isinstance(value, int | float) else "-"
+
+
+def _prog() -> str:
+    """How the user called us: the ``atlas`` console script or ``python -m core``."""
+    return "atlas" if Path(sys.argv[0]).name == "atlas" else "python -m core"
+
+
 def _command_line() -> str:
-    """The command as typed, for the manifest."""
+    """The command as typed, for the manifest (as ``python -m core``, which works in any venv)."""
     return "python -m core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
@@ -439,10 +560,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    # Environment variables, not imports: transformers costs a second to import, and a bad
+    # request must be refused before that (transformers reads them when it loads).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already loaded (tests call main in-process)
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core import store
+from core import locks, store
 from core.config import StudyConfig
 from core.errors import AtlasError
+from core.validation import check_config, validate_study
 
 STAGES = ("data", "train", "tracin", "analyze")
 # Fields that change where a computation runs, not what it computes.
@@ -62,33 +63,18 @@ def package_versions() -> dict[str, str]:
 
 def validate_config(config: StudyConfig) -> None:
     """Reject impossible settings with one sentence each, before anything is read or written."""
-    if config.n_train < 10:
-        raise AtlasError(f"--n-train must be at least 10 (got {config.n_train}).")
-    if not 0 <= config.flip_rate < 1:
-        raise AtlasError(f"--flip-rate must be in [0, 1) (got {config.flip_rate}).")
-    if config.flip_count is not None and not 0 <= config.flip_count < config.n_train:
-        raise AtlasError(
-            f"--flip-count must be between 0 and n_train - 1 = {config.n_train - 1} (got {config.flip_count})."
-        )
-    for flag, value in (("--epochs", config.epochs), ("--batch-size", config.batch_size)):
-        if value < 1:
-            raise AtlasError(f"{flag} must be at least 1 (got {value}).")
-    if config.max_length < 8:
-        raise AtlasError(f"--max-length must be at least 8 (got {config.max_length}).")
-    if not config.lr > 0:
-        raise AtlasError(f"--lr must be positive (got {config.lr}).")
-    if config.tracin_project is not None and config.tracin_project <= 0:
-        raise AtlasError(f"--project must be a positive dimension (got {config.tracin_project}).")
+    check_config(config)
 
 
 def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path | None) -> None:
     """Data stage: validate input, then write instances, tokenizer and a 'running' manifest."""
     from core.datasets import load_dataset
-    from core.models import build_model, build_tokenizer
     from core.splits import split_instances
 
     t0 = time.perf_counter()
-    data = load_dataset(config, data_dir)
+    data = load_dataset(config, data_dir)  # before torch is imported: bad data fails fast
+    from core.models import build_model, build_tokenizer
+
     instances = split_instances(data, config.n_total, config.n_flips, config.seed)
     sample = dict(instances.attrs.get("sample", {}))
     if sample.get("used_all") and sample.get("n_available", 0) < sample.get("n_requested", 0):
@@ -98,12 +84,13 @@ def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path
             file=sys.stderr,
         )
     train_texts = instances.loc[instances["split"] == "train", "text"].tolist()
-    with tempfile.TemporaryDirectory(prefix=".atlas-", dir=run_dir.parent) as tmp:
+    # Inside the locked run folder, named by our pid: the next writer removes it if we are killed.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=locks.temp_prefix(), dir=run_dir) as tmp:
         tokenizer = build_tokenizer(config.model, train_texts, Path(tmp) / store.TOKENIZER_DIR)
         build_model(
             config.model, tokenizer, config.max_length, config.seed
         )  # fails early if unloadable
-        run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / store.TOKENIZER_DIR).exists():
             shutil.rmtree(run_dir / store.TOKENIZER_DIR)
         shutil.move(str(Path(tmp) / store.TOKENIZER_DIR), str(run_dir / store.TOKENIZER_DIR))
@@ -202,33 +189,48 @@ def run_study(
     """Run (or resume) a study up to stage ``until`` and return its folder."""
     if until not in STAGES:
         raise AtlasError(f"--until must be one of {', '.join(STAGES)} (got '{until}').")
-    validate_config(config)
+    validate_study(config, cache_dir, name)
     run_dir = Path(cache_dir) / (name or run_name(config))
+    locks.clean_litter(cache_dir)  # temporary folders of killed writers of older versions
+    with locks.hold(run_dir):
+        return _run_locked(config, run_dir, command, until, progress, data_dir)
+
+
+def _run_locked(
+    config: StudyConfig,
+    run_dir: Path,
+    command: str,
+    until: str,
+    progress: bool,
+    data_dir: Path | None,
+) -> Path:
+    """:func:`run_study` once the run folder's lock is held."""
     manifest_path = run_dir / store.MANIFEST
     if manifest_path.exists():
         manifest = store.load_manifest(run_dir)
         if manifest.get("config") != config.to_dict():
-            old = {k: v for k, v in manifest.get("config", {}).items() if k not in _NAME_NEUTRAL}
+            stored = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+            old = {k: v for k, v in stored.items() if k not in _NAME_NEUTRAL}
             new = {k: v for k, v in config.to_dict().items() if k not in _NAME_NEUTRAL}
             if old != new:
                 raise AtlasError(
                     f"{run_dir} already holds a run with a different configuration; "
                     "choose another --name or delete that folder."
                 )
-    else:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not store.stage_complete(run_dir, "data"):
+        # New, or its instances were lost: the seeded data stage makes the same ones again.
         prepare_run(config, run_dir, command, data_dir)
 
     wanted = STAGES[: STAGES.index(until) + 1]
     try:
-        if "train" in wanted and not store.stage_done(run_dir, "train"):
+        if "train" in wanted and not store.stage_complete(run_dir, "train"):
             store.update_manifest(run_dir, status=store.STATUS_RUNNING, error=None)
             train_run(config, run_dir, progress)
-        if "tracin" in wanted and not store.stage_done(run_dir, "tracin"):
+        if "tracin" in wanted and not store.stage_complete(run_dir, "tracin"):
             from core.tracin import run_tracin
 
             run_tracin(run_dir, device=config.device, progress=progress)
-        if "analyze" in wanted and not store.stage_done(run_dir, "analyze"):
+        if "analyze" in wanted and not store.stage_complete(run_dir, "analyze"):
             from core.analysis import analyze_run
 
             analyze_run(run_dir, progress=progress)
@@ -239,7 +241,7 @@ def run_study(
                 run_dir, status=store.STATUS_FAILED, error=str(exc) or type(exc).__name__
             )
         raise
-    complete = all(store.stage_done(run_dir, s) for s in wanted)
+    complete = all(store.stage_complete(run_dir, s) for s in wanted)
     store.update_manifest(
         run_dir,
         status=store.STATUS_COMPLETE if complete else store.STATUS_RUNNING,

@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import store
+from core import locks, store
 from core.config import StudyConfig
 from core.errors import AtlasError
 
 SWEEP_TABLE = "sweep.parquet"
 SWEEP_EPOCHS = "sweep_epochs.parquet"
 CELLS_DIR = "cells"
+MAX_SEEDS = 1000
 
 
 def parse_rates(text: str) -> list[float]:
@@ -71,15 +72,33 @@ def run_sweep(
     progress: bool = True,
 ) -> Path:
     """Train every (rate, seed) cell that is not finished yet and write the sweep tables."""
-    from core.pipeline import validate_config
+    from core.validation import check_number, validate_study
 
-    if n_seeds < 1:
-        raise AtlasError(f"--seeds must be at least 1 (got {n_seeds}).")
+    check_number("--seeds", n_seeds, 1, MAX_SEEDS)
+    check_number("--jobs", jobs, 0, 1024)
     if config.flip_count is not None:
         raise AtlasError("--flip-count does not apply to a sweep; use --flip-rates.")
-    validate_config(config)
+    validate_study(config, cache_dir, name)
     base = config.replace(flip_rate=0.0)
     sweep_dir = Path(cache_dir) / (name or sweep_name(base))
+    # Validate the data once, in this process, before any folder is made.
+    from core.datasets import load_dataset
+
+    load_dataset(base)
+    with locks.hold(sweep_dir):
+        return _sweep_locked(base, sweep_dir, flip_rates, n_seeds, jobs, command, progress)
+
+
+def _sweep_locked(
+    base: StudyConfig,
+    sweep_dir: Path,
+    flip_rates: list[float],
+    n_seeds: int,
+    jobs: int,
+    command: str,
+    progress: bool,
+) -> Path:
+    """:func:`run_sweep` once the sweep folder's lock is held."""
     cells = [(r, s) for r in flip_rates for s in range(base.seed, base.seed + n_seeds)]
     manifest_path = sweep_dir / store.MANIFEST
     if manifest_path.exists():
@@ -88,10 +107,6 @@ def run_sweep(
             raise AtlasError(
                 f"{sweep_dir} holds a sweep with another configuration; choose another --name."
             )
-    # Validate the data once, in this process, before any folder is made.
-    from core.datasets import load_dataset
-
-    load_dataset(base)
     t0 = time.perf_counter()
     store.update_manifest(
         sweep_dir,
@@ -105,7 +120,9 @@ def run_sweep(
         seeds=list(range(base.seed, base.seed + n_seeds)),
     )
     cell_root = sweep_dir / CELLS_DIR
-    todo = [(r, s) for r, s in cells if not store.stage_done(cell_root / cell_name(r, s), "train")]
+    todo = [
+        (r, s) for r, s in cells if not store.stage_complete(cell_root / cell_name(r, s), "train")
+    ]
     workers = jobs if jobs > 0 else max(1, (os.cpu_count() or 1) // 2)
     workers = min(workers, max(len(todo), 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -251,4 +268,4 @@ def sweep_table(sweep_dir: str | Path) -> list[dict]:
     path = Path(sweep_dir) / SWEEP_TABLE
     if not path.exists():
         return []
-    return pd.read_parquet(path).to_dict(orient="records")
+    return store.read_parquet(path, ("flip_rate", "seed")).to_dict(orient="records")
