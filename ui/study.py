@@ -26,7 +26,8 @@ from typing import Any
 
 import pandas as pd
 
-from core import store
+from core import locks, store, validation
+from core.cli import check_study_argv
 from core.errors import AtlasError
 
 ENV_STUDY_CMD = "ATLAS_STUDY_CMD"  # replaces "python -m core" (tests use a stand-in CLI)
@@ -34,7 +35,7 @@ ENV_MAX_UPLOAD_MB = "ATLAS_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 50
 JOBS_DIR = ".jobs"  # dot-folders are skipped by store.list_runs
 UPLOADS_DIR = ".uploads"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = validation.NAME_RE  # one rule for the CLI's --name and this form
 UPLOAD_TYPES = ("csv", "tsv", "jsonl")
 MIN_ROWS = 20  # the 80/10/10 split needs a few instances in every part
 REPO = Path(__file__).resolve().parents[1]
@@ -74,12 +75,8 @@ def max_upload_mb() -> int:
 
 
 def check_name(name: str) -> str:
-    """A run name usable as a folder name, or :class:`AtlasError`."""
-    if not NAME_RE.match(name or ""):
-        raise AtlasError(
-            "A run name uses letters, digits, '.', '_' or '-', starts with a letter or digit, "
-            "and has at most 64 characters."
-        )
+    """A run name usable as a folder name, or :class:`AtlasError` (core.validation's rule)."""
+    validation.check_name(name, flag="the run name")
     return name
 
 
@@ -227,6 +224,15 @@ def start(cache: Path, req: StudyRequest) -> Job:
                 f"A complete run named '{req.name}' already exists; choose another name."
             )
     cmd = build_command(req, cache)
+    # -- hardening hook (issue 15): the CLI's own checks and its run lock, before starting --
+    owner = locks.lock_owner(cache / req.name)
+    if owner is not None:
+        raise AtlasError(f"Run '{req.name}' is already running (pid {owner}); choose another name.")
+    for flag, column in (("--text-col", req.text_col), ("--label-col", req.label_col)):
+        validation.check_column(flag, column)  # before argparse would misread '--x' as an option
+    validation.check_column("--rating-col", req.rating_col)
+    check_study_argv(cmd[len(core_command()) :])
+    # -- end of hook --
     j.folder.mkdir(parents=True, exist_ok=True)
     for stale in (j.rc_file, j.cancel_file):
         stale.unlink(missing_ok=True)
