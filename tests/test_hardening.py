@@ -1,0 +1,374 @@
+"""Issue 15: bad requests refused before writing, one writer per run, readers that never crash.
+
+Each test names the row of issue 15's table it covers. The run store tests copy the
+session's tiny study (``study_run``) and damage the copy, never the shared run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core import locks, store
+from core.cli import check_study_argv, main
+from core.errors import AtlasError
+from tests.conftest import TINY_ARGS, csv_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _error_line(capsys: pytest.CaptureFixture) -> str:
+    """The single stderr line of a refused command."""
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln]
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0]
+    return lines[0]
+
+
+def _nothing_in(folder: Path) -> bool:
+    """Whether a folder is absent or holds nothing but dot-entries."""
+    return not folder.exists() or not [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
+def _copy_run(study_run: Path, tmp_path: Path, with_checkpoints: bool = False) -> Path:
+    """A private copy of the session's tiny run, to damage."""
+    ignore = None if with_checkpoints else shutil.ignore_patterns(store.CHECKPOINTS_DIR)
+    run = tmp_path / "cache" / study_run.name
+    shutil.copytree(study_run, run, ignore=ignore)
+    return run
+
+
+def _run_args(csv: Path, cache: Path, name: str = "r", *extra: str) -> list[str]:
+    return ["run", *TINY_ARGS, *csv_args(csv), "--cache", str(cache), "--name", name, *extra]
+
+
+# -- row 1: run names ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../etc/x", "a/b c/d", "/tmp/absolute", "..", ".hidden", ""])
+def test_row1_a_name_that_is_not_one_plain_folder_is_refused(
+    tmp_path: Path, reviews_csv: Path, capsys, name: str
+) -> None:
+    cache = tmp_path / "A" / "sub" / "cache"
+    assert main(_run_args(reviews_csv, cache, name, "--until", "data")) == 2
+    assert "run name" in _error_line(capsys)
+    assert not (tmp_path / "A").exists() and not (tmp_path / "etc").exists()
+
+
+# -- row 2: the cache folder -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_row2_a_cache_that_is_a_file_is_one_sentence(
+    tmp_path: Path, reviews_csv: Path, capsys, below: str
+) -> None:
+    f = tmp_path / "f"
+    f.write_text("hi\n")
+    cache = f / below if below else f
+    assert main(_run_args(reviews_csv, cache, "r", "--until", "data")) == 2
+    assert "is a file" in _error_line(capsys)
+    assert f.read_text() == "hi\n"
+
+
+# -- row 3: a manifest that is JSON but not an object --------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '"text"', "{not json", '{"status": 3}'])
+def test_row3_list_survives_a_bad_manifest(
+    study_run: Path, tmp_path: Path, capsys, content
+) -> None:
+    cache = tmp_path / "cache"
+    _copy_run(study_run, tmp_path)
+    (cache / "zzz").mkdir()
+    (cache / "zzz" / store.MANIFEST).write_text(content)
+    rows = {r["name"]: r for r in store.list_runs(cache)}
+    assert rows[study_run.name]["status"] == "complete"
+    assert rows["zzz"]["status"] in ("unreadable", "3")
+    assert main(["list", "--cache", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert study_run.name in out and "zzz" in out
+    assert main(["list", "--cache", str(cache), "--json"]) == 0
+    assert {r["name"] for r in json.loads(capsys.readouterr().out)} == {study_run.name, "zzz"}
+
+
+def test_row3_show_of_a_non_object_manifest_is_one_sentence(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "zzz"
+    run.mkdir()
+    (run / store.MANIFEST).write_text("[1, 2, 3]")
+    assert main(["show", str(run)]) == 2
+    assert str(run / store.MANIFEST) in _error_line(capsys)
+
+
+# -- row 4: damaged files ------------------------------------------------------------------------
+
+
+def test_row4_corrupt_shapes_parquet_is_reported_not_raised(
+    study_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = _copy_run(study_run, tmp_path)
+    size = (run / store.SHAPES).stat().st_size
+    (run / store.SHAPES).write_bytes(np.random.default_rng(0).bytes(size))
+    for args in (["show", str(run)], ["show", str(run), "--json"]):
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+    payload = json.loads(captured.out)
+    assert payload["status"] == "damaged"
+    assert payload["stages"]["analyze"]["status"] == "damaged"
+    problem = payload["problems"]["analyze"]
+    assert str(run / store.SHAPES) in problem and "python -m core analyze" in problem
+    assert "test_instances" not in payload
+    with pytest.raises(AtlasError, match="not a readable Parquet"):
+        store.read_parquet(run / store.SHAPES)
+
+
+def test_row4_truncated_tracin_is_not_complete(study_run: Path, tmp_path: Path, capsys) -> None:
+    run = _copy_run(study_run, tmp_path)
+    raw = (run / store.TRACIN).read_bytes()
+    (run / store.TRACIN).write_bytes(raw[: len(raw) // 2])
+    assert main(["show", str(run), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["stages"]["tracin"]["status"] != "complete"
+    assert "truncated" in payload["problems"]["tracin"]
+    assert "python -m core tracin" in payload["problems"]["tracin"]
+    assert main(["show", str(run)]) == 0
+    assert "truncated" in capsys.readouterr().out
+    with pytest.raises(AtlasError, match="truncated"):
+        store.read_npy(run / store.TRACIN)
+
+
+def test_row4_loaders_check_shape_and_type(tmp_path: Path) -> None:
+    path = tmp_path / "a.npy"
+    store.write_npy(path, np.zeros((3, 4), dtype=np.float32))
+    assert store.read_npy(path, shape=(3, None)).shape == (3, 4)
+    with pytest.raises(AtlasError, match=r"expected \(4, \?\)"):
+        store.read_npy(path, shape=(4, None))
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(AtlasError, match="Python objects"):
+        store.read_npy(path)
+    path.write_bytes(b"not an array at all")
+    with pytest.raises(AtlasError, match="not a readable .npy"):
+        store.read_npy(path)
+    (tmp_path / "j.json").write_text("[1]")
+    with pytest.raises(AtlasError, match="not an object"):
+        store.read_json_object(tmp_path / "j.json")
+
+
+def test_row4_wrong_shape_logits_make_train_damaged(study_run: Path, tmp_path: Path) -> None:
+    run = _copy_run(study_run, tmp_path)
+    store.write_npy(run / store.LOGITS, np.zeros((3, 7, 2), dtype=np.float32))
+    problems = store.verify_run(run, store.load_manifest(run))
+    assert "shape (3, 7, 2)" in problems["train"]
+
+
+# -- row 5: one writer per run ---------------------------------------------------------------------
+
+_HOLDER = (
+    "import sys, time\n"
+    "from core import locks\n"
+    "lock = locks.hold(sys.argv[1])\n"
+    "lock.__enter__()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_row5_a_second_writer_exits_2_and_a_killed_ones_lock_is_taken_over(
+    tmp_path: Path, reviews_csv: Path, capsys
+) -> None:
+    cache = tmp_path / "cache"
+    run = cache / "r"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert locks.is_locked(run) and locks.lock_owner(run) == holder.pid
+        assert main(_run_args(reviews_csv, cache, "r", "--until", "data")) == 2
+        assert f"already running (pid {holder.pid})" in _error_line(capsys)
+        assert not (run / store.MANIFEST).exists()
+        assert main(["analyze", str(run)]) == 2  # no manifest: not a run yet
+    finally:
+        holder.kill()
+        holder.wait()
+    # kill -9 left the lock file naming a dead pid: the next writer takes it over.
+    assert (run / locks.LOCK_FILE).exists() and not locks.is_locked(run)
+    assert main(_run_args(reviews_csv, cache, "r", "--until", "data")) == 0
+    assert store.stage_complete(run, "data")
+    assert not (run / locks.LOCK_FILE).exists()  # released at the end
+
+
+def test_row5_the_lock_guards_the_stage_commands_too(study_run: Path, tmp_path: Path, capsys):
+    run = _copy_run(study_run, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for command in ("analyze", "detect", "tracin"):
+            assert main([command, str(run)]) == 2
+            assert "already running" in _error_line(capsys)
+        assert main(["show", str(run)]) == 0  # readers never wait for writers
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_row5_locks_are_reentrant_and_leave_no_folder_behind(tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    with locks.hold(folder):
+        assert locks.lock_owner(folder) == os.getpid()
+        with locks.hold(folder):
+            assert locks.is_locked(folder)
+        assert locks.is_locked(folder)
+    assert not folder.exists()  # created for the lock and nothing was written
+    assert locks.lock_owner(folder) is None
+
+
+def test_row5_the_app_refuses_a_run_whose_lock_is_held(tmp_path: Path, monkeypatch) -> None:
+    from ui import study
+
+    monkeypatch.setenv(study.ENV_STUDY_CMD, f"{sys.executable} -c pass")
+    with locks.hold(tmp_path / "busy"), pytest.raises(AtlasError, match="already running"):
+        study.start(tmp_path, study.StudyRequest(name="busy"))
+    assert not study.job(tmp_path, "busy").pid_file.exists()
+
+
+# -- row 7 (core side): column names that look like options -------------------------------------
+
+
+def test_row7_a_column_name_like_an_option_is_refused_by_the_shared_check(
+    reviews_csv: Path, tmp_path: Path, monkeypatch
+) -> None:
+    argv = ["run", "--dataset", str(reviews_csv), "--text-col=--cache=x", "--label-col", "y"]
+    with pytest.raises(AtlasError, match="starts with '-'"):
+        check_study_argv([*argv, "--cache", str(tmp_path / "c")])
+    from ui import study
+
+    monkeypatch.setenv(study.ENV_STUDY_CMD, f"{sys.executable} -c pass")
+    req = study.StudyRequest(
+        name="cols", dataset=None, data_file=str(reviews_csv), text_col="--cache=x", label_col="y"
+    )
+    with pytest.raises(AtlasError, match="starts with '-'"):
+        study.start(tmp_path, req)
+    assert not study.job(tmp_path, "cols").pid_file.exists()
+
+
+# -- row 8: late failures ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--params", "last-x"], "TracIn parameter scope"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--epochs", "-2"], "--epochs"),
+        (["--n-train", "0"], "--n-train"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--max-length", "100000"], "--max-length"),
+        (["--seed", "-1"], "--seed"),
+        (["--project", "0"], "--project"),
+        (["--device", "tpu"], "--device"),
+        (["--flip-rate", "-0.1"], "--flip-rate"),
+    ],
+)
+def test_row8_bad_settings_fail_before_any_stage(
+    tmp_path: Path, reviews_csv: Path, capsys, extra: list[str], needle: str
+) -> None:
+    cache = tmp_path / "cache"
+    assert main(_run_args(reviews_csv, cache, "r", *extra)) == 2
+    assert needle in _error_line(capsys)
+    assert _nothing_in(cache)
+
+
+def test_row8_cuda_without_a_gpu_fails_before_any_stage(
+    tmp_path: Path, reviews_csv: Path, capsys
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cache = tmp_path / "cache"
+    assert main(_run_args(reviews_csv, cache, "r", "--device", "cuda")) == 2
+    assert "no CUDA GPU" in _error_line(capsys)
+    assert _nothing_in(cache)
+
+
+# -- row 9: temporary folders of killed processes ------------------------------------------------
+
+
+def test_row9_temporary_folders_of_killed_writers_are_cleaned(
+    tmp_path: Path, reviews_csv: Path
+) -> None:
+    cache = tmp_path / "cache"
+    legacy = cache / ".atlas-k2j4x9"  # what a kill -9 during the data stage used to leave
+    (legacy / "tokenizer").mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    mine = cache / "r" / f".atlas-{dead.stdout.strip()}-abc"  # a dead pid's, in the run folder
+    (mine / "tokenizer").mkdir(parents=True)
+    partial = cache / "r" / ".instances.parquet.x1y2.tmp"
+    partial.write_bytes(b"half")
+    live = cache / f".atlas-{os.getpid()}-busy"  # a live process's work: kept
+    live.mkdir()
+    assert main(_run_args(reviews_csv, cache, "r", "--until", "data")) == 0
+    assert not legacy.exists() and not mine.exists() and not partial.exists()
+    assert live.exists()
+    assert store.stage_complete(cache / "r", "data")
+
+
+def test_row9_a_failed_data_stage_leaves_no_folder(tmp_path: Path, reviews_csv: Path, capsys):
+    cache = tmp_path / "cache"
+    args = _run_args(reviews_csv, cache, "r", "--until", "data")
+    args[args.index("sentiment")] = "no_such_column"
+    assert main(args) == 2
+    assert "no_such_column" in _error_line(capsys)
+    assert _nothing_in(cache) and not (cache / "r").exists()
+
+
+# -- row 10: a stage whose output file is missing --------------------------------------------------
+
+
+def test_row10_a_missing_output_is_not_complete_and_run_remakes_it(
+    study_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    (run / store.SHAPES).unlink()
+    assert not store.stage_complete(run, "analyze")
+    assert main(["show", str(run), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["status"] != "complete"
+    assert payload["stages"]["analyze"]["status"] != "complete"
+    assert "does not exist" in payload["problems"]["analyze"]
+    assert {r["name"]: r["status"] for r in store.list_runs(run.parent)}[run.name] == "incomplete"
+    csv = study_run.parent.parent / "reviews.csv"  # the session run's data, same config
+    before = (run / store.TRACIN).stat().st_mtime_ns
+    assert main(_run_args(csv, run.parent, run.name)) == 0
+    assert (run / store.SHAPES).exists()
+    assert store.stage_complete(run, "analyze")
+    assert (run / store.TRACIN).stat().st_mtime_ns == before  # only the missing stage ran
+    capsys.readouterr()
+    assert main(["show", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "complete"
+
+
+def test_row10_lost_instances_are_made_again(study_run: Path, tmp_path: Path) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    expected = store.load_instances(run)
+    (run / store.INSTANCES).unlink()
+    assert not store.stage_complete(run, "data")
+    csv = study_run.parent.parent / "reviews.csv"
+    assert main(_run_args(csv, run.parent, run.name, "--until", "data")) == 0
+    assert store.load_instances(run).equals(expected)
