@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 T_START = time.perf_counter()
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (imports are timed from T_START)
 import pandas as pd  # noqa: E402
 
 from core import store  # noqa: E402

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 PAGES = {
     "Home": None,
@@ -107,6 +106,19 @@ def browser_side(cache: Path, run: str) -> list[tuple[str, float]]:
     return rows
 
 
+def _load_factory():
+    """``tests/runstore_factory.py``, loaded by its path (the tests folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "runstore_factory", REPO / "tests" / "runstore_factory.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     """Parse arguments, pick the run, print both tables."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -120,8 +132,7 @@ def main() -> None:
 
     run_dir = Path(args.run)
     if args.synthetic or not (run_dir / "manifest.json").exists():
-        import runstore_factory as factory
-
+        factory = _load_factory()
         if not args.synthetic:
             print(f"{run_dir} not found: using a synthetic run of the paper's size instead.")
         tmp = Path(tempfile.mkdtemp(prefix="atlas-bench-"))

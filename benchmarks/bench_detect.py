@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import detectors, metrics, store  # noqa: E402
+from core import detectors, metrics, store
 
 SHOWN = ("recall_at_5pct", "recall_at_10pct", "average_precision", "auroc", "precision_at_k")
 

@@ -34,17 +34,13 @@ from pathlib import Path
 # before torch loads OpenMP. Override by setting the variable yourself.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from core.tracin import TracInCP, peak_rss_mb, select_parameters  # noqa: E402
+from core.tracin import TracInCP, peak_rss_mb, select_parameters
 
 try:  # the quick preset's vocabulary size, when core.models says it
-    from core.models import TINY_VOCAB_SIZE as VOCAB  # noqa: E402
+    from core.models import TINY_VOCAB_SIZE as VOCAB
 except ImportError:  # pragma: no cover
     VOCAB = 6000
 SEQ_MIN, SEQ_MAX = 8, 40  # tokens incl. [CLS]/[SEP]; the default dataset averages ~22

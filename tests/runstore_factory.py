@@ -9,7 +9,6 @@ Everything is written with the atomic helpers of ``core.store``.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,17 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# The tests import this file directly; make the repository's packages importable too.
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from core import store  # noqa: E402
-from core.config import PRESETS  # noqa: E402
-from core.detectors import DETECTORS  # noqa: E402
-from core.metrics import FRACTIONS  # noqa: E402
-from core.shapes import RULE, S_MIN, TRIM, Z_MAX, classify  # noqa: E402
-from core.stats import correlation  # noqa: E402
+from core import store
+from core.config import PRESETS
+from core.detectors import DETECTORS
+from core.metrics import FRACTIONS
+from core.shapes import RULE, S_MIN, TRIM, Z_MAX, classify
+from core.stats import correlation
 
 SHAPE_CYCLE = ("S", "Z", "backslash")
 # One source of truth for names and thresholds: the pure-NumPy core modules the app reads too.
