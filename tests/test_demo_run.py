@@ -1,7 +1,8 @@
-"""The shipped demo run (cache/demo) loads and is internally consistent.
+"""The shipped runs (cache/demo, cache/ja-demo) and sweep (cache/sweep-quick) load and are
+internally consistent.
 
-It is made by ``python -m core run --preset paper --name demo`` and committed without
-checkpoints; these checks recompute what they can from the stored scores.
+They are made by the commands in their manifests and committed without checkpoints; these
+checks recompute what they can from the stored scores with core's own definitions.
 """
 
 from __future__ import annotations
@@ -13,33 +14,36 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import store
-from core.shapes import curve_fit, end_ratio, flipped_ranks, shape_class
+from core import store, views
+from core.shapes import classify
 
-DEMO = Path(
-    os.environ.get("ATLAS_DEMO_RUN", Path(__file__).resolve().parents[1] / "cache" / "demo")
-)
-
-
-@pytest.fixture(scope="module")
-def demo() -> Path:
-    assert (DEMO / store.MANIFEST).exists(), f"the demo run {DEMO} is missing"
-    return DEMO
+CACHE = Path(__file__).resolve().parents[1] / "cache"
+DEMO = Path(os.environ.get("ATLAS_DEMO_RUN", CACHE / "demo"))
+SHIPPED = {"demo": (DEMO, "paper"), "ja-demo": (CACHE / "ja-demo", "quick")}
 
 
-def test_demo_is_a_complete_paper_run(demo: Path) -> None:
-    m = store.load_manifest(demo)
+@pytest.fixture(scope="module", params=list(SHIPPED))
+def shipped(request) -> tuple[Path, str]:
+    path, preset = SHIPPED[request.param]
+    assert (path / store.MANIFEST).exists(), f"the shipped run {path} is missing"
+    return path, preset
+
+
+def test_shipped_run_is_complete(shipped) -> None:
+    run, preset = shipped
+    m = store.load_manifest(run)
     assert m["status"] == "complete"
-    assert m["config"]["preset"] == "paper" and m["config"]["dataset"] == "amazon-reviews"
-    assert m["command"].startswith("python -m core run --preset paper")
-    for stage in ("data", "train", "tracin", "analyze"):
+    assert m["config"]["preset"] == preset
+    assert m["command"].startswith(f"python -m core run --preset {preset}")
+    for stage in ("data", "train", "tracin", "analyze", "detect"):
         assert m["stages"][stage]["status"] == "complete"
     assert len(m["epochs"]) == len(m["checkpoints"]) == m["config"]["epochs"]
 
 
-def test_demo_counts_and_shapes_agree(demo: Path) -> None:
-    m = store.load_manifest(demo)
-    inst = store.load_instances(demo)
+def test_shipped_counts_and_arrays_agree(shipped) -> None:
+    run, _ = shipped
+    m = store.load_manifest(run)
+    inst = store.load_instances(run)
     split = inst["split"].value_counts()
     assert (split["train"], split["val"], split["test"]) == (m["n_train"], m["n_val"], m["n_test"])
     assert (
@@ -47,35 +51,75 @@ def test_demo_counts_and_shapes_agree(demo: Path) -> None:
         == m["n_flipped"]
         == round(m["config"]["flip_rate"] * m["n_train"])
     )
-    n_train, n_test = m["n_train"], m["n_test"]
-    assert np.load(demo / store.TRACIN, mmap_mode="r").shape == (n_test, n_train)
-    per = np.load(demo / store.TRACIN_PER_CHECKPOINT, mmap_mode="r")
-    assert per.shape == (len(m["checkpoints"]), n_test, n_train)
-    assert np.load(demo / store.SELF_INFLUENCE).shape == (n_train,)
-    assert np.load(demo / store.LOGITS, mmap_mode="r").shape == (len(m["epochs"]), len(inst), 2)
-    assert np.load(demo / store.DISTANCES, mmap_mode="r").shape == (n_test, n_train)
-    assert len(pd.read_parquet(demo / store.COORDS)) == len(inst)
+    n_train, n_test, k = m["n_train"], m["n_test"], len(m["checkpoints"])
+    assert np.load(run / store.TRACIN, mmap_mode="r").shape == (n_test, n_train)
+    assert np.load(run / store.TRACIN_PER_CHECKPOINT, mmap_mode="r").shape == (k, n_test, n_train)
+    assert np.load(run / store.GRAD_NORMS_TRAIN).shape == (k, n_train)
+    assert np.load(run / store.GRAD_NORMS_TEST).shape == (k, n_test)
+    assert np.load(run / store.SELF_INFLUENCE).shape == (n_train,)
+    assert np.load(run / store.LOGITS, mmap_mode="r").shape == (len(m["epochs"]), len(inst), 2)
+    assert np.load(run / store.DISTANCES, mmap_mode="r").shape == (n_test, n_train)
+    assert len(pd.read_parquet(run / store.COORDS)) == len(inst)
 
 
-def test_demo_test_accuracy_matches_its_logits(demo: Path) -> None:
-    m = store.load_manifest(demo)
-    inst = store.load_instances(demo)
-    logits = np.load(demo / store.LOGITS)
+def test_shipped_test_accuracy_matches_its_logits(shipped) -> None:
+    run, _ = shipped
+    m = store.load_manifest(run)
+    inst = store.load_instances(run)
+    logits = np.load(run / store.LOGITS)
     test = (inst["split"] == "test").to_numpy()
     acc = float((logits[-1][test].argmax(1) == inst.loc[test, "label"].to_numpy()).mean())
     assert acc == pytest.approx(m["test_accuracy"])
 
 
-def test_demo_shapes_recomputed_from_the_stored_scores(demo: Path) -> None:
-    tracin = np.load(demo / store.TRACIN)
-    inst = store.load_instances(demo)
+def test_shipped_shapes_recomputed_from_the_stored_scores(shipped) -> None:
+    run, _ = shipped
+    tracin = np.load(run / store.TRACIN)
+    inst = store.load_instances(run)
     flipped = inst.loc[inst["split"] == "train", "flipped"].to_numpy()
-    shapes = pd.read_parquet(demo / store.SHAPES)
-    thresholds = store.read_json(demo / store.ANALYSIS)["thresholds"]
-    assert len(shapes) == tracin.shape[0]
-    for row, scores in zip(shapes.itertuples(), tracin, strict=True):
-        fit = curve_fit(scores)
-        assert fit.s == pytest.approx(row.s, rel=1e-4, abs=1e-6)
-        assert shape_class(fit.s, thresholds["s_min"], thresholds["z_max"]) == row.shape
-        ranks = flipped_ranks(scores, flipped)
-        assert end_ratio(ranks, len(scores)) == pytest.approx(row.end_ratio, rel=1e-6)
+    shapes = pd.read_parquet(run / store.SHAPES)
+    rule = store.read_json(run / store.ANALYSIS)["thresholds"]
+    got = classify(tracin, flipped, s_min=rule["s_min"], z_max=rule["z_max"], trim=rule["trim"])
+    assert list(got["shape"]) == list(shapes["shape"])
+    np.testing.assert_allclose(got["s"], shapes["s"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got["s_bulk"], shapes["s_bulk"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got["end_ratio"], shapes["end_ratio"], rtol=1e-9)
+    # The per-checkpoint stack sums, in the engine's order, to the stored matrix exactly.
+    stack = np.load(run / store.TRACIN_PER_CHECKPOINT)
+    np.testing.assert_array_equal(
+        views.view_scores(stack, views.full_view(stack.shape[0])), tracin.astype(np.float64)
+    )
+
+
+def test_shipped_views_recomputed_from_the_stored_stack(shipped) -> None:
+    run, _ = shipped
+    stack = np.load(run / store.TRACIN_PER_CHECKPOINT)
+    norms = np.load(run / store.GRAD_NORMS_TRAIN), np.load(run / store.GRAD_NORMS_TEST)
+    inst = store.load_instances(run)
+    flipped = inst.loc[inst["split"] == "train", "flipped"].to_numpy()
+    by_view = pd.read_parquet(run / store.SHAPES_BY_VIEW)
+    rule = store.read_json(run / store.ANALYSIS)["thresholds"]
+    k = stack.shape[0]
+    for view in (
+        views.View(1, 1),
+        views.View(k, k, views.RELATIVE),
+        views.View(1, k, views.COSINE),
+    ):
+        want = classify(
+            views.view_scores(stack, view, *norms),
+            flipped,
+            **{n: rule[n] for n in ("s_min", "z_max", "trim")},
+        )
+        stored = by_view[by_view["view"] == view.key]
+        assert list(stored["shape"]) == list(want["shape"]), view.key
+        np.testing.assert_allclose(stored["s_bulk"], want["s_bulk"], rtol=1e-9)
+
+
+def test_shipped_sweep_loads_with_its_threshold() -> None:
+    sweep = CACHE / "sweep-quick"
+    m = store.read_json(sweep / store.MANIFEST)
+    assert m["kind"] == "sweep" and m["command"].startswith("python -m core sweep --preset quick")
+    table = pd.read_parquet(sweep / "sweep.parquet")
+    assert sorted(table["flip_rate"].unique()) == [0.0, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4]
+    assert table.groupby("flip_rate")["seed"].nunique().eq(3).all()
+    assert m["threshold"]["rate"] in set(table["flip_rate"])
