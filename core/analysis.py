@@ -450,26 +450,37 @@ def learning_examples(
 ) -> dict[str, Any]:
     """Real test instances that show each class, for the Learn-the-shapes page.
 
-    For each class: the view (default first, then the precomputed ones) in which the most
-    test instances take that class, and up to ``n`` of them, the most decided first
-    (S: highest bulk index, Z: lowest, backslash: nearest the middle of its band).
-    Misclassified instances come first, as in the paper. A class that no view shows
-    gets ``count`` 0 and no ids.
+    For each class the view is: the default view when it holds at least ``n`` curves of the
+    class; otherwise, among views that discriminate (at least two classes each hold 5 % of
+    the test instances), the one with the most curves of the class; otherwise any view
+    with the most. Views where every curve has one class teach no contrast, so they come
+    last. Up to ``n`` instances are picked, misclassified ones first (as in the paper), the
+    most decided first (S: highest bulk index, Z: lowest, backslash: nearest the middle of
+    its band). A class that no view shows gets ``count`` 0 and no ids.
     """
     default = shapes_df.assign(view="default", kind="default", normalisation=views.RAW)
     frames = [default] + ([view_df] if len(view_df) else [])
     allv = pd.concat(frames, ignore_index=True)
+    counts = allv.groupby(["view", "shape"], sort=False).size().unstack(fill_value=0)
+    order = list(dict.fromkeys(allv["view"]))  # default first, then the stored order
+    counts = counts.reindex(order).fillna(0)
+    n_test = max(len(shapes_df), 1)
+    discriminating = (counts >= 0.05 * n_test).sum(axis=1) >= 2
     mis = set(shapes_df.loc[~shapes_df["correct"].astype(bool), "id"].astype(int))
     middle = (params["s_min"] + params["z_max"]) / 2
     out = {}
     for cls in shapes.SHAPES:
-        hits = allv[allv["shape"] == cls]
-        if hits.empty:
+        have = counts[cls] if cls in counts else pd.Series(0, index=counts.index)
+        if have.max() <= 0:
             out[cls] = {"view": None, "count": 0, "ids": []}
             continue
-        per_view = hits.groupby("view", sort=False).size()
-        best = per_view.idxmax()  # first maximum: the default view wins ties
-        d = hits[hits["view"] == best].copy()
+        if have.get("default", 0) >= n:
+            best = "default"
+        elif (have[discriminating] > 0).any():
+            best = have[discriminating].idxmax()
+        else:
+            best = have.idxmax()
+        d = allv[(allv["view"] == best) & (allv["shape"] == cls)].copy()
         d["miss"] = d["id"].astype(int).isin(mis)
         key = {
             shapes.SHAPE_S: -d["s_bulk"],
@@ -479,7 +490,7 @@ def learning_examples(
         d = d.assign(order=key).sort_values(["miss", "order"], ascending=[False, True])
         out[cls] = {
             "view": str(best),
-            "count": int(per_view.max()),
+            "count": int(have[best]),
             "ids": d["id"].astype(int).head(n).tolist(),
         }
     return out
