@@ -1,0 +1,316 @@
+"""Tests of the factorized (LoGra-style) projection against exact TracIn on a tiny random BERT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import BertForSequenceClassification
+
+from core.errors import AtlasError
+from core.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
+from core.tracin import TracInCP, shard_name
+from core.tracin_options import parse_project
+from tests.test_tracin import LRS, _brute_tracin, _data, _rel, _rows, _tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
+    """Three saved checkpoints of one model drifting a little, with their learning rates."""
+    root = tmp_path_factory.mktemp("fz_ckpts")
+    model = _tiny_model(0)
+    out = []
+    gen = torch.Generator().manual_seed(1)
+    for i, lr in enumerate(LRS):
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        path = root / f"epoch-{i + 1:02d}"
+        model.save_pretrained(path)
+        out.append((path, lr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def modules(checkpoints) -> list[tuple[nn.Module, float]]:
+    """The same checkpoints loaded once (the seed-averaging test reuses them many times)."""
+    return [
+        (BertForSequenceClassification.from_pretrained(path).eval(), lr) for path, lr in checkpoints
+    ]
+
+
+@pytest.fixture(scope="module")
+def train() -> dict[str, torch.Tensor]:
+    """Ten training instances of varied length."""
+    return _data(10, seed=2)
+
+
+@pytest.fixture(scope="module")
+def test_data() -> dict[str, torch.Tensor]:
+    """Four test instances."""
+    return _data(4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def exact(checkpoints, train, test_data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force all-parameter TracIn (one backward per instance, float64)."""
+    return _brute_tracin(checkpoints, train, test_data, "all")
+
+
+def _one_sentence(err: pytest.ExceptionInfo) -> None:
+    """The message is a single line ending in a full stop, with no second sentence."""
+    text = str(err.value)
+    assert text.endswith(".") and "\n" not in text and ". " not in text, text
+
+
+# ---------------------------------------------------------------- exactness and padding
+
+
+def test_identity_projections_reproduce_exact_all_parameter_tracin(
+    checkpoints, train, test_data, exact
+):
+    ref_matrix, ref_self = exact
+    result = factorized_tracin(
+        checkpoints,
+        train,
+        test_data,
+        k=4,
+        identity=True,
+        batch_size=3,
+        chunk_size=4,
+        per_checkpoint=True,
+    )
+    assert result.matrix.shape == (4, 10)
+    assert _rel(result.matrix, ref_matrix) < 1e-4
+    assert _rel(result.self_influence, ref_self) < 1e-4
+    assert np.allclose(result.per_checkpoint.sum(0), result.matrix, rtol=1e-5, atol=1e-7)
+    # The same numbers as the vmap engine's exact scope 'all' (word part, norms included).
+    engine = TracInCP(checkpoints, scope="all").compute(train, test_data)
+    assert _rel(result.matrix, engine.matrix) < 1e-4
+    assert _rel(result.train_grad_norms, engine.train_grad_norms) < 1e-4
+    assert _rel(result.test_grad_norms, engine.test_grad_norms) < 1e-4
+    model = BertForSequenceClassification.from_pretrained(checkpoints[0][0])
+    # With identities the feature is the whole gradient: one column per parameter.
+    grads = FactorizedGrads(model, k=4, identity=True)
+    assert grads.width == result.n_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("identity", [True, False])
+def test_an_instance_scores_the_same_alone_or_in_a_padded_batch(
+    modules, train, test_data, identity
+):
+    full = FactorizedTracIn(modules, k=4, seed=5, batch_size=10, identity=identity)
+    matrix = full.compute(train, test_data).matrix
+    alone = FactorizedTracIn(modules, k=4, seed=5, batch_size=1, identity=identity)
+    assert np.allclose(alone.compute(train, test_data).matrix, matrix, rtol=1e-4, atol=1e-7)
+    # Extra padding columns beyond every instance's length change nothing either.
+    padded = {
+        key: (torch.nn.functional.pad(v, (0, 5)) if v.ndim == 2 else v) for key, v in train.items()
+    }
+    again = full.compute(padded, _rows(test_data, [0, 1, 2, 3])).matrix
+    assert np.allclose(again, matrix, rtol=1e-4, atol=1e-7)
+
+
+def test_projection_is_seeded(modules, train, test_data):
+    a = factorized_tracin(modules, train, test_data, k=4, seed=7)
+    b = factorized_tracin(modules, train, test_data, k=4, seed=7)
+    c = factorized_tracin(modules, train, test_data, k=4, seed=8)
+    assert np.array_equal(a.matrix, b.matrix) and np.array_equal(a.self_influence, b.self_influence)
+    assert not np.allclose(a.matrix, c.matrix)
+
+
+def test_projected_width_is_k_squared_per_linear_layer(modules):
+    model = modules[0][0]
+    k = 4
+    grads = FactorizedGrads(model, k=k)
+    expected = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            # Each side is K wide, or exact when narrower; the bias is one more input column.
+            k_in, k_out = min(module.in_features, k), min(module.out_features, k)
+            expected += k_out * (k_in + (module.bias is not None))
+        elif isinstance(module, nn.Embedding):
+            expected += min(module.num_embeddings, k) * min(module.embedding_dim, k)
+        elif isinstance(module, nn.LayerNorm):
+            expected += 2 * min(module.normalized_shape[0], k)
+    assert grads.width == expected
+
+
+# ------------------------------------------------------------------------ unbiasedness
+
+N_SEEDS = 200
+
+
+def _bias_check(samples: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """(largest |z| of the seed mean against ``target``, error rate of the mean).
+
+    ``samples`` is (n seeds, ...) of estimates; z = (mean − target) / standard error per
+    entry. The rate is RMS(mean − target) · sqrt(n) / RMS(one seed − target): about 1 when
+    the estimates are unbiased (the mean's error falls like 1/sqrt(n)), growing like
+    sqrt(n) with a bias.
+    """
+    n = len(samples)
+    mean = samples.mean(0)
+    se = samples.std(0, ddof=1) / np.sqrt(n)
+    z = np.abs(mean - target) / np.maximum(se, 1e-12 * np.abs(target).max())
+    rms_mean = np.sqrt(((mean - target) ** 2).mean())
+    rms_one = np.sqrt(((samples - target) ** 2).mean())
+    return float(z.max()), float(rms_mean * np.sqrt(n) / rms_one)
+
+
+def test_scores_averaged_over_seeds_converge_to_the_exact_ones(modules, train, test_data, exact):
+    ref_matrix, ref_self = (t.numpy() for t in exact)
+    mats, selfs = [], []
+    for seed in range(N_SEEDS):
+        res = FactorizedTracIn(modules, k=4, seed=seed).compute(train, test_data)
+        mats.append(res.matrix.astype(np.float64))
+        selfs.append(res.self_influence.astype(np.float64))
+    mats, selfs = np.stack(mats), np.stack(selfs)
+    # One seed at K = 4 is far off; otherwise there would be nothing to average away.
+    assert np.sqrt(((mats[0] - ref_matrix) ** 2).mean()) > 0.02 * np.abs(ref_matrix).max()
+    for samples, target in ((mats, ref_matrix), (selfs, ref_self)):
+        for n in (25, N_SEEDS):
+            z_max, rate = _bias_check(samples[:n], target)
+            # Unbiased: every entry of the mean within 4.5 standard errors of the exact
+            # value (about 50 entries), and its error falling like 1/sqrt(n seeds).
+            assert z_max < 4.5 and rate < 2.5, (n, z_max, rate)
+        # The check has power: a 10 % bias of the same estimates is caught.
+        z_biased, rate_biased = _bias_check(1.1 * samples, target)
+        assert z_biased > 4.5 and rate_biased > 2.5, (z_biased, rate_biased)
+
+
+# --------------------------------------------------------------------- shards, options
+
+
+def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_path):
+    loads = []
+
+    def loader(path, device):
+        loads.append(Path(path).name)
+        return BertForSequenceClassification.from_pretrained(path).to(device).eval()
+
+    shard_dir = tmp_path / "shards"
+    engine = FactorizedTracIn(checkpoints, k=4, seed=1, chunk_size=4, loader=loader)
+    first = engine.compute(train, test_data, shard_dir=shard_dir)
+    files = sorted(p.name for p in shard_dir.glob("ckpt-*_chunk-*.npy"))
+    assert files == [shard_name(i, c) for i in range(3) for c in range(3)]
+    (shard_dir / shard_name(1, 2)).unlink()
+    loads.clear()
+    again = engine.compute(train, test_data, shard_dir=shard_dir)
+    assert loads == ["epoch-02"]  # only the checkpoint with a missing shard is loaded
+    assert np.array_equal(first.matrix, again.matrix)
+    assert np.array_equal(first.self_influence, again.self_influence)
+    # Another seed invalidates the shards instead of mixing them in.
+    other = FactorizedTracIn(checkpoints, k=4, seed=2, chunk_size=4, loader=loader)
+    mixed = other.compute(train, test_data, shard_dir=shard_dir)
+    assert np.allclose(mixed.matrix, other.compute(train, test_data).matrix)
+    assert not np.allclose(mixed.matrix, first.matrix)
+
+
+def test_self_influence_only(modules, train):
+    res = factorized_tracin(modules, train, k=4, identity=True)
+    assert res.matrix is None and res.test_grad_norms is None
+    lrs = np.array(LRS)[:, None]
+    assert np.allclose(
+        (lrs * res.train_grad_norms.astype(np.float64) ** 2).sum(0), res.self_influence, rtol=1e-4
+    )
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("k", [0, -3, True, 2.5, "8", None])
+def test_bad_dimension_raises_one_sentence(checkpoints, k):
+    with pytest.raises(AtlasError) as err:
+        FactorizedTracIn(checkpoints, k=k)
+    _one_sentence(err)
+
+
+class _NoLinear(nn.Module):
+    """Embeddings and a LayerNorm only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+class _Conv(nn.Module):
+    """A linear layer beside a parameter the method does not cover."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.conv = nn.Conv1d(4, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "model, match", [(_NoLinear(), "none"), (_Conv(), "conv.weight"), (nn.Sequential(), "none")]
+)
+def test_unsupported_model_raises_one_sentence(model, match, train):
+    with pytest.raises(AtlasError, match=match) as err:
+        FactorizedGrads(model, k=4)
+    _one_sentence(err)
+    with pytest.raises(AtlasError):
+        factorized_tracin([(model, 0.1)], train, k=4)
+
+
+def test_bad_checkpoints_and_data_raise(checkpoints, train, tmp_path):
+    with pytest.raises(AtlasError):
+        FactorizedTracIn([], k=4)
+    with pytest.raises(AtlasError):
+        FactorizedTracIn([("x",)], k=4)
+    with pytest.raises(AtlasError, match="does not exist"):
+        FactorizedTracIn([(tmp_path / "nope", 0.1)], k=4).check()
+    no_labels = {key: v for key, v in train.items() if key != "labels"}
+    with pytest.raises(AtlasError, match="labels"):
+        FactorizedTracIn(checkpoints, k=4).compute(no_labels)
+
+
+# ------------------------------------------------------------------------ parse_project
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("64", ("dense", 64)),
+        (64, ("dense", 64)),
+        (" 8 ", ("dense", 8)),
+        ("factorized:16", ("factorized", 16)),
+        ("factorized:1", ("factorized", 1)),
+    ],
+)
+def test_parse_project_accepts(spec, expected):
+    assert parse_project(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "0",
+        "-3",
+        "1.5",
+        "",
+        "factorized",
+        "factorized:",
+        "factorized:0",
+        "factorized:-2",
+        "factorized:x",
+        "factorized:4:4",
+        "dense:4",
+        "Factorized:4",
+        0,
+        True,
+        None,
+    ],
+)
+def test_parse_project_rejects_with_one_sentence(spec):
+    with pytest.raises(AtlasError) as err:
+        parse_project(spec)
+    _one_sentence(err)
