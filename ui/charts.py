@@ -270,45 +270,82 @@ def sorted_distance_chart(curves: pd.DataFrame, shapes: pd.DataFrame) -> alt.Cha
     return _tag(chart, "sorted_distances")
 
 
-ROLE_STYLE = {
-    "training": (GREY, 22),
-    "held out": ("#9ecae1", 22),
-    "flipped": (RED, 60),
-    "proponent": (GREEN, 110),
-    "opponent": ("#7b3294", 110),
-    "selected": ("black", 320),
+ROLE_STYLE = {  # role -> (colour, mark size, mark shape); drawn in this order, last on top
+    "training": (GREY, 18, "circle"),
+    "held out": ("#9ecae1", 18, "circle"),
+    "flipped": (RED, 55, "circle"),
+    "proponent": (GREEN, 150, "triangle-up"),
+    "opponent": ("#7b3294", 150, "triangle-down"),
+    "selected": ("black", 520, "diamond"),
 }
+FOCUS_ROLES = ("selected", "proponent", "opponent")
 
 
-def embedding_map(points: pd.DataFrame, *, method: str = "umap") -> alt.Chart:
-    """A 2-D map of all instances; ``points`` has x, y, role, id, text, label, split."""
+def map_domain(points: pd.DataFrame, pad: float = 0.15) -> tuple[list[float], list[float]]:
+    """x and y ranges around the selected instance, its proponents and opponents (padded)."""
+    focus = points[points["role"].isin(FOCUS_ROLES)]
+    if focus.empty:
+        focus = points
+    domains = []
+    for axis in ("x", "y"):
+        lo, hi = float(focus[axis].min()), float(focus[axis].max())
+        full = float(points[axis].max() - points[axis].min()) or 1.0
+        span = max(hi - lo, 0.05 * full)  # never zoom to a single point
+        domains.append([lo - pad * span, hi + pad * span])
+    return domains[0], domains[1]
+
+
+def embedding_map(
+    points: pd.DataFrame, *, method: str = "umap", zoom: bool = True
+) -> alt.LayerChart:
+    """A 2-D map of all instances; ``points`` has x, y, role, id, text, label, split.
+
+    One layer per role with a fixed mark size (no size channel), so the selected test
+    instance, its proponents and opponents are drawn large and on top of the cloud; one
+    legend names every role. ``zoom`` frames the selection and its influencers (points
+    outside are clipped), otherwise the whole map; neither forces the axes through zero.
+    """
     df = points.copy()
     df["text"] = _short(df["text"])
-    df["order"] = df["role"].map({r: i for i, r in enumerate(ROLE_STYLE)})
-    chart = (
-        alt.Chart(df)
-        .mark_point(filled=True, opacity=0.8)
-        .encode(
-            x=alt.X("x:Q", title=f"{method.upper()} 1", axis=alt.Axis(labels=False)),
-            y=alt.Y("y:Q", title=f"{method.upper()} 2", axis=alt.Axis(labels=False)),
-            color=alt.Color(
-                "role:N",
-                scale=alt.Scale(domain=list(ROLE_STYLE), range=[c for c, _ in ROLE_STYLE.values()]),
-                title=None,
-            ),
-            size=alt.Size(
-                "role:N",
-                scale=alt.Scale(domain=list(ROLE_STYLE), range=[s for _, s in ROLE_STYLE.values()]),
-                legend=None,
-            ),
-            shape=alt.condition(
-                alt.datum.role == "selected", alt.value("diamond"), alt.value("circle")
-            ),
-            order=alt.Order("order:Q"),
-            tooltip=["id:Q", "role:N", "split:N", "label:N", "flipped:N", "text:N"],
+    roles = list(ROLE_STYLE)
+    if zoom:
+        xd, yd = map_domain(df)
+        xs, ys = (
+            alt.Scale(domain=xd, zero=False, nice=False),
+            alt.Scale(domain=yd, zero=False, nice=False),
         )
-        .properties(height=460)
+    else:
+        xs, ys = alt.Scale(zero=False), alt.Scale(zero=False)
+    color = alt.Color(
+        "role:N",
+        scale=alt.Scale(domain=roles, range=[c for c, _, _ in ROLE_STYLE.values()]),
+        title="role",
+        legend=alt.Legend(orient="right", symbolSize=120),
     )
+    shape = alt.Shape(
+        "role:N",
+        scale=alt.Scale(domain=roles, range=[m for _, _, m in ROLE_STYLE.values()]),
+        title="role",
+    )
+    base = alt.Chart(df).encode(
+        x=alt.X("x:Q", title=f"{method.upper()} 1", axis=alt.Axis(labels=False), scale=xs),
+        y=alt.Y("y:Q", title=f"{method.upper()} 2", axis=alt.Axis(labels=False), scale=ys),
+        color=color,
+        shape=shape,
+        tooltip=["id:Q", "role:N", "split:N", "label:N", "flipped:N", "text:N"],
+    )
+    layers = [
+        base.transform_filter(alt.datum.role == role).mark_point(
+            filled=True,
+            size=size,
+            opacity=0.55 if role in ("training", "held out") else 0.95,
+            stroke="white" if role in FOCUS_ROLES else None,
+            strokeWidth=1 if role in FOCUS_ROLES else 0,
+            clip=True,
+        )
+        for role, (_, size, _) in ROLE_STYLE.items()
+    ]
+    chart = alt.layer(*layers).properties(height=460)
     return _tag(chart, "embedding_map")
 
 
@@ -568,12 +605,14 @@ def flip_ranks_over_training(traces: pd.DataFrame, n_train: int, mode: str) -> a
     """Rank of every flipped training instance at each checkpoint (one line per instance)."""
     lines = (
         alt.Chart(traces)
-        .mark_line(point=True, color=RED, opacity=0.45, strokeWidth=1)
+        .mark_line(
+            point=alt.OverlayMarkDef(color=RED, size=18), color=RED, opacity=0.45, strokeWidth=1
+        )
         .encode(
             x=alt.X("checkpoint:O", title="checkpoint (epoch order)"),
             y=alt.Y(
                 "rank:Q",
-                title=f"rank of each flipped instance (0 … {n_train - 1})",
+                title=f"rank of each flip (0 … {n_train - 1})",
                 scale=alt.Scale(domain=[0, n_train - 1], reverse=True),
             ),
             detail="train_id:N",
@@ -628,8 +667,8 @@ def reference_curves_chart(curves: pd.DataFrame) -> alt.FacetChart:
             x=alt.X("rank:Q", title="rank"),
             y=alt.Y("score:Q", title="standardised score"),
         )
-        .properties(width=150, height=90)
-        .facet(facet=alt.Facet("reference:N", title=None), columns=4)
+        .properties(width=170, height=80)
+        .facet(facet=alt.Facet("reference:N", title=None), columns=3)
         .resolve_scale(y="independent")
     )
     return _tag(chart, "reference_curves")
