@@ -1,9 +1,11 @@
-"""Influence Atlas: where do mislabeled training instances land in TracIn scores? (home page)
+"""Influence Atlas: where do mislabeled training instances land in TracIn scores?
 
-Run with ``streamlit run app.py``. The app only reads the run store (``cache/`` or
-$ATLAS_CACHE); it never imports torch, so it starts fast and can serve a hosted demo.
+Run with ``streamlit run app.py``. This entry point only builds the navigation from the one
+page list in ``ui/pages.py`` and runs the chosen page. The app only reads the run store
+(``cache/`` or $ATLAS_CACHE); it never imports torch, so it starts fast and can serve a hosted
+demo.
 """
 
-from ui.views import home
+from ui import pages
 
-home.render()
+pages.navigation().run()

@@ -23,20 +23,15 @@ import runstore_factory as factory  # also puts the repository on sys.path
 from streamlit.testing.v1 import AppTest
 
 from core.errors import AtlasError
-from ui import compute, study, widgets
+from ui import study, widgets
+from ui.pages import PAGES as PAGE_SPECS
+from ui.views import cleaning as cleaning_view
+from ui.views import home as home_view
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = {
-    "home": None,
-    "curves": "pages/1_Score_curves.py",
-    "shape": "pages/2_Shape_vs_position.py",
-    "neighbourhoods": "pages/3_Neighbourhoods.py",
-    "sweep": "pages/4_Noise_sweep.py",
-    "cleaning": "pages/5_Cleaning_lab.py",
-    "study": "pages/6_Run_a_study.py",
-    "learn": "pages/7_Learn_the_shapes.py",
-}
+PAGES = {p.key: p.script for p in PAGE_SPECS}  # the app's one page list (ui/pages.py)
 FORBIDDEN = {"torch", "transformers", "umap", "fugashi"}
+ROLES = ("training", "held out", "flipped", "proponent", "opponent", "selected")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -54,10 +49,11 @@ def open_page(
     """Run one page of the app (entry point app.py, as `streamlit run` does) against a store."""
     monkeypatch.setenv("ATLAS_CACHE", str(cache_dir))
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
-    if PAGES[page]:
-        at.switch_page(PAGES[page])
     for k, v in (query or {}).items():
         at.query_params[k] = v
+    if PAGES[page]:
+        at.run()  # st.navigation registers the pages on the first run
+        at.switch_page(PAGES[page])
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -147,6 +143,38 @@ def test_run_picker_and_link_choose_the_run(cache, monkeypatch):
     assert qp(at, "run") == "demo"
 
 
+def test_unknown_link_values_show_a_notice(cache, monkeypatch):
+    at = open_page("home", cache, monkeypatch, {"run": "no-such-run"})
+    assert at.selectbox(key="picker_run").value == "demo"
+    notes = " ".join(w.value for w in at.warning)
+    assert "no\\-such\\-run" in notes and "showing demo instead" in notes
+    at = open_page("curves", cache, monkeypatch, {"run": "demo", "test": "999999"})
+    notes = " ".join(w.value for w in at.warning)
+    assert "test instance 999999" in notes
+    at = open_page("curves", cache, monkeypatch, {"run": "demo"})
+    assert not [w for w in at.warning if "The link asks" in w.value]  # no link, no notice
+
+
+def test_home_names_epochs_in_good_grammar_and_credits_the_data(cache, monkeypatch):
+    assert home_view.plural(1, "epoch") == "1 epoch"
+    assert home_view.plural(10, "epoch") == "10 epochs"
+    assert home_view.plural(None, "epoch") == "? epochs"
+    at = open_page("home", cache, monkeypatch)
+    assert "1 epochs" not in texts(at)
+    assert "vaderSentiment" in texts(at) and "C.J. Hutto" in texts(at)
+    notice = (REPO / "NOTICE").read_text("utf-8")
+    assert "Copyright (c) 2016 C.J. Hutto" in notice and "Permission is hereby granted" in notice
+
+
+def test_page_registry_is_the_one_page_list():
+    scripts = {p.script for p in PAGE_SPECS if p.script}
+    assert scripts == {f"pages/{f.name}" for f in (REPO / "pages").glob("*.py")}
+    assert PAGE_SPECS[0].title == "Home" and PAGE_SPECS[0].url_path == ""
+    readme = (REPO / "README.md").read_text("utf-8")
+    for p in PAGE_SPECS:
+        assert f"| {p.title}" in readme, f"README's page table lacks {p.title}"
+
+
 # -- score curves --------------------------------------------------------------------------------
 
 
@@ -177,6 +205,25 @@ def test_neighbourhoods_map_and_nearest_table(cache, monkeypatch):
     _, frames = one_chart(at, "mean_distance")
     shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
     assert len(frame_with(frames, "mean_distance")) == int((~shapes.correct).sum())
+    spec, _ = one_chart(at, "embedding_map")
+    assert "size" not in json.dumps([lay.get("encoding", {}) for lay in spec["layer"]])
+    sizes = {
+        json.dumps(lay["transform"]): lay["mark"]["size"]
+        for lay in spec["layer"]
+        if "transform" in lay
+    }
+    size_of = {role: next(v for k, v in sizes.items() if f"'{role}'" in k) for role in ROLES}
+    assert size_of["selected"] > size_of["proponent"] > size_of["flipped"] > size_of["training"]
+    assert spec["layer"][0]["encoding"]["color"]["legend"] is not None  # one legend of the roles
+    # zoomed to the selection and its influencers, not forced through zero
+    focus = pts[pts.role.isin(["selected", "proponent", "opponent"])]
+    xd = spec["layer"][0]["encoding"]["x"]["scale"]["domain"]
+    assert xd[0] <= focus.x.min() and focus.x.max() <= xd[1]
+    assert xd[1] - xd[0] < pts.x.max() - pts.x.min()
+    at.toggle(key="nb_zoom").set_value(False).run()
+    spec, _ = one_chart(at, "embedding_map")
+    assert "domain" not in spec["layer"][0]["encoding"]["x"]["scale"]
+    assert spec["layer"][0]["encoding"]["x"]["scale"]["zero"] is False
     before = pts.set_index("id").x
     at.radio(key="nb_method").set_value("PCA").run()
     after = frame_with(one_chart(at, "embedding_map")[1], "x", "role").set_index("id").x
@@ -222,9 +269,12 @@ def test_cleaning_lab_compares_detectors_and_hides_flips(cache, monkeypatch):
     queue = at.dataframe[1].value
     assert "flipped" not in queue.columns
     at.toggle(key="clean_reveal").set_value(True).run()
-    assert "flipped" in at.dataframe[1].value.columns
+    revealed = at.dataframe[1].value
+    # the answer is the second column, beside the rank, not off-screen behind the reason
+    assert list(revealed.columns[:2]) == ["rank", "flipped"]
     assert one_chart(at, "cleaning")
-    names = {b.proto.label for b in at.get("download_button")}
+    # labels are Markdown: file names are shown escaped (backslashes before punctuation)
+    names = {b.proto.label.replace("\\", "") for b in at.get("download_button")}
     assert (
         "review_queue_self_influence.csv" in names and "Download this review queue (CSV)" in names
     )
@@ -403,8 +453,9 @@ def test_upload_is_parsed_as_data_and_validated(tmp_path, monkeypatch):
 def test_recall_curve_and_review_queue():
     flipped = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], bool)
     perfect = flipped.astype(float)
-    rc = compute.recall_curve(perfect, flipped, points=11)
-    assert rc.recall.iloc[2] == 1.0 and rc.recall.iloc[1] == 0.5
+    rc = cleaning_view.recall_frame(perfect, flipped, "d")  # core.metrics.recall_curve
+    assert rc.recall.iloc[-1] == 1.0 and rc.recall.iloc[0] == 0.0
+    assert rc.loc[rc.fraction >= 0.2, "recall"].min() == 1.0
     train = pd.DataFrame(
         {
             "id": range(10),
@@ -415,8 +466,9 @@ def test_recall_curve_and_review_queue():
         }
     )
     det = pd.DataFrame({"id": range(10), "d": perfect})
-    q = compute.review_queue(det, "d", train, 2, ["neg", "pos"])
+    q = cleaning_view.review_queue(det, "d", train, 2, ["neg", "pos"])
     assert q.flipped.all() and list(q.suggested_label) == ["neg", "neg"]
+    assert list(q.columns[:3]) == ["rank", "flipped", "id"]
 
 
 def test_app_code_never_imports_heavy_libraries():

