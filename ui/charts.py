@@ -339,9 +339,8 @@ def embedding_map(
             filled=True,
             size=size,
             opacity=0.55 if role in ("training", "held out") else 0.95,
-            stroke="white" if role in FOCUS_ROLES else None,
-            strokeWidth=1 if role in FOCUS_ROLES else 0,
             clip=True,
+            **({"stroke": "white", "strokeWidth": 1} if role in FOCUS_ROLES else {}),
         )
         for role, (_, size, _) in ROLE_STYLE.items()
     ]
