@@ -1,0 +1,148 @@
+"""TracIn engine: influence matrices, self-influence and top-k over saved checkpoints.
+
+``TracIn(z, z') = Σ_i η_i ∇ℓ(w_i, z) · ∇ℓ(w_i, z')`` (Pruthi et al. 2020, TracInCP), with ℓ
+the per-instance cross-entropy in eval mode (no dropout). See ../shared/DESIGN.md.
+
+How it is computed, per checkpoint:
+
+- Per-example gradients come from ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``)
+  over length-sorted mini-batches. The model receives ``inputs_embeds`` and a precomputed
+  4-D additive attention mask, because transformers' 2-D mask helper has data-dependent
+  control flow that ``vmap`` cannot trace. Padding columns are masked as keys and cut off
+  per batch, so an instance scores the same alone or inside a padded batch.
+- The word-embedding matrix is never differentiated densely: the gradient with respect
+  to the looked-up embeddings (L × H per instance) is the whole story, because row ``v``
+  of the matrix gradient is the sum over the instance's tokens with id ``v``. For the
+  test × train matrix only rows that occur in the test instances can contribute, so the
+  word part is a dense block over that vocabulary subset; self-influence uses the exact
+  same-token identity ``Σ_{t,t'} [id_t = id_t'] e_t·e_t'``. Both are exact.
+- Test gradients are held once per checkpoint (split into test chunks only if they would
+  exceed ``max_test_bytes``); training instances stream through in chunks, so memory never
+  holds n_train × parameters. Scores are matrix products per parameter.
+- An optional random projection (Gaussian / sqrt(dim)) replaces each gradient by a
+  ``dim``-vector. Each parameter's projection matrix is generated in row blocks, each from
+  its own ``torch.Generator`` seeded by (seed, parameter name, block), so memory stays
+  bounded and every checkpoint, device and run sees the same projection for a seed.
+  Projection costs ``dim`` multiply-adds per gradient entry, so it saves time only when
+  ``dim`` is below the number of test instances; its purpose is bounded memory for models
+  whose test gradients do not fit.
+
+Work is split into shards (checkpoint × chunk of training instances), each written to
+``tracin_shards/ckpt-XX_chunk-YYYY.npy`` as float32 ``(n_test + 1, chunk)``: rows 0..n_test-1
+hold ``η_i`` × the gradient dot products, the last row ``η_i`` × the squared gradient norms
+(self-influence). Present shards are skipped, so a killed run resumes, and the result is
+aggregated only when all exist. ``tracin_shards/options.json`` records what the shards were
+computed with; shards of other options are discarded.
+
+Parameter scopes (``select_parameters``):
+
+- ``all``: every parameter (the definition).
+- ``no-word-embeddings``: all but the word-embedding matrix.
+- ``last-N``: the last N encoder layers, the pooler and the classifier.
+- ``head``: the classifier only (the linear layer on the pooled feature). The pooler is left
+  out so that ``head`` is exactly the linear head of DESIGN.md's binary identity
+  ``2·e·e'·(h·h' + 1)``; ``last-N`` is the scope that adds the pooler.
+
+Default scope per preset (core/config.py): ``quick`` uses ``all`` (exact; the tiny model's
+word part is small because only test-vocabulary rows count); ``paper`` uses
+``no-word-embeddings`` (MiniLM's word matrix is half its parameters; its error is measured
+by :func:`compare_to_exact`).
+
+The engine assumes BERT-like Hugging Face classifiers: ``get_input_embeddings()``, an
+``inputs_embeds`` argument, right padding, and no weight tying of the word embeddings.
+
+The package (``core.tracin``) re-exports every public name of its modules:
+
+- ``scopes``: :func:`select_parameters` (the torch-free :func:`core.tracin_options.parse_scope`
+  checks a scope's spelling before torch is imported);
+- ``projection``: the seeded projector; ``inputs``: encoded instances and batches;
+- ``gradients``: per-example gradient features of one checkpoint;
+- ``engine``: :class:`TracInCP` (in-memory tensors, any checkpoints);
+- ``shards``: shard files and their aggregation;
+- ``stage``: the run stage (:func:`run_tracin`);
+- ``study``: the approximation study (:func:`compare_to_exact`, :func:`scope_error`).
+"""
+
+from __future__ import annotations
+
+from core.tracin.engine import (
+    BATCH_BYTES,
+    BUFFER_BYTES,
+    CHUNK_SIZE,
+    MAX_BATCH,
+    MAX_BUFFER_ROWS,
+    MAX_TEST_BYTES,
+    SEQ_BUDGET,
+    TopK,
+    TracInCP,
+    TracInResult,
+    _default_loader,
+    _resolve_dtype,
+)
+from core.tracin.gradients import _CheckpointGrads, _Features
+from core.tracin.inputs import _Data, _vocab_of
+from core.tracin.projection import PROJECTION_BLOCK_ELEMS, PROJECTION_CACHE_BYTES, _Projector
+from core.tracin.scopes import _word_embedding_name, select_parameters
+from core.tracin.shards import (
+    SHARD_OPTIONS,
+    _aggregate,
+    _MemorySink,
+    _ShardSink,
+    _Sink,
+    _unweighted_norms,
+    norm_shard_name,
+    shard_name,
+    write_per_checkpoint,
+)
+from core.tracin.stage import (
+    _peak_memory_mb,
+    _run_checkpoints,
+    _run_data,
+    _run_options,
+    peak_rss_mb,
+    run_tracin,
+)
+from core.tracin.study import compare_to_exact, scope_error
+from core.tracin_options import parse_scope
+
+__all__ = [
+    "BATCH_BYTES",
+    "BUFFER_BYTES",
+    "CHUNK_SIZE",
+    "MAX_BATCH",
+    "MAX_BUFFER_ROWS",
+    "MAX_TEST_BYTES",
+    "PROJECTION_BLOCK_ELEMS",
+    "PROJECTION_CACHE_BYTES",
+    "SEQ_BUDGET",
+    "SHARD_OPTIONS",
+    "TopK",
+    "TracInCP",
+    "TracInResult",
+    "_CheckpointGrads",
+    "_Data",
+    "_Features",
+    "_MemorySink",
+    "_Projector",
+    "_ShardSink",
+    "_Sink",
+    "_aggregate",
+    "_default_loader",
+    "_peak_memory_mb",
+    "_resolve_dtype",
+    "_run_checkpoints",
+    "_run_data",
+    "_run_options",
+    "_unweighted_norms",
+    "_vocab_of",
+    "_word_embedding_name",
+    "compare_to_exact",
+    "norm_shard_name",
+    "parse_scope",
+    "peak_rss_mb",
+    "run_tracin",
+    "scope_error",
+    "select_parameters",
+    "shard_name",
+    "write_per_checkpoint",
+]

@@ -1,0 +1,187 @@
+"""Shards: where (checkpoint × training chunk) blocks go, in memory or as ``.npy`` files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core import store
+from core.errors import AtlasError
+
+SHARD_OPTIONS = "options.json"
+
+
+class _Sink:
+    """Where (checkpoint, chunk) blocks go: memory or shard files."""
+
+    def has(self, ckpt: int, chunk: int) -> bool:
+        """Whether the block is already there."""
+        raise NotImplementedError
+
+    def put(self, ckpt: int, chunk: int, block: np.ndarray) -> None:
+        """Store a finished block."""
+        raise NotImplementedError
+
+    def get(self, ckpt: int, chunk: int) -> np.ndarray:
+        """Return a stored block."""
+        raise NotImplementedError
+
+    def has_test(self, ckpt: int) -> bool:
+        """Whether the test instances' squared gradient norms of ``ckpt`` are there."""
+        raise NotImplementedError
+
+    def put_test(self, ckpt: int, sq_norms: np.ndarray) -> None:
+        """Store the test instances' squared gradient norms of ``ckpt``."""
+        raise NotImplementedError
+
+    def get_test(self, ckpt: int) -> np.ndarray:
+        """Return the test instances' squared gradient norms of ``ckpt``."""
+        raise NotImplementedError
+
+
+class _MemorySink(_Sink):
+    """Blocks kept in a dict (the in-memory API)."""
+
+    def __init__(self) -> None:
+        """Start empty."""
+        self.blocks: dict[tuple[Any, int], np.ndarray] = {}
+
+    def has(self, ckpt: int, chunk: int) -> bool:
+        """Whether the block was computed."""
+        return (ckpt, chunk) in self.blocks
+
+    def put(self, ckpt: int, chunk: int, block: np.ndarray) -> None:
+        """Keep the block."""
+        self.blocks[(ckpt, chunk)] = block
+
+    def get(self, ckpt: int, chunk: int) -> np.ndarray:
+        """Return the block."""
+        return self.blocks[(ckpt, chunk)]
+
+    def has_test(self, ckpt: int) -> bool:
+        """Whether the test norms were computed."""
+        return ("test", ckpt) in self.blocks
+
+    def put_test(self, ckpt: int, sq_norms: np.ndarray) -> None:
+        """Keep the test norms."""
+        self.blocks[("test", ckpt)] = sq_norms
+
+    def get_test(self, ckpt: int) -> np.ndarray:
+        """Return the test norms."""
+        return self.blocks[("test", ckpt)]
+
+
+def shard_name(ckpt: int, chunk: int) -> str:
+    """File name of the shard of checkpoint ``ckpt`` (0-based) and training chunk ``chunk``."""
+    return f"ckpt-{ckpt:02d}_chunk-{chunk:04d}.npy"
+
+
+def norm_shard_name(ckpt: int) -> str:
+    """File name of checkpoint ``ckpt``'s test squared gradient norms, float32 (n_test,)."""
+    return f"ckpt-{ckpt:02d}_test-norms.npy"
+
+
+class _ShardSink(_Sink):
+    """Blocks as ``.npy`` shards in a folder, with the options they were computed with."""
+
+    def __init__(self, folder: Path, options: dict[str, Any]) -> None:
+        """Use ``folder``; discard its shards if they were computed with other options."""
+        self.folder = folder
+        opt_path = folder / SHARD_OPTIONS
+        if opt_path.exists():
+            try:
+                old = json.loads(opt_path.read_text("utf-8"))
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != json.loads(json.dumps(options)):
+                shutil.rmtree(folder)
+        if not opt_path.exists():
+            store.write_json(opt_path, options)
+
+    def path(self, ckpt: int, chunk: int) -> Path:
+        """Shard file path."""
+        return self.folder / shard_name(ckpt, chunk)
+
+    def has(self, ckpt: int, chunk: int) -> bool:
+        """Whether the shard file exists (writes are atomic, so it is complete)."""
+        return self.path(ckpt, chunk).exists()
+
+    def put(self, ckpt: int, chunk: int, block: np.ndarray) -> None:
+        """Write the shard atomically."""
+        store.write_npy(self.path(ckpt, chunk), block.astype(np.float32, copy=False))
+
+    def get(self, ckpt: int, chunk: int) -> np.ndarray:
+        """Read a shard."""
+        return np.load(self.path(ckpt, chunk))
+
+    def has_test(self, ckpt: int) -> bool:
+        """Whether the test-norm shard exists."""
+        return (self.folder / norm_shard_name(ckpt)).exists()
+
+    def put_test(self, ckpt: int, sq_norms: np.ndarray) -> None:
+        """Write the test-norm shard atomically."""
+        store.write_npy(self.folder / norm_shard_name(ckpt), sq_norms.astype(np.float32))
+
+    def get_test(self, ckpt: int) -> np.ndarray:
+        """Read the test-norm shard."""
+        return np.load(self.folder / norm_shard_name(ckpt))
+
+
+def _aggregate(
+    sink: _Sink,
+    k: int,
+    chunks: list[tuple[int, int]],
+    n_test: int,
+    n_train: int,
+    per_checkpoint: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Sum the blocks over checkpoints into the matrix and self-influence (and the stack);
+    also return the per-checkpoint self-influence terms η_i‖g_i‖², float32 (k, n_train)."""
+    matrix = np.zeros((n_test, n_train), dtype=np.float32)
+    self_inf = np.zeros(n_train, dtype=np.float32)
+    self_per = np.zeros((k, n_train), dtype=np.float32)
+    stack = np.zeros((k, n_test, n_train), dtype=np.float32) if per_checkpoint else None
+    for ci in range(k):
+        for c, (lo, hi) in enumerate(chunks):
+            block = sink.get(ci, c)
+            if block.shape != (n_test + 1, hi - lo):
+                raise AtlasError(f"TracIn shard {shard_name(ci, c)} has an unexpected shape.")
+            matrix[:, lo:hi] += block[:n_test]
+            self_inf[lo:hi] += block[n_test]
+            self_per[ci, lo:hi] = block[n_test]
+            if stack is not None:
+                stack[ci, :, lo:hi] = block[:n_test]
+    return matrix, stack, self_inf, self_per
+
+
+def _unweighted_norms(weighted_sq: np.ndarray, lrs: np.ndarray) -> np.ndarray:
+    """‖g_i‖ from the η_i-weighted squared norms (k, n) and the learning rates (k,)."""
+    lr = np.where(lrs != 0, lrs, 1.0)[:, None]
+    return np.sqrt(np.maximum(weighted_sq / lr, 0.0)).astype(np.float32)
+
+
+def write_per_checkpoint(
+    shard_dir: str | os.PathLike,
+    k: int,
+    n_train: int,
+    n_test: int,
+    chunk_size: int,
+    path: str | os.PathLike,
+) -> None:
+    """Write the float32 (k, n_test, n_train) stack from shards, one shard in memory at a time."""
+    folder = Path(shard_dir)
+    with store.atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float32, shape=(k, n_test, n_train)
+        )
+        for ci in range(k):
+            for c, lo in enumerate(range(0, n_train, chunk_size)):
+                hi = min(lo + chunk_size, n_train)
+                out[ci, :, lo:hi] = np.load(folder / shard_name(ci, c))[:n_test].astype(np.float32)
+        out.flush()
+        del out
