@@ -400,6 +400,97 @@ def test_study_page_upload_columns_and_validation(tmp_path, monkeypatch):
     assert len(saved) == 1 and saved[0].read_bytes() == raw
 
 
+def test_readonly_host_hides_uploads_and_job_starts(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(study.ENV_READONLY, "1")
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    at = open_page("study", tmp_path, monkeypatch)
+    assert not at.get("file_uploader") and not at.button
+    assert "read-only demo" in texts(at)
+    at = open_page("sweep", cache, monkeypatch)
+    assert not [b for b in at.button if b.key == "sweep_start"]
+    assert charts_named(at, "sweep_final_test_accuracy")  # the stored sweep is still shown
+    with pytest.raises(AtlasError, match="read-only"):
+        study.start(tmp_path, study.StudyRequest(name="nope"))
+    assert not (tmp_path / study.JOBS_DIR).exists()
+
+
+def test_job_cap_queues_the_next_job_and_starts_it_when_a_slot_frees(tmp_path, monkeypatch):
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.delenv(study.ENV_MAX_JOBS, raising=False)  # default: one at a time
+    first = study.start(tmp_path, study.StudyRequest(name="first"))
+    try:
+        second = study.start(tmp_path, study.StudyRequest(name="second"))
+        assert first.state() == "running" and second.state() == "queued"
+        assert [j.name for j in study.queued_jobs(tmp_path)] == ["second"]
+        with pytest.raises(AtlasError, match="already running or queued"):
+            study.start(tmp_path, study.StudyRequest(name="second"))
+        assert study.dispatch(tmp_path) == []  # no free slot yet
+        at = open_page("study", tmp_path, monkeypatch, {"job": "second"})
+        assert "queued" in [m.value for m in at.metric]
+        assert "place 1 of 1 in the queue" in texts(at)
+        assert "1 of at most 1 job(s) running" in texts(at)
+        study.cancel(first)
+        deadline = time.time() + 10
+        while first.alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert study.dispatch(tmp_path) == ["second"]
+        assert second.state() == "running" and not study.queued_jobs(tmp_path)
+    finally:
+        study.cancel(first)
+        study.cancel(study.job(tmp_path, "second"))
+
+
+def test_upload_form_refuses_column_names_read_as_options(tmp_path, monkeypatch):
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    rows = [
+        {"--cache=x": f"a long review text number {i}", "y": "pos" if i % 2 else "neg"}
+        for i in range(40)
+    ]
+    at = open_page("study", tmp_path, monkeypatch)
+    at.radio(key="study_source").set_value("upload a file").run()
+    at.file_uploader(key="study_upload").upload(
+        "evil.csv", pd.DataFrame(rows).to_csv(index=False).encode(), "text/csv"
+    ).run()
+    assert at.selectbox(key="study_text_col").value == "--cache=x"
+    assert any("starts with" in e.value for e in at.error)
+    assert at.button(key="study_start").disabled
+
+
+def test_study_page_says_when_the_host_has_no_compute_stack(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.delenv(study.ENV_STUDY_CMD, raising=False)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("torch", "transformers") else real(name, *a),
+    )
+    assert "no compute stack" in study.compute_stack()
+    at = open_page("study", tmp_path, monkeypatch)
+    assert "no compute stack" in texts(at)
+    assert at.button(key="study_start").disabled
+
+
+def test_noise_sweep_page_starts_a_sweep_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    at = open_page("sweep", tmp_path, monkeypatch)
+    at.text_input(key="sweep_name").set_value("my-sweep").run()
+    shown = texts(at)
+    assert "sweep --preset quick --name my-sweep" in shown and "--seeds 3" in shown
+    at.button(key="sweep_start").click().run()
+    assert not at.exception
+    j = study.job(tmp_path, "my-sweep")
+    try:
+        assert j.alive() and j.kind() == "sweep"
+        again = open_page("sweep", tmp_path, monkeypatch)  # a new session finds it on disk
+        assert again.selectbox(key="sweep_job").value == "my-sweep"
+        assert "running" in [m.value for m in again.metric]
+        assert "fake core sweep" in study.tail(j.log_file) or j.alive()
+    finally:
+        study.cancel(j)
+
+
 def test_study_command_for_an_uploaded_file():
     req = study.StudyRequest(
         name="mine",

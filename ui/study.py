@@ -29,10 +29,15 @@ import pandas as pd
 from core import locks, store, validation
 from core.cli import check_study_argv
 from core.errors import AtlasError
+from core.sweep import CELLS_DIR, cell_name
 
 ENV_STUDY_CMD = "ATLAS_STUDY_CMD"  # replaces "python -m core" (tests use a stand-in CLI)
 ENV_MAX_UPLOAD_MB = "ATLAS_MAX_UPLOAD_MB"
-DEFAULT_MAX_UPLOAD_MB = 50
+ENV_READONLY = "ATLAS_READONLY"  # 1: a viewer-only host (no uploads, no jobs)
+ENV_MAX_JOBS = "ATLAS_MAX_JOBS"  # jobs running at once; more wait in a queue
+DEFAULT_MAX_UPLOAD_MB = 50  # keep equal to server.maxUploadSize in .streamlit/config.toml
+DEFAULT_MAX_JOBS = 1
+DEFAULT_FLIP_RATES = "0,0.025,0.05,0.1,0.2,0.3,0.4"
 JOBS_DIR = ".jobs"  # dot-folders are skipped by store.list_runs
 UPLOADS_DIR = ".uploads"
 NAME_RE = validation.NAME_RE  # one rule for the CLI's --name and this form
@@ -72,6 +77,44 @@ def max_upload_mb() -> int:
         return max(1, int(os.environ.get(ENV_MAX_UPLOAD_MB, DEFAULT_MAX_UPLOAD_MB)))
     except ValueError:
         return DEFAULT_MAX_UPLOAD_MB
+
+
+def readonly() -> bool:
+    """Whether this host only shows runs ($ATLAS_READONLY set to 1/true/yes)."""
+    return os.environ.get(ENV_READONLY, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def max_jobs() -> int:
+    """How many jobs may run at once ($ATLAS_MAX_JOBS, default 1); later ones are queued."""
+    try:
+        return max(1, int(os.environ.get(ENV_MAX_JOBS, DEFAULT_MAX_JOBS)))
+    except ValueError:
+        return DEFAULT_MAX_JOBS
+
+
+def compute_stack() -> str | None:
+    """None when this host can compute runs (torch importable), else why not, in one sentence.
+
+    Only asks the import system whether the module exists; nothing is imported here (the
+    app never imports torch). $ATLAS_STUDY_CMD (a stand-in CLI) counts as a compute stack.
+    """
+    if os.environ.get(ENV_STUDY_CMD):
+        return None
+    import importlib.util
+
+    missing = []
+    for module in ("torch", "transformers"):
+        try:
+            if importlib.util.find_spec(module) is None:
+                missing.append(module)
+        except (ImportError, ValueError):
+            missing.append(module)
+    if not missing:
+        return None
+    return (
+        f"This host has no compute stack ({' and '.join(missing)} not installed): it serves the "
+        "stored runs only. To run studies, install requirements.txt (see the README)."
+    )
 
 
 def check_name(name: str) -> str:
@@ -131,6 +174,36 @@ def build_command(req: StudyRequest, cache: Path) -> list[str]:
 
 
 @dataclass
+class SweepRequest:
+    """What the Noise sweep form collects; becomes a ``core sweep`` command line."""
+
+    name: str
+    preset: str = "quick"
+    flip_rates: str = DEFAULT_FLIP_RATES
+    seeds: int = 3
+    dataset: str = "amazon-reviews"
+    model: str | None = None
+    jobs: int = 1  # parallel cells inside the sweep (1: gentle on a shared host)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_sweep_command(req: SweepRequest, cache: Path) -> list[str]:
+    """The ``core sweep`` argument list for a request (an argv list: nothing is shell-parsed)."""
+    check_name(req.name)
+    cmd = [*core_command(), "sweep", "--preset", req.preset, "--name", req.name]
+    cmd += ["--cache", str(cache), "--flip-rates", req.flip_rates, "--seeds", str(int(req.seeds))]
+    cmd += ["--dataset", req.dataset, "--jobs", str(int(req.jobs))]
+    if req.model:
+        cmd += ["--model", req.model]
+    for key, value in req.extra.items():
+        if value is True:
+            cmd.append(f"--{key}")
+        elif value is not None and value is not False:
+            cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+@dataclass
 class Job:
     """A study subprocess as recorded on disk."""
 
@@ -153,12 +226,26 @@ class Job:
     def cancel_file(self) -> Path:
         return self.folder / f"{self.name}.cancelled"
 
+    @property
+    def queue_file(self) -> Path:
+        return self.folder / f"{self.name}.queued.json"
+
     def info(self) -> dict[str, Any]:
         """The pid file's content ({} when absent or unreadable)."""
         try:
             return json.loads(self.pid_file.read_text("utf-8"))
         except (OSError, ValueError):
             return {}
+
+    def kind(self) -> str:
+        """'run' or 'sweep', from the pid file or the queue record."""
+        kind = self.info().get("kind")
+        if kind is None:
+            try:
+                kind = json.loads(self.queue_file.read_text("utf-8")).get("kind")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+        return str(kind or "run")
 
     def returncode(self) -> int | None:
         """Exit status written by the wrapper, or None."""
@@ -180,9 +267,11 @@ class Job:
         return info.get("proc_start") in (None, start)
 
     def state(self) -> str:
-        """running | finished | failed | cancelled | stopped (killed without an exit status)."""
+        """running | queued | finished | failed | cancelled | stopped (killed, no exit status)."""
         if self.alive():
             return "running"
+        if self.queue_file.exists():
+            return "queued"
         rc = self.returncode()
         if self.cancel_file.exists():
             return "cancelled"
@@ -201,18 +290,60 @@ def list_jobs(cache: Path) -> list[Job]:
     folder = Path(cache) / JOBS_DIR
     if not folder.is_dir():
         return []
-    files = sorted(folder.glob("*.pid.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [Job(p.name[: -len(".pid.json")], folder) for p in files]
+    found: dict[str, float] = {}
+    for suffix in (".pid.json", ".queued.json"):
+        for p in folder.glob(f"*{suffix}"):
+            with contextlib.suppress(OSError):
+                name = p.name[: -len(suffix)]
+                found[name] = max(found.get(name, 0.0), p.stat().st_mtime)
+    return [Job(n, folder) for n in sorted(found, key=found.get, reverse=True)]
 
 
-def start(cache: Path, req: StudyRequest) -> Job:
-    """Start ``core run`` detached; refuse when that run is running or already complete."""
+def running_jobs(cache: Path) -> list[Job]:
+    """Jobs whose process is alive."""
+    return [j for j in list_jobs(cache) if j.alive()]
+
+
+def queued_jobs(cache: Path) -> list[Job]:
+    """Jobs waiting for a free slot, oldest first (the order they will start in)."""
+    folder = Path(cache) / JOBS_DIR
+    if not folder.is_dir():
+        return []
+    files = []
+    for p in folder.glob("*.queued.json"):
+        with contextlib.suppress(OSError):
+            files.append((p.stat().st_mtime, p.name[: -len(".queued.json")]))
+    return [Job(n, folder) for _, n in sorted(files)]
+
+
+@contextlib.contextmanager
+def _slots_lock(cache: Path):
+    """One session at a time counts the running jobs and starts one (no cap overrun)."""
+    import fcntl
+
+    folder = Path(cache) / JOBS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".slots.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def start(cache: Path, req: StudyRequest | SweepRequest) -> Job:
+    """Check a run or sweep request as the CLI would, then start it detached, or queue it when
+    $ATLAS_MAX_JOBS jobs already run; refused on a read-only host, for a name that is running
+    or queued, and for a complete run or sweep of that name."""
+    if readonly():
+        raise AtlasError("This is a read-only demo: studies cannot be started here.")
     cache = Path(cache)
     j = job(cache, req.name)
-    if j.alive():
+    if j.alive() or j.queue_file.exists():
         raise AtlasError(
-            f"Run '{req.name}' is already running; cancel it first or choose another name."
+            f"'{req.name}' is already running or queued; cancel it first or choose another name."
         )
+    kind = "sweep" if isinstance(req, SweepRequest) else "run"
     manifest = cache / req.name / store.MANIFEST
     if manifest.exists():
         try:
@@ -221,21 +352,63 @@ def start(cache: Path, req: StudyRequest) -> Job:
             status = None
         if status == store.STATUS_COMPLETE:
             raise AtlasError(
-                f"A complete run named '{req.name}' already exists; choose another name."
+                f"A complete {kind} named '{req.name}' already exists; choose another name."
             )
-    cmd = build_command(req, cache)
+    cmd = build_sweep_command(req, cache) if kind == "sweep" else build_command(req, cache)
     # -- hardening hook (issue 15): the CLI's own checks and its run lock, before starting --
     owner = locks.lock_owner(cache / req.name)
     if owner is not None:
-        raise AtlasError(f"Run '{req.name}' is already running (pid {owner}); choose another name.")
-    for flag, column in (("--text-col", req.text_col), ("--label-col", req.label_col)):
-        validation.check_column(flag, column)  # before argparse would misread '--x' as an option
-    validation.check_column("--rating-col", req.rating_col)
+        raise AtlasError(f"'{req.name}' is already running (pid {owner}); choose another name.")
+    if kind == "run":
+        for flag, column in (
+            ("--text-col", req.text_col),
+            ("--label-col", req.label_col),
+            ("--rating-col", req.rating_col),
+        ):
+            validation.check_column(flag, column)  # before argparse would misread '--x'
     check_study_argv(cmd[len(core_command()) :])
     # -- end of hook --
     j.folder.mkdir(parents=True, exist_ok=True)
     for stale in (j.rc_file, j.cancel_file):
         stale.unlink(missing_ok=True)
+    record = {"command": cmd, "kind": kind, "run_dir": str(cache / req.name)}
+    with _slots_lock(cache):
+        if len(running_jobs(cache)) < max_jobs() and not queued_jobs(cache):
+            _launch(j, record)
+        else:
+            record["queued"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            store.write_json(j.queue_file, record)
+    return j
+
+
+def dispatch(cache: Path) -> list[str]:
+    """Start queued jobs, oldest first, while fewer than $ATLAS_MAX_JOBS run; their names.
+
+    The pages call this on every redraw (and every two seconds while a job runs or waits),
+    so a queue moves on as long as someone has the Run-a-study or Noise-sweep page open.
+    """
+    cache = Path(cache)
+    started: list[str] = []
+    if readonly() or not queued_jobs(cache):
+        return started
+    with _slots_lock(cache):
+        for j in queued_jobs(cache):
+            if len(running_jobs(cache)) >= max_jobs():
+                break
+            try:
+                record = json.loads(j.queue_file.read_text("utf-8"))
+            except (OSError, ValueError):
+                j.queue_file.unlink(missing_ok=True)
+                continue
+            j.queue_file.unlink(missing_ok=True)
+            _launch(j, record)
+            started.append(j.name)
+    return started
+
+
+def _launch(j: Job, record: dict[str, Any]) -> None:
+    """Start the recorded command detached and write its pid file."""
+    cmd = [str(c) for c in record["command"]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(j.log_file, "ab") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
@@ -255,15 +428,20 @@ def start(cache: Path, req: StudyRequest) -> Job:
             "pid": proc.pid,
             "proc_start": _proc_start(proc.pid),
             "command": cmd,
+            "kind": record.get("kind", "run"),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "run_dir": str(cache / req.name),
+            "run_dir": record.get("run_dir"),
         },
     )
-    return j
 
 
 def cancel(j: Job) -> bool:
-    """Stop a running job's whole process group; True when a signal was sent."""
+    """Stop a running job's whole process group, or take a queued one off the queue; True when
+    something was stopped."""
+    if j.queue_file.exists() and not j.alive():
+        j.queue_file.unlink(missing_ok=True)
+        j.cancel_file.write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return True
     if not j.alive():
         return False
     pid = int(j.info()["pid"])
@@ -306,6 +484,32 @@ def progress(run_dir: Path) -> dict[str, Any]:
         "stages": {k: (v or {}).get("status") for k, v in (m.get("stages") or {}).items()},
         "epochs_done": len(m.get("epochs") or []),
         "epochs_total": int(epochs_total),
+        "error": m.get("error"),
+    }
+
+
+def sweep_progress(sweep_dir: Path) -> dict[str, Any]:
+    """Cells trained so far of a sweep, read from its manifest and cell folders."""
+    path = Path(sweep_dir) / store.MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        m = store.read_json(path)
+    except AtlasError:
+        return {}
+    if not isinstance(m, dict):
+        return {}
+    rates, seeds = m.get("flip_rates") or [], m.get("seeds") or []
+    cells = Path(sweep_dir) / CELLS_DIR
+    done = 0
+    for r in rates:
+        for sd in seeds:
+            with contextlib.suppress(Exception):
+                done += bool(store.stage_complete(cells / cell_name(float(r), int(sd)), "train"))
+    return {
+        "status": m.get("status"),
+        "cells_done": done,
+        "cells_total": len(rates) * len(seeds),
         "error": m.get("error"),
     }
 

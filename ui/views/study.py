@@ -8,9 +8,10 @@ import time
 
 import streamlit as st
 
+from core import validation
 from core.config import PRESETS
 from core.errors import AtlasError
-from ui import data, study, widgets
+from ui import data, pages, study, widgets
 
 BUILT_IN = {
     "amazon-reviews": "Amazon product-review sentences (English, the default)",
@@ -34,12 +35,24 @@ def render() -> None:
         "the run carries on and appears in the run picker when it is done."
     )
     cache = data.cache_dir()
+    if study.readonly():
+        st.info(
+            "This is a read-only demo: it shows the stored runs, and studies cannot be started or "
+            "files uploaded here. To run your own, clone the project and use `make app` (README).",
+            icon=":material/lock:",
+        )
+        return
+    missing = study.compute_stack()
+    if missing:
+        st.warning(missing, icon=":material/memory:")
+        st.caption("The form is shown so you can see what a study needs; it cannot start here.")
+    study.dispatch(cache)
     jobs_panel(cache)
     st.divider()
-    form(cache)
+    form(cache, can_start=missing is None)
 
 
-def form(cache) -> None:
+def form(cache, can_start: bool = True) -> None:
     """Dataset, columns (validated before anything starts), settings, start button."""
     st.header("New study")
     source = st.radio(
@@ -101,20 +114,38 @@ def form(cache) -> None:
         shown = ["python" if c == sys.executable else c for c in cmd]  # readable, same meaning
         st.code(shlex.join(shown), language="bash", wrap_lines=True)
     except AtlasError as exc:
-        st.error(str(exc))
+        st.error(widgets.md_escape(exc))
         ready = False
     if model == "path" and not req.model:
         ready = False
-    if st.button("Start the study", type="primary", disabled=not ready, key="study_start"):
+    slots_note(cache)
+    start_clicked = st.button(
+        "Start the study", type="primary", disabled=not (ready and can_start), key="study_start"
+    )
+    if start_clicked:
         try:
             j = study.start(cache, req)
         except AtlasError as exc:
-            st.error(str(exc))
+            st.error(widgets.md_escape(exc))
         else:
             st.query_params[QP_JOB] = j.name
-            st.success(f"Started run '{j.name}'.")
+            st.success(f"{'Queued' if j.state() == 'queued' else 'Started'} run {j.name}.")
             time.sleep(0.3)  # let the process write its first log line before the redraw
             st.rerun()
+
+
+def slots_note(cache) -> None:
+    """How many jobs run and wait, against the host's cap ($ATLAS_MAX_JOBS)."""
+    running, queued = study.running_jobs(cache), study.queued_jobs(cache)
+    cap = study.max_jobs()
+    if len(running) >= cap or queued:
+        st.info(
+            f"{len(running)} of at most {cap} job(s) running on this host"
+            + (f", {len(queued)} waiting" if queued else "")
+            + ": a new one joins the queue and starts when a slot frees "
+            "(while this page or the Noise sweep page is open).",
+            icon=":material/hourglass_top:",
+        )
 
 
 def upload_section(cache, req: study.StudyRequest) -> bool:
@@ -135,7 +166,7 @@ def upload_section(cache, req: study.StudyRequest) -> bool:
     try:
         df = study.parse_upload(raw, up.name)
     except AtlasError as exc:
-        st.error(str(exc))
+        st.error(widgets.md_escape(exc))
         return False
     st.dataframe(df.head(8), width="stretch", hide_index=True)
     cols = [str(c) for c in df.columns]
@@ -162,11 +193,25 @@ def upload_section(cache, req: study.StudyRequest) -> bool:
         )
         req.label_col, req.rating_col, req.pos_min, req.neg_max = None, rating_col, pos_min, neg_max
     req.text_col = text_col
+    # Column names reach the command line: one rule for the CLI and this form (core.validation).
+    for flag, column in (
+        ("--text-col", req.text_col),
+        ("--label-col", req.label_col),
+        ("--rating-col", req.rating_col),
+    ):
+        try:
+            validation.check_column(flag, column)
+        except AtlasError as exc:
+            problems = [*problems, str(exc)]
     for p in problems:
-        st.error(p)
+        st.error(widgets.md_escape(p))
     if summary:
+        classes = "; ".join(
+            f"{widgets.md_escape(k, 60)}: {v}" for k, v in (summary.get("classes") or {}).items()
+        )
         st.caption(
-            f"{summary.get('kept', 0)} usable rows of {summary['rows']}; classes: {summary.get('classes', {})}; duplicate texts: {summary['duplicate_texts']}."
+            f"{summary.get('kept', 0)} usable rows of {summary['rows']}; classes: {classes or '–'}; "
+            f"duplicate texts: {summary['duplicate_texts']}."
         )
     if problems:
         return False
@@ -175,35 +220,55 @@ def upload_section(cache, req: study.StudyRequest) -> bool:
     return True
 
 
-def jobs_panel(cache) -> None:
-    """Studies started from the app: state, progress, log, cancel."""
-    jobs = study.list_jobs(cache)
+def jobs_panel(
+    cache, kind: str | None = None, title: str = "Studies started here", key: str = "study_job"
+) -> None:
+    """Jobs started from the app (all, or one ``kind``): state, progress, log, cancel."""
+    jobs = [j for j in study.list_jobs(cache) if kind is None or j.kind() == kind]
     if not jobs:
         return
-    st.header("Studies started here")
+    st.header(title)
     names = [j.name for j in jobs]
     wanted = st.query_params.get(QP_JOB)
     index = names.index(wanted) if wanted in names else 0
     name = st.selectbox(
-        "Study",
+        "Job",
         names,
         index=index,
-        key="study_job",
-        format_func=lambda n: f"{n} · {study.Job(n, jobs[0].folder).state()}",
+        key=key,
+        format_func=lambda n: (
+            f"{n} · {study.Job(n, jobs[0].folder).kind()} · {study.Job(n, jobs[0].folder).state()}"
+        ),
     )
     st.query_params[QP_JOB] = name
-    running = study.job(cache, name).state() == "running"
-    # Only a running job refreshes itself; a finished one is drawn once.
+    running = study.job(cache, name).state() in ("running", "queued")
+    # Only a running or queued job refreshes itself; a finished one is drawn once.
     st.fragment(run_every=2 if running else None)(job_status)(cache, name, running)
 
 
 def job_status(cache, name: str, was_running: bool) -> None:
     """Live view of one job (re-run every two seconds by its fragment while it runs)."""
+    study.dispatch(cache)  # a queued job starts here when a slot frees
     j = study.job(cache, name)
     state = j.state()
-    if was_running and state != "running":
+    if was_running and state not in ("running", "queued"):
         st.rerun(scope="app")  # finished: redraw the page without the timer
     info = j.info()
+    if state == "queued":
+        waiting = [q.name for q in study.queued_jobs(cache)]
+        place = waiting.index(name) + 1 if name in waiting else "?"
+        st.metric("state", "queued")
+        st.info(
+            f"Waiting for a free slot: place {place} of {len(waiting)} in the queue; at most "
+            f"{study.max_jobs()} job(s) run at once on this host."
+        )
+        if st.button("Remove from the queue", key=f"cancel_{name}"):
+            study.cancel(j)
+            st.rerun()
+        return
+    if info.get("kind") == "sweep":
+        sweep_status(cache, j, state)
+        return
     prog = study.progress(cache / name)
     cols = st.columns([1, 3, 1])
     cols[0].metric("state", state)
@@ -215,7 +280,7 @@ def job_status(cache, name: str, was_running: bool) -> None:
         if stages:
             st.caption(" → ".join(f"{k}: {v}" for k, v in stages.items()))
         if prog.get("error"):
-            st.error(prog["error"])
+            st.error(widgets.md_escape(prog["error"]))
     with cols[2]:
         if state == "running":
             if st.button("Cancel", key=f"cancel_{name}"):
@@ -223,12 +288,45 @@ def job_status(cache, name: str, was_running: bool) -> None:
                 st.rerun()
         elif state == "finished":
             st.page_link(
-                "app.py",
+                pages.link_target("home"),
                 label="Open the run",
                 icon=":material/open_in_new:",
                 query_params={widgets.QP_RUN: name},
             )
+    log_view(j, info)
+
+
+def log_view(j: study.Job, info: dict) -> None:
+    """When and how the job started, and the end of its log (as text)."""
     st.caption(
-        f"started {info.get('started', '?')} · pid {info.get('pid', '?')} · log `{data.display_path(j.log_file)}`"
+        f"started {widgets.md_escape(info.get('started', '?'))} · pid {info.get('pid', '?')} · "
+        f"log {widgets.md_escape(data.display_path(j.log_file))}"
     )
     st.code(study.tail(j.log_file) or "(no output yet)", language="text", height=360)
+
+
+def sweep_status(cache, j: study.Job, state: str) -> None:
+    """Live view of a sweep job: cells trained of all, cancel, link to the Noise sweep page."""
+    prog = study.sweep_progress(cache / j.name)
+    cols = st.columns([1, 3, 1])
+    cols[0].metric("state", state)
+    with cols[1]:
+        total = prog.get("cells_total") or 0
+        if total:
+            done = prog["cells_done"]
+            st.progress(min(done / total, 1.0), text=f"cells trained: {done} of {total}")
+        if prog.get("error"):
+            st.error(widgets.md_escape(prog["error"]))
+    with cols[2]:
+        if state == "running":
+            if st.button("Cancel", key=f"cancel_{j.name}"):
+                study.cancel(j)
+                st.rerun()
+        elif state == "finished":
+            st.page_link(
+                pages.link_target("sweep"),
+                label="Open the sweep",
+                icon=":material/open_in_new:",
+                query_params={widgets.QP_SWEEP: j.name},
+            )
+    log_view(j, j.info())

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+import time
+
 import pandas as pd
 import streamlit as st
 
 from core import store
-from ui import charts, compute, data, widgets
+from core.config import PRESETS
+from core.errors import AtlasError
+from ui import charts, compute, data, study, widgets
+from ui.views import study as study_view
 
 SWEEP_COMMAND = "python -m core sweep --preset quick"
 
@@ -22,9 +29,76 @@ def render() -> None:
     row = widgets.pick_run("sweep")
     if row is None:
         empty_state()
+    else:
+        with widgets.guard():
+            body(data.Sweep(row["path"]))
+    start_section(data.cache_dir())
+
+
+def start_section(cache) -> None:
+    """Start a sweep in the background (as Run a study does for a run) and follow it."""
+    if study.readonly():
         return
-    with widgets.guard():
-        body(data.Sweep(row["path"]))
+    study.dispatch(cache)
+    st.divider()
+    study_view.jobs_panel(cache, kind="sweep", title="Sweeps started here", key="sweep_job")
+    with st.expander("Start a new sweep", expanded=False):
+        missing = study.compute_stack()
+        if missing:
+            st.warning(missing, icon=":material/memory:")
+        c1, c2, c3 = st.columns(3)
+        preset = c1.selectbox(
+            "Preset",
+            sorted(PRESETS),
+            key="sweep_preset",
+            index=sorted(PRESETS).index("quick") if "quick" in PRESETS else 0,
+        )
+        dataset = c2.selectbox("Dataset", list(study_view.BUILT_IN), key="sweep_dataset")
+        seeds = int(c3.number_input("Seeds per flip rate", 1, 20, 3, key="sweep_seeds"))
+        rates = st.text_input(
+            "Flip rates (comma-separated, each in [0, 1))",
+            study.DEFAULT_FLIP_RATES,
+            key="sweep_rates",
+        )
+        epochs = st.number_input("Epochs (0 = preset)", 0, 100, 0, key="sweep_epochs")
+        name = st.text_input(
+            "Sweep name", f"sweep-{preset}-{dataset}-{seeds}seeds", key="sweep_name"
+        ).strip()
+        req = study.SweepRequest(
+            name=name,
+            preset=preset,
+            flip_rates=rates.replace(" ", ""),
+            seeds=seeds,
+            dataset=dataset,
+            extra={"epochs": int(epochs) or None},
+        )
+        ready = True
+        try:
+            cmd = study.build_sweep_command(req, cache)
+            shown = ["python" if c == sys.executable else c for c in cmd]
+            st.code(shlex.join(shown), language="bash", wrap_lines=True)
+        except AtlasError as exc:
+            st.error(widgets.md_escape(exc))
+            ready = False
+        study_view.slots_note(cache)
+        st.caption(
+            "One model per flip rate and seed (no TracIn): the quick preset's 7 rates × 3 seeds take "
+            "a few minutes on a laptop CPU. A cancelled sweep resumes where it stopped."
+        )
+        if st.button(
+            "Start the sweep",
+            type="primary",
+            disabled=not ready or bool(missing),
+            key="sweep_start",
+        ):
+            try:
+                j = study.start(cache, req)
+            except AtlasError as exc:
+                st.error(widgets.md_escape(exc))
+            else:
+                st.query_params[study_view.QP_JOB] = j.name
+                time.sleep(0.3)
+                st.rerun()
 
 
 def empty_state() -> None:
