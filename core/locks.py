@@ -58,7 +58,10 @@ def hold(folder: str | os.PathLike) -> Iterator[Path]:
             _held[key][1] -= 1
         return
     created = not key.exists()
-    key.mkdir(parents=True, exist_ok=True)
+    try:
+        key.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AtlasError(f"{key} cannot be created ({exc.strerror or exc}).") from None
     try:
         fd = _acquire(key)
     except BaseException:
@@ -142,7 +145,12 @@ def _acquire(folder: Path) -> int:
     """Open and flock the folder's lock file, write our pid; return the descriptor."""
     path = lock_path(folder)
     for attempt in range(_ACQUIRE_TRIES):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise AtlasError(
+                f"{folder} cannot be written ({exc.strerror or exc}); copy the run somewhere writable."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

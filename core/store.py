@@ -90,6 +90,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise AtlasError(f"{p} does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AtlasError(f"{p} is not valid JSON ({exc}).") from None
+    except OSError as exc:  # a folder in its place, no permission, an I/O error
+        raise AtlasError(f"{p} cannot be read ({exc.strerror or exc}).") from None
 
 
 def write_parquet(path: str | os.PathLike, df: pd.DataFrame) -> None:
