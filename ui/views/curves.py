@@ -85,6 +85,76 @@ def _load_curve(run: data.Run, test_id: int, view: views.View, max_points: int) 
     return Curve(test_id, pts, lines, str(cls["shape"][0]), len(scores), float(cls["end_ratio"][0]))
 
 
+def draw_panel(
+    run: data.Run,
+    test_id: int,
+    view: views.View,
+    *,
+    correct: bool | None = None,
+    suffix: str = "",
+    height: int = 170,
+    max_points: int = PANEL_POINTS,
+    reveal: bool = True,
+) -> None:
+    """One small curve panel, stretched to its column. The Vega-Lite spec is cached per
+    process: building and validating an Altair chart costs ~0.15 s, and a page draws a dozen."""
+    files = (store.SHAPES, store.CURVES, store.TRACIN_PER_CHECKPOINT, store.ANALYSIS)
+    stamps = tuple(data.stamp(run.file(f)) if run.has(f) else 0 for f in files)
+    spec = _panel_spec(
+        str(run.path), stamps, int(test_id), view.key, correct, suffix, height, max_points, reveal
+    )
+    st.vega_lite_chart(spec, width="stretch")
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _panel_spec(
+    path: str,
+    stamps: tuple[int, ...],
+    test_id: int,
+    key: str,
+    correct: bool | None,
+    suffix: str,
+    height: int,
+    max_points: int,
+    reveal: bool,
+) -> dict:
+    """The Vega-Lite dict of one panel (``reveal`` False hides the flips and the lines)."""
+    run, view = data.Run(path), views.View.parse(key)
+    c = load_curve(run, test_id, view, max_points)
+    lines = compute.line_rows(c.lines, c.n)
+    points = c.points
+    title = compute.panel_title(test_id, c.shape, c.lines["s_bulk"], correct) + suffix
+    if not reveal:
+        title = f"test instance {test_id}{suffix}"
+        points, lines = points.assign(flipped=False), lines.iloc[0:0]
+    chart = charts.panel_chart(points, lines, title, influence.score_title(view), height=height)
+    return chart.to_dict()
+
+
+def draw_curve(run: data.Run, test_id: int, view: views.View) -> Curve:
+    """The enlarged curve with text tooltips (spec cached like :func:`draw_panel`); returns it."""
+    files = (store.SHAPES, store.CURVES, store.TRACIN_PER_CHECKPOINT, store.ANALYSIS)
+    stamps = tuple(data.stamp(run.file(f)) if run.has(f) else 0 for f in files)
+    spec = _curve_spec(str(run.path), stamps, int(test_id), view.key)
+    st.vega_lite_chart(spec, width="stretch")
+    return load_curve(run, test_id, view, ENLARGED_POINTS)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _curve_spec(path: str, stamps: tuple[int, ...], test_id: int, key: str) -> dict:
+    """The Vega-Lite dict of one enlarged curve."""
+    run, view = data.Run(path), views.View.parse(key)
+    c = load_curve(run, test_id, view, ENLARGED_POINTS)
+    chart = charts.curve_chart(
+        c.points,
+        compute.line_rows(c.lines, c.n),
+        title=compute.panel_title(test_id, c.shape, c.lines["s_bulk"]),
+        label_names=run.label_names,
+        score_title=influence.score_title(view),
+    )
+    return chart.to_dict()
+
+
 def _with_text(run: data.Run, rank, train_id, score, flipped) -> pd.DataFrame:
     """Curve points joined with the training rows' text and labels (for tooltips)."""
     ids = np.asarray(train_id, dtype=np.int64)
@@ -160,39 +230,20 @@ def grid(run: data.Run, sel: pd.DataFrame, view: views.View, n_cols: int) -> Non
     for start in range(0, len(ids), n_cols):
         cols = st.columns(n_cols)
         for col, test_id in zip(cols, ids[start : start + n_cols], strict=False):
-            c = load_curve(run, test_id, view, PANEL_POINTS)
             ok = None if correct is None else bool(correct.loc[test_id])
-            title = compute.panel_title(test_id, c.shape, c.lines["s_bulk"], ok)
             with col:
-                st.altair_chart(
-                    charts.panel_chart(
-                        c.points,
-                        compute.line_rows(c.lines, c.n),
-                        title,
-                        influence.score_title(view),
-                    ),
-                    width="stretch",
-                )
+                draw_panel(run, test_id, view, correct=ok)
 
 
 def enlarged(run: data.Run, test_id: int, view: views.View) -> None:
     """One curve, large, with text tooltips and the facts about its flipped instances."""
-    c = load_curve(run, test_id, view, ENLARGED_POINTS)
     row = run.shapes().set_index("id").loc[test_id]
     inst = run.instances.iloc[test_id]
     names = run.label_names
-    title = compute.panel_title(test_id, c.shape, c.lines["s_bulk"])
     st.subheader(f"Curve of test instance {test_id}")
     left, right = st.columns([3, 1])
     with left:
-        chart = charts.curve_chart(
-            c.points,
-            compute.line_rows(c.lines, c.n),
-            title=title,
-            label_names=names,
-            score_title=influence.score_title(view),
-        )
-        st.altair_chart(chart, width="stretch")
+        c = draw_curve(run, test_id, view)
     with right:
         st.text(str(inst["text"]))
         st.caption(
@@ -245,18 +296,14 @@ def over_training(run: data.Run, test_id: int, view: views.View) -> None:
         c = st.select_slider("Checkpoint c", list(range(1, k + 1)), value=k, key="train_ckpt")
         mode = st.radio("Scores", [SUMMED_UP_TO, ALONE], key="train_mode", horizontal=True)
     step = views.View(1, c, norm) if mode == SUMMED_UP_TO else views.View(c, c, norm)
-    curve = load_curve(run, test_id, step, PANEL_POINTS * 2)
     with right:
-        st.altair_chart(
-            charts.panel_chart(
-                curve.points,
-                compute.line_rows(curve.lines, curve.n),
-                compute.panel_title(test_id, curve.shape, curve.lines["s_bulk"])
-                + f" · {step.label(k)}",
-                influence.score_title(step),
-                height=220,
-            ),
-            width="stretch",
+        draw_panel(
+            run,
+            test_id,
+            step,
+            suffix=f" · {step.label(k)}",
+            height=220,
+            max_points=PANEL_POINTS * 2,
         )
     mine = stored[(stored["id"] == test_id) & (stored["normalisation"] == norm)]
     series = mine.assign(

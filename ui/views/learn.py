@@ -13,7 +13,7 @@ import streamlit as st
 
 from core import shape_references, views
 from core import shapes as core_shapes
-from ui import charts, compute, data, influence, widgets
+from ui import charts, data, influence, widgets
 from ui.views import curves
 
 EXPLAIN = {
@@ -114,15 +114,7 @@ def _example_grid(run: data.Run, ids: list[int], view: views.View) -> None:
     for col, test_id in zip(cols, ids, strict=True):
         c = curves.load_curve(run, test_id, view, curves.PANEL_POINTS)
         with col:
-            st.altair_chart(
-                charts.panel_chart(
-                    c.points,
-                    compute.line_rows(c.lines, c.n),
-                    compute.panel_title(test_id, c.shape, c.lines["s_bulk"]),
-                    influence.score_title(view),
-                ),
-                width="stretch",
-            )
+            curves.draw_panel(run, test_id, view)
             dist = (
                 float(shapes.loc[test_id, "mean_distance"]) if "mean_distance" in shapes else None
             )
@@ -144,19 +136,17 @@ def guess(run: data.Run) -> None:
         state.update(id=int(rng.choice(table["id"].to_numpy())), shown=False)
     test_id = state["id"]
     view = influence.default_view(run)
-    c = curves.load_curve(run, test_id, view, curves.ENLARGED_POINTS)
+    c = curves.load_curve(run, test_id, view, curves.PANEL_POINTS * 2)
     left, right = st.columns([3, 1])
     with left:
-        pts = c.points.assign(flipped=False) if not state["shown"] else c.points
-        st.altair_chart(
-            charts.panel_chart(
-                pts,
-                compute.line_rows(c.lines, c.n).iloc[0:0],
-                f"test instance {test_id} (all checkpoints, raw scores)",
-                influence.score_title(view),
-                height=260,
-            ),
-            width="stretch",
+        curves.draw_panel(
+            run,
+            test_id,
+            view,
+            suffix=" (all checkpoints, raw scores)",
+            height=260,
+            max_points=curves.PANEL_POINTS * 2,
+            reveal=state["shown"],
         )
     with right:
         choice = st.radio("Your guess", list(core_shapes.SHAPE_ORDER), key="learn_choice")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from core import shapes as core_shapes
 from core import stats
-from ui import charts, compute, data, influence, widgets
+from ui import charts, data, influence, widgets
 from ui.views import curves
 
 CURVES_PAGE = "pages/1_Score_curves.py"
@@ -79,17 +79,7 @@ def body(run: data.Run) -> None:
         icon=":material/show_chart:",
         query_params={widgets.QP_RUN: run.name, widgets.QP_TEST: str(test_id)},
     )
-    c = curves.load_curve(run, test_id, view, curves.ENLARGED_POINTS)
-    st.altair_chart(
-        charts.curve_chart(
-            c.points,
-            compute.line_rows(c.lines, c.n),
-            title=compute.panel_title(test_id, c.shape, c.lines["s_bulk"]),
-            label_names=run.label_names,
-            score_title=influence.score_title(view),
-        ),
-        width="stretch",
-    )
+    curves.draw_curve(run, test_id, view)
 
 
 def correlation_table(table: pd.DataFrame, x: str, y: str) -> None:
