@@ -31,7 +31,7 @@ data: setup
 	$(BIN)/python -m core fetch
 
 app: setup data
-	$(BIN)/streamlit run app.py --server.port $(PORT)
+	$(BIN)/streamlit run app.py --server.port $(PORT) --server.address localhost
 
 # Debian's chromium for the browser tests (Playwright cannot download browsers here).
 browser:
