@@ -51,7 +51,7 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -419,24 +419,10 @@ class FactorizedTracIn:
             leave=False,
         )
         try:
-            for ci, (where, lr) in enumerate(self.checkpoints):
-                missing = [c for c in range(len(chunks)) if not sink.has(ci, c)]
-                need_test = te is not None and not sink.has_test(ci)
-                bar.update(len(chunks) - len(missing))
-                if not missing and not need_test:
-                    continue
-                grads = self._grads(self._load(where))
-                self.n_params, self.width = grads.n_params, grads.width
-                test_feats = None
-                if te is not None:
-                    # Held for the whole checkpoint: (n_test, width), in test order.
-                    test_feats = self._all_features(grads, te, np.arange(te.n))
-                    if need_test:
-                        sink.put_test(ci, test_feats.square().sum(1).cpu().numpy())
-                for c in missing:
-                    sink.put(ci, c, lr * self._block(grads, tr, chunks[c], test_feats))
-                    bar.update(1)
-                del grads, test_feats
+            for ci in range(len(self.checkpoints)):
+                self.compute_checkpoint(
+                    ci, tr, te, chunks, range(len(chunks)), sink, lambda: bar.update(1)
+                )
         finally:
             bar.close()
         if self.n_params is None:  # every shard was on disk
@@ -458,6 +444,45 @@ class FactorizedTracIn:
             train_grad_norms=_unweighted_norms(train_sq, lrs),
             test_grad_norms=test_norms,
         )
+
+    def compute_checkpoint(
+        self,
+        ci: int,
+        tr: _Data,
+        te: _Data | None,
+        chunks: Sequence[tuple[int, int]],
+        wanted: Iterable[int],
+        sink: _Sink,
+        on_block: Callable[[], None] | None = None,
+    ) -> int:
+        """Put checkpoint ``ci``'s blocks of the ``wanted`` chunks (and its test norms) in ``sink``.
+
+        Blocks already in ``sink`` are skipped; each block is ``η_ci`` × the (n_test + 1,
+        chunk) dot products and depends only on its checkpoint and chunk. ``on_block`` is
+        called once per chunk (present or computed). Returns the number of blocks computed.
+        """
+        where, lr = self.checkpoints[ci]
+        wanted = list(wanted)
+        missing = [c for c in wanted if not sink.has(ci, c)]
+        need_test = te is not None and not sink.has_test(ci)
+        for _ in range(len(wanted) - len(missing)):
+            if on_block is not None:
+                on_block()
+        if not missing and not need_test:
+            return 0
+        grads = self._grads(self._load(where))
+        self.n_params, self.width = grads.n_params, grads.width
+        test_feats = None
+        if te is not None:
+            # Held for the whole checkpoint: (n_test, width), in test order.
+            test_feats = self._all_features(grads, te, np.arange(te.n))
+            if need_test:
+                sink.put_test(ci, test_feats.square().sum(1).cpu().numpy())
+        for c in missing:
+            sink.put(ci, c, lr * self._block(grads, tr, chunks[c], test_feats))
+            if on_block is not None:
+                on_block()
+        return len(missing)
 
     # ---- internals
 
