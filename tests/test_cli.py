@@ -42,6 +42,14 @@ def _one_sentence(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def _one_line(capsys: pytest.CaptureFixture) -> str:
+    """The single stderr line of a command refused in this process."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0] and "usage:" not in lines[0]
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -55,12 +63,20 @@ def _one_sentence(proc: subprocess.CompletedProcess) -> str:
         (["analyze", "--s-min", "0.2"], "required"),
     ],
 )
-def test_usage_errors_are_one_sentence(tmp_path: Path, args: list[str], needle: str) -> None:
+def test_usage_errors_are_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], needle: str
+) -> None:
     if args[:1] == ["run"]:
         args = [*args, "--cache", str(tmp_path / "cache")]
-    line = _one_sentence(_probe(args, tmp_path))
+    assert main(args) == 2
+    line = _one_line(capsys)
     assert needle in line and "--help" in line
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_usage_error_in_a_shell_is_one_line(tmp_path: Path) -> None:
+    line = _one_sentence(_probe(["run", "--epoch", "2"], tmp_path))
+    assert line == "error: unrecognized arguments: --epoch 2; see `python -m core run --help`."
 
 
 def test_abbreviated_options_are_refused_in_process(capsys) -> None:
@@ -116,13 +132,14 @@ def test_a_bad_column_is_reported_before_torch_is_imported(
     ],
 )
 def test_bad_numbers_of_the_other_commands_are_one_sentence(
-    study_run: Path, tmp_path: Path, args: list[str]
+    study_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str]
 ) -> None:
     args = [str(study_run) if a == "RUN" else a for a in args]
     if args[0] == "sweep":
         args += ["--cache", str(tmp_path / "cache")]
     before = sorted(p.name for p in study_run.iterdir())
-    _one_sentence(_probe(args, tmp_path))
+    assert main(args) == 2
+    _one_line(capsys)
     assert sorted(p.name for p in study_run.iterdir()) == before
     assert not (tmp_path / "cache").exists()
 
