@@ -221,6 +221,30 @@ def test_row5_the_lock_guards_the_stage_commands_too(study_run: Path, tmp_path: 
         holder.wait()
 
 
+def test_row5_a_sweep_being_written_is_not_written_twice(
+    tmp_path: Path, reviews_csv: Path, capsys
+) -> None:
+    cache = tmp_path / "cache"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(cache / "s")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        tiny = [
+            a for i, a in enumerate(TINY_ARGS) if "--flip-count" not in TINY_ARGS[i - 1 : i + 1]
+        ]
+        args = ["sweep", *tiny, *csv_args(reviews_csv), "--flip-rates", "0,0.1"]
+        assert main([*args, "--seeds", "1", "--cache", str(cache), "--name", "s"]) == 2
+        assert f"already running (pid {holder.pid})" in _error_line(capsys)
+        assert not (cache / "s" / store.MANIFEST).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_row5_locks_are_reentrant_and_leave_no_folder_behind(tmp_path: Path) -> None:
     folder = tmp_path / "new"
     with locks.hold(folder):
