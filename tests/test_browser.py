@@ -1,13 +1,19 @@
 """End to end in a real browser: `streamlit run app.py` on loopback, Debian's chromium via Playwright.
 
 Needs the Debian package ``chromium`` (``/usr/bin/chromium``, or $ATLAS_CHROMIUM);
-``playwright install`` is never used. Every page loads and draws its charts,
-clicking a point of the Shape vs position scatter opens that instance's curve,
-and a screenshot of each page is kept in ``artifacts/screenshots/``.
+``playwright install`` is never used. Three servers: the shipped run store as a fresh clone
+has it (``git archive`` of ``cache/``), walked page by page at 1,024, 1,280 and 1,920 px with
+screenshots in ``artifacts/screenshots/<width>/``; a fake store for the interactions (click a
+scatter point, follow a link, reveal the flips, download); and a store full of hostile texts
+(Markdown images, HTML, ``javascript:`` links, a very long line, right-to-left and zero-width
+characters in dataset text, run, file and column names) on which no page may make the browser
+request anything outside the app.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import socket
@@ -18,12 +24,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
-import runstore_factory as factory  # also puts the repository on sys.path
+import runstore_factory as factory
+
+from ui.pages import PAGES as PAGE_SPECS
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("ATLAS_CHROMIUM", "/usr/bin/chromium")
 SHOTS = REPO / "artifacts" / "screenshots"
+WIDTHS = (1024, 1280, 1920)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -34,16 +44,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# url path -> does the page draw a chart on the factory store?
-PAGES = {
-    "": True,
-    "Score_curves": True,
-    "Shape_vs_position": True,
-    "Neighbourhoods": True,
-    "Noise_sweep": True,
-    "Cleaning_lab": True,
-    "Run_a_study": False,
-}
+# url path -> does the page draw a chart (every page but Run a study)
+PAGES = {p.url_path: p.script != "pages/6_Run_a_study.py" for p in PAGE_SPECS}
 CHART = '[data-testid="stVegaLiteChart"] svg'
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"][data-test-connection-state="CONNECTED"]'
 
@@ -63,7 +65,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cache: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(
+    cache: Path, port: int, log: Path, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`streamlit run app.py` headless on loopback, reading ``cache``."""
     cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py")]
     cmd += [
@@ -75,7 +79,7 @@ def start_server(cache: Path, port: int, log: Path) -> subprocess.Popen:
         "127.0.0.1",
     ]
     cmd += ["--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
-    env = {**os.environ, "ATLAS_CACHE": str(cache)}
+    env = {**os.environ, "ATLAS_CACHE": str(cache), **(env_extra or {})}
     with open(log, "wb") as fh:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
 
@@ -95,13 +99,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     raise TimeoutError(f"streamlit did not become healthy at {url}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    """A running app on a fake store; yields its base URL."""
-    root = tmp_path_factory.mktemp("browser")
-    cache = factory.make_store(root / "cache")
+@contextlib.contextmanager
+def serving(cache: Path, root: Path, env_extra: dict[str, str] | None = None) -> Iterator[str]:
+    """A running app on ``cache``; yields its base URL."""
     port = free_port()
-    proc = start_server(cache, port, root / "streamlit.log")
+    proc = start_server(cache, port, root / f"streamlit-{port}.log", env_extra)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
@@ -112,6 +114,29 @@ def server(tmp_path_factory) -> Iterator[str]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    """A running app on a fake store; yields its base URL."""
+    root = tmp_path_factory.mktemp("browser")
+    cache = factory.make_store(root / "cache")
+    with serving(cache, root) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def shipped_server(tmp_path_factory) -> Iterator[str]:
+    """The app on the run store a fresh clone has: the committed files of cache/, nothing else."""
+    root = tmp_path_factory.mktemp("shipped")
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", "HEAD", "cache"], cwd=REPO, capture_output=True
+    )
+    if archive.returncode != 0 or not archive.stdout:
+        pytest.skip("not a git checkout with a committed cache/")
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    with serving(root / "cache", root) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -143,20 +168,102 @@ def wait_idle(tab) -> None:
     tab.wait_for_selector(IDLE)
 
 
-@pytest.mark.parametrize("path", list(PAGES))
-def test_page_loads_and_draws(path, server, page):
-    page.goto(f"{server}/{path}")
+CHART_REPORT = """() => {
+  const width = document.documentElement.clientWidth;
+  return [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].map((el) => {
+    const svg = el.querySelector('svg');
+    const box = svg ? svg.getBoundingClientRect() : null;
+    return {
+      name: (svg && svg.getAttribute('aria-label')) || '',
+      marks: el.querySelectorAll('svg .role-mark > *').length,
+      right: box ? Math.round(box.right) : null,
+      overflow: box ? Math.round(box.right - width) : null,
+      visible: !!(box && box.width > 0 && box.height > 0),
+    };
+  });
+}"""
+OVERFLOW_REPORT = REPO / "artifacts" / "chart_overflow.json"
+# Pages whose chart code lives with another owner: overflow is recorded, not failed, here.
+OVERFLOW_RECORDED_ONLY = {"Score_curves", "Shape_vs_position", "Learn_the_shapes"}
+
+
+def settle(tab, charts: bool) -> None:
+    """Wait for the script to finish and, on a page with charts, for Vega to draw them."""
+    wait_idle(tab)
+    if charts:
+        tab.wait_for_selector(CHART)
+        tab.wait_for_function(
+            "() => [...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
+            ".every((el) => el.querySelector('svg .role-mark > *'))"
+        )
+    tab.wait_for_timeout(250)  # Vega's last transition before the picture
+
+
+def test_every_page_at_three_widths_on_the_shipped_runs(shipped_server, browser):
+    """A fresh clone's store, every page of ui/pages.py at 1,024 / 1,280 / 1,920 px: no
+    exception, no error, no empty chart, no chart wider than the window, and a screenshot of
+    each. Each page loads once and the window is resized (the layout is the browser's work).
+    Overflow on the pages whose charts are owned elsewhere (OVERFLOW_RECORDED_ONLY) is written
+    to artifacts/chart_overflow.json instead of failing here."""
+    overflow: dict[str, list] = {}
+    problems: list[str] = []
+    context = browser.new_context(viewport={"width": WIDTHS[0], "height": 1600})
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)
+    try:
+        for path, has_chart in PAGES.items():
+            tab.set_viewport_size({"width": WIDTHS[0], "height": 1600})
+            tab.goto(f"{shipped_server}/{path}")
+            for width in WIDTHS:
+                if width != WIDTHS[0]:
+                    tab.set_viewport_size({"width": width, "height": 1600})
+                    tab.wait_for_timeout(600)  # Vega re-lays out charts sized by their column
+                settle(tab, has_chart)
+                where = f"{path or 'Home'} at {width} px"
+                if tab.locator('[data-testid="stException"]').count():
+                    problems.append(f"{where}: exception")
+                if tab.locator('[data-testid="stAlertContentError"]').count():
+                    problems.append(f"{where}: error message")
+                charts = tab.evaluate(CHART_REPORT)
+                drawn = [c for c in charts if c["visible"]]
+                if has_chart and not drawn:
+                    problems.append(f"{where}: no chart")
+                problems += [f"{where}: empty chart {c['name']!r}" for c in drawn if not c["marks"]]
+                wide = [c for c in drawn if c["overflow"] is not None and c["overflow"] > 2]
+                if wide:
+                    overflow[where] = wide
+                    if path not in OVERFLOW_RECORDED_ONLY:
+                        problems.append(f"{where}: a chart is {wide[0]['overflow']} px too wide")
+                folder = SHOTS / str(width)
+                folder.mkdir(parents=True, exist_ok=True)
+                tab.screenshot(path=str(folder / f"{path or 'Home'}.png"), full_page=True)
+    finally:
+        context.close()
+    OVERFLOW_REPORT.parent.mkdir(parents=True, exist_ok=True)
+    OVERFLOW_REPORT.write_text(json.dumps(overflow, indent=1))
+    assert problems == []
+
+
+def test_sidebar_calls_the_home_page_home(server, page):
+    page.goto(server)
     wait_idle(page)
-    if PAGES[path]:
-        page.wait_for_selector(CHART)
-        assert page.locator(CHART).count() >= 1
-    else:
-        page.get_by_role("button", name="Start the study").wait_for()
-    assert page.locator('[data-testid="stException"]').count() == 0
-    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.wait_for_timeout(300)  # let Vega finish its transitions before the picture
-    page.screenshot(path=str(SHOTS / f"{path or 'Home'}.png"), full_page=True)
+    nav = page.locator('[data-testid="stSidebarNav"]')
+    assert nav.get_by_text("Home", exact=True).count() == 1
+    assert nav.get_by_text("app", exact=True).count() == 0
+    for spec in PAGE_SPECS:
+        assert nav.get_by_text(spec.title, exact=True).count() == 1
+
+
+def test_cleaning_lab_reveal_and_download(server, page):
+    page.goto(f"{server}/Cleaning_lab")
+    settle(page, True)
+    assert page.get_by_text(re.compile(r"are flipped \(")).count() == 0
+    page.get_by_text("reveal flipped").click()
+    page.get_by_text(re.compile(r"of the top \d+ are flipped")).wait_for()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download this review queue (CSV)").click()
+    frame = pd.read_csv(dl.value.path())
+    assert "text" in frame.columns and "flipped" not in frame.columns and len(frame) >= 5
 
 
 def test_clicking_a_scatter_point_opens_its_curve(server, page):
