@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import shapes, stats, store, views
+from core import provenance, shapes, stats, store, views
 from core.errors import AtlasError
 
 STAGE = "analyze"
@@ -88,6 +88,7 @@ def analyze_run(
         and previous.get("status") == store.STATUS_COMPLETE
         and previous.get("params") == params
         and all((run / name).exists() for name in OUTPUTS)
+        and provenance.stale_reason(run, STAGE) is None  # e.g. tracin.npy rewritten since
     ):
         _say(progress, "analyze: already complete (use --force to recompute)")
         return store.read_json(run / store.ANALYSIS)

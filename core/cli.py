@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core import locks, shapes, store
+from core import locks, provenance, shapes, store
 from core.config import PRESETS, StudyConfig, preset_config
 from core.errors import AtlasError
 from core.validation import DATA_SUFFIXES, check_device, check_number, validate_study
@@ -60,10 +60,12 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset", default="quick", choices=sorted(PRESETS), help="starting configuration"
     )
+    from core.datasets import BUILTINS  # the one table of built-in datasets (no torch)
+
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset",
-        help="built-in dataset (amazon-reviews, rt-snippets, ja-polarity) or a CSV/TSV/JSONL file",
+        help=f"built-in dataset ({', '.join(BUILTINS)}) or a CSV/TSV/JSONL file",
     )
     g.add_argument("--text-col", help="text column of your file")
     g.add_argument("--label-col", help="label column (exactly two classes)")
@@ -164,6 +166,8 @@ def cmd_list(args: argparse.Namespace) -> None:
         )
         if r.get("error"):
             print(f"  {r['error']}")
+        if r.get("stale"):
+            print(f"  stale (inputs changed since they ran): {', '.join(r['stale'])}")
 
 
 def show_payload(run_dir: Path) -> dict[str, Any]:
@@ -203,6 +207,8 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         "timings_s": manifest.get("timings_s", {}),
         "tracin": manifest.get("tracin"),
         "problems": problems,
+        # {stage: reason} for stages whose inputs changed since they ran (core.provenance).
+        "stale": provenance.stale_stages(run_dir),
     }
     if store.stage_complete(run_dir, "analyze") and "analyze" not in problems:
         from core.analysis import SUMMARY_COLUMNS, correlations, summary_rows
@@ -249,7 +255,8 @@ def cmd_show(args: argparse.Namespace) -> None:
     stages = payload.get("stages") or {}
     for stage, entry in stages.items():
         status = entry.get("status") if isinstance(entry, dict) else entry
-        print(f"  {stage:<14} {status}")
+        stale = (payload.get("stale") or {}).get(stage)
+        print(f"  {stage:<14} {status}" + (f" (stale: {stale})" if stale else ""))
     for stage, secs in (payload.get("timings_s") or {}).items():
         print(f"  {stage:<14} {_number(secs, '.1f')} s")
     for problem in (payload.get("problems") or {}).values():
@@ -389,13 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Influence Atlas: where do mislabeled training instances land in TracIn scores?",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    # Choices come from core's own tables (torch-free modules), never from copies here.
+    from core.cleaning import ACTIONS
+    from core.detectors import DETECTORS
+    from core.pipeline import STAGES
 
     p = sub.add_parser("run", help="run (or resume) a study: data, training, TracIn, analytics")
     add_study_options(p)
     p.add_argument(
         "--until",
         default="analyze",
-        choices=["data", "train", "tracin", "analyze"],
+        choices=list(STAGES),
         help="last stage to run",
     )
     p.add_argument("--detect", action="store_true", help="also run the detectors afterwards")
@@ -454,24 +465,29 @@ def build_parser() -> argparse.ArgumentParser:
         "detect", help="rank training instances by suspicion and score the detectors"
     )
     p.add_argument("run")
-    p.add_argument("--detectors", nargs="*", help="subset of detectors (default: all available)")
+    p.add_argument(
+        "--detectors",
+        nargs="*",
+        choices=DETECTORS,
+        help="subset of detectors (default: all available)",
+    )
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("clean", help="retrain with suspects excluded / relabelled / reweighted")
     p.add_argument("run")
-    p.add_argument("--detector", required=True)
-    p.add_argument("--action", required=True, choices=["exclude", "relabel", "reweight"])
+    p.add_argument("--detector", required=True, choices=DETECTORS)
+    p.add_argument("--action", required=True, choices=ACTIONS)
     p.add_argument("--k", type=int, required=True, help="number of suspects acted on")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per arm")
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("export", help="export the review queue or a cleaned dataset as CSV")
     p.add_argument("run")
-    p.add_argument("--detector", required=True)
+    p.add_argument("--detector", required=True, choices=DETECTORS)
     p.add_argument("--what", choices=["review", "cleaned"], default="review")
-    p.add_argument("--action", choices=["exclude", "relabel", "reweight"], default="exclude")
+    p.add_argument("--action", choices=ACTIONS, default=ACTIONS[0])
     p.add_argument(
         "--k", type=int, help="suspects acted on in the cleaned dataset (default: flip count)"
     )

@@ -223,8 +223,10 @@ def _run_locked(
 
     wanted = STAGES[: STAGES.index(until) + 1]
     try:
-        if "train" in wanted and not store.stage_complete(run_dir, "train"):
+        if any(not store.stage_complete(run_dir, s) for s in wanted):
+            # Work to do: a run that failed before is running again, its old error gone.
             store.update_manifest(run_dir, status=store.STATUS_RUNNING, error=None)
+        if "train" in wanted and not store.stage_complete(run_dir, "train"):
             train_run(config, run_dir, progress)
         if "tracin" in wanted and not store.stage_complete(run_dir, "tracin"):
             from core.tracin import run_tracin

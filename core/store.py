@@ -254,14 +254,32 @@ def stage_complete(run_dir: str | os.PathLike, stage: str) -> bool:
 def mark_stage(
     run_dir: str | os.PathLike, stage: str, status: str, seconds: float | None = None, **info: Any
 ) -> dict[str, Any]:
-    """Record a stage's status (and its wall time in ``timings_s``) in the manifest."""
+    """Record a stage's status (and its wall time in ``timings_s``) in the manifest.
+
+    A stage marked running in a failed run clears the run's failure (a retry); a stage
+    marked complete also writes its provenance (``core.provenance``): ``info`` as its
+    arguments and the fingerprints of its inputs.
+    """
     path = Path(run_dir) / MANIFEST
     manifest = read_json(path) if path.exists() else {}
     stages = manifest.setdefault("stages", {})
     stages[stage] = {"status": status, **info}
     if seconds is not None:
         manifest.setdefault("timings_s", {})[stage] = round(float(seconds), 3)
-    return update_manifest(run_dir, **manifest)
+    if status == STATUS_RUNNING and manifest.get("status") == STATUS_FAILED:
+        # A retried stage: the run is no longer failed, and the old error no longer applies.
+        manifest.update(status=STATUS_RUNNING, error=None, retrying=stage)
+    elif status == STATUS_COMPLETE and manifest.get("retrying") == stage:
+        done = all(
+            isinstance(e, dict) and e.get("status") == STATUS_COMPLETE for e in stages.values()
+        )
+        manifest.update(status=STATUS_COMPLETE if done else STATUS_RUNNING, retrying=None)
+    manifest = update_manifest(run_dir, **manifest)
+    if status == STATUS_COMPLETE:
+        from core import provenance  # provenance imports this module
+
+        provenance.record_stage_inputs(run_dir, stage, info)
+    return manifest
 
 
 def load_instances(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -279,6 +297,8 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
     status 'unreadable' and the reason rather than skipped, so a user sees that something
     is there; a run recorded complete whose stage files are missing says 'incomplete'.
     """
+    from core import provenance  # provenance imports this module
+
     cache = Path(cache_dir)
     if not cache.is_dir():
         return []
@@ -303,21 +323,25 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
                     "model": "",
                     "test_accuracy": None,
                     "error": str(exc),
+                    "stale": [],
                 }
             )
             continue
         config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
         acc = manifest.get("test_accuracy")
+        kind = _text(manifest.get("kind", "run"))
         rows.append(
             {
                 "name": child.name,
                 "path": str(child),
-                "kind": _text(manifest.get("kind", "run")),
+                "kind": kind,
                 "status": run_status(child, manifest),
                 "created": _text(manifest.get("created", "")),
                 "dataset": _text(config.get("dataset", "")),
                 "model": _text(config.get("model", "")),
                 "test_accuracy": float(acc) if isinstance(acc, int | float) else None,
+                # Stages whose inputs changed since they ran (core.provenance).
+                "stale": sorted(provenance.stale_stages(child)) if kind == "run" else [],
             }
         )
     return sorted(rows, key=lambda r: r["created"], reverse=True)

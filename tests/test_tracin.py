@@ -272,10 +272,12 @@ def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_pa
     (shard_dir / norm_shard_name(0)).unlink()
     third = engine.compute(train, test_data, shard_dir=shard_dir)
     assert np.allclose(third.test_grad_norms, first.test_grad_norms, rtol=1e-6)
-    # Other options invalidate the shards instead of mixing them in.
+    # Other options are refused, naming the option, instead of mixing or deleting shards.
+    before = {p.name: p.read_bytes() for p in shard_dir.iterdir()}
     other = TracInCP(checkpoints, scope="head", chunk_size=4, loader=loader)
-    head = other.compute(train, test_data, shard_dir=shard_dir)
-    assert np.allclose(head.matrix, other.influence(train, test_data).numpy())
+    with pytest.raises(AtlasError, match="scope 'all' \\(this request: 'head'\\)"):
+        other.compute(train, test_data, shard_dir=shard_dir)
+    assert {p.name: p.read_bytes() for p in shard_dir.iterdir()} == before
 
 
 def test_test_chunking_gives_the_same_matrix(checkpoints, train, test_data):
@@ -483,3 +485,76 @@ if os.environ.get("TRACIN_TEST_CUDA") and torch.cuda.is_available():  # pragma: 
         cpu = TracInCP(checkpoints).influence(train, test_data)
         gpu = TracInCP(checkpoints, device="cuda", dtype="bfloat16").influence(train, test_data)
         assert _rel(gpu, cpu) < 2e-2
+
+
+# ----------------------------------------------------------------- public task API
+
+_WORKER = """
+import pickle, sys
+import torch
+torch.set_num_threads(1)
+from core.tracin import compute
+for task in pickle.load(open(sys.argv[1], "rb")):
+    compute(task, device="cpu")
+"""
+
+
+def test_tasks_in_shuffled_order_in_two_processes_match_the_stage_bitwise(checkpoints, tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    from core.tracin import Task, aggregate, compute, plan
+
+    single = _make_run(tmp_path / "single", checkpoints)
+    run_tracin(single, device="cpu", progress=False, chunk_size=4)
+    spread = _make_run(tmp_path / "spread", checkpoints)
+    tasks = plan(spread, chunk_size=4, chunks_per_task=1)
+    assert len(tasks) == 3 * 3 and all(isinstance(t, Task) for t in tasks)
+    assert {t.chunks for t in tasks} == {(0, 1), (1, 2), (2, 3)}
+    assert [t.lr for t in tasks[::3]] == LRS and len({t.sha1 for t in tasks}) == 3
+    order = np.random.default_rng(5).permutation(len(tasks))
+    half = len(order) // 2
+    halves = [[tasks[i] for i in order[:half]], [tasks[i] for i in order[half:]]]
+    procs = []
+    for n, half in enumerate(halves):
+        path = tmp_path / f"tasks-{n}.pkl"
+        path.write_bytes(pickle.dumps(half))
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(path)]))
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    assert plan(spread, chunk_size=4, chunks_per_task=1) == []  # nothing left to do
+    # A task run again changes nothing: its shards are present.
+    stamps = [p.stat().st_mtime_ns for p in tasks[0].shard_paths()]
+    assert compute(tasks[0], device="cpu") == tasks[0].shard_paths()
+    assert [p.stat().st_mtime_ns for p in tasks[0].shard_paths()] == stamps
+    aggregate(spread)
+    for name in (*OUTPUTS, store.GRAD_NORMS_TRAIN, store.GRAD_NORMS_TEST):
+        a, b = np.load(single / name), np.load(spread / name)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes(), name
+
+
+def test_aggregate_names_the_missing_shard(checkpoints, tmp_path):
+    from core.tracin import aggregate, compute, plan
+
+    run = _make_run(tmp_path, checkpoints)
+    tasks = plan(run, chunk_size=4, chunks_per_task=1)
+    for task in tasks[1:]:
+        compute(task, device="cpu")
+    with pytest.raises(AtlasError, match=r"lacks ckpt-00_chunk-0000\.npy"):
+        aggregate(run)
+    assert not (run / store.TRACIN).exists()
+
+
+def test_a_task_refuses_a_checkpoint_changed_since_the_plan(checkpoints, tmp_path):
+    from core.tracin import compute, plan
+
+    run = _make_run(tmp_path, checkpoints)
+    task = plan(run)[0]
+    model = BertForSequenceClassification.from_pretrained(run / "checkpoints" / "epoch-01")
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    model.save_pretrained(run / "checkpoints" / "epoch-01")
+    with pytest.raises(AtlasError, match="plan the run's TracIn again|another checkpoint 1"):
+        compute(task, device="cpu")
+    assert not task.shard_paths()[0].exists()

@@ -32,7 +32,7 @@ Work is split into shards (checkpoint × chunk of training instances), each writ
 hold ``η_i`` × the gradient dot products, the last row ``η_i`` × the squared gradient norms
 (self-influence). Present shards are skipped, so a killed run resumes, and the result is
 aggregated only when all exist. ``tracin_shards/options.json`` records what the shards were
-computed with; shards of other options are discarded.
+computed with; shards of other options are refused (never deleted).
 
 Parameter scopes (``select_parameters``):
 
@@ -59,7 +59,10 @@ The package (``core.tracin``) re-exports every public name of its modules:
 - ``gradients``: per-example gradient features of one checkpoint;
 - ``engine``: :class:`TracInCP` (in-memory tensors, any checkpoints);
 - ``shards``: shard files and their aggregation;
-- ``stage``: the run stage (:func:`run_tracin`);
+- ``stage``: the run stage (:func:`run_tracin`) and the public task API every executor
+  uses: :func:`plan` (run → list of :class:`Task`), :func:`compute` (task → its shards,
+  written atomically, skipped when present) and :func:`aggregate` (shards → the run's
+  files, bitwise the same whatever order the tasks ran in);
 - ``study``: the approximation study (:func:`compare_to_exact`, :func:`scope_error`).
 """
 
@@ -95,11 +98,16 @@ from core.tracin.shards import (
     write_per_checkpoint,
 )
 from core.tracin.stage import (
+    Task,
+    TaskOptions,
     _peak_memory_mb,
     _run_checkpoints,
     _run_data,
     _run_options,
+    aggregate,
+    compute,
     peak_rss_mb,
+    plan,
     run_tracin,
 )
 from core.tracin.study import compare_to_exact, scope_error
@@ -116,6 +124,8 @@ __all__ = [
     "PROJECTION_CACHE_BYTES",
     "SEQ_BUDGET",
     "SHARD_OPTIONS",
+    "Task",
+    "TaskOptions",
     "TopK",
     "TracInCP",
     "TracInResult",
@@ -136,10 +146,13 @@ __all__ = [
     "_unweighted_norms",
     "_vocab_of",
     "_word_embedding_name",
+    "aggregate",
     "compare_to_exact",
+    "compute",
     "norm_shard_name",
     "parse_scope",
     "peak_rss_mb",
+    "plan",
     "run_tracin",
     "scope_error",
     "select_parameters",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -202,26 +202,10 @@ class TracInCP:
         total = len(self.checkpoints) * len(chunks)
         bar = tqdm(total=total, desc="tracin", unit="shard", disable=not progress, leave=False)
         try:
-            for ci, (where, lr) in enumerate(self.checkpoints):
-                missing = [c for c in range(len(chunks)) if not sink.has(ci, c)]
-                need_test_norms = te is not None and not sink.has_test(ci)
-                bar.update(len(chunks) - len(missing))
-                if not missing and not need_test_norms:
-                    continue
-                model = self._load(where)
-                grads = _CheckpointGrads(
-                    model, self.scope, self.device, self._projector, self.dtype
+            for ci in range(len(self.checkpoints)):
+                self.compute_checkpoint(
+                    ci, tr, te, chunks, range(len(chunks)), sink, lambda: bar.update(1)
                 )
-                self.n_params = grads.n_params
-                test_sq = np.full(n_test, np.nan, dtype=np.float32)
-                for c, block in self._checkpoint_blocks(grads, tr, te, chunks, missing, test_sq):
-                    sink.put(ci, c, lr * block)
-                    bar.update(1)
-                if need_test_norms:
-                    if np.isnan(test_sq).any():  # every training chunk was already on disk
-                        test_sq = self._test_sq_norms(grads, te)
-                    sink.put_test(ci, test_sq)
-                del grads, model
         finally:
             bar.close()
         if self.n_params is None:  # every shard was on disk
@@ -244,6 +228,59 @@ class TracInCP:
             test_grad_norms=test_norms,
         )
 
+    def compute_checkpoint(
+        self,
+        ci: int,
+        tr: _Data,
+        te: _Data | None,
+        chunks: Sequence[tuple[int, int]],
+        wanted: Iterable[int],
+        sink: _Sink,
+        on_block: Callable[[], None] | None = None,
+    ) -> int:
+        """Put checkpoint ``ci``'s blocks of the ``wanted`` chunks (and its test norms) in ``sink``.
+
+        The one unit of work every executor runs (:meth:`compute` and
+        :func:`core.tracin.compute` both come here): blocks already in ``sink`` are skipped,
+        each block is ``η_ci`` × the (n_test + 1, chunk) dot products, and a block depends only
+        on its checkpoint and chunk, never on which other chunks are computed with it.
+        ``on_block`` is called once per chunk (present or computed). Returns the number of
+        blocks computed.
+        """
+        where, lr = self.checkpoints[ci]
+        wanted = list(wanted)
+        missing = [c for c in wanted if not sink.has(ci, c)]
+        need_test_norms = te is not None and not sink.has_test(ci)
+        for _ in range(len(wanted) - len(missing)):
+            if on_block is not None:
+                on_block()
+        if not missing and not need_test_norms:
+            return 0
+        model = self._load(where)
+        grads = _CheckpointGrads(model, self.scope, self.device, self._projector, self.dtype)
+        self.n_params = grads.n_params
+        n_test = te.n if te is not None else 0
+        test_sq = np.full(n_test, np.nan, dtype=np.float32)
+        for c, block in self._checkpoint_blocks(grads, tr, te, list(chunks), missing, test_sq):
+            sink.put(ci, c, lr * block)
+            if on_block is not None:
+                on_block()
+        if need_test_norms:
+            if np.isnan(test_sq).any():  # every training chunk was already there
+                test_sq = self._test_sq_norms(grads, te)
+            sink.put_test(ci, test_sq)
+        del grads, model
+        return len(missing)
+
+    def identity(self) -> list[dict[str, Any] | str]:
+        """Each checkpoint by content (learning rate and SHA-1), never by path string."""
+        from core.provenance import checkpoint_identity
+
+        return [
+            "<module>" if isinstance(w, nn.Module) else checkpoint_identity(w, lr)
+            for w, lr in self.checkpoints
+        ]
+
     # ---- internals
 
     def _load(self, where: Any) -> nn.Module:
@@ -265,10 +302,8 @@ class TracInCP:
             "n_chunks": n_chunks,
             "n_train": tr.n,
             "n_test": te.n if te is not None else 0,
-            "checkpoints": [
-                [str(w) if not isinstance(w, nn.Module) else "<module>", lr]
-                for w, lr in self.checkpoints
-            ],
+            # By content: an absolute and a relative path to one checkpoint are the same.
+            "checkpoints": self.identity(),
             "train_data": tr.fingerprint(),
             "test_data": te.fingerprint() if te is not None else None,
         }

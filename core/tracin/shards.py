@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +89,33 @@ class _ShardSink(_Sink):
     """Blocks as ``.npy`` shards in a folder, with the options they were computed with."""
 
     def __init__(self, folder: Path, options: dict[str, Any]) -> None:
-        """Use ``folder``; discard its shards if they were computed with other options."""
+        """Use ``folder``; refuse it if its shards were computed with other options.
+
+        Shards are never deleted here: other options raise :class:`AtlasError` with one
+        sentence naming the option that differs, and the user decides.
+        """
         self.folder = folder
         opt_path = folder / SHARD_OPTIONS
+        wanted = json.loads(json.dumps(options))
         if opt_path.exists():
             try:
                 old = json.loads(opt_path.read_text("utf-8"))
-            except (OSError, json.JSONDecodeError):
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                 old = None
-            if old != json.loads(json.dumps(options)):
-                shutil.rmtree(folder)
-        if not opt_path.exists():
+            if old != wanted:
+                raise AtlasError(
+                    f"{folder} holds TracIn shards computed with {options_difference(old, wanted)}; "
+                    "rerun with the options they were made with to finish them, or move that "
+                    "folder away to start over."
+                )
+        elif folder.is_dir() and any(folder.glob("ckpt-*.npy")):
+            raise AtlasError(
+                f"{folder} holds TracIn shards without a record of their options "
+                f"({SHARD_OPTIONS}); move that folder away to start over."
+            )
+        else:
             store.write_json(opt_path, options)
+        self.options = wanted
 
     def path(self, ckpt: int, chunk: int) -> Path:
         """Shard file path."""
@@ -130,6 +144,31 @@ class _ShardSink(_Sink):
     def get_test(self, ckpt: int) -> np.ndarray:
         """Read the test-norm shard."""
         return np.load(self.folder / norm_shard_name(ckpt))
+
+
+def options_difference(old: Any, new: dict[str, Any]) -> str:
+    """The first option in which ``old`` differs from ``new``, as a phrase for a sentence."""
+    if not isinstance(old, dict):
+        return "options that cannot be read"
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "checkpoints" and isinstance(old.get(key), list):
+            olds, news = old[key], new.get(key) or []
+            if len(olds) != len(news):
+                return f"{len(olds)} checkpoints (this request has {len(news)})"
+            for i, (a, b) in enumerate(zip(olds, news, strict=True)):
+                if a != b:
+                    return f"another checkpoint {i + 1} ({_describe(a)}; now {_describe(b)})"
+        return f"{key} {old.get(key)!r} (this request: {new.get(key)!r})"
+    return "other options"
+
+
+def _describe(ckpt: Any) -> str:
+    """A checkpoint identity in words."""
+    if isinstance(ckpt, dict):
+        return f"lr {ckpt.get('lr')}, content {str(ckpt.get('sha1'))[:10]}"
+    return f"recorded as {ckpt!r}"
 
 
 def _aggregate(

@@ -1,21 +1,46 @@
-"""The tracin stage of a run: options from the run's config, its checkpoints and data."""
+"""The tracin stage of a run, and its public task API for any executor.
+
+A run's TracIn work is a list of independent :class:`Task` s (one checkpoint × a range of
+training chunks). Any executor (this process, a process pool, a cluster) runs
+
+    tasks = plan(run)            # writes tracin_shards/options.json, lists what is missing
+    for task in tasks:           # in any order, anywhere the run folder is reachable
+        compute(task)            # writes the task's shards atomically; present ones skipped
+    aggregate(run)               # tracin.npy & co. from the shards, in a fixed order
+
+and gets bitwise the same files: a shard depends only on its checkpoint and chunk, and
+:func:`aggregate` sums in checkpoint order whatever order the shards were made in.
+:func:`run_tracin` (the stage) is exactly that loop, in this process.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from core import store
+from core import provenance, store
 from core.errors import AtlasError
-from core.tracin.engine import TracInCP
-from core.tracin.shards import write_per_checkpoint
+from core.tracin.engine import CHUNK_SIZE, TracInCP
+from core.tracin.inputs import _Data
+from core.tracin.shards import (
+    SHARD_OPTIONS,
+    _aggregate,
+    _ShardSink,
+    _unweighted_norms,
+    norm_shard_name,
+    shard_name,
+    write_per_checkpoint,
+)
 from core.tracin_options import parse_scope
 
 
@@ -107,6 +132,232 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float]:
     return out
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """What a shard's numbers depend on besides its checkpoint and chunk."""
+
+    params: str
+    project: int | None = None
+    seed: int | None = None
+    dtype: str = "float32"
+    chunk_size: int = CHUNK_SIZE
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of TracIn work: training chunks ``chunks[0] .. chunks[1] - 1`` at one checkpoint.
+
+    The checkpoint is named by its position, epoch, learning rate and content hash
+    (``sha1``), never by a path string; ``options_sha1`` is the hash of the shard folder's
+    ``options.json`` the task was planned against. Tasks are plain frozen data: they
+    pickle, so any executor can ship them to a worker.
+    """
+
+    run: str
+    checkpoint: int  # 0-based position in the manifest's checkpoint list
+    epoch: int | None
+    lr: float
+    sha1: str
+    chunks: tuple[int, int]  # [first, last) training chunk numbers
+    options: TaskOptions
+    options_sha1: str
+
+    @property
+    def name(self) -> str:
+        """A readable task name, e.g. ``ckpt-02_chunks-0000-0003``."""
+        first, last = self.chunks
+        return f"ckpt-{self.checkpoint:02d}_chunks-{first:04d}-{last - 1:04d}"
+
+    def shard_paths(self) -> list[Path]:
+        """The files this task writes (its chunks' shards)."""
+        folder = Path(self.run) / store.TRACIN_SHARDS_DIR
+        return [folder / shard_name(self.checkpoint, c) for c in range(*self.chunks)]
+
+
+class _Context:
+    """A run's encoded data and engine for one set of options, reused by the tasks of a process."""
+
+    def __init__(self, run: Path, options: TaskOptions, device: str | torch.device) -> None:
+        """Encode the run's data and build the engine (no checkpoint is loaded yet)."""
+        from core.config import config_from_dict
+        from core.models import resolve_device
+
+        manifest = store.load_manifest(run)
+        config = config_from_dict(manifest.get("config") or {})
+        checkpoints = _run_checkpoints(run, manifest)
+        self.epochs = [e.get("epoch") for e in manifest.get("checkpoints") or []]
+        self.engine = TracInCP(
+            checkpoints,
+            scope=options.params,
+            project=options.project,
+            seed=options.seed or 0,
+            device=resolve_device(device) if isinstance(device, str) else device,
+            dtype=options.dtype,
+            chunk_size=options.chunk_size,
+            loader=_load_classifier,
+        )
+        train, test, _ = _run_data(run, config.max_length)
+        self.tr = _Data(train, "training")
+        self.te = _Data(test, "test") if test is not None else None
+        n, size = self.tr.n, options.chunk_size
+        self.chunks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+        self.folder = run / store.TRACIN_SHARDS_DIR
+
+    def shard_options(self) -> dict[str, Any]:
+        """The shard folder's options: scope, projection, sizes, data and checkpoint identity."""
+        return self.engine._options(self.tr, self.te, len(self.chunks))
+
+
+def _load_classifier(path: Any, device: torch.device) -> Any:
+    """core.models.load_classifier, looked up at call time (tests replace it)."""
+    from core import models
+
+    return models.load_classifier(path, device)
+
+
+# The last context built in this process: a worker running many tasks of one run encodes once.
+_CONTEXT: dict[tuple, _Context] = {}
+
+
+def _context(run: Path, options: TaskOptions, device: str | torch.device) -> _Context:
+    """The (cached) context of ``run`` for ``options`` on ``device``."""
+    run = run.resolve()  # checkpoint paths stay valid if the working directory changes
+    manifest = store.load_manifest(run)
+    inputs = tuple(
+        (name, (provenance.fingerprint(run / name) or {}).get("sha1"))
+        for name in (store.INSTANCES, store.TOKENIZER_DIR)
+    )
+    key = (
+        str(run.resolve()),
+        options,
+        str(device),
+        inputs,
+        json.dumps(manifest.get("checkpoints"), sort_keys=True),
+    )
+    if key not in _CONTEXT:
+        _CONTEXT.clear()
+        _CONTEXT[key] = _Context(run, options, device)
+    return _CONTEXT[key]
+
+
+def _options_sha1(options: dict[str, Any]) -> str:
+    """Hash of a shard folder's options."""
+    return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def plan(
+    run_dir: str | os.PathLike,
+    scope: str | None = None,
+    project: int | None = None,
+    seed: int | None = None,
+    *,
+    dtype: str = "float32",
+    chunk_size: int = CHUNK_SIZE,
+    chunks_per_task: int | None = None,
+    pending_only: bool = True,
+) -> list[Task]:
+    """The tasks of a run's TracIn, checkpoint by checkpoint; the shard folder is prepared.
+
+    Options default to the run's config. ``chunks_per_task`` training chunks make a task
+    (default: all chunks of a checkpoint, so its test gradients are computed once; 1 gives
+    the finest tasks for many workers). With ``pending_only`` tasks whose shards all exist
+    are left out. Raises :class:`AtlasError` when the run has no checkpoints, an option is
+    invalid, or the shard folder holds shards of other options (one sentence naming the
+    option; nothing is deleted).
+    """
+    run = Path(run_dir)
+    opts, (manifest, _) = _run_options(run, scope, project, seed)
+    _run_checkpoints(run, manifest)
+    if chunks_per_task is not None and int(chunks_per_task) <= 0:
+        raise AtlasError(f"chunks_per_task must be positive (got {chunks_per_task}).")
+    options = TaskOptions(opts["params"], opts["project"], opts["seed"], dtype, int(chunk_size))
+    ctx = _context(run, options, "cpu")
+    sink = _ShardSink(ctx.folder, ctx.shard_options())  # writes options.json, or refuses
+    digest = _options_sha1(sink.options)
+    step = int(chunks_per_task or len(ctx.chunks))
+    tasks = []
+    for ci, ident in enumerate(sink.options["checkpoints"]):
+        for first in range(0, len(ctx.chunks), step):
+            last = min(first + step, len(ctx.chunks))
+            done = all(sink.has(ci, c) for c in range(first, last)) and (
+                ctx.te is None or sink.has_test(ci)
+            )
+            if pending_only and done:
+                continue
+            tasks.append(
+                Task(
+                    run=str(run),
+                    checkpoint=ci,
+                    epoch=ctx.epochs[ci] if ci < len(ctx.epochs) else None,
+                    lr=float(ident["lr"]),
+                    sha1=str(ident["sha1"]),
+                    chunks=(first, last),
+                    options=options,
+                    options_sha1=digest,
+                )
+            )
+    return tasks
+
+
+def compute(task: Task, device: str | torch.device = "auto", on_block: Any = None) -> list[Path]:
+    """Run one task: write its missing shards (and its checkpoint's test norms) atomically.
+
+    Present shards are skipped, so a task can be retried or run twice. Raises
+    :class:`AtlasError` when the shard folder was re-planned with other options or the
+    checkpoint's content changed since :func:`plan`. Returns the task's shard paths.
+    ``on_block`` (no arguments) is called once per chunk, for progress bars.
+    """
+    ctx = _context(Path(task.run), task.options, device)
+    options = ctx.shard_options()
+    if _options_sha1(json.loads(json.dumps(options))) != task.options_sha1:
+        raise AtlasError(
+            f"Task {task.name} was planned with other options or checkpoints than "
+            f"{task.run} now has; plan the run's TracIn again."
+        )
+    sink = _ShardSink(ctx.folder, options)
+    ctx.engine.compute_checkpoint(
+        task.checkpoint, ctx.tr, ctx.te, ctx.chunks, range(*task.chunks), sink, on_block
+    )
+    return task.shard_paths()
+
+
+def aggregate(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write tracin.npy, tracin_per_checkpoint.npy, self_influence.npy and the gradient norms.
+
+    Reads the shards of ``tracin_shards/`` (all must exist: the first missing one is named
+    in the :class:`AtlasError`) and sums them in checkpoint order, so the files are the same
+    bits whatever order, process or machine made the shards. Returns sizes for the manifest.
+    """
+    run = Path(run_dir)
+    folder = run / store.TRACIN_SHARDS_DIR
+    options = store.read_json(folder / SHARD_OPTIONS)
+    sink = _ShardSink(folder, options)
+    k, n_train, n_test = len(options["checkpoints"]), options["n_train"], options["n_test"]
+    size = options["chunk_size"]
+    chunks = [(lo, min(lo + size, n_train)) for lo in range(0, n_train, size)]
+    for ci in range(k):
+        names = [shard_name(ci, c) for c in range(len(chunks)) if not sink.has(ci, c)]
+        if n_test and not sink.has_test(ci):
+            names.append(norm_shard_name(ci))
+        if names:
+            raise AtlasError(
+                f"{folder} lacks {names[0]} (and {len(names) - 1} more of checkpoint {ci + 1}); "
+                "compute the remaining tasks first."
+            )
+    matrix, _, self_inf, train_sq = _aggregate(sink, k, chunks, n_test, n_train, False)
+    lrs = np.array([c["lr"] for c in options["checkpoints"]], dtype=np.float64)
+    store.write_npy(run / store.TRACIN, matrix.astype(np.float32))
+    write_per_checkpoint(folder, k, n_train, n_test, size, run / store.TRACIN_PER_CHECKPOINT)
+    store.write_npy(run / store.SELF_INFLUENCE, self_inf.astype(np.float32))
+    store.write_npy(run / store.GRAD_NORMS_TRAIN, _unweighted_norms(train_sq, lrs))
+    if n_test:
+        test_sq = np.stack([sink.get_test(ci) for ci in range(k)])
+        store.write_npy(
+            run / store.GRAD_NORMS_TEST, np.sqrt(np.maximum(test_sq, 0.0)).astype(np.float32)
+        )
+    return {"n_checkpoints": k, "n_train": n_train, "n_test": n_test, "chunk_size": size}
+
+
 def run_tracin(
     run_dir: str | os.PathLike,
     scope: str | None = None,
@@ -115,14 +366,19 @@ def run_tracin(
     device: str = "auto",
     progress: bool = True,
     dtype: str = "float32",
+    chunk_size: int = CHUNK_SIZE,
 ) -> dict[str, Any]:
     """The tracin stage: write tracin.npy, tracin_per_checkpoint.npy and self_influence.npy.
 
     Options default to the run's config (``tracin_params``, ``tracin_project``,
-    ``tracin_seed``). Skipped when already complete with the same options; resumes from
-    the shards of an interrupted run. Returns the manifest's ``tracin`` entry.
+    ``tracin_seed``). Skipped when already complete with the same options and inputs
+    (checkpoints and instances unchanged, ``core.provenance``); resumes from the shards of
+    an interrupted run. The work is :func:`plan`, :func:`compute` per task, :func:`aggregate`.
+    Returns the manifest's ``tracin`` entry.
     """
-    from core.models import load_classifier, resolve_device
+    from tqdm.auto import tqdm
+
+    from core.models import resolve_device
 
     run = Path(run_dir)
     options, (manifest, config) = _run_options(run, scope, project, seed)
@@ -138,6 +394,7 @@ def run_tracin(
         store.stage_done(run, "tracin")
         and {k: previous.get(k) for k in options} == options
         and all(p.exists() for p in outputs)
+        and provenance.stale_reason(run, "tracin") is None
     ):
         return previous
     dev = resolve_device(device)
@@ -148,41 +405,40 @@ def run_tracin(
         seed=options["seed"] or 0,
         device=dev,
         dtype=dtype,
-        loader=load_classifier,
+        chunk_size=chunk_size,
+        loader=_load_classifier,
     )
-    train, test, _ = _run_data(run, config.max_length)
     # Loads the first checkpoint: a scope that selects nothing fails here, before any write.
     n_params = engine.check()
 
     start = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    store.mark_stage(run, "tracin", store.STATUS_RUNNING, **options)
-    shard_dir = run / store.TRACIN_SHARDS_DIR
-    result = engine.compute(train, test, shard_dir=shard_dir, progress=progress)
-    n_train = len(train["labels"])
-    n_test = 0 if test is None else len(test["labels"])
-    matrix = result.matrix if result.matrix is not None else np.zeros((0, n_train), np.float32)
-    store.write_npy(run / store.TRACIN, matrix.astype(np.float32))
-    write_per_checkpoint(
-        shard_dir,
-        len(checkpoints),
-        n_train,
-        n_test,
-        engine.chunk_size,
-        run / store.TRACIN_PER_CHECKPOINT,
+    # Before the stage is marked: shards of other options are refused here, untouched.
+    tasks = plan(
+        run,
+        options["params"],
+        options["project"],
+        options["seed"],
+        dtype=dtype,
+        chunk_size=engine.chunk_size,
     )
-    store.write_npy(run / store.SELF_INFLUENCE, result.self_influence.astype(np.float32))
-    store.write_npy(run / store.GRAD_NORMS_TRAIN, result.train_grad_norms)
-    if result.test_grad_norms is not None:
-        store.write_npy(run / store.GRAD_NORMS_TEST, result.test_grad_norms)
+    store.mark_stage(run, "tracin", store.STATUS_RUNNING, **options)
+    total = sum(t.chunks[1] - t.chunks[0] for t in tasks)
+    bar = tqdm(total=total, desc="tracin", unit="shard", disable=not progress, leave=False)
+    try:
+        for task in tasks:
+            compute(task, device=dev, on_block=lambda: bar.update(1))
+    finally:
+        bar.close()
+    sizes = aggregate(run)
     seconds = time.perf_counter() - start
     info = {
         **options,
         "n_params": n_params,
         "n_checkpoints": len(checkpoints),
-        "n_train": n_train,
-        "n_test": n_test,
+        "n_train": sizes["n_train"],
+        "n_test": sizes["n_test"],
         "device": str(dev),
         "dtype": dtype,
         "chunk_size": engine.chunk_size,
@@ -193,5 +449,5 @@ def run_tracin(
     stage_info = {k: v for k, v in info.items() if k != "seconds"}
     store.mark_stage(run, "tracin", store.STATUS_COMPLETE, seconds, **stage_info)
     # The final files hold everything the shards did; they are only resumption state.
-    shutil.rmtree(shard_dir, ignore_errors=True)
+    shutil.rmtree(run / store.TRACIN_SHARDS_DIR, ignore_errors=True)
     return info

@@ -1,0 +1,225 @@
+"""Provenance: what each stage of a run was computed from, and which results are stale.
+
+Every stage writes ``provenance/<stage>.json`` beside its outputs (in the spirit of
+kronfluence's saved arguments): the arguments it ran with and a content fingerprint of
+every input file or folder it read. A later change to an input (``tracin --params head``
+rewrites ``tracin.npy``, a checkpoint retrained) makes the stages that read it *stale*:
+their own command recomputes them, and ``show`` / ``list`` report them until then.
+
+Fingerprints identify content, not path strings: inputs inside the run are recorded
+relative to the run folder, so a run moved, or reached through an absolute instead of a
+relative ``--cache``, keeps its provenance. A fingerprint is the SHA-1 of the content
+(files up to :data:`FULL_HASH_BYTES`; past that the size, the first and last MiB and
+:data:`SAMPLED_BLOCKS` evenly spaced 64 KiB blocks, which any rewrite of a float array
+changes), plus the size and modification time so that an unchanged file is recognised
+without reading it again. A folder's fingerprint hashes its files' names and
+fingerprints. This module imports no torch: the app and ``list`` use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from core import store
+from core.errors import AtlasError
+
+PROVENANCE_DIR = "provenance"
+# Files up to this size are hashed whole (SHA-1 runs at about 1 GB/s).
+FULL_HASH_BYTES = 256 << 20
+SAMPLED_BLOCKS = 64
+_BLOCK = 64 << 10
+_EDGE = 1 << 20
+
+# Inputs of each stage, as paths relative to the run folder. The tracin stage also reads
+# every checkpoint folder listed in the manifest (added by :func:`stage_inputs`).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "train": (store.INSTANCES, store.TOKENIZER_DIR),
+    "tracin": (store.INSTANCES, store.TOKENIZER_DIR),
+    "analyze": (
+        store.INSTANCES,
+        store.LOGITS,
+        store.TRACIN,
+        store.TRACIN_PER_CHECKPOINT,
+        store.GRAD_NORMS_TRAIN,
+        store.GRAD_NORMS_TEST,
+    ),
+    "detect": (
+        store.INSTANCES,
+        store.LOGITS,
+        store.TRACIN,
+        store.SELF_INFLUENCE,
+        store.SHAPES,
+    ),
+    "clean": (store.INSTANCES, store.DETECTORS),
+}
+# Keys of a stage's recorded info that describe the machine, not the result.
+_VOLATILE = {"seconds", "timings_s", "peak_rss_mb", "peak_cuda_mb", "device", "status", "error"}
+
+# (path, size, mtime_ns) -> sha1: a file already hashed in this process is not read again.
+_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path, size: int) -> str:
+    """SHA-1 of a file's content (sampled past :data:`FULL_HASH_BYTES`)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(f"sampled:{size}:".encode())
+            h.update(fh.read(_EDGE))
+            step = (size - 2 * _EDGE) // (SAMPLED_BLOCKS + 1)
+            for i in range(1, SAMPLED_BLOCKS + 1):
+                fh.seek(_EDGE + i * step)
+                h.update(fh.read(_BLOCK))
+            fh.seek(size - _EDGE)
+            h.update(fh.read(_EDGE))
+    return h.hexdigest()
+
+
+def _stat_digest(path: Path, stat: os.stat_result) -> str:
+    """A file's digest, memoised by (path, size, mtime)."""
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _MEMO:
+        _MEMO[key] = _file_digest(path, stat.st_size)
+    return _MEMO[key]
+
+
+def fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Content fingerprint of a file or folder: ``{sha1, size, mtime_ns}``; None if absent.
+
+    A folder's ``sha1`` covers its files' relative names and digests (hidden and ``*.tmp``
+    files excluded), ``size`` their total and ``mtime_ns`` the newest.
+    """
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return {"sha1": _stat_digest(p, st), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if not p.is_dir():
+        return None
+    h = hashlib.sha1()
+    size = newest = 0
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        rel = f.relative_to(p).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts) or rel.endswith(".tmp"):
+            continue
+        st = f.stat()
+        h.update(f"{rel}\0{_stat_digest(f, st)}\0".encode())
+        size += st.st_size
+        newest = max(newest, st.st_mtime_ns)
+    return {"sha1": h.hexdigest(), "size": size, "mtime_ns": newest}
+
+
+def same_content(recorded: Mapping[str, Any] | None, path: str | os.PathLike) -> bool | None:
+    """Whether ``path`` still holds the content of the ``recorded`` fingerprint.
+
+    None when the path is absent (a run shipped without its heavy tier is not stale).
+    """
+    now = fingerprint(path)
+    if now is None:
+        return None
+    return recorded is not None and now["sha1"] == recorded.get("sha1")
+
+
+def checkpoint_identity(path: str | os.PathLike, lr: float, epoch: int | None = None) -> dict:
+    """A checkpoint identified by its content, not its path: ``{epoch, lr, sha1}``."""
+    fp = fingerprint(path)
+    if fp is None:
+        raise AtlasError(f"The checkpoint {path} does not exist.")
+    return {"epoch": epoch, "lr": float(lr), "sha1": fp["sha1"]}
+
+
+def stage_inputs(run_dir: str | os.PathLike, stage: str) -> list[str]:
+    """The inputs of ``stage`` as paths relative to the run folder (checkpoints included)."""
+    run = Path(run_dir)
+    names = list(STAGE_INPUTS.get(stage, ()))
+    if stage == "tracin":
+        try:
+            entries = store.load_manifest(run).get("checkpoints") or []
+        except AtlasError:
+            entries = []
+        names += [str(e["path"]) for e in entries if isinstance(e, dict) and e.get("path")]
+    return names
+
+
+def _record_path(run: Path, stage: str) -> Path:
+    """Where the provenance of ``stage`` is written."""
+    return run / PROVENANCE_DIR / f"{stage}.json"
+
+
+def record_stage_inputs(
+    run_dir: str | os.PathLike,
+    stage: str,
+    args: Mapping[str, Any],
+    inputs: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """Write ``provenance/<stage>.json``: ``args`` and the fingerprint of every input.
+
+    ``inputs`` are paths relative to the run folder (default: :func:`stage_inputs`); an
+    absolute path (a user's data file) is kept as given. Absent inputs are recorded as
+    null. Returns the record.
+    """
+    run = Path(run_dir)
+    names = list(stage_inputs(run, stage) if inputs is None else inputs)
+    record = {
+        "stage": stage,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "args": {k: v for k, v in dict(args).items() if k not in _VOLATILE},
+        "inputs": {name: fingerprint(run / name) for name in names},
+    }
+    store.write_json(_record_path(run, stage), record)
+    return record
+
+
+def read_record(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
+    """The provenance record of ``stage``, or None (never recorded, or unreadable)."""
+    try:
+        record = store.read_json(_record_path(Path(run_dir), stage))
+    except AtlasError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def stale_reason(run_dir: str | os.PathLike, stage: str) -> str | None:
+    """One sentence saying which input of ``stage`` changed since it ran, or None.
+
+    A stage without a record (made before provenance existed) or whose inputs are absent
+    (a shipped run without checkpoints) is not reported stale: nothing says it is.
+    """
+    run = Path(run_dir)
+    record = read_record(run, stage)
+    if record is None or not isinstance(record.get("inputs"), dict):
+        return None
+    for name, recorded in record["inputs"].items():
+        if recorded is None:
+            if (run / name).exists():
+                return f"{name} appeared after {stage} ran"
+            continue
+        if same_content(recorded, run / name) is False:
+            return f"{name} changed after {stage} ran"
+    return None
+
+
+def stale_stages(run_dir: str | os.PathLike) -> dict[str, str]:
+    """``{stage: reason}`` for every stage recorded complete whose inputs changed since."""
+    run = Path(run_dir)
+    try:
+        stages = store.load_manifest(run).get("stages") or {}
+    except AtlasError:
+        return {}
+    out = {}
+    for stage, entry in stages.items() if isinstance(stages, dict) else ():
+        if isinstance(entry, dict) and entry.get("status") == store.STATUS_COMPLETE:
+            reason = stale_reason(run, stage)
+            if reason:
+                out[stage] = reason
+    if (run / store.CLEANING_DIR).is_dir() and (reason := stale_reason(run, "clean")):
+        out["clean"] = reason
+    return out
