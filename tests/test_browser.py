@@ -16,10 +16,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ import pandas as pd
 import pytest
 import runstore_factory as factory
 
+from core import store
 from ui.pages import PAGES as PAGE_SPECS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,3 +309,104 @@ def test_shared_link_reproduces_the_view(server, page):
     page.wait_for_selector(CHART)
     page.get_by_text("Curve of test instance 80", exact=True).wait_for()
     assert "run=older-run" in page.url and "test=80" in page.url
+
+
+# -- untrusted text is text ----------------------------------------------------------------------
+
+TRAP = "127.0.0.1:9"  # the discard port: anything asking for it is a request that left the page
+HOSTILE = [
+    f"![x](http://{TRAP}/p.png) a Markdown image in a review",
+    f'<img src="http://{TRAP}/h.png"><script>fetch("http://{TRAP}/s")</script> raw HTML',
+    f"[click me](javascript:fetch('http://{TRAP}/j')) a javascript: link",
+    "a very long line " + "A" * 6000,
+    "\u202eRTL override \u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627 zero\u200bwidth\u200d\ufeff",
+    ":material/warning: :red[colour] $x^2$ **bold** `code` <b>b</b>",
+    f"<style>body{{background:url(http://{TRAP}/c.png)}}</style> CSS",
+    f"![y](http:&#47;&#47;{TRAP}&#47;e.png) an entity-encoded image",
+]
+HOSTILE_RUN = "[run](javascript:alert(1))"
+HOSTILE_FILE = f"![f](http:&#47;&#47;{TRAP}&#47;f.png).csv"
+
+
+def hostile_store(cache: Path) -> Path:
+    """The fake store with every instance text hostile, a hostile run name and export name."""
+    factory.make_store(cache)
+    for run in ("demo", "older-run"):
+        path = cache / run / "instances.parquet"
+        inst = pd.read_parquet(path)
+        inst["text"] = [HOSTILE[i % len(HOSTILE)] for i in range(len(inst))]
+        inst.to_parquet(path)
+    shutil.copytree(cache / "older-run", cache / HOSTILE_RUN)
+    exports = cache / "demo" / store.CLEANING_DIR
+    exports.mkdir(exist_ok=True)
+    (exports / HOSTILE_FILE).write_text("id,text\n1,x\n", "utf-8")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("hostile")
+    with serving(hostile_store(root / "cache"), root) as url:
+        yield url
+
+
+def outside_requests(tab, base: str, visit) -> list[str]:
+    """URLs the page asked for outside the app while ``visit()`` ran."""
+    seen: list[str] = []
+    tab.on("request", lambda r: seen.append(r.url))
+    visit()
+    tab.wait_for_timeout(500)  # let any late image or script request show up
+    host = urllib.parse.urlsplit(base).netloc
+    return [
+        u
+        for u in seen
+        if not u.startswith(("data:", "blob:", "about:"))
+        and urllib.parse.urlsplit(u).netloc != host
+    ]
+
+
+def assert_inert(tab) -> None:
+    """No element built from the texts: no trap image, no javascript: link, no injected tag."""
+    assert tab.locator(f'img[src*="{TRAP}"]').count() == 0
+    assert tab.locator('a[href^="javascript:"]').count() == 0
+    assert tab.locator('[data-testid="stException"]').count() == 0
+
+
+@pytest.mark.parametrize("path", list(PAGES))
+def test_hostile_texts_stay_text_on_every_page(path, hostile_server, page):
+    def visit():
+        page.goto(f"{hostile_server}/{path}?run=demo")
+        settle(page, PAGES[path])
+
+    assert outside_requests(page, hostile_server, visit) == []
+    assert_inert(page)
+
+
+def test_hostile_run_names_links_and_uploads_stay_text(hostile_server, page):
+    quoted = urllib.parse.quote(HOSTILE_RUN)
+    trap_link = urllib.parse.quote(f"![q](http://{TRAP}/q.png)")
+
+    def visit():
+        page.goto(f"{hostile_server}/?run={quoted}")
+        settle(page, True)
+        page.get_by_role("heading", name=re.compile(r"^Run \[run\]")).wait_for()
+        page.goto(f"{hostile_server}/Neighbourhoods?run={trap_link}")
+        settle(page, True)
+        page.get_by_text("The link asks for run").wait_for()
+        page.goto(f"{hostile_server}/Run_a_study")
+        wait_idle(page)
+        page.get_by_text("upload a file").click()
+        wait_idle(page)
+        rows = "\n".join(
+            f'"{HOSTILE[i % 3]}",{"<b>p</b>" if i % 2 else f"![n](http://{TRAP}/n.png)"}'
+            for i in range(40)
+        )
+        header = f'"![c](http://{TRAP}/col.png)","<img src=http://{TRAP}/l.png>"'
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+            {"name": HOSTILE_FILE, "mimeType": "text/csv", "buffer": f"{header}\n{rows}\n".encode()}
+        )
+        page.get_by_text("Label column", exact=True).wait_for()
+        wait_idle(page)
+
+    assert outside_requests(page, hostile_server, visit) == []
+    assert_inert(page)

@@ -79,11 +79,16 @@ def md_escape(text: Any, limit: int | None = None) -> str:
     return _MD_SPECIAL.sub(r"\\\1", s)
 
 
+FAVICON = "🧭"
+
+
 def setup_page(title: str, icon: str = ":material/show_chart:") -> None:
-    """Page config and title, the same on every page."""
+    """Page config and title, the same on every page (``icon`` is the sidebar's, not the tab's)."""
+    # An emoji favicon is drawn in the browser (a data: URL); a ":material/…" one would be
+    # fetched from fonts.gstatic.com, a request leaving the page (and failing offline).
     st.set_page_config(
         page_title=f"{title} · Influence Atlas",
-        page_icon=icon,
+        page_icon=FAVICON,
         layout="wide",
         menu_items={"About": ABOUT},
     )
@@ -96,16 +101,18 @@ def guard() -> Iterator[None]:
     try:
         yield
     except data.MissingData as exc:
-        st.info(str(exc) + " Make it with:")
+        st.info(md_escape(exc) + " Make it with:")
         st.code(exc.command, language="bash")
     except AtlasError as exc:
-        st.error(f"This run cannot be shown: {exc}")
+        st.error(f"This run cannot be shown: {md_escape(exc)}")
         st.caption(
             "Re-run the command recorded in the run's manifest, or pick another run in the sidebar. "
             "Deleting the run's folder removes it from the list."
         )
     except Exception as exc:  # a damaged file can fail in ways the loaders do not foresee
-        st.error(f"Something in this run could not be read ({type(exc).__name__}: {exc}).")
+        st.error(
+            f"Something in this run could not be read ({type(exc).__name__}: {md_escape(exc)})."
+        )
         with st.expander("Details"):
             st.code(traceback.format_exc())
 
@@ -182,7 +189,7 @@ def pick_run(kind: str = "run") -> dict[str, Any] | None:
         names,
         key=key,
         format_func=lambda n: _run_label(by_name[n]),
-        help=f"Folders in {data.display_path(cache)} (set ATLAS_CACHE to read another store).",
+        help=f"Folders in {md_escape(data.display_path(cache))} (set ATLAS_CACHE to read another store).",
     )
     _remember(qp, memo, name)
     row = by_name[name]
@@ -195,7 +202,9 @@ def open_run() -> data.Run | None:
     """Run picker + opened run, or None after showing the empty-cache message."""
     row = pick_run("run")
     if row is None:
-        st.info(f"No study runs in `{data.display_path(data.cache_dir())}` yet. {EMPTY_HELP}")
+        st.info(
+            f"No study runs in {md_escape(data.display_path(data.cache_dir()))} yet. {EMPTY_HELP}"
+        )
         return None
     run = data.Run(row["path"])
     with contextlib.suppress(AtlasError):
@@ -206,13 +215,14 @@ def open_run() -> data.Run | None:
 def _run_caption(run: data.Run) -> str:
     m = run.manifest
     cfg = m.get("config", {})
+    esc = md_escape
     parts = [
-        f"status **{m.get('status', '?')}**",
-        f"dataset {cfg.get('dataset', '?')}",
-        f"model {cfg.get('model', '?')}",
+        f"status **{esc(m.get('status', '?'))}**",
+        f"dataset {esc(cfg.get('dataset', '?'), 60)}",
+        f"model {esc(cfg.get('model', '?'), 60)}",
     ]
     if m.get("n_train"):
-        parts.append(f"{m['n_train']} train / {m.get('n_flipped', '?')} flipped")
+        parts.append(f"{esc(m['n_train'])} train / {esc(m.get('n_flipped', '?'))} flipped")
     return " · ".join(parts)
 
 

@@ -104,7 +104,7 @@ def start_section(cache) -> None:
 def empty_state() -> None:
     """What to do when no sweep exists yet."""
     st.info(
-        f"No noise sweep in `{data.display_path(data.cache_dir())}` yet. A sweep trains one model per "
+        f"No noise sweep in {widgets.md_escape(data.display_path(data.cache_dir()))} yet. A sweep trains one model per "
         "flip rate and seed (no TracIn), so it takes a while; make one with:"
     )
     st.code(SWEEP_COMMAND, language="bash")
@@ -118,7 +118,10 @@ def body(sweep: data.Sweep) -> None:
     """The two figures, the threshold and the table."""
     m = sweep.manifest
     if m.get("status") != store.STATUS_COMPLETE:
-        st.warning(f"Sweep status: {m.get('status', '?')} — showing the cells finished so far.")
+        st.warning(
+            f"Sweep status: {widgets.md_escape(m.get('status', '?'))} — showing the cells "
+            "finished so far."
+        )
     table = sweep.table()
     x_axis = st.sidebar.radio(
         "x axis", ["flip rate", "number of flipped labels"], key="sweep_x", horizontal=True
@@ -141,8 +144,8 @@ def body(sweep: data.Sweep) -> None:
     cols[2].metric("seeds", f"{table['seed'].nunique()}")
     cols[3].metric("threshold", "none found" if t_rate is None else f"{float(t_rate):.1%}")
     if threshold.get("rule"):
-        note = f" ({threshold['note']})" if threshold.get("note") else ""
-        st.caption(f"Threshold rule: {threshold['rule']}{note}.")
+        note = f" ({widgets.md_escape(threshold['note'])})" if threshold.get("note") else ""
+        st.caption(f"Threshold rule: {widgets.md_escape(threshold['rule'])}{note}.")
 
     left, right = st.columns(2)
     with left:
