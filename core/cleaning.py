@@ -23,18 +23,21 @@ overwrite the run's own files or the study's input file.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from core import store
+from core import provenance, store
 from core.config import config_from_dict
 from core.detectors import REASONS, load_scores
 from core.errors import AtlasError
@@ -118,6 +121,179 @@ def apply_action(
 # --------------------------------------------------------------------------- retraining
 
 
+ARMS_DIR = "arms"  # cleaning/arms/<key>.json: one retraining's test accuracy (resumable units)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One retraining of a cleaning comparison: the positions acted on, the action, the seed.
+
+    An independent unit: :func:`compute_arm` trains it anywhere the run folder is reachable
+    and stores its test accuracy under ``cleaning/arms/``, keyed by what it trains on (the
+    same arm asked for by two detectors is trained once).
+    """
+
+    run: str
+    kind: str  # "no_change" | "oracle" | "random" | "detector"
+    action: str
+    seed: int
+    chosen: tuple[int, ...]  # training positions acted on, in order (empty: no change)
+
+    @property
+    def key(self) -> str:
+        """File stem of the arm's result: seed plus a hash of what it trains on."""
+        payload = {"action": self.action if self.chosen else None, "chosen": list(self.chosen)}
+        digest = hashlib.sha1(json.dumps(payload).encode()).hexdigest()[:16]
+        return f"seed-{self.seed}_{digest}"
+
+    def path(self) -> Path:
+        """Where the arm's result is stored."""
+        return Path(self.run) / store.CLEANING_DIR / ARMS_DIR / f"{self.key}.json"
+
+
+class _Plan:
+    """A validated cleaning request: the run's data and the arms of each seed."""
+
+    def __init__(
+        self, run: Path, detector: str, action: str, k: int, seeds: int | Sequence[int]
+    ) -> None:
+        """Validate the request (raises :class:`AtlasError` before any training)."""
+        manifest = store.load_manifest(run)
+        _check_action(action)
+        config = config_from_dict(manifest.get("config", {}))
+        self.seeds = _seed_list(seeds, config.seed)
+        instances = store.load_instances(run)
+        train = instances[instances["split"] == "train"].reset_index(drop=True)
+        if not (instances["split"] == "test").any():
+            raise AtlasError(f"{run} has no test instances to measure accuracy on.")
+        scores = _scores_in_train_order(run, detector, train)
+        k = int(k)
+        if not 1 <= k < len(train):
+            raise AtlasError(f"--k must lie between 1 and {len(train) - 1}, got {k}.")
+        self.run, self.detector, self.action, self.k = run, detector, action, k
+        self.flipped = train["flipped"].to_numpy(bool)
+        self.n_train = len(train)
+        self.chosen = top_k(scores, k)
+        self.results = run / store.CLEANING_DIR / RESULTS
+
+    def arms(self, seed: int) -> dict[str, Arm]:
+        """The four arms of one seed (the oracle only when there are flips to fix)."""
+
+        def arm(kind: str, chosen: Sequence[int]) -> Arm:
+            return Arm(str(self.run), kind, self.action, int(seed), tuple(int(c) for c in chosen))
+
+        out = {"no_change": arm("no_change", ())}
+        if self.flipped.any():
+            out["oracle"] = arm("oracle", oracle_choice(self.flipped))
+        out["random"] = arm("random", random_choice(self.n_train, self.k, seed))
+        out["detector"] = arm("detector", self.chosen)
+        return out
+
+    def reused(self, seed: int) -> dict[str, float]:
+        """Accuracies of detector-independent arms already in results.json (same seed, action, k)."""
+        rows = _read_rows(self.results)
+        found = {
+            "no_change": _reuse(rows, "no_change_accuracy", seed=seed),
+            "oracle": _reuse(rows, "oracle_accuracy", seed=seed, action=self.action),
+            "random": _reuse(rows, "random_accuracy", seed=seed, action=self.action, k=self.k),
+        }
+        return {kind: acc for kind, acc in found.items() if acc is not None}
+
+
+def plan_arms(
+    run_dir: str | os.PathLike,
+    detector: str,
+    action: str,
+    k: int,
+    seeds: int | Sequence[int] = 3,
+) -> list[Arm]:
+    """The retrainings a :func:`run_clean` call with these arguments still needs, in order.
+
+    Arms stored under ``cleaning/arms/`` or reusable from ``results.json`` are left out.
+    Validates like :func:`run_clean`.
+    """
+    plan = _Plan(Path(run_dir), detector, action, k, seeds)
+    out = []
+    for seed in plan.seeds:
+        reused = plan.reused(seed)
+        out += [
+            a for kind, a in plan.arms(seed).items() if kind not in reused and not a.path().exists()
+        ]
+    return out
+
+
+class _TrainData:
+    """The run's configuration, tokenizer, training texts/labels and test set."""
+
+    def __init__(self, run: Path) -> None:
+        """Load them (the tokenizer once per process and run)."""
+        from core.models import load_tokenizer
+
+        self.config = config_from_dict(store.load_manifest(run).get("config", {}))
+        instances = store.load_instances(run)
+        train = instances[instances["split"] == "train"].reset_index(drop=True)
+        test = instances[instances["split"] == "test"]
+        self.tokenizer = load_tokenizer(run)
+        self.texts = train["text"].tolist()
+        self.observed = train["observed_label"].to_numpy(np.int64)
+        self.test_set = (test["text"].tolist(), test["label"].to_numpy(np.int64))
+
+
+_TRAIN_DATA: dict[str, _TrainData] = {}
+
+
+def compute_arm(arm: Arm, progress: bool = False) -> float:
+    """Train one arm (skipped when its result is stored) and return its final test accuracy.
+
+    The result is written atomically to ``cleaning/arms/<key>.json``, so an arm can run in
+    any process, be retried, or be killed and run again.
+    """
+    path = arm.path()
+    if path.exists():
+        return float(store.read_json(path)["test_accuracy"])
+    from core import training  # looked up at call time (tests count the trainings)
+
+    run = Path(arm.run)
+    key = str(run.resolve())
+    if key not in _TRAIN_DATA:
+        _TRAIN_DATA.clear()
+        _TRAIN_DATA[key] = _TrainData(run)
+    data = _TRAIN_DATA[key]
+    t0 = time.perf_counter()
+    if arm.chosen:
+        texts, labels, weights, _ = apply_action(
+            data.texts, data.observed, np.asarray(arm.chosen, dtype=np.int64), arm.action
+        )
+    else:
+        texts, labels, weights = data.texts, data.observed, None
+    result = training.train_model(
+        data.config.replace(seed=arm.seed),
+        data.tokenizer,
+        texts,
+        labels,
+        weights=weights,
+        eval_sets={"test": data.test_set},
+        progress=False,
+    )
+    acc = float(result.history[-1]["test_accuracy"])
+    store.write_json(
+        path,
+        {
+            "kind": arm.kind,
+            "action": arm.action,
+            "seed": arm.seed,
+            "n_chosen": len(arm.chosen),
+            "test_accuracy": acc,
+        },
+    )
+    _say(
+        progress,
+        f"clean: {arm.kind} {arm.action} seed {arm.seed}: test accuracy {acc:.4f} "
+        f"({time.perf_counter() - t0:.0f} s)",
+    )
+    return acc
+
+
 def run_clean(
     run_dir: str | os.PathLike,
     detector: str,
@@ -130,97 +306,48 @@ def run_clean(
 
     ``seeds`` is a count (the run's seed, seed+1, …) or explicit training seeds.
     Rows are merged into ``cleaning/results.json`` after every seed, so an
-    interrupted call keeps what it finished. Returns this call's rows and their means.
+    interrupted call keeps what it finished. Each retraining is an :class:`Arm`
+    (:func:`plan_arms` lists them, :func:`compute_arm` runs one); this is that loop in one
+    process. Returns this call's rows and their means.
     """
-    from core.models import load_tokenizer
-    from core.training import train_model
-
     run = Path(run_dir)
-    manifest = store.load_manifest(run)
-    _check_action(action)
-    config = config_from_dict(manifest.get("config", {}))
-    seed_list = _seed_list(seeds, config.seed)
-    instances = store.load_instances(run)
-    train = instances[instances["split"] == "train"].reset_index(drop=True)
-    test = instances[instances["split"] == "test"]
-    if len(test) == 0:
-        raise AtlasError(f"{run} has no test instances to measure accuracy on.")
-    scores = _scores_in_train_order(run, detector, train)
-    k = int(k)
-    if not 1 <= k < len(train):
-        raise AtlasError(f"--k must lie between 1 and {len(train) - 1}, got {k}.")
-    tokenizer = load_tokenizer(run)
-    texts = train["text"].tolist()
-    observed = train["observed_label"].to_numpy(np.int64)
-    flipped = train["flipped"].to_numpy(bool)
-    test_set = (test["text"].tolist(), test["label"].to_numpy(np.int64))
-    chosen = top_k(scores, k)
-    path = run / store.CLEANING_DIR / RESULTS
-
-    def accuracy(chosen_positions: np.ndarray | None, seed: int, desc: str) -> float:
-        t0 = time.perf_counter()
-        if chosen_positions is None or len(chosen_positions) == 0:
-            use_texts, use_labels, weights = texts, observed, None
-        else:
-            use_texts, use_labels, weights, _ = apply_action(
-                texts, observed, chosen_positions, action
-            )
-        result = train_model(
-            config.replace(seed=seed),
-            tokenizer,
-            use_texts,
-            use_labels,
-            weights=weights,
-            eval_sets={"test": test_set},
-            progress=False,
-        )
-        acc = float(result.history[-1]["test_accuracy"])
-        _say(
-            progress,
-            f"clean: {desc} seed {seed}: test accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)",
-        )
-        return acc
-
+    plan = _Plan(run, detector, action, k, seeds)
     new_rows = []
-    for seed in seed_list:
-        stored = _read_rows(path)
-        no_change = _reuse(stored, "no_change_accuracy", seed=seed)
-        if no_change is None:
-            no_change = accuracy(None, seed, "no change")
-        if flipped.any():
-            oracle = _reuse(stored, "oracle_accuracy", seed=seed, action=action)
-            if oracle is None:
-                oracle = accuracy(oracle_choice(flipped), seed, f"oracle {action}")
-        else:
-            oracle = no_change  # nothing to fix: the oracle leaves the data as it is
-        rand = _reuse(stored, "random_accuracy", seed=seed, action=action, k=k)
-        if rand is None:
-            rand = accuracy(random_choice(len(train), k, seed), seed, f"random {action} k={k}")
-        test_acc = accuracy(chosen, seed, f"{detector} {action} k={k}")
+    for seed in plan.seeds:
+        reused = plan.reused(seed)
+        acc = {
+            kind: reused[kind] if kind in reused else compute_arm(arm, progress)
+            for kind, arm in plan.arms(seed).items()
+        }
+        if "oracle" not in acc:
+            acc["oracle"] = acc["no_change"]  # nothing to fix: the oracle leaves the data as it is
         row = {
             "detector": detector,
             "action": action,
-            "k": k,
+            "k": plan.k,
             "seed": int(seed),
-            "test_accuracy": test_acc,
-            "no_change_accuracy": no_change,
-            "oracle_accuracy": oracle,
-            "random_accuracy": rand,
-            "n_flips_caught": int(flipped[chosen].sum()),
+            "test_accuracy": acc["detector"],
+            "no_change_accuracy": acc["no_change"],
+            "oracle_accuracy": acc["oracle"],
+            "random_accuracy": acc["random"],
+            "n_flips_caught": int(plan.flipped[plan.chosen].sum()),
         }
         new_rows.append(row)
-        _merge_rows(path, [row])
+        _merge_rows(plan.results, [row])
     summary = {
         key: float(np.mean([r[key] for r in new_rows]))
         for key in ("test_accuracy", "no_change_accuracy", "oracle_accuracy", "random_accuracy")
     }
+    provenance.record_stage_inputs(
+        run, "clean", {"detector": detector, "action": action, "k": plan.k, "seeds": plan.seeds}
+    )
     return {
         "detector": detector,
         "action": action,
-        "k": k,
-        "seeds": seed_list,
-        "n_flips": int(flipped.sum()),
-        "n_flips_caught": int(flipped[chosen].sum()),
+        "k": plan.k,
+        "seeds": plan.seeds,
+        "n_flips": int(plan.flipped.sum()),
+        "n_flips_caught": int(plan.flipped[plan.chosen].sum()),
         "rows": new_rows,
         "mean": summary,
     }

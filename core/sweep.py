@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,7 @@ def _sweep_locked(
         seeds=list(range(base.seed, base.seed + n_seeds)),
     )
     cell_root = sweep_dir / CELLS_DIR
-    todo = [
-        (r, s) for r, s in cells if not store.stage_complete(cell_root / cell_name(r, s), "train")
-    ]
+    todo = [(c.flip_rate, c.seed) for c in plan_cells(sweep_dir, base, flip_rates, n_seeds)]
     workers = jobs if jobs > 0 else max(1, (os.cpu_count() or 1) // 2)
     workers = min(workers, max(len(todo), 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -171,6 +170,34 @@ def _run_cells(
             fut.result()
             bar.update()
     bar.close()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sweep cell, an independent unit: a study run trained up to 'train' in ``cells/``."""
+
+    sweep: str
+    base: StudyConfig
+    flip_rate: float
+    seed: int
+
+
+def plan_cells(
+    sweep_dir: str | Path, base: StudyConfig, flip_rates: list[float], n_seeds: int
+) -> list[Cell]:
+    """The cells of a sweep not trained yet, rate by rate and seed by seed."""
+    root = Path(sweep_dir) / CELLS_DIR
+    return [
+        Cell(str(sweep_dir), base, float(r), int(s))
+        for r in flip_rates
+        for s in range(base.seed, base.seed + n_seeds)
+        if not store.stage_complete(root / cell_name(r, s), "train")
+    ]
+
+
+def compute_cell(cell: Cell, threads: int = 1) -> str:
+    """Train one cell (resumes a killed one; a finished one returns at once); its run folder."""
+    return train_cell(cell.base, Path(cell.sweep) / CELLS_DIR, cell.flip_rate, cell.seed, threads)
 
 
 def train_cell(base: StudyConfig, cell_root: Path, rate: float, seed: int, threads: int) -> str:

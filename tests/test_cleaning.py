@@ -184,3 +184,29 @@ def test_exports_never_touch_the_input(scored_run, tmp_path):
         with pytest.raises(AtlasError, match="Refusing"):
             cleaning.export_review_queue(scored_run, "loss", path=target)
     assert [_digest(p) for p in watched] == before
+
+
+def test_cleaning_arms_are_independent_units(scored_run, monkeypatch):
+    import core.training
+
+    arms = cleaning.plan_arms(scored_run, "loss", "exclude", k=4, seeds=[0, 1])
+    assert [a.kind for a in arms] == ["no_change", "oracle", "random", "detector"] * 2
+    assert len({a.key for a in arms}) == len(arms) and all(len(a.chosen) == 4 for a in arms[1:4])
+    # Any order, one at a time (as an executor would): each result lands in its own file.
+    order = np.random.default_rng(0).permutation(len(arms))
+    accs = {arms[i].key: cleaning.compute_arm(arms[i]) for i in order}
+    assert all(a.path().exists() for a in arms)
+    assert cleaning.plan_arms(scored_run, "loss", "exclude", k=4, seeds=[0, 1]) == []
+    calls = []
+    real = core.training.train_model
+    monkeypatch.setattr(
+        core.training, "train_model", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    out = cleaning.run_clean(scored_run, "loss", "exclude", k=4, seeds=[0, 1], progress=False)
+    assert calls == []  # the loop runs the same units, all present
+    for row, seed in zip(out["rows"], (0, 1), strict=True):
+        by_kind = {a.kind: accs[a.key] for a in arms if a.seed == seed}
+        assert row["test_accuracy"] == by_kind["detector"]
+        assert row["no_change_accuracy"] == by_kind["no_change"]
+        assert row["oracle_accuracy"] == by_kind["oracle"]
+        assert row["random_accuracy"] == by_kind["random"]

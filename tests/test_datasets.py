@@ -453,3 +453,15 @@ def test_fetched_builtin(name, no_pip):
     assert (data.info["n_source_rows"], data.info["n_kept"]) == (n_source, n_kept)
     assert data.info["class_counts"] == counts
     assert data.frame["text"].is_unique and (data.frame["text"].str.strip() != "").all()
+
+
+def test_each_builtin_is_one_entry_carrying_its_parser():
+    import inspect
+
+    import core.datasets as datasets
+
+    assert not hasattr(datasets, "_PARSERS")  # no second table to keep in step
+    for name, spec in BUILTINS.items():
+        assert spec.name == name and callable(spec.parser)
+        # The parser takes the entry's member files, in order.
+        assert len(inspect.signature(spec.parser).parameters) == len(spec.members)

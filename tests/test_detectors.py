@@ -300,3 +300,36 @@ def test_misclassified_influence_on_a_tiny_run(tmp_path):
         again["detectors"]["misclassified_influence"]
         == result["detectors"]["misclassified_influence"]
     )
+
+
+def test_one_registry_entry_declares_each_detector():
+    from core.cli import build_parser
+
+    assert tuple(detectors.REGISTRY) == detectors.DETECTORS
+    assert {n: d.reason for n, d in detectors.REGISTRY.items()} == detectors.REASONS
+    for name, entry in detectors.REGISTRY.items():
+        assert entry.name == name and entry.reason.strip() and callable(entry.function)
+    # The CLI's choices are the registry's names, not a copy.
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command, dest in (("detect", "detectors"), ("clean", "detector"), ("export", "detector")):
+        action = next(a for a in sub[command]._actions if a.dest == dest)
+        assert tuple(action.choices) == detectors.DETECTORS
+
+
+def test_a_detector_whose_needs_are_missing_is_skipped_with_the_reason(tmp_path):
+    run = make_tiny_run(tmp_path)
+    (run / store.SELF_INFLUENCE).unlink()
+    result = detectors.run_detect(run, detectors=["self_influence", "loss"], progress=False)
+    assert result["notes"]["self_influence"] == f"skipped: {store.SELF_INFLUENCE} is missing"
+    assert "loss" in result["detectors"]
+
+
+def test_detect_recomputes_columns_whose_inputs_changed(tmp_path):
+    run = make_tiny_run(tmp_path)
+    detectors.run_detect(run, detectors=["self_influence"], progress=False)
+    before = pd.read_parquet(run / store.DETECTORS)["self_influence"].to_numpy()
+    new = np.load(run / store.SELF_INFLUENCE)[::-1].copy()
+    store.write_npy(run / store.SELF_INFLUENCE, new)  # e.g. tracin rerun with other options
+    detectors.run_detect(run, detectors=["self_influence"], progress=False)
+    after = pd.read_parquet(run / store.DETECTORS)["self_influence"].to_numpy()
+    assert not np.array_equal(after, before) and np.allclose(after, new)
