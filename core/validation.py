@@ -110,8 +110,10 @@ def check_number(flag: str, value: float | int | None, low: float, high: float) 
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AtlasError(f"{flag} must be a number (got {value!r}).")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise AtlasError(f"{flag} must be a finite number in [{low:g}, {high:g}] (got {value}).")
+    if not math.isfinite(value):
+        raise AtlasError(f"{flag} must be a finite number (got {value}).")
+    if not low <= value <= high:
+        raise AtlasError(f"{flag} must be between {_num(low)} and {_num(high)} (got {value}).")
 
 
 def check_config(config: StudyConfig) -> None:
@@ -187,6 +189,11 @@ def validate_study(config: StudyConfig, cache: str | os.PathLike, name: str | No
     check_data(config)
     check_device(config.device)
     return cache_path / name if name is not None else cache_path
+
+
+def _num(value: float) -> str:
+    """A bound as text: integers in full (4294967295, not 4.29497e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _printable(text: str, limit: int = 60) -> str:
