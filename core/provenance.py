@@ -106,10 +106,8 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     h = hashlib.sha1()
     size = newest = 0
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+    for f in _files(p):
         rel = f.relative_to(p).as_posix()
-        if any(part.startswith(".") for part in Path(rel).parts) or rel.endswith(".tmp"):
-            continue
         st = f.stat()
         h.update(f"{rel}\0{_stat_digest(f, st)}\0".encode())
         size += st.st_size
@@ -117,11 +115,39 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
     return {"sha1": h.hexdigest(), "size": size, "mtime_ns": newest}
 
 
+def _files(p: Path) -> list[Path]:
+    """The files a folder's fingerprint covers (hidden and ``*.tmp`` files excluded)."""
+    out = []
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        rel = f.relative_to(p)
+        if not any(part.startswith(".") for part in rel.parts) and f.suffix != ".tmp":
+            out.append(f)
+    return out
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    """(total size, newest mtime_ns) of a file or folder, without reading content."""
+    if path.is_file():
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    if not path.is_dir():
+        return None
+    stats = [f.stat() for f in _files(path)]
+    return sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)
+
+
 def same_content(recorded: Mapping[str, Any] | None, path: str | os.PathLike) -> bool | None:
     """Whether ``path`` still holds the content of the ``recorded`` fingerprint.
 
-    None when the path is absent (a run shipped without its heavy tier is not stale).
+    None when the path is absent (a run shipped without its heavy tier is not stale). An
+    unchanged size and modification time count as unchanged without reading the content
+    (``list`` over many runs stays cheap); otherwise the content hash decides.
     """
+    quick = _stat(Path(path))
+    if quick is None:
+        return None
+    if recorded is not None and quick == (recorded.get("size"), recorded.get("mtime_ns")):
+        return True
     now = fingerprint(path)
     if now is None:
         return None

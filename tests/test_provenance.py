@@ -169,3 +169,19 @@ def test_every_stage_records_its_arguments_and_inputs(run: Path):
     assert any(name.startswith(store.CHECKPOINTS_DIR) for name in tracin["inputs"])
     # Paths are relative to the run: the record survives moving the run folder.
     assert all(not Path(name).is_absolute() for name in tracin["inputs"])
+
+
+def test_unchanged_inputs_are_recognised_without_reading_them(tmp_path: Path, monkeypatch):
+    path = tmp_path / "a.npy"
+    np.save(path, np.arange(5, dtype=np.float32))
+    recorded = provenance.fingerprint(path)
+    provenance._MEMO.clear()
+
+    def no_reading(*args):
+        raise AssertionError("content read although size and time are unchanged")
+
+    monkeypatch.setattr(provenance, "_file_digest", no_reading)
+    assert provenance.same_content(recorded, path) is True
+    monkeypatch.undo()
+    np.save(path, np.arange(5, dtype=np.float32) * 2)  # same size, new content and time
+    assert provenance.same_content(recorded, path) is False
