@@ -147,13 +147,76 @@ def _analyze(
     train_ids = train["id"].to_numpy(np.int64)
     test_ids = test["id"].to_numpy(np.int64)
     flipped = train["flipped"].to_numpy(bool)
-    tracin = inputs["tracin"]
     logits = inputs["logits"]
 
     # Correctness: the final epoch's prediction against the true label.
     pred = np.asarray(logits[-1][test_ids]).argmax(axis=1)
     correct = pred == test["label"].to_numpy()
 
+    t = time.perf_counter()
+    emb, dist, coords, geometry_note = _geometry(run, manifest, inst, params, device, progress)
+    mean_distance = dist.mean(axis=1) if dist.shape[1] else np.full(len(test_ids), np.nan)
+    from core import geometry
+
+    knn = geometry.knn_flip_share(dist, flipped, params["k"])
+    timings["geometry"] = time.perf_counter() - t
+
+    seed = int(manifest.get("config", {}).get("seed", 0))
+    out = score_outputs(
+        inputs, test_ids, train_ids, flipped, correct, mean_distance, knn, params, seed, progress
+    )
+    timings.update(out["timings"])
+    result = out["analysis"]
+    result["geometry"] = geometry_note
+    t = time.perf_counter()
+    if coords is not None:
+        store.write_npy(run / store.EMBEDDINGS, emb.astype(np.float32, copy=False))
+        store.write_npy(run / store.DISTANCES, dist)
+        store.write_parquet(run / store.COORDS, coords)
+    store.write_parquet(run / store.SHAPES, out["shapes"])
+    store.write_parquet(run / store.CURVES, out["curves"])
+    store.write_parquet(run / store.SHAPES_BY_VIEW, out["views"])
+    store.write_npy(run / store.FLIP_RANKS, out["flip_ranks"])
+    # analysis.json last: its presence plus the stage mark mean every other file is in place.
+    store.write_json(run / store.ANALYSIS, result)
+    timings["write"] = time.perf_counter() - t
+
+    seconds = time.perf_counter() - t_start
+    store.mark_stage(
+        run,
+        STAGE,
+        store.STATUS_COMPLETE,
+        seconds,
+        params=params,
+        timings_s={name: round(v, 3) for name, v in timings.items()},
+    )
+    _say(progress, f"analyze: done in {seconds:.1f} s")
+    return result
+
+
+def score_outputs(
+    inputs: dict[str, Any],
+    test_ids: np.ndarray,
+    train_ids: np.ndarray,
+    flipped: np.ndarray,
+    correct: np.ndarray,
+    mean_distance: np.ndarray,
+    knn: np.ndarray,
+    params: dict[str, Any],
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Everything the analyze stage derives from the scores, without a model (pure NumPy).
+
+    ``inputs`` holds ``tracin`` (n_test, n_train) and optionally ``stack`` (k, n_test,
+    n_train) and ``norms`` (train (k, n_train), test (k, n_test) or None); ``params`` the
+    validated analyze parameters (s_min, z_max, trim, k, max_points, checkpoint fields).
+    Returns ``shapes``, ``curves`` and ``views`` (the three tables), ``flip_ranks`` and
+    ``analysis`` (analysis.json without its geometry note) and the ``timings`` of the parts.
+    The test suite's fake run store is built with this same function.
+    """
+    timings = {}
+    tracin = inputs["tracin"]
     t = time.perf_counter()
     _say(progress, f"analyze: curve shapes of {len(test_ids)} test × {len(train_ids)} train")
     rule = {"s_min": params["s_min"], "z_max": params["z_max"], "trim": params["trim"]}
@@ -173,19 +236,10 @@ def _analyze(
     view_df, flip_ranks, view_keys = _view_shapes(inputs, test_ids, flipped, rule, progress)
     timings["views"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    emb, dist, coords, geometry_note = _geometry(run, manifest, inst, params, device, progress)
-    mean_distance = dist.mean(axis=1) if dist.shape[1] else np.full(len(test_ids), np.nan)
-    from core import geometry
-
-    knn = geometry.knn_flip_share(dist, flipped, params["k"])
-    timings["geometry"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     shapes_df = pd.DataFrame(
         {
             "id": test_ids,
-            "correct": correct,
+            "correct": np.asarray(correct, dtype=bool),
             "s_raw": cls["s_raw"],
             "s": cls["s"],
             "s_bulk": cls["s_bulk"],
@@ -195,42 +249,27 @@ def _analyze(
             "a_reg": cls["a_reg"],
             "b_end": cls["b_end"],
             "a_end": cls["a_end"],
-            "mean_distance": mean_distance.astype(np.float64),
-            "knn_flip_share": knn,
+            "mean_distance": np.asarray(mean_distance, dtype=np.float64),
+            "knn_flip_share": np.asarray(knn, dtype=np.float64),
             "flipped_ranks": [r.tolist() for r in ranks],
         }
     )
-    seed = int(manifest.get("config", {}).get("seed", 0))
     result = _summarise(
         shapes_df, params, seed, n_train=len(train_ids), n_flipped=int(flipped.sum())
     )
-    result["geometry"] = geometry_note
     result["sensitivity"] = sensitivity_table(np.asarray(tracin), flipped, rule)
     result["views"] = _view_summary(view_df, shapes_df, view_keys, flipped, train_ids)
     result["examples"] = learning_examples(shapes_df, view_df, params)
-    if coords is not None:
-        store.write_npy(run / store.EMBEDDINGS, emb.astype(np.float32, copy=False))
-        store.write_npy(run / store.DISTANCES, dist)
-        store.write_parquet(run / store.COORDS, coords)
-    store.write_parquet(run / store.SHAPES, shapes_df)
-    store.write_parquet(run / store.CURVES, pd.concat(curve_parts, ignore_index=True))
-    store.write_parquet(run / store.SHAPES_BY_VIEW, view_df)
-    store.write_npy(run / store.FLIP_RANKS, flip_ranks)
-    # analysis.json last: its presence plus the stage mark mean every other file is in place.
-    store.write_json(run / store.ANALYSIS, result)
-    timings["write"] = time.perf_counter() - t
-
-    seconds = time.perf_counter() - t_start
-    store.mark_stage(
-        run,
-        STAGE,
-        store.STATUS_COMPLETE,
-        seconds,
-        params=params,
-        timings_s={name: round(v, 3) for name, v in timings.items()},
-    )
-    _say(progress, f"analyze: done in {seconds:.1f} s")
-    return result
+    return {
+        "shapes": shapes_df,
+        "curves": pd.concat(curve_parts, ignore_index=True)
+        if curve_parts
+        else _curve_rows(np.zeros((0, len(train_ids))), test_ids[:0], train_ids, flipped, params),
+        "views": view_df,
+        "flip_ranks": flip_ranks,
+        "analysis": result,
+        "timings": timings,
+    }
 
 
 OUTPUTS = (

@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import store
+from core import analysis, store
 from core.config import PRESETS
 from core.detectors import DETECTORS
 from core.metrics import FRACTIONS
-from core.shapes import RULE, S_MIN, TRIM, Z_MAX, classify
-from core.stats import correlation
+from core.shapes import S_MIN, TRIM, Z_MAX
 
 SHAPE_CYCLE = ("S", "Z", "backslash")
 # One source of truth for names and thresholds: the pure-NumPy core modules the app reads too.
@@ -115,6 +114,11 @@ def make_run(
         per = weights[:, None, None] * tracin[None] + rng.normal(0, 0.01, (epochs, *tracin.shape))
         per[-1] = tracin - per[:-1].sum(0)  # contributions sum to the matrix
         store.write_npy(run / store.TRACIN_PER_CHECKPOINT, per.astype(np.float32))
+        # Own generator: the other arrays keep the values the tests were written against.
+        norms = np.random.default_rng([seed, 7]).uniform(0.5, 2.0, (epochs, n_train + n_test))
+        norms = norms.astype(np.float32)
+        store.write_npy(run / store.GRAD_NORMS_TRAIN, norms[:, :n_train])
+        store.write_npy(run / store.GRAD_NORMS_TEST, norms[:, n_train:])
         self_inf = rng.gamma(2.0, 1.0, n_train) + 4.0 * flipped
         store.write_npy(run / store.SELF_INFLUENCE, self_inf.astype(np.float32))
 
@@ -124,9 +128,36 @@ def make_run(
         tr_idx, te_idx = train.id.to_numpy(), test.id.to_numpy()
         dist = np.linalg.norm(emb[te_idx][:, None, :] - emb[tr_idx][None, :, :], axis=2)
         store.write_npy(run / store.DISTANCES, dist.astype(np.float32))
-        shapes, curves = _shapes_and_curves(tracin, dist, test, train, ~wrong)
-        store.write_parquet(run / store.SHAPES, shapes)
-        store.write_parquet(run / store.CURVES, curves)
+        # Every score-derived output through the analyze stage's own function.
+        nearest = np.argsort(dist, axis=1)[:, :10]
+        out = analysis.score_outputs(
+            {
+                "tracin": tracin,
+                "stack": np.load(run / store.TRACIN_PER_CHECKPOINT),
+                "norms": (norms[:, :n_train], norms[:, n_train:]),
+            },
+            test.id.to_numpy(np.int64),
+            train.id.to_numpy(np.int64),
+            flipped,
+            ~wrong,
+            dist.mean(axis=1),
+            flipped[nearest].mean(axis=1),
+            {
+                "s_min": S_MIN,
+                "z_max": Z_MAX,
+                "trim": TRIM,
+                "k": 10,
+                "max_points": 2000,
+                "checkpoint_index": epochs - 1,
+                "epoch": epochs,
+                "checkpoint_path": f"checkpoints/epoch-{epochs:02d}",
+            },
+            seed,
+        )
+        store.write_parquet(run / store.SHAPES, out["shapes"])
+        store.write_parquet(run / store.CURVES, out["curves"])
+        store.write_parquet(run / store.SHAPES_BY_VIEW, out["views"])
+        store.write_npy(run / store.FLIP_RANKS, out["flip_ranks"])
         centred = emb - emb.mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         pca = centred @ vt[:2].T
@@ -140,7 +171,10 @@ def make_run(
             }
         )
         store.write_parquet(run / store.COORDS, coords)
-        store.write_json(run / store.ANALYSIS, _analysis(shapes))
+        store.write_json(
+            run / store.ANALYSIS,
+            {**out["analysis"], "geometry": {"epoch": epochs, "source": "fake"}},
+        )
 
     if "detect" in stages:
         det = _detectors(rng, train, flipped, self_inf if "tracin" in stages else None)
@@ -350,97 +384,6 @@ def _embeddings(rng, inst: pd.DataFrame, shapes_of: list[str], hidden: int) -> n
     for pos, kind in zip(test_pos, shapes_of, strict=True):
         emb[pos] = centres[label[pos]] + rng.normal(0, 1, hidden) * scale[kind]
     return emb.astype(np.float32)
-
-
-def _shapes_and_curves(tracin, dist, test, train, correct) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """shapes.parquet and curves.parquet (all points kept: the fake run is small)."""
-    flipped = train.flipped.to_numpy()
-    train_ids = train.id.to_numpy()
-    n = len(train_ids)
-    rows, curves = [], []
-    for t, test_id in enumerate(test.id.to_numpy()):
-        order = np.argsort(-tracin[t], kind="stable")
-        scores = tracin[t][order]
-        # The real definitions (core.shapes.classify), as the analyze stage writes them.
-        cls = classify(tracin[t], flipped)
-        fit = {
-            k: float(cls[k][0])
-            for k in ("s_raw", "s", "s_bulk", "b_reg", "a_reg", "b_end", "a_end")
-        }
-        shape = str(cls["shape"][0])
-        ranks = np.flatnonzero(flipped[order])
-        end_ratio = float(cls["end_ratio"][0]) if len(ranks) else np.nan
-        nearest = np.argsort(dist[t])[:10]
-        rows.append(
-            {
-                "id": int(test_id),
-                "correct": bool(correct[t]),
-                **fit,
-                "shape": shape,
-                "end_ratio": end_ratio,
-                "mean_distance": float(dist[t].mean()),
-                "knn_flip_share": float(flipped[nearest].mean()),
-                "flipped_ranks": ranks.astype(np.int64).tolist(),
-            }
-        )
-        curves.append(
-            pd.DataFrame(
-                {
-                    "test_id": np.int64(test_id),
-                    "rank": np.arange(n, dtype=np.int64),
-                    "train_id": train_ids[order],
-                    "score": scores.astype(np.float32),
-                    "flipped": flipped[order],
-                }
-            )
-        )
-    shapes = pd.DataFrame(rows)
-    # Scores/arrays shaped like the pipeline's; S values reordered columns as documented.
-    cols = [
-        "id",
-        "correct",
-        "s_raw",
-        "s",
-        "s_bulk",
-        "shape",
-        "end_ratio",
-        "b_reg",
-        "a_reg",
-        "b_end",
-    ]
-    cols += ["a_end", "mean_distance", "knn_flip_share", "flipped_ranks"]
-    return shapes[cols], pd.concat(curves, ignore_index=True)
-
-
-def _analysis(shapes: pd.DataFrame) -> dict[str, Any]:
-    """analysis.json in core/analysis.py's layout: thresholds, correlations per group, by shape."""
-    groups = {
-        "all": shapes,
-        "correct": shapes[shapes.correct],
-        "misclassified": shapes[~shapes.correct],
-    }
-
-    def corr(x: pd.Series, y: pd.Series) -> dict[str, Any]:
-        return correlation(x.to_numpy(), y.to_numpy())
-
-    return {
-        "thresholds": {"s_min": S_MIN, "z_max": Z_MAX, "trim": TRIM, "rule": RULE},
-        "n_test": len(shapes),
-        "correlations": {
-            "s_vs_end_ratio": {g: corr(d.s, d.end_ratio) for g, d in groups.items()},
-            "s_vs_mean_distance": {g: corr(d.s, d.mean_distance) for g, d in groups.items()},
-        },
-        "by_shape": {
-            g: {
-                k: {
-                    "count": int((d["shape"] == k).sum()),
-                    "mean_end_ratio": float(d.loc[d["shape"] == k, "end_ratio"].mean()),
-                }
-                for k in SHAPE_CYCLE
-            }
-            for g, d in groups.items()
-        },
-    }
 
 
 def _detectors(rng, train: pd.DataFrame, flipped: np.ndarray, self_inf) -> pd.DataFrame:
