@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,59 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+class _CoreChoices(Sequence):
+    """A tuple of names from a core module, imported on first use (argparse help or a check)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+        self._items: tuple[str, ...] | None = None
+
+    def _load(self) -> tuple[str, ...]:
+        if self._items is None:
+            import importlib
+
+            self._items = tuple(getattr(importlib.import_module(self._where[0]), self._where[1]))
+        return self._items
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._load()[index]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._load()
+
+
+class _LazyHelp(str):
+    """A help text computed only when help is printed (argparse formats it with ``%``).
+
+    core.datasets loads scikit-learn; listing its names at parser build time would make
+    every command, a mistyped one included, pay for that import.
+    """
+
+    def __new__(cls, make: Any) -> _LazyHelp:
+        obj = super().__new__(cls, "help")
+        obj._make = make
+        return obj
+
+    def __mod__(self, params: Any) -> str:
+        return self._make() % params
+
+
 def add_study_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``sweep``: preset, data, model and training overrides."""
     p.add_argument(
         "--preset", default="quick", choices=sorted(PRESETS), help="starting configuration"
     )
-    from core.datasets import BUILTINS  # the one table of built-in datasets (no torch)
-
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset",
-        help=f"built-in dataset ({', '.join(BUILTINS)}) or a CSV/TSV/JSONL file",
+        help=_LazyHelp(
+            lambda: "built-in dataset ({}) or a CSV/TSV/JSONL file".format(
+                ", ".join(_CoreChoices("core.datasets", "BUILTINS"))
+            )
+        ),
     )
     g.add_argument("--text-col", help="text column of your file")
     g.add_argument("--label-col", help="label column (exactly two classes)")
@@ -346,13 +389,14 @@ def cmd_export(args: argparse.Namespace) -> str:
     run_dir = _existing_run(args.run)
     check_number("--k", args.k, 1, _MAX_COUNT)
     check_number("--top", args.top, 1, _MAX_COUNT)
-    from core.cleaning import export_cleaned, export_review_queue
+    from core.cleaning import ACTIONS, export_cleaned, export_review_queue
 
     with locks.hold(run_dir):  # writes into the run's cleaning/ folder
         if args.what == "review":
             path = export_review_queue(run_dir, args.detector, args.out, top=args.top)
         else:
-            path = export_cleaned(run_dir, args.detector, args.action, args.k, args.out)
+            action = args.action or ACTIONS[0]
+            path = export_cleaned(run_dir, args.detector, action, args.k, args.out)
     return str(path)
 
 
@@ -396,10 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Influence Atlas: where do mislabeled training instances land in TracIn scores?",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    # Choices come from core's own tables (torch-free modules), never from copies here.
-    from core.cleaning import ACTIONS
-    from core.detectors import DETECTORS
+    # Choices come from core's own tables, never from copies here; detectors and actions are
+    # read when first needed, so a mistyped `run` is refused before scikit-learn loads.
     from core.pipeline import STAGES
+
+    DETECTORS = _CoreChoices("core.detectors", "DETECTORS")
+    ACTIONS = _CoreChoices("core.cleaning", "ACTIONS")
 
     p = sub.add_parser("run", help="run (or resume) a study: data, training, TracIn, analytics")
     add_study_options(p)
@@ -469,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--detectors",
         nargs="*",
         choices=DETECTORS,
+        metavar="DETECTOR",
         help="subset of detectors (default: all available)",
     )
     p.add_argument("--force", action="store_true")
@@ -477,17 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clean", help="retrain with suspects excluded / relabelled / reweighted")
     p.add_argument("run")
-    p.add_argument("--detector", required=True, choices=DETECTORS)
-    p.add_argument("--action", required=True, choices=ACTIONS)
+    p.add_argument("--detector", required=True, choices=DETECTORS, metavar="DETECTOR")
+    p.add_argument("--action", required=True, choices=ACTIONS, metavar="ACTION")
     p.add_argument("--k", type=int, required=True, help="number of suspects acted on")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per arm")
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("export", help="export the review queue or a cleaned dataset as CSV")
     p.add_argument("run")
-    p.add_argument("--detector", required=True, choices=DETECTORS)
+    p.add_argument("--detector", required=True, choices=DETECTORS, metavar="DETECTOR")
     p.add_argument("--what", choices=["review", "cleaned"], default="review")
-    p.add_argument("--action", choices=ACTIONS, default=ACTIONS[0])
+    p.add_argument("--action", choices=ACTIONS, metavar="ACTION", help="default: the first action")
     p.add_argument(
         "--k", type=int, help="suspects acted on in the cleaned dataset (default: flip count)"
     )
