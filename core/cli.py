@@ -308,12 +308,14 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_tracin(args: argparse.Namespace) -> str:
     """Compute (or resume) the TracIn matrix of a run."""
-    from core.tracin_options import parse_scope
+    from core.tracin_options import parse_project, parse_scope
 
     run_dir = _existing_run(args.run)
     if args.params is not None:
         parse_scope(args.params)
-    check_number("--project", args.project, 1, 1_000_000)
+    if args.project is not None:
+        _, dim = parse_project(args.project)
+        check_number("--project", dim, 1, 1_000_000)
     check_number("--seed", args.seed, 0, _MAX_SEED)
     check_number("--compare-n", args.compare_n, 1, _MAX_COUNT)
     check_device(args.device)
@@ -471,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tracin", help="compute the TracIn matrix and self-influence of a run")
     p.add_argument("run")
     p.add_argument("--params", help="all | no-word-embeddings | last-N | head (default: the run's)")
-    p.add_argument("--project", type=int, help="random projection dimension (approximation)")
+    p.add_argument(
+        "--project",
+        help="random projection (approximation): a dimension D (dense) or factorized:K "
+        "(K per side of every layer, all parameters; core/factorized.py)",
+    )
     p.add_argument("--seed", type=int, help="projection seed")
     p.add_argument("--device", default="auto")
     p.add_argument(

@@ -349,8 +349,11 @@ class FactorizedTracIn:
         chunk_size: int = CHUNK_SIZE,
         identity: bool = False,
         loader: Callable[[Any, torch.device], nn.Module] | None = None,
+        dtype: torch.dtype | str = torch.float32,
     ) -> None:
         """Validate the options; checkpoints are loaded one at a time when needed."""
+        if dtype not in (torch.float32, "float32"):
+            raise AtlasError(f"The factorized projection computes in float32 only (got {dtype}).")
         if not checkpoints:
             raise AtlasError("TracIn needs at least one checkpoint.")
         self.checkpoints: list[tuple[Any, float]] = []
@@ -376,7 +379,7 @@ class FactorizedTracIn:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.chunk_size = int(chunk_size)
-        self.identity = bool(identity)
+        self.identity_projections = bool(identity)
         self.loader = loader or _default_loader
         self.n_params: int | None = None
         self.width: int | None = None
@@ -484,6 +487,15 @@ class FactorizedTracIn:
                 on_block()
         return len(missing)
 
+    def identity(self) -> list[dict[str, Any] | str]:
+        """Each checkpoint by content (learning rate and SHA-1), never by path string."""
+        from core.provenance import checkpoint_identity
+
+        return [
+            "<module>" if isinstance(w, nn.Module) else checkpoint_identity(w, lr)
+            for w, lr in self.checkpoints
+        ]
+
     # ---- internals
 
     def _load(self, where: Any) -> nn.Module:
@@ -496,7 +508,7 @@ class FactorizedTracIn:
 
     def _grads(self, model: nn.Module) -> FactorizedGrads:
         """The projected-gradient computer of one checkpoint."""
-        return FactorizedGrads(model, self.k, self.seed, self.identity, self.device)
+        return FactorizedGrads(model, self.k, self.seed, self.identity_projections, self.device)
 
     def _options(self, tr: _Data, te: _Data | None, n_chunks: int) -> dict[str, Any]:
         """What a shard depends on; shards computed with other options are not reused."""
@@ -504,16 +516,14 @@ class FactorizedTracIn:
             "scope": "all",
             "project": f"factorized:{self.k}",
             "seed": self.seed,
-            "identity": self.identity,
+            "identity": self.identity_projections,
             "dtype": "float32",
             "chunk_size": self.chunk_size,
             "n_chunks": n_chunks,
             "n_train": tr.n,
             "n_test": te.n if te is not None else 0,
-            "checkpoints": [
-                [str(w) if not isinstance(w, nn.Module) else "<module>", lr]
-                for w, lr in self.checkpoints
-            ],
+            # By content, as TracInCP records them (the run stage's plan reads lr and sha1).
+            "checkpoints": self.identity(),
             "train_data": tr.fingerprint(),
             "test_data": te.fingerprint() if te is not None else None,
         }
@@ -563,3 +573,29 @@ def factorized_tracin(
     run_opts = {key: options.pop(key) for key in list(options) if key in compute_keys}
     engine = FactorizedTracIn(checkpoints, k, seed=seed, **options)
     return engine.compute(train, test, **run_opts)
+
+
+def engine_for(
+    checkpoints: Sequence[tuple[str | os.PathLike | nn.Module, float]],
+    scope: str,
+    project: int | str | None,
+    seed: int = 0,
+    **options: Any,
+) -> Any:
+    """The TracIn engine of a projection spec: :class:`core.tracin.TracInCP` for none or a
+    dense dimension, :class:`FactorizedTracIn` for ``factorized:K`` (scope 'all' only).
+
+    ``options`` (device, dtype, chunk_size, loader, ...) go to the engine. Both engines
+    offer ``check``, ``compute``, ``compute_checkpoint`` and ``chunk_size``.
+    """
+    from core.tracin import TracInCP
+    from core.tracin_options import parse_project
+
+    mode, dim = parse_project(project) if project is not None else ("dense", None)
+    if mode == "dense":
+        return TracInCP(checkpoints, scope=scope, project=dim, seed=seed, **options)
+    if scope != "all":
+        raise AtlasError(
+            f"--project factorized:{dim} covers every parameter; use --params all (got '{scope}')."
+        )
+    return FactorizedTracIn(checkpoints, dim, seed=seed, **options)

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from transformers import BertForSequenceClassification
 
+from core import store
 from core.errors import AtlasError
 from core.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
-from core.tracin import TracInCP, shard_name
+from core.tracin import TracInCP, compare_to_exact, shard_name
 from core.tracin_options import parse_project
-from tests.test_tracin import LRS, _brute_tracin, _data, _rel, _rows, _tiny_model
+from tests.test_tracin import LRS, _brute_tracin, _data, _make_run, _rel, _rows, _tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -228,6 +229,71 @@ def test_self_influence_only(modules, train):
     assert np.allclose(
         (lrs * res.train_grad_norms.astype(np.float64) ** 2).sum(0), res.self_influence, rtol=1e-4
     )
+
+
+# -------------------------------------------------------------------- run stage and CLI
+
+RUN_OUTPUTS = (store.TRACIN, store.TRACIN_PER_CHECKPOINT, store.SELF_INFLUENCE)
+
+
+def test_run_stage_and_cli_take_factorized_k(checkpoints, tmp_path, monkeypatch):
+    import core.models
+    from core.cli import main
+    from core.tracin import _run_data, compute, plan, run_tracin
+
+    run = _make_run(tmp_path, checkpoints)
+    train, test = _run_data(run, 16)[:2]
+    ref = FactorizedTracIn(checkpoints, k=4, seed=3).compute(train, test)
+    # Interrupted after the first checkpoint's task: the stage resumes from its shards.
+    tasks = plan(run, project="factorized:4", seed=3)
+    assert len(tasks) == 3
+    compute(tasks[0], device="cpu")
+    real, loads = core.models.load_classifier, []
+
+    def counting(path, device="cpu"):
+        loads.append(Path(path).name)
+        return real(path, device)
+
+    monkeypatch.setattr(core.models, "load_classifier", counting)
+    info = run_tracin(run, project="factorized:4", seed=3, device="cpu", progress=False)
+    # epoch-01 once, by the up-front check only: its shards were already there.
+    assert loads == ["epoch-01", "epoch-02", "epoch-03"]
+    assert info["project"] == "factorized:4" and info["params"] == "all"
+    assert info["n_params"] == ref.n_params
+    assert np.allclose(np.load(run / store.TRACIN), ref.matrix, rtol=1e-5, atol=1e-9)
+    assert np.allclose(np.load(run / store.SELF_INFLUENCE), ref.self_influence, rtol=1e-5)
+    assert store.load_manifest(run)["stages"]["tracin"]["status"] == "complete"
+    # The CLI: a dense dimension still works; factorized:K gives the engine's scores again.
+    assert main(["tracin", str(run), "--project", "8", "--device", "cpu"]) == 0
+    assert store.load_manifest(run)["tracin"]["project"] == 8
+    argv = ["tracin", str(run), "--project", "factorized:4", "--seed", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    assert np.allclose(np.load(run / store.TRACIN), ref.matrix, rtol=1e-5, atol=1e-9)
+    report = compare_to_exact(run, None, "factorized:4", 3, n_test=3, device="cpu", progress=False)
+    assert report["project"] == "factorized:4" and report["n_params"] == ref.n_params
+    assert report["summary"]["spearman"]["min"] > 0.5  # K = 4 on a 16-wide model: close
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--project", "factorized:0"],
+        ["--project", "factorized:x"],
+        ["--project", "0"],
+        ["--project", "factorized:4", "--params", "head"],
+    ],
+)
+def test_cli_bad_project_exits_2_and_writes_nothing(checkpoints, tmp_path, capsys, argv):
+    from core.cli import main
+
+    run = _make_run(tmp_path, checkpoints)
+    before = (run / store.MANIFEST).read_text()
+    assert main(["tracin", str(run), *argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert (run / store.MANIFEST).read_text() == before
+    assert not any((run / name).exists() for name in RUN_OUTPUTS)
+    assert not (run / store.TRACIN_SHARDS_DIR).exists()
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -11,7 +11,6 @@ import numpy as np
 
 from core import store
 from core.errors import AtlasError
-from core.tracin.engine import TracInCP
 from core.tracin.stage import _run_checkpoints, _run_data, _run_options
 
 
@@ -58,7 +57,7 @@ def scope_error(
 def compare_to_exact(
     run_dir: str | os.PathLike,
     scope: str | None = None,
-    project: int | None = None,
+    project: int | str | None = None,
     seed: int | None = None,
     n_test: int = 20,
     device: str = "auto",
@@ -84,8 +83,12 @@ def compare_to_exact(
     train, test, test_ids = _run_data(run, config.max_length, rows)
     dev = resolve_device(device)
 
-    def scores(scope_: str, project_: int | None, seed_: int) -> tuple[np.ndarray, float, int]:
-        engine = TracInCP(
+    def scores(
+        scope_: str, project_: int | str | None, seed_: int
+    ) -> tuple[np.ndarray, float, int]:
+        from core.factorized import engine_for  # TracInCP, or factorized:K's engine
+
+        engine = engine_for(
             checkpoints,
             scope=scope_,
             project=project_,
