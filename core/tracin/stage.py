@@ -41,7 +41,7 @@ from core.tracin.shards import (
     shard_name,
     write_per_checkpoint,
 )
-from core.tracin_options import parse_scope
+from core.tracin_options import parse_project, parse_scope
 
 
 def _run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, float]]:
@@ -63,22 +63,34 @@ def _run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, fl
 
 
 def _run_options(
-    run: Path, scope: str | None, project: int | None, seed: int | None
+    run: Path, scope: str | None, project: int | str | None, seed: int | None
 ) -> tuple[dict[str, Any], Any]:
-    """Resolve and validate scope/projection against the run's config defaults."""
+    """Resolve and validate scope/projection against the run's config defaults.
+
+    ``project`` is a dense dimension D or ``factorized:K`` (core.factorized); the recorded
+    option is the int D or the string ``factorized:K``. The factorized projection covers
+    every parameter, so it takes scope 'all' unless another scope was asked for explicitly.
+    """
     from core.config import config_from_dict
 
     manifest = store.load_manifest(run)
     config = config_from_dict(manifest.get("config") or {})
+    asked_scope = scope
     scope = scope or config.tracin_params
     project = project if project is not None else config.tracin_project
     seed = seed if seed is not None else config.tracin_seed
     parse_scope(scope)
-    if project is not None and int(project) <= 0:
-        raise AtlasError(f"--project must be a positive dimension (got {project}).")
+    mode, dim = parse_project(project) if project is not None else (None, None)
+    if mode == "factorized":
+        if asked_scope not in (None, "all"):
+            raise AtlasError(
+                f"--project factorized:{dim} covers every parameter; drop --params or use "
+                f"--params all (got '{asked_scope}')."
+            )
+        scope = "all"
     options = {
         "params": scope,
-        "project": None if project is None else int(project),
+        "project": None if mode is None else (dim if mode == "dense" else f"factorized:{dim}"),
         "seed": int(seed) if project is not None else None,
     }
     return options, (manifest, config)
@@ -137,7 +149,7 @@ class TaskOptions:
     """What a shard's numbers depend on besides its checkpoint and chunk."""
 
     params: str
-    project: int | None = None
+    project: int | str | None = None  # dense dimension or "factorized:K"
     seed: int | None = None
     dtype: str = "float32"
     chunk_size: int = CHUNK_SIZE
@@ -186,7 +198,7 @@ class _Context:
         config = config_from_dict(manifest.get("config") or {})
         checkpoints = _run_checkpoints(run, manifest)
         self.epochs = [e.get("epoch") for e in manifest.get("checkpoints") or []]
-        self.engine = TracInCP(
+        self.engine = _engine(
             checkpoints,
             scope=options.params,
             project=options.project,
@@ -209,6 +221,13 @@ class _Context:
         for ident, epoch in zip(options["checkpoints"], self.epochs, strict=False):
             ident["epoch"] = epoch  # the manifest knows the epoch; the engine only the content
         return options
+
+
+def _engine(checkpoints: list[tuple[Path, float]], **options: Any) -> TracInCP:
+    """TracInCP, or core.factorized's engine (same task interface) for ``factorized:K``."""
+    from core.factorized import engine_for  # lazy: core.factorized imports core.tracin
+
+    return engine_for(checkpoints, **options)
 
 
 def _load_classifier(path: Any, device: torch.device) -> Any:
@@ -251,7 +270,7 @@ def _options_sha1(options: dict[str, Any]) -> str:
 def plan(
     run_dir: str | os.PathLike,
     scope: str | None = None,
-    project: int | None = None,
+    project: int | str | None = None,
     seed: int | None = None,
     *,
     dtype: str = "float32",
@@ -364,7 +383,7 @@ def aggregate(run_dir: str | os.PathLike) -> dict[str, Any]:
 def run_tracin(
     run_dir: str | os.PathLike,
     scope: str | None = None,
-    project: int | None = None,
+    project: int | str | None = None,
     seed: int | None = None,
     device: str = "auto",
     progress: bool = True,
@@ -401,7 +420,7 @@ def run_tracin(
     ):
         return previous
     dev = resolve_device(device)
-    engine = TracInCP(
+    engine = _engine(
         checkpoints,
         scope=options["params"],
         project=options["project"],
