@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import runstore_factory as factory
 from streamlit.testing.v1 import AppTest
 
 from core import shapes as core_shapes
 from core import store, views
+from tests.test_app import charts_named, frame_with, one_chart
 from ui import charts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,29 +41,6 @@ def open_page(page: str, cache_dir: Path, monkeypatch, query: dict | None = None
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     return at
-
-
-def charts_named(at: AppTest, name: str) -> list[tuple[dict, list[pd.DataFrame]]]:
-    """(spec, datasets) of every chart whose usermeta names it ``name``."""
-    out = []
-    for el in at.get("vega_lite_chart"):
-        spec = json.loads(el.proto.spec)
-        if spec.get("usermeta", {}).get("atlas") == name:
-            frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in el.proto.datasets]
-            out.append((spec, frames))
-    return out
-
-
-def one_chart(at: AppTest, name: str) -> tuple[dict, list[pd.DataFrame]]:
-    found = charts_named(at, name)
-    assert len(found) == 1, f"expected one '{name}' chart, found {len(found)}"
-    return found[0]
-
-
-def frame_with(frames: list[pd.DataFrame], *columns: str) -> pd.DataFrame:
-    hits = [f for f in frames if set(columns) <= set(f.columns)]
-    assert hits, f"no dataset with columns {columns}"
-    return hits[0]
 
 
 def grid_titles(at: AppTest) -> list[str]:
