@@ -163,15 +163,23 @@ def checkpoint_identity(path: str | os.PathLike, lr: float, epoch: int | None = 
 
 
 def stage_inputs(run_dir: str | os.PathLike, stage: str) -> list[str]:
-    """The inputs of ``stage`` as paths relative to the run folder (checkpoints included)."""
+    """The inputs of ``stage`` as paths relative to the run folder (checkpoints included).
+
+    The data stage's input is the user's data file, if any, by its absolute path.
+    """
     run = Path(run_dir)
     names = list(STAGE_INPUTS.get(stage, ()))
+    try:
+        manifest = store.load_manifest(run)
+    except AtlasError:
+        manifest = {}
     if stage == "tracin":
-        try:
-            entries = store.load_manifest(run).get("checkpoints") or []
-        except AtlasError:
-            entries = []
+        entries = manifest.get("checkpoints") or []
         names += [str(e["path"]) for e in entries if isinstance(e, dict) and e.get("path")]
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    if stage == "data" and config.get("data_file"):
+        # The user's file lives outside the run: recorded by its absolute path.
+        names.append(str(Path(str(config["data_file"])).resolve()))
     return names
 
 

@@ -185,3 +185,16 @@ def test_unchanged_inputs_are_recognised_without_reading_them(tmp_path: Path, mo
     monkeypatch.undo()
     np.save(path, np.arange(5, dtype=np.float32) * 2)  # same size, new content and time
     assert provenance.same_content(recorded, path) is False
+
+
+def test_a_changed_user_data_file_makes_the_data_stage_stale(tmp_path: Path, reviews_csv: Path):
+    run = tmp_path / "run"
+    run.mkdir()
+    store.write_json(
+        run / store.MANIFEST,
+        {"kind": "run", "status": "complete", "config": {"data_file": str(reviews_csv)}},
+    )
+    store.mark_stage(run, "data", store.STATUS_COMPLETE)
+    assert provenance.stale_stages(run) == {}
+    reviews_csv.write_text(reviews_csv.read_text() + "one more review,pos\n")
+    assert "reviews.csv changed" in provenance.stale_stages(run)["data"]
