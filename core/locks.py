@@ -94,8 +94,8 @@ def lock_owner(folder: str | os.PathLike) -> int | None:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            info = _read_info(fd)
-            return int(info.get("pid") or 0) or -1
+            pid = _read_info(fd).get("pid")
+            return pid if isinstance(pid, int) and pid > 0 else -1  # -1: held, pid not written yet
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
