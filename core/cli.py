@@ -132,7 +132,9 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device", help="auto (default), cpu or cuda")
     m.add_argument("--params", dest="tracin_params", help="TracIn parameter scope (see `tracin`)")
     m.add_argument(
-        "--project", dest="tracin_project", type=int, help="TracIn random projection dim"
+        "--project",
+        dest="tracin_project",
+        help="TracIn random projection: a dimension D or factorized:K (see `tracin`)",
     )
     p.add_argument("--cache", default=DEFAULT_CACHE, help="run store folder (default: cache)")
     p.add_argument("--name", help="run folder name (default: derived from the configuration)")
@@ -149,6 +151,14 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         raise AtlasError(
             "--text-col/--label-col/--rating-col need --dataset pointing at your file."
         )
+    params, project = args.tracin_params, args.tracin_project
+    if project is not None:
+        from core.tracin_options import parse_project
+
+        mode, dim = parse_project(project)
+        project = dim if mode == "dense" else f"factorized:{dim}"
+        if mode == "factorized" and params is None:
+            params = "all"  # the factorized projection covers every parameter
     return base.replace(
         dataset=dataset,
         data_file=data_file,
@@ -167,8 +177,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         batch_size=args.batch_size,
         max_length=args.max_length,
         device=args.device,
-        tracin_params=args.tracin_params,
-        tracin_project=args.tracin_project,
+        tracin_params=params,
+        tracin_project=project,
     )
 
 

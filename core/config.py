@@ -38,7 +38,7 @@ class StudyConfig:
     max_length: int = 64
     device: str = "auto"
     tracin_params: str = "all"
-    tracin_project: int | None = None
+    tracin_project: int | str | None = None  # dense dimension D or "factorized:K"
     tracin_seed: int = 0
 
     @property

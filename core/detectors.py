@@ -361,8 +361,8 @@ def misclassified_influence_matrix(
     """
     import torch
 
+    from core.factorized import engine_for
     from core.models import encode, load_classifier, load_tokenizer, resolve_device
-    from core.tracin import TracInCP
     from core.training import train_model
 
     run = Path(run_dir)
@@ -392,7 +392,7 @@ def misclassified_influence_matrix(
         loss = loss_scores(result.eval_logits["test_in_train"][-1], y[teit])
         wrong = teit[np.argsort(-loss)[: max(1, len(teit) // 10)]]
         fallback = True
-    engine = TracInCP(
+    engine = engine_for(  # TracInCP, or the factorized engine for factorized:K
         result.checkpoints,
         scope=config.tracin_params,
         project=config.tracin_project,

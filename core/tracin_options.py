@@ -56,5 +56,6 @@ def parse_project(spec: str | int) -> tuple[str, int]:
         if match and (dim := _positive_int(match.group(1))) is not None:
             return "factorized", dim
     raise AtlasError(
-        f"'{spec}' is not a TracIn projection; use a positive dimension D or factorized:K (K ≥ 1)."
+        f"--project '{spec}' is not a TracIn projection; use a positive dimension D or "
+        "factorized:K (K ≥ 1)."
     )

@@ -296,6 +296,57 @@ def test_cli_bad_project_exits_2_and_writes_nothing(checkpoints, tmp_path, capsy
     assert not (run / store.TRACIN_SHARDS_DIR).exists()
 
 
+@pytest.mark.parametrize(
+    "extra, params, project",
+    [
+        (["--project", "factorized:16"], "all", "factorized:16"),
+        (["--preset", "paper", "--project", "factorized:16"], "all", "factorized:16"),
+        (["--project", "64"], "all", 64),
+        (["--preset", "paper", "--project", "64"], "last-2", 64),
+    ],
+)
+def test_run_config_records_the_projection(extra, params, project):
+    from core.cli import build_parser, config_from_args
+    from core.validation import check_config
+
+    config = config_from_args(build_parser().parse_args(["run", *extra]))
+    check_config(config)
+    assert (config.tracin_params, config.tracin_project) == (params, project)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--project", "factorized:0"],
+        ["--project", "factorized:4:4"],
+        ["--project", "0"],
+        ["--project", "factorized:16", "--params", "last-2"],
+    ],
+)
+def test_run_config_refuses_bad_projections(extra):
+    from core.cli import build_parser, config_from_args
+    from core.validation import check_config
+
+    with pytest.raises(AtlasError, match="--project") as err:
+        check_config(config_from_args(build_parser().parse_args(["run", *extra])))
+    _one_sentence(err)
+
+
+def test_core_run_with_factorized_projection(tmp_path, reviews_csv):
+    from core.cli import main
+    from tests.conftest import TINY_ARGS, csv_args
+
+    cache = tmp_path / "cache"
+    argv = ["run", *TINY_ARGS, *csv_args(reviews_csv), "--project", "factorized:8"]
+    assert main([*argv, "--until", "tracin", "--cache", str(cache), "--name", "fz"]) == 0
+    manifest = store.load_manifest(cache / "fz")
+    assert manifest["config"]["tracin_project"] == "factorized:8"
+    assert manifest["tracin"]["project"] == "factorized:8" and manifest["tracin"]["params"] == "all"
+    matrix = np.load(cache / "fz" / store.TRACIN)
+    assert matrix.shape == (manifest["tracin"]["n_test"], manifest["tracin"]["n_train"])
+    assert np.isfinite(matrix).all() and np.abs(matrix).max() > 0
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
