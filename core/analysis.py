@@ -125,6 +125,17 @@ def correlations(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {**analysis.pop("correlations", {}), **analysis}
 
 
+def final_correct(logits: np.ndarray, instances: pd.DataFrame) -> np.ndarray:
+    """Whether each test instance (test order) is predicted right at the last checkpoint.
+
+    ``logits`` is logits.npy (epochs, n_instances, 2), ``instances`` instances.parquet; the
+    prediction is the arg-max of the final epoch's logits, compared with the true label.
+    """
+    test = instances[instances["split"] == "test"]
+    pred = np.asarray(logits[-1][test["id"].to_numpy(np.int64)]).argmax(axis=1)
+    return pred == test["label"].to_numpy()
+
+
 def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """:func:`core.stats.correlation` (kept here for callers of the analyze stage)."""
     return stats.correlation(x, y)
@@ -149,9 +160,7 @@ def _analyze(
     flipped = train["flipped"].to_numpy(bool)
     logits = inputs["logits"]
 
-    # Correctness: the final epoch's prediction against the true label.
-    pred = np.asarray(logits[-1][test_ids]).argmax(axis=1)
-    correct = pred == test["label"].to_numpy()
+    correct = final_correct(logits, inst)
 
     t = time.perf_counter()
     emb, dist, coords, geometry_note = _geometry(run, manifest, inst, params, device, progress)

@@ -36,8 +36,8 @@ def panel_title(test_id: int, shape: str, s: float, correct: bool | None = None)
     return f"{test_id} ({shape}) · S = {s:+.2f}{mark}"
 
 
-def accuracy_per_epoch(manifest: dict[str, Any], logits: np.ndarray | None, inst: pd.DataFrame):
-    """Long frame (epoch, split, accuracy) from the manifest, else recomputed from logits."""
+def accuracy_per_epoch(manifest: dict[str, Any]) -> pd.DataFrame:
+    """Long frame (epoch, split, accuracy) of the accuracies the train stage recorded."""
     rows = []
     for e in manifest.get("epochs") or []:
         for split in ("val", "test"):
@@ -45,24 +45,7 @@ def accuracy_per_epoch(manifest: dict[str, Any], logits: np.ndarray | None, inst
                 rows.append(
                     {"epoch": e["epoch"], "split": split, "accuracy": e[f"{split}_accuracy"]}
                 )
-    if rows or logits is None:
-        return pd.DataFrame(rows, columns=["epoch", "split", "accuracy"])
-    label = inst["label"].to_numpy()
-    for e in range(logits.shape[0]):
-        pred = np.asarray(logits[e]).argmax(1)
-        for split in ("train", "val", "test"):
-            mask = (inst["split"] == split).to_numpy()
-            rows.append(
-                {"epoch": e + 1, "split": split, "accuracy": float((pred == label)[mask].mean())}
-            )
-    return pd.DataFrame(rows)
-
-
-def misclassified_mask(logits: np.ndarray, inst: pd.DataFrame) -> np.ndarray:
-    """Test instances wrong at the final checkpoint (test order)."""
-    test = (inst["split"] == "test").to_numpy()
-    pred = np.asarray(logits[-1])[test].argmax(1)
-    return pred != inst["label"].to_numpy()[test]
+    return pd.DataFrame(rows, columns=["epoch", "split", "accuracy"])
 
 
 def top_influencers(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,44 +88,6 @@ def sorted_distance_curves(distances: np.ndarray, test_ids: np.ndarray, max_poin
     if not frames:
         return pd.DataFrame(columns=["test_id", "rank", "distance"])
     return pd.concat(frames, ignore_index=True)
-
-
-def recall_curve(scores: np.ndarray, flipped: np.ndarray, points: int = 101) -> pd.DataFrame:
-    """Recall of the flips against the fraction of the training set inspected (top first)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    flipped = np.asarray(flipped, dtype=bool)
-    n, k = len(scores), int(flipped.sum())
-    hits = np.concatenate([[0], np.cumsum(flipped[np.argsort(-scores, kind="stable")])])
-    fractions = np.linspace(0, 1, points)
-    counts = np.round(fractions * n).astype(int)
-    recall = hits[counts] / k if k else np.zeros(points)
-    return pd.DataFrame({"fraction": fractions, "recall": recall})
-
-
-def review_queue(
-    detectors: pd.DataFrame, detector: str, train: pd.DataFrame, top: int, label_names: list[str]
-) -> pd.DataFrame:
-    """The top suspects of one detector: text, observed and suggested label, score, flipped."""
-    scored = detectors[["id", detector]].sort_values(detector, ascending=False, kind="stable")
-    scored = scored.head(top)
-    rows = train.set_index("id").loc[scored["id"].to_numpy()]
-    observed = rows["observed_label"].to_numpy()
-
-    def name(v: int) -> str:
-        return label_names[v] if 0 <= v < len(label_names) else str(v)
-
-    return pd.DataFrame(
-        {
-            "rank": np.arange(1, len(scored) + 1),
-            "id": scored["id"].to_numpy(),
-            "text": rows["text"].to_numpy(),
-            "observed_label": [name(v) for v in observed],
-            "suggested_label": [name(1 - v) for v in observed],
-            "score": scored[detector].to_numpy(np.float64),
-            "reason": f"high {detector.replace('_', ' ')} score",
-            "flipped": rows["flipped"].to_numpy(bool),
-        }
-    )
 
 
 def sweep_summary(sweep: pd.DataFrame, value: str) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import streamlit as st
 
 from core import shapes as core_shapes
 from core import store
+from core.analysis import final_correct
 from core.errors import AtlasError
 from ui import charts, compute, data, pages, widgets
 
@@ -93,13 +94,12 @@ def summary(run: data.Run) -> None:
         if "correct" in shapes:
             miscls = int((~shapes["correct"].astype(bool)).sum())
     if miscls is None and run.has(store.LOGITS):
-        miscls = int(compute.misclassified_mask(run.logits(), inst).sum())
+        miscls = int((~final_correct(run.logits(), inst)).sum())
     cols[4].metric("misclassified test", "–" if miscls is None else str(miscls))
 
     left, right = st.columns([3, 2])
     with left:
-        logits = run.logits() if run.has(store.LOGITS) else None
-        acc_df = compute.accuracy_per_epoch(m, logits, inst)
+        acc_df = compute.accuracy_per_epoch(m)
         if len(acc_df):
             st.subheader("Accuracy per epoch")
             st.altair_chart(charts.accuracy_chart(acc_df), width="stretch")
