@@ -31,8 +31,9 @@ exact, the identity, because projecting it could only add noise and width):
   position ids) is expanded to the batch first, so each instance gets its own gradient.
 - ``nn.LayerNorm``: γ's gradient ``Σ_t g_t ⊙ n_t`` (n_t the normalised input, recomputed) and
   β's ``Σ_t g_t`` are d-vectors; each is projected with its own seeded Gaussian d × K matrix.
-- Any other parameter: :class:`AtlasError` (the method needs every parameter in one of the
-  three module types, which holds for BERT-like Hugging Face classifiers).
+- Any other parameter, or one shared by two modules (tied weights, whose gradient is the sum
+  of both modules' parts and so not their concatenation): :class:`AtlasError`. Every
+  parameter of BERT-like Hugging Face classifiers is in one of the three module types.
 
 The per-instance feature is the concatenation over modules in the model's order; TracIn of
 a checkpoint is ``η · ⟨feat(z), feat(z')⟩``, self-influence ``η · ‖feat(z)‖²``. Projection
@@ -43,6 +44,9 @@ feature is then the exact per-example gradient of all parameters (huge for real 
 Work is organised like :class:`core.tracin.TracInCP`: per checkpoint the test features are
 computed once and held, training instances stream through in batches, and the results land
 in the engine's (checkpoint × training chunk) shards, so ``shard_dir`` resumes a killed run.
+:meth:`FactorizedTracIn.compute_checkpoint` is the same unit of work as TracInCP's, so the run
+stage and its task API (``core tracin RUN --project factorized:K``, ``core run --project
+factorized:K``) drive either engine; :func:`engine_for` picks one from a projection spec.
 """
 
 from __future__ import annotations
@@ -247,6 +251,11 @@ class FactorizedGrads:
             own = list(module.parameters(recurse=False))
             if kind is None or not own:
                 continue
+            if any(id(p) in covered for p in own):
+                raise AtlasError(
+                    f"The factorized projection cannot handle tied weights, and {name} shares "
+                    "a parameter with another layer."
+                )
             layer = kind(name, module, k, seed, identity, self.device)
             self.layers[module] = (offset, layer)
             offset += layer.width

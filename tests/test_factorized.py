@@ -375,8 +375,24 @@ class _Conv(nn.Module):
         self.conv = nn.Conv1d(4, 4, 3)
 
 
+class _Tied(nn.Module):
+    """An output layer that reuses the embedding matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+
 @pytest.mark.parametrize(
-    "model, match", [(_NoLinear(), "none"), (_Conv(), "conv.weight"), (nn.Sequential(), "none")]
+    "model, match",
+    [
+        (_NoLinear(), "none"),
+        (_Conv(), "conv.weight"),
+        (nn.Sequential(), "none"),
+        (_Tied(), "tied"),
+    ],
 )
 def test_unsupported_model_raises_one_sentence(model, match, train):
     with pytest.raises(AtlasError, match=match) as err:
