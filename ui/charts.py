@@ -37,6 +37,45 @@ def _short(text: pd.Series) -> pd.Series:
     return s.where(s.str.len() <= TEXT_CHARS, s.str.slice(0, TEXT_CHARS) + "…")
 
 
+def _curve_layers(
+    df: pd.DataFrame,
+    lines: pd.DataFrame,
+    tooltip: list[alt.Tooltip],
+    rank_title: str,
+    score_title: str,
+    *,
+    sizes: tuple[int, int],
+    stroke: float,
+    legend: bool,
+) -> tuple[alt.Chart, alt.Chart]:
+    """The points (by flip status) and the two lines of one sorted curve, in the paper's colours."""
+    color = alt.Color(
+        "status:N",
+        scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE),
+        title=None,
+        legend=alt.Legend() if legend else None,
+    )
+    points = (
+        alt.Chart(df)
+        .mark_circle(opacity=0.85)
+        .encode(
+            x=alt.X("rank:Q", title=rank_title),
+            y=alt.Y("score:Q", title=score_title),
+            color=color,
+            # flipped points larger: a few dozen red dots must stand out among thousands of blue
+            size=alt.condition(alt.datum.flipped, alt.value(sizes[0]), alt.value(sizes[1])),
+            order=alt.Order("flipped:Q"),  # flipped drawn last, on top of the blue cloud
+            tooltip=tooltip,
+        )
+    )
+    rules = (
+        alt.Chart(lines.rename(columns={"line": "status"}))
+        .mark_rule(strokeWidth=stroke)
+        .encode(x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", color=color)
+    )
+    return points, rules
+
+
 def curve_chart(
     curve: pd.DataFrame,
     lines: pd.DataFrame,
@@ -71,90 +110,11 @@ def curve_chart(
             alt.Tooltip("true:N", title="true label"),
             *tooltip,
         ]
-    color = alt.Color(
-        "status:N", scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE), title=None
-    )
-    points = (
-        alt.Chart(df)
-        .mark_circle(opacity=0.85)
-        .encode(
-            x=alt.X("rank:Q", title=rank_title),
-            y=alt.Y("score:Q", title=score_title),
-            color=color,
-            # flipped points larger: a few dozen red dots must stand out among thousands of blue
-            size=alt.condition(alt.datum.flipped, alt.value(70), alt.value(22)),
-            order=alt.Order("flipped:Q"),  # flipped drawn last, on top of the blue cloud
-            tooltip=tooltip,
-        )
-    )
-    segs = lines.rename(columns={"line": "status"})
-    rules = (
-        alt.Chart(segs)
-        .mark_rule(strokeWidth=2)
-        .encode(
-            x="x:Q",
-            x2="x2:Q",
-            y="y:Q",
-            y2="y2:Q",
-            color=alt.Color("status:N", scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE)),
-        )
+    points, rules = _curve_layers(
+        df, lines, tooltip, rank_title, score_title, sizes=(70, 22), stroke=2, legend=True
     )
     chart = alt.layer(points, rules).properties(height=height, title=title)
     return _tag(chart, "score_curve")
-
-
-def small_multiples(
-    points: pd.DataFrame, lines: pd.DataFrame, order: list[str], *, columns: int = 3
-) -> alt.FacetChart:
-    """Fig. 1: a grid of sorted curves, one panel per test instance (``panel`` column = title).
-
-    ``points`` has panel, rank, score, flipped; ``lines`` has panel and the
-    x, x2, y, y2 segment columns of ``compute.line_rows``. Both are stacked into
-    one table because a faceted layer chart needs a single data source.
-    """
-    p = points[["panel", "rank", "score", "flipped"]].copy()
-    p["status"] = np.where(p["flipped"].to_numpy(bool), "flipped", "clean")
-    p["layer"] = "point"
-    ln = lines.rename(columns={"line": "status"}).copy()
-    ln["layer"] = "line"
-    data = pd.concat([p, ln], ignore_index=True)
-    color = alt.Color(
-        "status:N", scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE), title=None
-    )
-    base = alt.Chart()
-    dots = (
-        base.mark_circle(opacity=0.8)
-        .encode(
-            x=alt.X("rank:Q", title="rank"),
-            y=alt.Y("score:Q", title="TracIn"),
-            color=color,
-            size=alt.condition(alt.datum.flipped, alt.value(36), alt.value(10)),
-            order=alt.Order("flipped:Q"),
-            tooltip=[
-                alt.Tooltip("panel:N", title="test instance"),
-                alt.Tooltip("rank:Q"),
-                alt.Tooltip("score:Q", format=".4g"),
-                alt.Tooltip("status:N"),
-            ],
-        )
-        .transform_filter(alt.datum.layer == "point")
-    )
-    rules = (
-        base.mark_rule(strokeWidth=1.5)
-        .encode(x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", color=color)
-        .transform_filter(alt.datum.layer == "line")
-    )
-    chart = (
-        alt.layer(dots, rules, data=data)
-        .properties(width=230, height=150)
-        .facet(
-            facet=alt.Facet("panel:N", sort=order, title=None, header=alt.Header(labelFontSize=12)),
-            columns=columns,
-        )
-        .resolve_scale(y="independent")
-        .configure_legend(orient="bottom")  # beside the grid it would be clipped
-    )
-    return _tag(chart, "small_multiples")
 
 
 SCATTER_AXES = {
@@ -545,30 +505,13 @@ def panel_chart(
     """One small-multiple panel: a sorted curve with its two lines, sized by its column."""
     p = points[["rank", "score", "flipped"]].copy()
     p["status"] = np.where(p["flipped"].to_numpy(bool), "flipped", "clean")
-    color = alt.Color(
-        "status:N", scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE), legend=None
-    )
-    dots = (
-        alt.Chart(p)
-        .mark_circle(opacity=0.8)
-        .encode(
-            x=alt.X("rank:Q", title="rank"),
-            y=alt.Y("score:Q", title=score_title),
-            color=color,
-            size=alt.condition(alt.datum.flipped, alt.value(36), alt.value(10)),
-            order=alt.Order("flipped:Q"),
-            tooltip=[
-                alt.Tooltip("rank:Q"),
-                alt.Tooltip("score:Q", format=".4g"),
-                alt.Tooltip("status:N"),
-            ],
-        )
-    )
-    segs = lines.rename(columns={"line": "status"})
-    rules = (
-        alt.Chart(segs)
-        .mark_rule(strokeWidth=1.5)
-        .encode(x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", color=color)
+    tooltip = [
+        alt.Tooltip("rank:Q"),
+        alt.Tooltip("score:Q", format=".4g"),
+        alt.Tooltip("status:N"),
+    ]
+    dots, rules = _curve_layers(
+        p, lines, tooltip, "rank", score_title, sizes=(36, 10), stroke=1.5, legend=False
     )
     chart = alt.layer(dots, rules).properties(
         height=height, title=alt.TitleParams(title, fontSize=12)
