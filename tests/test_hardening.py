@@ -205,6 +205,25 @@ def test_row5_a_second_writer_exits_2_and_a_killed_ones_lock_is_taken_over(
     assert not (run / locks.LOCK_FILE).exists()  # released at the end
 
 
+def test_row5_two_identical_runs_started_together_never_collide(
+    tmp_path: Path, reviews_csv: Path
+) -> None:
+    cmd = [sys.executable, "-m", "core", *_run_args(reviews_csv, tmp_path / "cache", "r")]
+    cmd += ["--until", "data"]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    results = [(p.returncode, err) for p, err in zip(procs, errors, strict=True)]
+    for rc, err in results:
+        assert "Traceback" not in err, err
+        assert rc == 0 or (rc == 2 and "already running" in err), err
+    assert 0 in [rc for rc, _ in results]
+    assert store.stage_complete(tmp_path / "cache" / "r", "data")
+    assert not (tmp_path / "cache" / "r" / locks.LOCK_FILE).exists()
+
+
 def test_row5_the_lock_guards_the_stage_commands_too(study_run: Path, tmp_path: Path, capsys):
     run = _copy_run(study_run, tmp_path)
     holder = subprocess.Popen(
