@@ -491,6 +491,21 @@ def test_noise_sweep_page_starts_a_sweep_in_the_background(tmp_path, monkeypatch
         study.cancel(j)
 
 
+def test_sweep_progress_counts_the_trained_cells(tmp_path):
+    from core import store
+
+    sweep = tmp_path / "sw"
+    store.update_manifest(
+        sweep, kind="sweep", status="running", flip_rates=[0.0, 0.1], seeds=[0, 1]
+    )
+    factory.make_run(
+        sweep / "cells", "rate-0_seed-0", n_train=40, n_test=6, n_flips=2, stages=("data", "train")
+    )
+    prog = study.sweep_progress(sweep)
+    assert (prog["cells_done"], prog["cells_total"], prog["status"]) == (1, 4, "running")
+    assert study.sweep_progress(tmp_path / "absent") == {}
+
+
 def test_study_command_for_an_uploaded_file():
     req = study.StudyRequest(
         name="mine",
