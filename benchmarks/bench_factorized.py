@@ -73,8 +73,9 @@ def _inputs(folder: Path) -> tuple[list[tuple[Path, float]], dict, dict]:
     return ckpts, torch.load(folder / "train.pt"), torch.load(folder / "test.pt")
 
 
-def _train(folder: Path, k: int, save: bool) -> float:
-    """Seconds of k training epochs as the quick preset trains; a checkpoint per epoch if ``save``."""
+def _train(folder: Path, k: int, save: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds of k training epochs as the quick preset trains; a checkpoint per
+    epoch if ``save`` (saving is not timed)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from core.models import TINY_ARCH, length_batches
@@ -88,9 +89,9 @@ def _train(folder: Path, k: int, save: bool) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     widths = train["attention_mask"].sum(1).numpy()
     rng = np.random.default_rng(0)
-    seconds = 0.0
+    seconds = cpu = 0.0
     for epoch in range(k):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for rows in length_batches(widths, 32, rng):
             rows_t = torch.as_tensor(rows)
             w = int(widths[rows].max())
@@ -104,9 +105,10 @@ def _train(folder: Path, k: int, save: bool) -> float:
             loss.backward()
             optimizer.step()
         seconds += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
         if save:
             model.save_pretrained(folder / f"epoch-{epoch + 1:02d}")
-    return seconds
+    return seconds, cpu
 
 
 def worker(method: str, folder: Path) -> None:
@@ -117,8 +119,9 @@ def worker(method: str, folder: Path) -> None:
     the peak read after a K is that K's unless a smaller one needed more.
     """
     if method.startswith("train"):
-        seconds = _train(folder, int(method.split(":")[1]), method.endswith(":save"))
-        print(json.dumps({"train": {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}}))
+        seconds, cpu = _train(folder, int(method.split(":")[1]), method.endswith(":save"))
+        row = {"seconds": seconds, "cpu": cpu, "peak_rss_mb": peak_rss_mb()}
+        print(json.dumps({"train": row}))
         return
     ckpts, train, test = _inputs(folder)
     runs: list[tuple[str, Any]] = []
@@ -130,19 +133,19 @@ def worker(method: str, folder: Path) -> None:
         runs += [(str(k), lambda k=k: FactorizedTracIn(ckpts, k=k)) for k in ks]
     out = {}
     for name, make in runs:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         engine = make()
         result = engine.compute(train, test)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         np.save(folder / f"{name}_matrix.npy", result.matrix)
         np.save(folder / f"{name}_self.npy", result.self_influence)
         width = getattr(engine, "width", None)
-        out[name] = {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "width": width}
+        out[name] = {"seconds": seconds, "cpu": cpu, "peak_rss_mb": peak_rss_mb(), "width": width}
     print(json.dumps(out))
 
 
 def _run(method: str, folder: Path, threads: int | None) -> dict:
-    """A worker in a subprocess; its JSON line ({name: seconds, peak_rss_mb, width})."""
+    """A worker in a subprocess; its JSON line ({name: seconds, cpu, peak_rss_mb, width})."""
     cmd = [sys.executable, __file__, "--_worker", method, "--_dir", str(folder)]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -188,6 +191,7 @@ def main() -> None:
         return
 
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         train = polar_data(args.n_train, 1, FLIP_RATE)
@@ -213,32 +217,39 @@ def main() -> None:
         exact = np.load(folder / "exact_matrix.npy")
         exact_self = np.load(folder / "exact_self.npy")
         t_train, t_exact = rows["train"]["seconds"], rows["exact"]["seconds"]
+        c_train, c_exact = rows["train"]["cpu"], rows["exact"]["cpu"]
         print(
-            f"training ({args.k} epochs): {t_train:.1f} s, peak {rows['train']['peak_rss_mb']:.0f} MiB"
+            f"training ({args.k} epochs): {t_train:.1f} s wall, {c_train:.1f} s CPU, peak "
+            f"{rows['train']['peak_rss_mb']:.0f} MiB; load average {os.getloadavg()[0]:.1f} "
+            f"(at start {load_start:.1f}) on {os.cpu_count()} CPUs: wall times of a shared "
+            "machine vary, CPU times less"
         )
         print(
-            f"{'method':<16}{'seconds':>8}{'÷exact':>8}{'÷train':>8}{'width':>9}"
+            f"{'method':<16}{'seconds':>8}{'÷exact':>8}{'÷train':>8}{'cpu s':>7}{'÷exact':>7}"
+            f"{'÷train':>7}{'width':>9}"
             f"{'ρ med':>7}{'ρ min':>7}{'top10 med':>10}{'top10 mean':>11}{'self ρ':>8}"
             f"{'peak MiB':>10}"
         )
 
-        def line(label: str, seconds: float, width: str, quality: str, peak: str) -> None:
+        def line(label: str, name: str, width: str, quality: str, peak: str) -> None:
+            seconds, cpu = rows[name]["seconds"], rows[name]["cpu"]
             print(
                 f"{label:<16}{seconds:8.1f}{seconds / t_exact:8.2f}{seconds / t_train:8.2f}"
+                f"{cpu:7.1f}{cpu / c_exact:7.2f}{cpu / c_train:7.2f}"
                 f"{width:>9}{quality}{peak:>10}"
             )
 
         blank = f"{'':>7}{'':>7}{'':>10}{'':>11}{'':>8}"
-        line("exact (all)", t_exact, "", blank, f"{rows['exact']['peak_rss_mb']:.0f}")
+        line("exact (all)", "exact", "", blank, f"{rows['exact']['peak_rss_mb']:.0f}")
         for scope in SCOPES:
             quality = _quality(folder, scope, exact, exact_self)
-            line(f"exact {scope}", rows[scope]["seconds"], "", quality, "")
+            line(f"exact {scope}", scope, "", quality, "")
         for k in ks:
             row = rows[str(k)]
             quality = _quality(folder, str(k), exact, exact_self)
             line(
                 f"factorized:{k}",
-                row["seconds"],
+                str(k),
                 f"{row['width']:,}",
                 quality,
                 f"{row['peak_rss_mb']:.0f}",
