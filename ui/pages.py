@@ -16,18 +16,20 @@ class PageSpec:
 
     key: str  # short name used by tests
     title: str  # what the sidebar and the browser tab call it
-    icon: str  # an emoji: the browser draws it; a ":material/…" favicon is fetched from Google
+    icon: str  # drawn with the bundled Material Symbols font (the tab's icon is FAVICON)
     url_path: str  # "" for the home page
     script: str | None  # path relative to app.py; None: the home page (ui.views.home)
     blurb: str = ""  # one line for the home page's list of pages
 
 
 PAGES: tuple[PageSpec, ...] = (
-    PageSpec("home", "Home", "🧭", "", None, "this page: pick a run, read its summary."),
+    PageSpec(
+        "home", "Home", ":material/explore:", "", None, "this page: pick a run, read its summary."
+    ),
     PageSpec(
         "curves",
         "Score curves",
-        "📈",
+        ":material/show_chart:",
         "Score_curves",
         "pages/1_Score_curves.py",
         "the sorted curves of the misclassified test instances (Fig. 1).",
@@ -35,7 +37,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec(
         "shape",
         "Shape vs position",
-        "🎯",
+        ":material/scatter_plot:",
         "Shape_vs_position",
         "pages/2_Shape_vs_position.py",
         "S against end ratio or distance (Fig. 3); click a point to open its curve.",
@@ -43,7 +45,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec(
         "learn",
         "Learn the shapes",
-        "🎓",
+        ":material/school:",
         "Learn_the_shapes",
         "pages/7_Learn_the_shapes.py",
         "the S, Z and backslash patterns taught from the run's own curves.",
@@ -51,7 +53,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec(
         "neighbourhoods",
         "Neighbourhoods",
-        "🕸️",
+        ":material/hub:",
         "Neighbourhoods",
         "pages/3_Neighbourhoods.py",
         "distances in the model's [CLS] space and a map of all instances (Fig. 2).",
@@ -59,7 +61,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec(
         "sweep",
         "Noise sweep",
-        "📉",
+        ":material/stacked_line_chart:",
         "Noise_sweep",
         "pages/4_Noise_sweep.py",
         "accuracy and loss against the number of flipped labels (Fig. 4–5).",
@@ -67,7 +69,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec(
         "cleaning",
         "Cleaning lab",
-        "🧹",
+        ":material/cleaning_services:",
         "Cleaning_lab",
         "pages/5_Cleaning_lab.py",
         "detectors that rank suspects, and whether fixing them helps.",
@@ -75,7 +77,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec(
         "study",
         "Run a study",
-        "🧪",
+        ":material/science:",
         "Run_a_study",
         "pages/6_Run_a_study.py",
         "run the experiment on a built-in dataset or your own file.",
@@ -83,6 +85,7 @@ PAGES: tuple[PageSpec, ...] = (
 )
 
 BY_KEY = {p.key: p for p in PAGES}
+FAVICON = "🧭"
 
 
 def pages_markdown() -> str:
@@ -106,6 +109,10 @@ def navigation():
         )
         for p in PAGES
     ]
+    # The tab's icon first: an emoji becomes a data: URL in the browser, while a page's
+    # ":material/…" icon as favicon would be fetched from fonts.gstatic.com (a request leaving
+    # the page, failing offline).
+    st.set_page_config(page_icon=FAVICON, layout="wide")
     return st.navigation(pages)
 
 

@@ -20,7 +20,7 @@ import streamlit as st
 
 from core import store
 from core.errors import AtlasError
-from ui import data
+from ui import data, pages
 
 QP_RUN = "run"
 QP_TEST = "test"
@@ -79,7 +79,7 @@ def md_escape(text: Any, limit: int | None = None) -> str:
     return _MD_SPECIAL.sub(r"\\\1", s)
 
 
-FAVICON = "🧭"
+FAVICON = pages.FAVICON  # the same tab icon as app.py sets before the navigation
 
 
 def setup_page(title: str, icon: str = ":material/show_chart:") -> None:
