@@ -230,6 +230,17 @@ def test_neighbourhoods_map_and_nearest_table(cache, monkeypatch):
     assert not np.allclose(before.to_numpy(), after.loc[before.index].to_numpy())
 
 
+def test_neighbourhoods_reports_the_stored_correlation(tmp_path, monkeypatch):
+    run = factory.make_run(tmp_path, "demo")
+    analysis = json.loads((run / "analysis.json").read_text())
+    stored = {"n": 18, "spearman": 0.7777, "spearman_p": 0.0123, "pearson": 0.5, "pearson_p": 0.03}
+    analysis["correlations"] = {"s_bulk_vs_mean_distance": {"all": {**stored, "reason": None}}}
+    (run / "analysis.json").write_text(json.dumps(analysis))
+    at = open_page("neighbourhoods", tmp_path, monkeypatch)
+    shown = texts(at)
+    assert "**+0.78** (p = 0.0123)" in shown  # analysis.json's value, not a recomputation
+
+
 # -- noise sweep ---------------------------------------------------------------------------------
 
 

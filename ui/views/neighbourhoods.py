@@ -54,12 +54,15 @@ def body(run: data.Run) -> None:
         if "mean_distance" in shapes
         else pd.Series(np.asarray(dist).mean(1))
     )
-    # One definition (core.stats), the same numbers as Shape vs position shows.
-    r = stats.correlation(
-        shapes["s_bulk"].to_numpy() if "s_bulk" in shapes else shapes["s"].to_numpy(),
-        mean_dist.to_numpy(),
-        names=("bulk S", "mean distance"),
-    )
+    # The analyze stage's stored value (analysis.json), the number Shape vs position and
+    # `core show` report; computed with the same core.stats function only for older runs.
+    r = stored_correlation(run)
+    if r is None:
+        r = stats.correlation(
+            shapes["s_bulk"].to_numpy() if "s_bulk" in shapes else shapes["s"].to_numpy(),
+            mean_dist.to_numpy(),
+            names=("bulk S", "mean distance"),
+        )
     if r["spearman"] is None:
         st.markdown(f"No correlation of bulk S with mean distance is shown: {r['reason']}.")
     else:
@@ -111,6 +114,14 @@ def body(run: data.Run) -> None:
     inst = run.instances.iloc[test_id]
     st.caption(f"Test instance {test_id} ({widgets.md_escape(names[int(inst['label'])])}):")
     st.text(str(inst["text"]))
+
+
+def stored_correlation(run: data.Run) -> dict | None:
+    """analysis.json's bulk S vs mean distance correlation over all test instances, or None."""
+    r = ((run.analysis().get("correlations") or {}).get("s_bulk_vs_mean_distance") or {}).get("all")
+    if not isinstance(r, dict) or not {"n", "spearman", "spearman_p", "reason"} <= set(r):
+        return None
+    return r
 
 
 def map_points(
