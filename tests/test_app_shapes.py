@@ -203,3 +203,16 @@ def test_learn_page_examples_are_real_and_the_guess_reveals(real, study_run, mon
     one_chart(at, "reference_curves")
     at.button(key="learn_reveal").click().run()
     assert "this curve is" in all_text(at)
+
+
+def test_a_stale_stage_is_named_with_its_command(study_run, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "cache" / "stale"
+    shutil.copytree(study_run, run, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    tracin = np.load(run / store.TRACIN)
+    store.write_npy(run / store.TRACIN, (tracin * 2).astype(np.float32))  # inputs changed
+    at = open_page(CURVES, tmp_path / "cache", monkeypatch, {"run": "stale"})
+    warnings = " ".join(str(w.value) for w in at.warning)
+    assert "analyze results of this run are stale" in warnings
+    assert any(c.value.startswith("python -m core analyze") for c in at.code)

@@ -609,7 +609,7 @@ def reference_curves_chart(curves: pd.DataFrame) -> alt.FacetChart:
             x=alt.X("rank:Q", title="rank"),
             y=alt.Y("score:Q", title="standardised score"),
         )
-        .properties(width=170, height=80)
+        .properties(width=140, height=80)
         .facet(facet=alt.Facet("reference:N", title=None), columns=3)
         .resolve_scale(y="independent")
     )

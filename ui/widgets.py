@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import store
+from core import provenance, store
 from core.errors import AtlasError
 from ui import data, pages
 
@@ -209,7 +209,31 @@ def open_run() -> data.Run | None:
     run = data.Run(row["path"])
     with contextlib.suppress(AtlasError):
         st.sidebar.caption(_run_caption(run))
+    stale_notice(run)
     return run
+
+
+def stale_notice(run: data.Run) -> None:
+    """Say which stages are older than their inputs (core.provenance), and the command that
+    rebuilds each, so nothing on the page is silently stale."""
+    try:
+        stale = provenance.stale_stages(run.path)
+    except (AtlasError, OSError, ValueError):
+        return
+    for stage, reason in stale.items():
+        st.warning(
+            f"The {md_escape(stage)} results of this run are stale: {md_escape(reason)}. "
+            "The page shows them as they are; rebuild them with:"
+        )
+        st.code(rebuild_command(run, stage), language="bash")
+
+
+def rebuild_command(run: data.Run, stage: str) -> str:
+    """The command that recomputes ``stage``: its own CLI command where there is one, else
+    the command recorded in the run's manifest."""
+    if stage in ("tracin", "analyze", "detect"):
+        return run.command(stage)
+    return str(run.manifest.get("command") or run.command("run"))
 
 
 def _run_caption(run: data.Run) -> str:

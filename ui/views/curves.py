@@ -247,7 +247,7 @@ def enlarged(run: data.Run, test_id: int, view: views.View) -> None:
     with right:
         st.text(str(inst["text"]))
         st.caption(
-            f"true label: {names[int(inst['label'])]}"
+            f"true label: {widgets.md_escape(names[int(inst['label'])])}"
             + ("" if row.get("correct", True) else " · misclassified")
         )
         st.metric(
