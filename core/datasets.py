@@ -461,12 +461,65 @@ def load_user_file(
         raise AtlasError(f"Data file {path} does not exist.")
     if not path.is_file():
         raise AtlasError(f"Data file {path} is not a file.")
+    if path.suffix.lower() not in (*_SEPARATORS, *_JSONL):  # before reading a big file
+        read_table(b"", path)
+    df, fmt, encoding = read_table(path.read_bytes(), path)
+    return label_table(
+        df,
+        text_col,
+        label_col,
+        rating_col,
+        pos_min,
+        neg_max,
+        source=str(path),
+        fmt=fmt,
+        encoding=encoding,
+    )
+
+
+def read_table(raw: bytes, path: str | os.PathLike) -> tuple[pd.DataFrame, str, str]:
+    """Decode and parse a user file's bytes: (table of string cells, format, encoding).
+
+    ``path`` names the file (its extension picks the format) and appears in messages.
+    UTF-8 (BOM allowed), UTF-16 with a BOM and cp932 Japanese text are read; empty cells
+    are ''. The app's upload form reads files with this same function.
+    """
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _SEPARATORS and suffix not in _JSONL:
         raise AtlasError(
             f"Data file {path} has an unsupported extension '{path.suffix}'; "
             "use .csv, .tsv/.txt (tab-separated) or .jsonl."
         )
+    text, encoding = _decode_with_fallback(raw, path)
+    if suffix in _JSONL:
+        df, fmt = _read_jsonl(text, path), "jsonl"
+    else:
+        df = _read_delimited(text, _SEPARATORS[suffix], path)
+        fmt = "csv" if suffix == ".csv" else "tsv"
+    if df.empty:
+        raise AtlasError(f"Data file {path} has no data rows.")
+    df.columns = [str(c) for c in df.columns]
+    return df, fmt, encoding
+
+
+def label_table(
+    df: pd.DataFrame,
+    text_col: str | None,
+    label_col: str | None = None,
+    rating_col: str | None = None,
+    pos_min: float | None = None,
+    neg_max: float | None = None,
+    *,
+    source: str = "the file",
+    fmt: str = "table",
+    encoding: str = "utf-8",
+) -> LoadedData:
+    """Labels from a parsed user table (see :func:`load_user_file`), checked as a study needs.
+
+    Raises :class:`AtlasError` naming the first problem; the app's form calls this to say,
+    before a job starts, exactly what ``core run`` would say.
+    """
     if not text_col:
         raise AtlasError("A data file needs --text-col naming its text column.")
     if bool(label_col) == bool(rating_col):
@@ -479,23 +532,13 @@ def load_user_file(
                 f"--pos-min ({pos_min:g}) must be greater than --neg-max ({neg_max:g}), "
                 "or a rating would be both positive and negative."
             )
-
-    raw_bytes = path.read_bytes()
-    text, encoding = _decode_with_fallback(raw_bytes, path)
-    if suffix in _JSONL:
-        df = _read_jsonl(text, path)
-        fmt = "jsonl"
-    else:
-        df = _read_delimited(text, _SEPARATORS[suffix], path)
-        fmt = "csv" if suffix == ".csv" else "tsv"
-    if df.empty:
-        raise AtlasError(f"Data file {path} has no data rows.")
     value_col = label_col or rating_col
-    _require_columns(df, [text_col, value_col], path)
-
+    _require_columns(df, [text_col, value_col], Path(source))
+    if label_col == text_col or rating_col == text_col:
+        raise AtlasError(f"The text column '{text_col}' cannot also hold the labels.")
     raw = pd.DataFrame({"text": df[text_col].map(_cell_text), "source_row": np.arange(len(df))})
     values = df[value_col].map(_cell_text)
-    info: dict[str, Any] = {"source": str(path), "format": fmt, "encoding": encoding}
+    info: dict[str, Any] = {"source": source, "format": fmt, "encoding": encoding}
     if label_col:
         labels, reasons, names, mapping = _labels_from_column(values, label_col, raw["text"])
     else:

@@ -400,7 +400,7 @@ def test_study_page_upload_columns_and_validation(tmp_path, monkeypatch):
     assert not at.exception
     assert at.selectbox(key="study_text_col").value == "レビュー"  # guessed: the longest strings
     # five star values are not two classes: refused before anything starts
-    assert any("exactly two classes" in e.value for e in at.error)
+    assert any("needs exactly two" in e.value for e in at.error)
     assert at.button(key="study_start").disabled
     at.radio(key="study_label_mode").set_value("a rating column (thresholds)").run()
     assert not at.error and not at.button(key="study_start").disabled
@@ -558,10 +558,53 @@ def test_upload_is_parsed_as_data_and_validated(tmp_path, monkeypatch):
     with pytest.raises(AtlasError, match=r"\.csv, \.tsv or \.jsonl"):
         study.parse_upload(csv, "evil.pkl")
     monkeypatch.setenv(study.ENV_MAX_UPLOAD_MB, "1")
+
     with pytest.raises(AtlasError, match="limit is 1 MB"):
         study.parse_upload(b"a,b\n" + b"x,1\n" * 400_000, "big.csv")
     saved = study.save_upload(tmp_path, csv, "my reviews.csv")
     assert saved.read_bytes() == csv and saved.parent.name == ".uploads"
+
+
+def test_the_upload_form_says_what_core_run_would_say(tmp_path):
+    """One definition (core.datasets): the form and `core run` agree on every file."""
+    from core.datasets import load_user_file
+
+    def both(raw: bytes, name: str, **cols):
+        path = tmp_path / name
+        path.write_bytes(raw)
+        try:
+            load_user_file(path, **cols)
+            core_ok = True
+        except AtlasError:
+            core_ok = False
+        try:
+            df = study.parse_upload(raw, name)
+            problems, _ = study.validate_table(df, **cols)
+            form_ok = not problems
+        except AtlasError:
+            form_ok = False
+        return core_ok, form_ok
+
+    # A 15/5 split: too few of one class for the stratified split, in both.
+    rows = [f"review {i},{'pos' if i < 15 else 'neg'}" for i in range(20)]
+    assert both(
+        ("text,y\n" + "\n".join(rows)).encode(), "a.csv", text_col="text", label_col="y"
+    ) == (
+        False,
+        False,
+    )
+    # "NA" is a label value like any other (a third class), in both.
+    rows = [f"review {i},{['pos', 'neg', 'NA'][i % 3]}" for i in range(90)]
+    assert both(
+        ("text,y\n" + "\n".join(rows)).encode(), "b.csv", text_col="text", label_col="y"
+    ) == (
+        False,
+        False,
+    )
+    # Japanese cp932 text is read by both.
+    rows = [f"レビュー{i}です,{'良い' if i % 2 else '悪い'}" for i in range(60)]
+    raw = ("本文,評価\n" + "\n".join(rows)).encode("cp932")
+    assert both(raw, "c.csv", text_col="本文", label_col="評価") == (True, True)
 
 
 # -- chart builders and helpers, without Streamlit ----------------------------------------------

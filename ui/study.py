@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from core import locks, store, validation
+from core import datasets, locks, store, validation
 from core.cli import check_study_argv
 from core.errors import AtlasError
 from core.sweep import CELLS_DIR, cell_name
@@ -42,7 +41,6 @@ JOBS_DIR = ".jobs"  # dot-folders are skipped by store.list_runs
 UPLOADS_DIR = ".uploads"
 NAME_RE = validation.NAME_RE  # one rule for the CLI's --name and this form
 UPLOAD_TYPES = ("csv", "tsv", "jsonl")
-MIN_ROWS = 20  # the 80/10/10 split needs a few instances in every part
 REPO = Path(__file__).resolve().parents[1]
 
 # The wrapper records the exit status, which a detached process cannot report otherwise.
@@ -518,31 +516,19 @@ def sweep_progress(sweep_dir: Path) -> dict[str, Any]:
 
 
 def parse_upload(raw: bytes, filename: str) -> pd.DataFrame:
-    """Parse an uploaded CSV / TSV / JSONL as a table of data, or raise :class:`AtlasError`."""
+    """Parse an uploaded CSV / TSV / JSONL exactly as ``core run`` will (core.datasets.read_table),
+    or raise :class:`AtlasError`; the upload limit is checked first."""
     limit = max_upload_mb() * 1024 * 1024
     if len(raw) > limit:
         raise AtlasError(f"The file is {len(raw) / 1e6:.1f} MB; the limit is {max_upload_mb()} MB.")
     ext = Path(filename).suffix.lower().lstrip(".")
     if ext not in UPLOAD_TYPES:
         raise AtlasError(f"Upload a .csv, .tsv or .jsonl file, not '.{ext}'.")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise AtlasError(
-            f"The file is not UTF-8 text (byte {exc.start} cannot be decoded)."
-        ) from None
-    try:
-        if ext == "jsonl":
-            df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
-        else:
-            df = pd.read_csv(io.StringIO(text), sep="\t" if ext == "tsv" else ",")
-    except Exception as exc:  # pandas raises several parser errors
-        raise AtlasError(f"The file could not be parsed as {ext.upper()} ({exc}).") from None
-    if df.empty or len(df.columns) < 2:
+    df, _, _ = datasets.read_table(raw, Path(filename).name)
+    if len(df.columns) < 2:
         raise AtlasError(
             "The file needs at least two columns (a text and a label or rating) and one row."
         )
-    df.columns = [str(c) for c in df.columns]
     return df
 
 
@@ -567,59 +553,25 @@ def validate_table(
     pos_min: float | None = None,
     neg_max: float | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Problems that would stop ``core run`` (empty list when none) and a summary of what is kept."""
-    problems: list[str] = []
-    if text_col not in df:
-        return [f"There is no column '{text_col}'."], {}
-    text = df[text_col]
-    empty = text.isna() | (text.astype(str).str.strip() == "")
-    if empty.any():
-        problems.append(
-            f"{int(empty.sum())} row(s) have an empty text (first at row {int(empty.idxmax()) + 1}); remove them."
+    """What ``core run`` would say about this table (empty list when it would run) and what it
+    keeps: the labelling and checks of core.datasets.label_table, never a second copy."""
+    summary: dict[str, Any] = {"rows": len(df)}
+    try:
+        loaded = datasets.label_table(
+            df, text_col, label_col, rating_col, pos_min, neg_max, source="the uploaded file"
         )
-    dup = text.astype(str).duplicated()
-    summary: dict[str, Any] = {"rows": len(df), "duplicate_texts": int(dup.sum())}
-    keep = ~empty
-    if label_col:
-        if label_col not in df:
-            return [*problems, f"There is no column '{label_col}'."], summary
-        if label_col == text_col:
-            problems.append("The text and label columns must differ.")
-        classes = df.loc[keep, label_col].dropna().astype(str).value_counts()
-        summary["classes"] = classes.to_dict()
-        if len(classes) != 2:
-            problems.append(
-                f"The label column must hold exactly two classes; '{label_col}' has {len(classes)}."
-            )
-        kept = int(df.loc[keep, label_col].notna().sum())
-    elif rating_col:
-        if rating_col not in df:
-            return [*problems, f"There is no column '{rating_col}'."], summary
-        ratings = pd.to_numeric(df[rating_col], errors="coerce")
-        bad = ratings.isna() & df[rating_col].notna()
-        if bad.any():
-            problems.append(
-                f"Column '{rating_col}' has non-numeric values (first at row {int(bad.idxmax()) + 1})."
-            )
-        if pos_min is None or neg_max is None or pos_min <= neg_max:
-            problems.append("Set a positive minimum above the negative maximum.")
-            kept = 0
-        else:
-            pos, neg = (ratings >= pos_min) & keep, (ratings <= neg_max) & keep
-            summary["classes"] = {
-                f"≥ {pos_min:g} (positive)": int(pos.sum()),
-                f"≤ {neg_max:g} (negative)": int(neg.sum()),
-            }
-            summary["dropped_between"] = int((keep & ~pos & ~neg & ratings.notna()).sum())
-            kept = int(pos.sum() + neg.sum())
-            if not pos.any() or not neg.any():
-                problems.append("The thresholds leave only one class.")
-    else:
-        return [*problems, "Choose a label column or a rating column."], summary
-    summary["kept"] = kept
-    if kept < MIN_ROWS:
-        problems.append(f"Only {kept} usable rows; the 80/10/10 split needs at least {MIN_ROWS}.")
-    return problems, summary
+    except AtlasError as exc:
+        return [str(exc)], summary
+    dropped = loaded.info.get("dropped", {})
+    summary.update(
+        kept=int(loaded.info["n_kept"]),
+        classes=dict(loaded.info["class_counts"]),
+        duplicate_texts=int(dropped.get("duplicate_text", 0)),
+        dropped=dict(dropped),
+    )
+    if rating_col:
+        summary["dropped_between"] = int(dropped.get("neutral_rating", 0))
+    return [], summary
 
 
 def save_upload(cache: Path, raw: bytes, filename: str) -> Path:

@@ -211,7 +211,7 @@ def upload_section(cache, req: study.StudyRequest) -> bool:
         )
         st.caption(
             f"{summary.get('kept', 0)} usable rows of {summary['rows']}; classes: {classes or '–'}; "
-            f"duplicate texts: {summary['duplicate_texts']}."
+            f"duplicate texts: {summary.get('duplicate_texts', '–')}."
         )
     if problems:
         return False
