@@ -10,14 +10,10 @@ import streamlit as st
 
 from core import validation
 from core.config import PRESETS
+from core.datasets import BUILTINS
 from core.errors import AtlasError
 from ui import data, pages, study, widgets
 
-BUILT_IN = {
-    "amazon-reviews": "Amazon product-review sentences (English, the default)",
-    "rt-snippets": "Rotten Tomatoes snippets (English)",
-    "ja-polarity": "Japanese polarity phrases (MeCab path)",
-}
 MODELS = {
     "tiny": "tiny BERT trained from scratch (fast)",
     "minilm": "pretrained MiniLM (paper-like)",
@@ -63,8 +59,8 @@ def form(cache, can_start: bool = True) -> None:
     if source == "built-in dataset":
         req.dataset = st.selectbox(
             "Dataset",
-            list(BUILT_IN),
-            format_func=lambda k: f"{k} — {BUILT_IN[k]}",
+            list(BUILTINS),
+            format_func=lambda k: f"{k} — {BUILTINS[k].description}",
             key="study_dataset",
         )
     else:
