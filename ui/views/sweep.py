@@ -11,6 +11,7 @@ import streamlit as st
 
 from core import store
 from core.config import PRESETS
+from core.datasets import BUILTINS
 from core.errors import AtlasError
 from ui import charts, compute, data, study, widgets
 from ui.views import study as study_view
@@ -53,7 +54,12 @@ def start_section(cache) -> None:
             key="sweep_preset",
             index=sorted(PRESETS).index("quick") if "quick" in PRESETS else 0,
         )
-        dataset = c2.selectbox("Dataset", list(study_view.BUILT_IN), key="sweep_dataset")
+        dataset = c2.selectbox(
+            "Dataset",
+            list(BUILTINS),
+            format_func=lambda k: f"{k} — {BUILTINS[k].description}",
+            key="sweep_dataset",
+        )
         seeds = int(c3.number_input("Seeds per flip rate", 1, 20, 3, key="sweep_seeds"))
         rates = st.text_input(
             "Flip rates (comma-separated, each in [0, 1))",
