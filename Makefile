@@ -33,11 +33,12 @@ data: setup
 app: setup data
 	$(BIN)/streamlit run app.py --server.port $(PORT) --server.address localhost
 
-# Debian's chromium for the browser tests (Playwright cannot download browsers here).
+# Debian's chromium for the browser tests (Playwright cannot download browsers here), and a CJK
+# font so the Japanese run's screenshots show text instead of boxes.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium is not installed (sudo apt-get install chromium): browser tests will be skipped"; fi; }
+	@{ command -v chromium >/dev/null 2>&1 && dpkg -s fonts-noto-cjk >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; \
+	  else echo "chromium or fonts-noto-cjk is missing (sudo apt-get install chromium fonts-noto-cjk): browser tests will be skipped or draw Japanese as boxes"; fi; }
 
 lint: setup-dev
 	$(BIN)/ruff check .
