@@ -1,4 +1,4 @@
-"""Score curves, Shape vs position and Learn the shapes under AppTest: on the fake store for the
+"""Score curves, Shape vs position, Learn the shapes (and Home, Neighbourhoods) under AppTest: on the fake store for the
 page mechanics, and on a real tiny run (made by the pipeline) for the numbers, which must be
 core's own (core.shapes.classify on core.views.view_scores), never a copy."""
 
@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 CURVES = "pages/1_Score_curves.py"
 SHAPE = "pages/2_Shape_vs_position.py"
 LEARN = "pages/7_Learn_the_shapes.py"
+NEIGHBOURHOODS = "pages/3_Neighbourhoods.py"
+HOME = "app.py"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,8 @@ def open_page(page: str, cache_dir: Path, monkeypatch, query: dict | None = None
     """Run one page through app.py (as `streamlit run` does) against a store."""
     monkeypatch.setenv("ATLAS_CACHE", str(cache_dir))
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=90)
-    at.switch_page(page)
+    if page != HOME:
+        at.switch_page(page)
     for k, v in (query or {}).items():
         at.query_params[k] = v
     at.run()
@@ -216,3 +219,32 @@ def test_a_stale_stage_is_named_with_its_command(study_run, tmp_path, monkeypatc
     warnings = " ".join(str(w.value) for w in at.warning)
     assert "analyze results of this run are stale" in warnings
     assert any(c.value.startswith("python -m core analyze") for c in at.code)
+
+
+def test_home_and_neighbourhoods_on_a_real_run_show_cores_numbers(real, study_run, monkeypatch):
+    from core.analysis import final_correct
+    from core.stats import correlation
+
+    cache_dir, name = real
+    inst = pd.read_parquet(study_run / store.INSTANCES)
+    logits = np.load(study_run / store.LOGITS)
+    shapes = pd.read_parquet(study_run / store.SHAPES)
+    at = open_page(HOME, cache_dir, monkeypatch, {"run": name})
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["misclassified test"] == str(int((~final_correct(logits, inst)).sum()))
+    counts = at.dataframe[0].value.set_index("shape")["all test"]
+    assert counts[counts > 0].to_dict() == shapes["shape"].value_counts().to_dict()
+
+    at = open_page(NEIGHBOURHOODS, cache_dir, monkeypatch, {"run": name})
+    want = correlation(shapes["s_bulk"], shapes["mean_distance"])
+    shown = all_text(at)
+    if want["spearman"] is None:
+        assert "No correlation of bulk S with mean distance is shown" in shown
+    else:
+        assert f"{want['spearman']:+.2f}" in shown
+    _, frames = one_chart(at, "mean_distance")
+    bars = frame_with(frames, "id", "mean_distance").set_index("id")["mean_distance"]
+    dist = np.load(study_run / store.DISTANCES)
+    test_ids = inst.loc[inst.split == "test", "id"].to_numpy()
+    expected = pd.Series(dist.mean(axis=1), index=test_ids).loc[bars.index]
+    np.testing.assert_allclose(bars.to_numpy(), expected.to_numpy(), rtol=1e-5)
