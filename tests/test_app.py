@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-import runstore_factory as factory  # also puts the repository on sys.path
+import runstore_factory as factory
 from streamlit.testing.v1 import AppTest
 
 from core.errors import AtlasError
