@@ -583,9 +583,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `atlas show RUN | head`: the reader left; stop quietly, as Unix tools do.
+        _silence_stdout()
+        return 0
     if out is not None:
-        print(out)
+        try:
+            print(out)
+        except BrokenPipeError:
+            _silence_stdout()
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's exit-time flush cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def check_study_argv(argv: list[str]) -> Path:

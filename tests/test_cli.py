@@ -176,3 +176,23 @@ def test_the_packages_import_from_any_folder_without_path_patches(tmp_path: Path
     )
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).parent == REPO / "core"
+
+
+def test_show_into_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    # The reader is gone before the command writes a byte (like `| head` that has read
+    # enough), so every write meets a closed pipe.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core", "show", "cache/demo"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
