@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -63,20 +62,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from core.errors import AtlasError
 from core.tracin import (
     CHUNK_SIZE,
     TracInResult,
-    _aggregate,
     _Data,
     _default_loader,
-    _MemorySink,
-    _ShardSink,
     _Sink,
-    _unweighted_norms,
 )
+from core.tracin.engine import compute_all
 
 # Instances per batched forward+backward; activations, not per-example gradients, bound it.
 BATCH_SIZE = 32
@@ -413,48 +408,14 @@ class FactorizedTracIn:
         Same layout and semantics as :meth:`core.tracin.TracInCP.compute`; norms are those
         of the projected features.
         """
-        start = time.perf_counter()
-        tr = _Data(train, "training")
-        te = _Data(test, "test") if test is not None else None
-        n_test = te.n if te is not None else 0
-        chunks = [(s, min(s + self.chunk_size, tr.n)) for s in range(0, tr.n, self.chunk_size)]
-        sink: _Sink
-        if shard_dir is not None:
-            sink = _ShardSink(Path(shard_dir), self._options(tr, te, len(chunks)))
-        else:
-            sink = _MemorySink()
-        bar = tqdm(
-            total=len(self.checkpoints) * len(chunks),
+        return compute_all(
+            self,
+            train,
+            test,
+            per_checkpoint=per_checkpoint,
+            shard_dir=shard_dir,
+            progress=progress,
             desc="tracin (factorized)",
-            unit="shard",
-            disable=not progress,
-            leave=False,
-        )
-        try:
-            for ci in range(len(self.checkpoints)):
-                self.compute_checkpoint(
-                    ci, tr, te, chunks, range(len(chunks)), sink, lambda: bar.update(1)
-                )
-        finally:
-            bar.close()
-        if self.n_params is None:  # every shard was on disk
-            self.check()
-        matrix, stack, self_inf, train_sq = _aggregate(
-            sink, len(self.checkpoints), chunks, n_test, tr.n, per_checkpoint
-        )
-        lrs = np.array([lr for _, lr in self.checkpoints], dtype=np.float64)
-        test_norms = None
-        if te is not None:
-            test_sq = np.stack([sink.get_test(ci) for ci in range(len(self.checkpoints))])
-            test_norms = np.sqrt(np.maximum(test_sq, 0.0)).astype(np.float32)
-        return TracInResult(
-            matrix=matrix if te is not None else None,
-            per_checkpoint=stack,
-            self_influence=self_inf,
-            n_params=int(self.n_params or 0),
-            seconds=time.perf_counter() - start,
-            train_grad_norms=_unweighted_norms(train_sq, lrs),
-            test_grad_norms=test_norms,
         )
 
     def compute_checkpoint(

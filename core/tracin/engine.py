@@ -189,43 +189,8 @@ class TracInCP:
         With ``shard_dir`` every (checkpoint × train chunk) result is written there and
         skipped on a rerun; the result is aggregated from the shards at the end.
         """
-        start = time.perf_counter()
-        tr = _Data(train, "training")
-        te = _Data(test, "test") if test is not None else None
-        n_test = te.n if te is not None else 0
-        chunks = [(s, min(s + self.chunk_size, tr.n)) for s in range(0, tr.n, self.chunk_size)]
-        sink: _Sink
-        if shard_dir is not None:
-            sink = _ShardSink(Path(shard_dir), self._options(tr, te, len(chunks)))
-        else:
-            sink = _MemorySink()
-        total = len(self.checkpoints) * len(chunks)
-        bar = tqdm(total=total, desc="tracin", unit="shard", disable=not progress, leave=False)
-        try:
-            for ci in range(len(self.checkpoints)):
-                self.compute_checkpoint(
-                    ci, tr, te, chunks, range(len(chunks)), sink, lambda: bar.update(1)
-                )
-        finally:
-            bar.close()
-        if self.n_params is None:  # every shard was on disk
-            self.check()
-        matrix, stack, self_inf, train_sq = _aggregate(
-            sink, len(self.checkpoints), chunks, n_test, tr.n, per_checkpoint
-        )
-        lrs = np.array([lr for _, lr in self.checkpoints], dtype=np.float64)
-        test_norms = None
-        if te is not None:
-            test_sq = np.stack([sink.get_test(ci) for ci in range(len(self.checkpoints))])
-            test_norms = np.sqrt(np.maximum(test_sq, 0.0)).astype(np.float32)
-        return TracInResult(
-            matrix=matrix if te is not None else None,
-            per_checkpoint=stack,
-            self_influence=self_inf,
-            n_params=int(self.n_params),
-            seconds=time.perf_counter() - start,
-            train_grad_norms=_unweighted_norms(train_sq, lrs),
-            test_grad_norms=test_norms,
+        return compute_all(
+            self, train, test, per_checkpoint=per_checkpoint, shard_dir=shard_dir, progress=progress
         )
 
     def compute_checkpoint(
@@ -464,3 +429,58 @@ class TracInCP:
             pending.append(rows)
             filled += len(rows)
         flush()
+
+
+def compute_all(
+    engine: Any,
+    train: dict[str, torch.Tensor],
+    test: dict[str, torch.Tensor] | None,
+    *,
+    per_checkpoint: bool,
+    shard_dir: str | os.PathLike | None,
+    progress: bool,
+    desc: str = "tracin",
+) -> TracInResult:
+    """Every checkpoint × chunk through ``engine.compute_checkpoint``, then the aggregate.
+
+    The one loop behind :meth:`TracInCP.compute` and the factorized engine's ``compute``:
+    ``engine`` supplies ``checkpoints``, ``chunk_size``, ``_options``, ``compute_checkpoint``,
+    ``check`` and ``n_params``. With ``shard_dir`` every block is a shard skipped on a rerun.
+    """
+    start = time.perf_counter()
+    tr = _Data(train, "training")
+    te = _Data(test, "test") if test is not None else None
+    n_test = te.n if te is not None else 0
+    size = engine.chunk_size
+    chunks = [(s, min(s + size, tr.n)) for s in range(0, tr.n, size)]
+    sink: _Sink
+    if shard_dir is not None:
+        sink = _ShardSink(Path(shard_dir), engine._options(tr, te, len(chunks)))
+    else:
+        sink = _MemorySink()
+    k = len(engine.checkpoints)
+    bar = tqdm(total=k * len(chunks), desc=desc, unit="shard", disable=not progress, leave=False)
+    try:
+        for ci in range(k):
+            engine.compute_checkpoint(
+                ci, tr, te, chunks, range(len(chunks)), sink, lambda: bar.update(1)
+            )
+    finally:
+        bar.close()
+    if engine.n_params is None:  # every shard was on disk
+        engine.check()
+    matrix, stack, self_inf, train_sq = _aggregate(sink, k, chunks, n_test, tr.n, per_checkpoint)
+    lrs = np.array([lr for _, lr in engine.checkpoints], dtype=np.float64)
+    test_norms = None
+    if te is not None:
+        test_sq = np.stack([sink.get_test(ci) for ci in range(k)])
+        test_norms = np.sqrt(np.maximum(test_sq, 0.0)).astype(np.float32)
+    return TracInResult(
+        matrix=matrix if te is not None else None,
+        per_checkpoint=stack,
+        self_influence=self_inf,
+        n_params=int(engine.n_params or 0),
+        seconds=time.perf_counter() - start,
+        train_grad_norms=_unweighted_norms(train_sq, lrs),
+        test_grad_norms=test_norms,
+    )
