@@ -15,27 +15,23 @@ from core.errors import AtlasError
 from core.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
 from core.tracin import TracInCP, compare_to_exact, shard_name
 from core.tracin_options import parse_project
-from tests.test_tracin import LRS, _brute_tracin, _data, _make_run, _rel, _rows, _tiny_model
+from tests.test_tracin import (
+    LRS,
+    _brute_tracin,
+    _data,
+    _make_run,
+    _rel,
+    _rows,
+    saved_checkpoints,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
-    """Three saved checkpoints of one model drifting a little, with their learning rates."""
-    root = tmp_path_factory.mktemp("fz_ckpts")
-    model = _tiny_model(0)
-    out = []
-    gen = torch.Generator().manual_seed(1)
-    for i, lr in enumerate(LRS):
-        if i:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        path = root / f"epoch-{i + 1:02d}"
-        model.save_pretrained(path)
-        out.append((path, lr))
-    return out
+    """The TracIn tests' three drifting checkpoints, saved for this module."""
+    return saved_checkpoints(tmp_path_factory.mktemp("fz_ckpts"))
 
 
 @pytest.fixture(scope="module")

@@ -39,10 +39,8 @@ def _tiny_model(seed: int) -> BertForSequenceClassification:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
+def saved_checkpoints(root: Path) -> list[tuple[Path, float]]:
     """Three saved checkpoints of one model drifting a little, with their learning rates."""
-    root = tmp_path_factory.mktemp("ckpts")
     model = _tiny_model(0)
     out = []
     gen = torch.Generator().manual_seed(1)
@@ -55,6 +53,12 @@ def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
         model.save_pretrained(path)
         out.append((path, lr))
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
+    """The module's saved checkpoints (see :func:`saved_checkpoints`)."""
+    return saved_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
 def _data(n: int, seed: int, min_len: int = 3, max_len: int = 12) -> dict[str, torch.Tensor]:
