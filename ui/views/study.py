@@ -278,18 +278,23 @@ def job_status(cache, name: str, was_running: bool) -> None:
         if prog.get("error"):
             st.error(widgets.md_escape(prog["error"]))
     with cols[2]:
-        if state == "running":
-            if st.button("Cancel", key=f"cancel_{name}"):
-                study.cancel(j)
-                st.rerun()
-        elif state == "finished":
-            st.page_link(
-                pages.link_target("home"),
-                label="Open the run",
-                icon=":material/open_in_new:",
-                query_params={widgets.QP_RUN: name},
-            )
+        job_actions(j, state, "home", "Open the run", widgets.QP_RUN)
     log_view(j, info)
+
+
+def job_actions(j: study.Job, state: str, page: str, label: str, param: str) -> None:
+    """Cancel while the job runs; once finished, a link to what it made on ``page``."""
+    if state == "running":
+        if st.button("Cancel", key=f"cancel_{j.name}"):
+            study.cancel(j)
+            st.rerun()
+    elif state == "finished":
+        st.page_link(
+            pages.link_target(page),
+            label=label,
+            icon=":material/open_in_new:",
+            query_params={param: j.name},
+        )
 
 
 def log_view(j: study.Job, info: dict) -> None:
@@ -314,15 +319,5 @@ def sweep_status(cache, j: study.Job, state: str) -> None:
         if prog.get("error"):
             st.error(widgets.md_escape(prog["error"]))
     with cols[2]:
-        if state == "running":
-            if st.button("Cancel", key=f"cancel_{j.name}"):
-                study.cancel(j)
-                st.rerun()
-        elif state == "finished":
-            st.page_link(
-                pages.link_target("sweep"),
-                label="Open the sweep",
-                icon=":material/open_in_new:",
-                query_params={widgets.QP_SWEEP: j.name},
-            )
+        job_actions(j, state, "sweep", "Open the sweep", widgets.QP_SWEEP)
     log_view(j, j.info())
