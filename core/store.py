@@ -383,9 +383,87 @@ FILE_STAGE: dict[str, str] = {
 }
 
 
+def missing_heavy_tier(run_dir: str | os.PathLike) -> list[str]:
+    """Which of a trained run's large folders (checkpoints, tokenizer) are absent.
+
+    A run shipped in the repository (``cache/demo``) keeps its small files only; commands
+    that retrain or recompute gradients need these folders. Empty for an untrained run
+    (nothing is missing yet) and for a complete local run.
+    """
+    run = Path(run_dir)
+    try:
+        manifest = read_json(run / MANIFEST)
+    except AtlasError:
+        return []
+    if not stage_done(run, "train"):
+        return []
+    missing = []
+    entries = manifest.get("checkpoints") or []
+    if not entries or any(not (run / str(e.get("path", ""))).is_dir() for e in entries):
+        missing.append(CHECKPOINTS_DIR)
+    if not (run / TOKENIZER_DIR).is_dir():
+        missing.append(TOKENIZER_DIR)
+    return missing
+
+
+def full_copy_name(run_dir: str | os.PathLike) -> str:
+    """The run name :func:`recreate_command` gives a full copy of a shipped run."""
+    return f"{Path(run_dir).name}-full"
+
+
+def recreate_command(run_dir: str | os.PathLike) -> str:
+    """The command that makes a full copy (checkpoints and tokenizer included) of a run.
+
+    It is the run's manifest command under the name :func:`full_copy_name` in the same run
+    store, so the shipped files are never overwritten; the same seed and configuration give
+    the same study.
+    """
+    run = Path(run_dir)
+    try:
+        command = read_json(run / MANIFEST).get("command")
+    except (AtlasError, AttributeError):
+        command = None
+    if not isinstance(command, str) or not command.strip():
+        return f"python -m core run --name {full_copy_name(run)} with the options that made {run}"
+    words = shlex.split(command)
+    for flag in ("--name", "--cache"):
+        while flag in words:
+            i = words.index(flag)
+            del words[i : i + 2]
+        words = [w for w in words if not w.startswith(flag + "=")]
+    words += ["--name", full_copy_name(run)]
+    if run.parent.resolve() != (Path.cwd() / "cache").resolve():
+        words += ["--cache", str(run.parent)]
+    return shlex.join(words)
+
+
+def require_heavy_tier(run_dir: str | os.PathLike, purpose: str) -> None:
+    """Raise one sentence naming the command that recreates a shipped run's missing folders.
+
+    ``purpose`` completes "… needs them to …" (e.g. "compute TracIn").
+    """
+    missing = missing_heavy_tier(run_dir)
+    if not missing:
+        return
+    run = Path(run_dir)
+    try:
+        timings = read_json(run / MANIFEST).get("timings_s") or {}
+        minutes = sum(float(v) for k, v in timings.items() if k in ("train", "tracin")) / 60
+    except (AtlasError, AttributeError, TypeError, ValueError):
+        minutes = 0.0
+    took = f" (training and TracIn took about {minutes:.0f} min here)" if minutes >= 1 else ""
+    raise AtlasError(
+        f"{run} has no {' or '.join(missing)} (runs shipped in the repository keep only their small "
+        f"files) and {purpose} needs them: make a full copy with `{recreate_command(run)}`{took}, "
+        f"then use {run.parent / full_copy_name(run)}."
+    )
+
+
 def rebuild_command(run_dir: str | os.PathLike, stage: str) -> str:
     """The command that (re)makes ``stage``'s files of a run."""
     run = shlex.quote(str(run_dir))
+    if stage == "tracin" and missing_heavy_tier(run_dir):
+        return recreate_command(run_dir)
     if stage == "tracin":
         return f"python -m core tracin {run}"
     if stage in ("analyze", "detect"):

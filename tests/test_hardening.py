@@ -130,7 +130,7 @@ def test_row4_corrupt_shapes_parquet_is_reported_not_raised(
 
 
 def test_row4_truncated_tracin_is_not_complete(study_run: Path, tmp_path: Path, capsys) -> None:
-    run = _copy_run(study_run, tmp_path)
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
     raw = (run / store.TRACIN).read_bytes()
     (run / store.TRACIN).write_bytes(raw[: len(raw) // 2])
     assert main(["show", str(run), "--json"]) == 0

@@ -137,8 +137,8 @@ class Run:
         return self.file(name).exists()
 
     def command(self, stage: str) -> str:
-        """The CLI line that makes a stage's output for this run."""
-        return f"python -m core {stage} {display_path(self.path)}"
+        """The CLI line that (re)makes a stage's output for this run (core.store.rebuild_command)."""
+        return store.rebuild_command(display_path(self.path), stage)
 
     def require(self, name: str, stage: str) -> Path:
         """Path of ``name`` or :class:`MissingData` naming the stage that writes it."""
@@ -264,7 +264,7 @@ class Run:
             raise MissingData(
                 f"Run '{self.name}' was analysed before shape classes read the bulk of the curve "
                 "(its shapes.parquet has no s_bulk).",
-                self.command("analyze") + " --force",
+                self.command("analyze"),
             )
         return df
 

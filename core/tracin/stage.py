@@ -51,6 +51,7 @@ def _run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, fl
         raise AtlasError(
             f"{run} has no complete checkpoints yet; finish training first (python -m core run)."
         )
+    store.require_heavy_tier(run, "TracIn")
     out = []
     for entry in entries:
         path = run / str(entry.get("path", ""))

@@ -287,7 +287,7 @@ def over_training(run: data.Run, test_id: int, view: views.View) -> None:
     if k < 2 or stored is None or run.flip_ranks() is None:
         st.info(
             "This run stores no per-checkpoint views; recompute them with "
-            f"`{run.command('analyze')} --force`."
+            f"`{run.command('analyze')}`."
         )
         return
     norm = view.normalisation

@@ -153,7 +153,7 @@ def sensitivity(run: data.Run, view) -> None:
     rows = run.analysis().get("sensitivity") or []
     with st.expander("How the class counts move with the thresholds (default view)"):
         if not rows:
-            st.info(f"Not stored for this run; `{run.command('analyze')} --force` computes it.")
+            st.info(f"Not stored for this run; `{run.command('analyze')}` computes it.")
             return
         frame = pd.DataFrame(rows)
         rule = run.rule()
