@@ -311,7 +311,11 @@ def test_empty_cache_gives_a_helpful_message(page, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("page", ["curves", "shape", "neighbourhoods"])
 def test_run_without_tracin_names_the_missing_stage(page, tmp_path, monkeypatch):
-    factory.make_run(tmp_path, "demo", stages=("data", "train"), status="running")
+    run = factory.make_run(tmp_path, "demo", stages=("data", "train"), status="running")
+    # A local run has its checkpoints and tokenizer (a shipped one would be told to recreate).
+    for entry in json.loads((run / "manifest.json").read_text())["checkpoints"]:
+        (run / entry["path"]).mkdir(parents=True, exist_ok=True)
+    (run / "tokenizer").mkdir()
     at = open_page(page, tmp_path, monkeypatch)
     assert "python -m core analyze" in texts(at) or "python -m core tracin" in texts(at)
     assert not at.error
@@ -647,3 +651,26 @@ def test_app_code_never_imports_heavy_libraries():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_run_view_and_test_choices_survive_a_page_switch(tmp_path, monkeypatch):
+    """Streamlit drops a widget's value when its page is left; the pickers keep theirs."""
+    store = factory.make_store(tmp_path)
+    runs = sorted(p.name for p in store.iterdir() if (p / "manifest.json").exists())
+    at = open_page("curves", store, monkeypatch)
+    other = next(
+        r
+        for r in at.sidebar.selectbox(key="picker_run").options
+        if r != at.sidebar.selectbox(key="picker_run").value
+    )
+    assert other in runs
+    at.sidebar.selectbox(key="picker_run").set_value(other).run()
+    at.switch_page(PAGES["shape"]).run()
+    assert at.sidebar.selectbox(key="picker_run").value == other
+    at.switch_page(PAGES["curves"]).run()
+    assert at.sidebar.selectbox(key="picker_run").value == other
+    norm = at.sidebar.selectbox(key="view_normalisation")
+    assert "relative" in norm.options
+    norm.set_value("relative").run()
+    at.switch_page(PAGES["shape"]).run()
+    assert at.sidebar.selectbox(key="view_normalisation").value == "relative"

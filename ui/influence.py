@@ -66,6 +66,8 @@ def pick_view(run: data.Run, where=st.sidebar, key: str = "") -> views.View:
     nkey, rkey = _NORM_KEY + key, _RANGE_KEY + key
     if st.session_state.get(nkey) not in norms:
         st.session_state[nkey] = views.RAW
+    # Re-asserted so the view survives a page switch (Streamlit drops a left page's widget values).
+    st.session_state[nkey] = st.session_state[nkey]
     norm = where.selectbox(
         "Normalisation",
         norms,
@@ -83,6 +85,7 @@ def pick_view(run: data.Run, where=st.sidebar, key: str = "") -> views.View:
         current = st.session_state.get(rkey)
         if not (isinstance(current, tuple) and 1 <= current[0] <= current[1] <= k):
             st.session_state[rkey] = (1, k)
+        st.session_state[rkey] = tuple(st.session_state[rkey])
         first, last = where.slider(
             "Checkpoints summed",
             1,

@@ -180,9 +180,13 @@ def pick_run(kind: str = "run") -> dict[str, Any] | None:
         return None
     names = [r["name"] for r in rows]
     key = f"picker_{kind}"
-    if st.session_state.get(key) not in names:
+    chosen = st.session_state.get(key)
+    if chosen not in names:
         fallback = data.default_run(rows) if kind == "run" else names[0]
-        st.session_state[key] = _initial(qp, memo, names, fallback)
+        chosen = _initial(qp, memo, names, fallback)
+    # Re-asserted on every page: Streamlit forgets a widget's value when the page that drew it
+    # is left, and the picker on the next page would start at its first option.
+    st.session_state[key] = chosen
     by_name = {r["name"]: r for r in rows}
     name = st.sidebar.selectbox(
         "Sweep" if kind == "sweep" else "Run",
@@ -225,15 +229,7 @@ def stale_notice(run: data.Run) -> None:
             f"The {md_escape(stage)} results of this run are stale: {md_escape(reason)}. "
             "The page shows them as they are; rebuild them with:"
         )
-        st.code(rebuild_command(run, stage), language="bash")
-
-
-def rebuild_command(run: data.Run, stage: str) -> str:
-    """The command that recomputes ``stage``: its own CLI command where there is one, else
-    the command recorded in the run's manifest."""
-    if stage in ("tracin", "analyze", "detect"):
-        return run.command(stage)
-    return str(run.manifest.get("command") or run.command("run"))
+        st.code(run.command(stage), language="bash")
 
 
 def _run_caption(run: data.Run) -> str:
@@ -271,6 +267,7 @@ def pick_test(
         )
         fallback = str(int(wrong.iloc[0])) if len(wrong) else ids[0]
         st.session_state[key] = _initial(QP_TEST, _TEST_MEMO, ids, fallback)
+    st.session_state[key] = st.session_state[key]  # kept across pages, as the run picker's
     by_id = {str(int(r["id"])): r for _, r in shapes.iterrows()}
     chosen = where.selectbox(label, ids, key=key, format_func=lambda i: test_label(by_id[i]))
     _remember(QP_TEST, _TEST_MEMO, chosen)
