@@ -138,6 +138,11 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cache", default=DEFAULT_CACHE, help="run store folder (default: cache)")
     p.add_argument("--name", help="run folder name (default: derived from the configuration)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything (data, labels, model, options) and say what would run; write nothing",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
@@ -184,14 +189,17 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 
 def cmd_run(args: argparse.Namespace) -> str:
     """Run or resume one study."""
-    from core.pipeline import run_study
+    from core.pipeline import plan_study, run_study
 
     config = config_from_args(args)
+    if args.dry_run:
+        print("\n".join(plan_study(config, args.cache, args.name, args.until, args.detect)))
+        return ""
     run_dir = run_study(
         config,
         cache_dir=args.cache,
         name=args.name,
-        command=_command_line(),
+        command=_command_line(args),
         until=args.until,
     )
     if args.detect:
@@ -414,9 +422,13 @@ def cmd_export(args: argparse.Namespace) -> str:
 
 def cmd_sweep(args: argparse.Namespace) -> str:
     """Train one model per (flip rate, seed) and store accuracy and loss against noise."""
-    from core.sweep import parse_rates, run_sweep
+    from core.sweep import parse_rates, plan_sweep, run_sweep
 
     config = config_from_args(args)
+    if args.dry_run:
+        rates = parse_rates(args.flip_rates)
+        print("\n".join(plan_sweep(config, rates, args.seeds, args.cache, args.name, args.jobs)))
+        return ""
     sweep_dir = run_sweep(
         config,
         flip_rates=parse_rates(args.flip_rates),
@@ -424,7 +436,7 @@ def cmd_sweep(args: argparse.Namespace) -> str:
         cache_dir=args.cache,
         name=args.name,
         jobs=args.jobs,
-        command=_command_line(),
+        command=_command_line(args),
     )
     return str(sweep_dir)
 
@@ -576,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         out = args.func(args)
     except AtlasError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -642,9 +655,13 @@ def _prog() -> str:
     return "atlas" if Path(sys.argv[0]).name == "atlas" else "python -m core"
 
 
-def _command_line() -> str:
-    """The command as typed, for the manifest (as ``python -m core``, which works in any venv)."""
-    return "python -m core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed, for the manifest (as ``python -m core``, which works in any venv).
+
+    The arguments given to :func:`main`, not ``sys.argv``: a caller in Python (a test, a
+    notebook) records its own request, not its interpreter's command line.
+    """
+    return "python -m core " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def _quiet_libraries() -> None:

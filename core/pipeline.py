@@ -196,6 +196,80 @@ def run_study(
         return _run_locked(config, run_dir, command, until, progress, data_dir)
 
 
+def check_same_config(run_dir: Path, config: StudyConfig) -> None:
+    """Refuse to resume a run folder that holds a study of another configuration."""
+    if not (run_dir / store.MANIFEST).exists():
+        return
+    manifest = store.load_manifest(run_dir)
+    if manifest.get("config") != config.to_dict():
+        stored = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+        old = {k: v for k, v in stored.items() if k not in _NAME_NEUTRAL}
+        new = {k: v for k, v in config.to_dict().items() if k not in _NAME_NEUTRAL}
+        if old != new:
+            raise AtlasError(
+                f"{run_dir} already holds a run with a different configuration; "
+                "choose another --name or delete that folder."
+            )
+
+
+def plan_study(
+    config: StudyConfig,
+    cache_dir: str | Path = "cache",
+    name: str | None = None,
+    until: str = "analyze",
+    detect: bool = False,
+    data_dir: Path | None = None,
+) -> list[str]:
+    """What ``run`` would do, as lines to print, after every check it makes first; writes nothing.
+
+    The data are read, labelled, sampled and split exactly as the data stage would (so a
+    wrong column or too few rows is reported now), and the model is resolved (a model folder
+    must hold a readable config); no tokenizer is built and no weights are loaded.
+    """
+    from core.datasets import load_dataset
+    from core.models import model_source
+    from core.splits import split_instances
+
+    if until not in STAGES:
+        raise AtlasError(f"--until must be one of {', '.join(STAGES)} (got '{until}').")
+    validate_study(config, cache_dir, name)
+    run_dir = Path(cache_dir) / (name or run_name(config))
+    check_same_config(run_dir, config)
+    data = load_dataset(config, data_dir)
+    instances = split_instances(data, config.n_total, config.n_flips, config.seed)
+    counts = instances["split"].value_counts()
+    source = model_source(config.model) or "a BERT from scratch"
+    if Path(source).is_dir():
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AtlasError(
+                f"Model directory {source} has no readable config ({first})."
+            ) from None
+    wanted = list(STAGES[: STAGES.index(until) + 1]) + (["detect"] if detect else [])
+    todo = [s for s in wanted if not store.stage_complete(run_dir, s)]
+    state = "new" if not (run_dir / store.MANIFEST).exists() else "exists; finished stages kept"
+    return [
+        "dry run: everything was checked and nothing was written",
+        f"run folder  {run_dir} ({state})",
+        f"data        {data.info.get('source', config.dataset)}: {len(data.frame):,} usable rows → "
+        f"{counts.get('train', 0):,} train / {counts.get('val', 0):,} val / "
+        f"{counts.get('test', 0):,} test, {int(instances['flipped'].sum())} training labels flipped",
+        f"model       {config.model} ({source}), {config.epochs} epochs, lr {config.lr:g}, "
+        f"TracIn over {config.tracin_params}"
+        + (f", projection {config.tracin_project}" if config.tracin_project else ""),
+        f"stages      {', '.join(todo) if todo else 'none'} to do"
+        + (
+            f" ({', '.join(s for s in wanted if s not in todo)} done)"
+            if len(todo) < len(wanted)
+            else ""
+        ),
+    ]
+
+
 def _run_locked(
     config: StudyConfig,
     run_dir: Path,
@@ -205,18 +279,7 @@ def _run_locked(
     data_dir: Path | None,
 ) -> Path:
     """:func:`run_study` once the run folder's lock is held."""
-    manifest_path = run_dir / store.MANIFEST
-    if manifest_path.exists():
-        manifest = store.load_manifest(run_dir)
-        if manifest.get("config") != config.to_dict():
-            stored = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-            old = {k: v for k, v in stored.items() if k not in _NAME_NEUTRAL}
-            new = {k: v for k, v in config.to_dict().items() if k not in _NAME_NEUTRAL}
-            if old != new:
-                raise AtlasError(
-                    f"{run_dir} already holds a run with a different configuration; "
-                    "choose another --name or delete that folder."
-                )
+    check_same_config(run_dir, config)
     if not store.stage_complete(run_dir, "data"):
         # New, or its instances were lost: the seeded data stage makes the same ones again.
         prepare_run(config, run_dir, command, data_dir)

@@ -73,6 +73,15 @@ def run_sweep(
     progress: bool = True,
 ) -> Path:
     """Train every (rate, seed) cell that is not finished yet and write the sweep tables."""
+    base, sweep_dir = _checked_sweep(config, n_seeds, cache_dir, name, jobs)
+    with locks.hold(sweep_dir):
+        return _sweep_locked(base, sweep_dir, flip_rates, n_seeds, jobs, command, progress)
+
+
+def _checked_sweep(
+    config: StudyConfig, n_seeds: int, cache_dir: str | Path, name: str | None, jobs: int
+) -> tuple[StudyConfig, Path]:
+    """Every check a sweep makes before it writes: (base configuration, sweep folder)."""
     from core.validation import check_number, validate_study
 
     check_number("--seeds", n_seeds, 1, MAX_SEEDS)
@@ -86,8 +95,36 @@ def run_sweep(
     from core.datasets import load_dataset
 
     load_dataset(base)
-    with locks.hold(sweep_dir):
-        return _sweep_locked(base, sweep_dir, flip_rates, n_seeds, jobs, command, progress)
+    return base, sweep_dir
+
+
+def plan_sweep(
+    config: StudyConfig,
+    flip_rates: list[float],
+    n_seeds: int,
+    cache_dir: str | Path = "cache",
+    name: str | None = None,
+    jobs: int = 0,
+) -> list[str]:
+    """What ``sweep`` would do, as lines to print, after every check it makes; writes nothing."""
+    base, sweep_dir = _checked_sweep(config, n_seeds, cache_dir, name, jobs)
+    if (sweep_dir / store.MANIFEST).exists():
+        old = store.load_manifest(sweep_dir)
+        if old.get("config") != base.to_dict():
+            raise AtlasError(
+                f"{sweep_dir} holds a sweep with another configuration; choose another --name."
+            )
+    cells = [(r, s) for r in flip_rates for s in range(base.seed, base.seed + n_seeds)]
+    done = sum(
+        store.stage_complete(sweep_dir / CELLS_DIR / cell_name(r, s), "train") for r, s in cells
+    )
+    return [
+        "dry run: everything was checked and nothing was written",
+        f"sweep folder  {sweep_dir}",
+        f"cells         {len(flip_rates)} flip rates × {n_seeds} seeds = {len(cells)} trainings "
+        f"({done} already done) of {base.model}, {base.epochs} epochs, "
+        f"{base.n_train:,} training instances each",
+    ]
 
 
 def _sweep_locked(
