@@ -168,6 +168,16 @@ def _shape_counts(shapes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@st.cache_data(show_spinner=False)
+def _teaching_spec(kind: str, title: str) -> dict:
+    """The Vega-Lite dict of one synthetic teaching curve, built once per process: the home
+    page is every visitor's first page, and Altair's spec building is most of its time."""
+    df = compute.synthetic_curve(kind)
+    cls = core_shapes.classify(df["score"].to_numpy())
+    label = f"{title}: class {cls['shape'][0]}, bulk S = {cls['s_bulk'][0]:+.2f}"
+    return charts.teaching_curve(df, label).to_dict()
+
+
 def teaching() -> None:
     """TracIn and the three shapes, illustrated with synthetic curves."""
     st.header("How to read this lab")
@@ -185,10 +195,7 @@ def teaching() -> None:
     for col, kind, title in zip(
         cols, ("S", "backslash", "Z"), ("S-shaped", "backslash-shaped", "Z-shaped"), strict=True
     ):
-        df = compute.synthetic_curve(kind)
-        cls = core_shapes.classify(df["score"].to_numpy())
-        label = f"{title}: class {cls['shape'][0]}, bulk S = {cls['s_bulk'][0]:+.2f}"
-        col.altair_chart(charts.teaching_curve(df, label), width="stretch")
+        col.vega_lite_chart(_teaching_spec(kind, title), width="stretch")
     st.caption("Synthetic curves of 200 training instances with 8 flipped, for illustration.")
     st.subheader("The pages")
     st.markdown(pages.pages_markdown())
