@@ -674,3 +674,13 @@ def test_run_view_and_test_choices_survive_a_page_switch(tmp_path, monkeypatch):
     norm.set_value("relative").run()
     at.switch_page(PAGES["shape"]).run()
     assert at.sidebar.selectbox(key="view_normalisation").value == "relative"
+
+
+def test_neighbourhoods_follow_the_view(cache, monkeypatch):
+    """The map's proponents, the nearest table and the correlation use the sidebar's view."""
+    at = open_page("neighbourhoods", cache, monkeypatch)
+    at.sidebar.selectbox(key="view_normalisation").set_value("relative").run()
+    assert not at.exception
+    table = at.dataframe[-1].value
+    assert "relative TracIn score" in table.columns
+    assert "· relative" in texts(at)

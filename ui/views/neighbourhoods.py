@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from core import stats
-from ui import charts, compute, data, widgets
+from ui import charts, compute, data, influence, widgets
 
 MAX_LINES = 30  # sorted-distance curves drawn at most (Fig. 2b gets unreadable beyond)
 
@@ -27,8 +27,10 @@ def render() -> None:
 
 
 def body(run: data.Run) -> None:
-    """Fig. 2a, Fig. 2b, the map and the nearest training instances."""
-    shapes = run.shapes()
+    """Fig. 2a, Fig. 2b, the map and the nearest training instances, under the sidebar's view."""
+    view = influence.pick_view(run)
+    shapes = influence.view_table(run, view)
+    default = influence.is_default(run, view)
     dist = run.distances()
     sb = st.sidebar
     which = sb.radio(
@@ -56,7 +58,7 @@ def body(run: data.Run) -> None:
     )
     # The analyze stage's stored value (analysis.json), the number Shape vs position and
     # `core show` report; computed with the same core.stats function only for older runs.
-    r = stored_correlation(run)
+    r = stored_correlation(run) if default else None
     if r is None:
         r = stats.correlation(
             shapes["s_bulk"].to_numpy() if "s_bulk" in shapes else shapes["s"].to_numpy(),
@@ -67,7 +69,8 @@ def body(run: data.Run) -> None:
         st.markdown(f"No correlation of bulk S with mean distance is shown: {r['reason']}.")
     else:
         st.markdown(
-            f"Spearman ρ between bulk S and mean distance over all {r['n']} test instances: "
+            f"Spearman ρ between bulk S ({widgets.md_escape(view.label(influence.n_checkpoints(run)))}) "
+            f"and mean distance over all {r['n']} test instances: "
             f"**{widgets.fmt(r['spearman'], '+.2f')}** (p = {r['spearman_p']:.3g}). "
             "The hypothesis predicts a positive value: larger distances, more S-shaped."
         )
@@ -86,7 +89,7 @@ def body(run: data.Run) -> None:
 
     st.subheader(f"Map of all instances around test instance {test_id}")
     row = run.test_row(test_id)
-    scores = np.asarray(run.tracin()[row], dtype=np.float64)
+    scores = np.asarray(influence.view_scores(run, view, rows=[row])[0], dtype=np.float64)
     pts = map_points(run, test_id, scores, k, method.lower())
     zoom = st.toggle(
         "zoom to the selection",
@@ -107,7 +110,12 @@ def body(run: data.Run) -> None:
     near["label"] = [names[int(v)] for v in near["label"]]
     near["observed_label"] = [names[int(v)] for v in near["observed_label"]]
     st.dataframe(
-        near.rename(columns={"tracin": "TracIn score", "observed_label": "label used"}),
+        near.rename(
+            columns={
+                "tracin": f"{influence.score_title(view)} score",
+                "observed_label": "label used",
+            }
+        ),
         hide_index=True,
         width="stretch",
     )
