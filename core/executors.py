@@ -55,6 +55,7 @@ PROGRESS = "progress.json"  # <folder>/progress.json: the last command's tasks, 
 MAX_WORKERS = 100_000
 # Test hooks (environment variables read by the driver and passed to the tasks):
 ENV_FAIL = "ATLAS_TEST_FAIL_TASK"  # "<task name>" fails every attempt, "<task name>:N" the first N
+ENV_FAIL_DIR = "ATLAS_TEST_FAIL_DIR"  # where the hooked task's attempts are counted (files)
 ENV_STOP = "ATLAS_TEST_STOP_AFTER"  # "N": the driver kills itself (SIGKILL) after N finished tasks
 _STAGE_ROOT = "atlas-ray-stage"  # scratch copies of unshared run folders, under the node's tmp
 
@@ -298,7 +299,7 @@ def _fail_hook() -> tuple[str, int, str] | None:
     if not value:
         return None
     name, _, times = value.partition(":")
-    counter = tempfile.mkdtemp(prefix="atlas-fail-")
+    counter = os.environ.get(ENV_FAIL_DIR) or tempfile.mkdtemp(prefix="atlas-fail-")
     return name, int(times) if times else 1 << 30, counter
 
 
