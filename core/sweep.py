@@ -84,6 +84,7 @@ def run_sweep(
 
     check_number("--seeds", n_seeds, 1, MAX_SEEDS)
     check_number("--jobs", jobs, 0, 1024)
+    executor = _executor(executor, jobs)
     if config.flip_count is not None:
         raise AtlasError("--flip-count does not apply to a sweep; use --flip-rates.")
     validate_study(config, cache_dir, name)
@@ -94,9 +95,7 @@ def run_sweep(
 
     load_dataset(base)
     with locks.hold(sweep_dir):
-        return _sweep_locked(
-            base, sweep_dir, flip_rates, n_seeds, _executor(executor, jobs), command, progress
-        )
+        return _sweep_locked(base, sweep_dir, flip_rates, n_seeds, executor, command, progress)
 
 
 def _executor(executor: ExecutorSpec | None, jobs: int) -> ExecutorSpec:
