@@ -176,9 +176,20 @@ def add_executor_options(p: argparse.ArgumentParser, what: str = "tasks") -> Non
 
 
 def executor_from_args(args: argparse.Namespace) -> ExecutorSpec | None:
-    """The validated executor (None when none was asked for: the command's default)."""
+    """The validated executor (None when none was asked for: the command's default).
+
+    A sweep's ``--workers N`` alone means what its older ``--jobs N`` does.
+    """
     asked = (args.executor, args.workers, args.ray_address, args.ray_shared)
     if all(a is None for a in asked):
+        return None
+    if args.command == "sweep" and all(a is None for a in asked[:1] + asked[2:]):
+        check_number("--workers", args.workers, 0, 1024)
+        if args.jobs and args.workers and args.jobs != args.workers:
+            raise AtlasError(
+                f"--jobs {args.jobs} and --workers {args.workers} disagree; --jobs is the older "
+                "name of --workers, give one of them."
+            )
         return None
     if args.executor is None and (args.ray_address is not None or args.ray_shared is not None):
         raise AtlasError("--ray-address and --ray-shared need --executor ray.")
@@ -489,7 +500,7 @@ def cmd_sweep(args: argparse.Namespace) -> str:
         n_seeds=args.seeds,
         cache_dir=args.cache,
         name=args.name,
-        jobs=args.jobs,
+        jobs=args.jobs or (args.workers if args.executor is None else 0) or 0,
         command=_command_line(),
         executor=executor_from_args(args),
     )

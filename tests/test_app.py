@@ -30,7 +30,7 @@ from ui.views import home as home_view
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = {p.key: p.script for p in PAGE_SPECS}  # the app's one page list (ui/pages.py)
-FORBIDDEN = {"torch", "transformers", "umap", "fugashi"}
+FORBIDDEN = {"torch", "transformers", "umap", "fugashi", "ray"}
 ROLES = ("training", "held out", "flipped", "proponent", "opponent", "selected")
 
 
@@ -642,7 +642,7 @@ def test_app_code_never_imports_heavy_libraries():
                 names = [node.module]
             bad = {n.split(".")[0] for n in names} & FORBIDDEN
             assert not bad, f"{path.name} imports {bad}"
-    code = "import sys; import ui.views.home, ui.views.curves, ui.views.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi'}))"
+    code = "import sys; import ui.views.home, ui.views.curves, ui.views.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi', 'ray'}))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )

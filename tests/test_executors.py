@@ -86,6 +86,8 @@ def test_sweep_jobs_and_workers_must_agree(tmp_path: Path, capsys) -> None:
     args = ["sweep", *tiny, "--cache", str(tmp_path), "--name", "sw", "--seeds", "1"]
     assert main([*args, "--jobs", "2", "--executor", "processes", "--workers", "3"]) == 2
     assert "--jobs 2 and --workers 3 disagree" in capsys.readouterr().err
+    assert main([*args, "--jobs", "3", "--workers", "2"]) == 2  # --workers alone is --jobs
+    assert "--jobs 3 and --workers 2 disagree" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
 
 
