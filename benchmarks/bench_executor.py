@@ -2,6 +2,7 @@
 
     python benchmarks/bench_executor.py                 # quick preset run, all three, then the plan
     python benchmarks/bench_executor.py --paper-task    # also time one paper-preset task, scope all
+    python benchmarks/bench_executor.py --paper-only --overhead 0.1   # only that task and its plan
 
 Part 1 trains one quick-preset run (1,600 × 200, 10 checkpoints) up to ``train`` and computes
 its TracIn three times from scratch in one process: ``--executor local`` (a checkpoint per
@@ -129,7 +130,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--paper-task", action="store_true", help="time one paper-preset task")
+    parser.add_argument(
+        "--paper-only", action="store_true", help="only the paper-preset task and its plan"
+    )
+    parser.add_argument(
+        "--overhead", type=float, default=0.0, help="with --paper-only: measured s per task"
+    )
     args = parser.parse_args()
+    if args.paper_only:
+        _quiet()
+        with tempfile.TemporaryDirectory() as tmp:
+            paper_plan(Path(tmp), args.overhead)
+        return
     _quiet()
     import logging
 
@@ -186,12 +198,15 @@ def main() -> None:
         plan_row("quick preset, 1,600 train", 1600, 200, 10, per_task, overhead)
         plan_row("quick preset, 16,000 train", 16000, 200, 10, per_task, overhead)
         if args.paper_task:
-            secs, n_train, n_test = paper_task_seconds(tmp / "paper")
-            print(f"paper preset, scope all: one task (512 train × {n_test} test) {secs:.1f} s")
-            plan_row(
-                "paper preset all parameters, 1,600 train", n_train, n_test, 10, secs, overhead
-            )
-            plan_row("paper preset all parameters, 16,000 train", 16000, n_test, 10, secs, overhead)
+            paper_plan(tmp, overhead)
+
+
+def paper_plan(tmp: Path, overhead: float) -> None:
+    """Time one paper-preset task and print its 8-worker plans."""
+    secs, n_train, n_test = paper_task_seconds(tmp / "paper")
+    print(f"paper preset, scope all: one task (512 train × {n_test} test) {secs:.1f} s")
+    plan_row("paper preset all parameters, 1,600 train", n_train, n_test, 10, secs, overhead)
+    plan_row("paper preset all parameters, 16,000 train", 16000, n_test, 10, secs, overhead)
 
 
 if __name__ == "__main__":
