@@ -23,6 +23,7 @@ overwrite the run's own files or the study's input file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from core import provenance, store
 from core.config import config_from_dict
 from core.detectors import REASONS, load_scores
 from core.errors import AtlasError
+from core.executors import LOCAL, ExecutorSpec, Resources, Work, run_tasks
 
 ACTIONS: tuple[str, ...] = ("exclude", "relabel", "reweight")
 RESULTS = "results.json"
@@ -294,6 +296,41 @@ def compute_arm(arm: Arm, progress: bool = False) -> float:
     return acc
 
 
+def _arm_name(arm: Arm) -> str:
+    return f"{arm.kind}_{arm.action}_{arm.key}"
+
+
+def _arm_root(arm: Arm) -> str:
+    return arm.run
+
+
+def _arm_retarget(arm: Arm, run: str) -> Arm:
+    return dataclasses.replace(arm, run=run)
+
+
+def _arm_inputs(arm: Arm) -> list[str]:
+    return [store.MANIFEST, store.INSTANCES, store.TOKENIZER_DIR]
+
+
+def _arm_outputs(arm: Arm) -> list[str]:
+    return [f"{store.CLEANING_DIR}/{ARMS_DIR}/{arm.key}.json"]
+
+
+# A retraining as every executor (core.executors) runs it.
+WORK = Work(
+    stage="clean",
+    compute=compute_arm,
+    name=_arm_name,
+    root=_arm_root,
+    retarget=_arm_retarget,
+    inputs=_arm_inputs,
+    outputs=_arm_outputs,
+    overwrite=True,
+)
+# Declared to Ray for scheduling (an upper estimate for one retraining, not a measurement).
+ARM_MEMORY_MB = 4096
+
+
 def run_clean(
     run_dir: str | os.PathLike,
     detector: str,
@@ -301,6 +338,7 @@ def run_clean(
     k: int,
     seeds: int | Sequence[int] = 3,
     progress: bool = True,
+    executor: ExecutorSpec = LOCAL,
 ) -> dict[str, Any]:
     """Retrain with the detector's top-k acted on, beside no change, oracle and random, over seeds.
 
@@ -309,9 +347,28 @@ def run_clean(
     interrupted call keeps what it finished. Each retraining is an :class:`Arm`
     (:func:`plan_arms` lists them, :func:`compute_arm` runs one); this is that loop in one
     process. Returns this call's rows and their means.
+
+    The arms still needed run first, on ``executor`` (:mod:`core.executors`); each stores
+    its accuracy, so the rows below read them back.
     """
     run = Path(run_dir)
     plan = _Plan(run, detector, action, k, seeds)
+    todo: dict[str, Arm] = {}
+    for seed in plan.seeds:
+        reused = plan.reused(seed)
+        for kind, arm in plan.arms(seed).items():
+            if kind not in reused and not arm.path().exists():
+                todo.setdefault(arm.key, arm)  # one training for arms that train the same
+    config = config_from_dict(store.load_manifest(run).get("config", {}))
+    run_tasks(
+        WORK,
+        list(todo.values()),
+        executor,
+        kwargs={"progress": progress and executor.kind == "local"},
+        resources=Resources(1.0, 1.0 if config.device == "cuda" else 0.0, ARM_MEMORY_MB),
+        progress=progress and executor.kind != "local",
+        folder=run,
+    )
     new_rows = []
     for seed in plan.seeds:
         reused = plan.reused(seed)

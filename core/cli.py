@@ -19,6 +19,7 @@ from typing import Any
 from core import locks, provenance, shapes, store
 from core.config import PRESETS, StudyConfig, preset_config
 from core.errors import AtlasError
+from core.executors import EXECUTORS, LOCAL, SHARED_MODES, ExecutorSpec, TaskFailed, check_executor
 from core.validation import DATA_SUFFIXES, check_device, check_number, validate_study
 
 DEFAULT_CACHE = os.environ.get("ATLAS_CACHE", "cache")
@@ -145,6 +146,61 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_executor_options(p: argparse.ArgumentParser, what: str = "tasks") -> None:
+    """``--executor``, ``--workers``, ``--ray-address``, ``--ray-shared`` (core/executors.py)."""
+    g = p.add_argument_group(
+        "executor",
+        f"where the independent {what} run; the numbers are the same whichever runs them "
+        "(README: Run on a cluster)",
+    )
+    g.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=None,
+        help="local (default: this process, one task at a time), processes (a pool on this "
+        "machine) or ray (a local Ray instance or a cluster; pip install -r requirements-ray.txt)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes: pool size (default one per two cores); ray: tasks at once "
+        "(default: as many as the cluster schedules)",
+    )
+    g.add_argument(
+        "--ray-address",
+        help="ray: auto or ray://host:port joins a running cluster (default: start a local instance)",
+    )
+    g.add_argument(
+        "--ray-shared",
+        choices=SHARED_MODES,
+        default=None,
+        help="ray: is --cache the same path on every node? auto (default) checks each node; "
+        "no ships inputs to the tasks and writes the returned shards here",
+    )
+
+
+def executor_from_args(args: argparse.Namespace) -> ExecutorSpec | None:
+    """The validated executor (None when none was asked for: the command's default).
+
+    A sweep's ``--workers N`` alone means what its older ``--jobs N`` does.
+    """
+    asked = (args.executor, args.workers, args.ray_address, args.ray_shared)
+    if all(a is None for a in asked):
+        return None
+    if args.command == "sweep" and all(a is None for a in asked[:1] + asked[2:]):
+        check_number("--workers", args.workers, 0, 1024)
+        if args.jobs and args.workers and args.jobs != args.workers:
+            raise AtlasError(
+                f"--jobs {args.jobs} and --workers {args.workers} disagree; --jobs is the older "
+                "name of --workers, give one of them."
+            )
+        return None
+    if args.executor is None and (args.ray_address is not None or args.ray_shared is not None):
+        raise AtlasError("--ray-address and --ray-shared need --executor ray.")
+    return check_executor(args.executor or "local", args.workers, args.ray_address, args.ray_shared)
+
+
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """Preset plus command-line overrides."""
     base = preset_config(args.preset)
@@ -192,6 +248,7 @@ def cmd_run(args: argparse.Namespace) -> str:
     from core.pipeline import plan_study, run_study
 
     config = config_from_args(args)
+    executor = executor_from_args(args) or LOCAL
     if args.dry_run:
         print("\n".join(plan_study(config, args.cache, args.name, args.until, args.detect)))
         return ""
@@ -201,12 +258,13 @@ def cmd_run(args: argparse.Namespace) -> str:
         name=args.name,
         command=_command_line(args),
         until=args.until,
+        executor=executor,
     )
     if args.detect:
         from core.detectors import run_detect
 
         with locks.hold(run_dir):
-            run_detect(run_dir)
+            run_detect(run_dir, executor=executor)
     return str(run_dir)
 
 
@@ -336,7 +394,11 @@ def cmd_tracin(args: argparse.Namespace) -> str:
         check_number("--project", dim, 1, 1_000_000)
     check_number("--seed", args.seed, 0, _MAX_SEED)
     check_number("--compare-n", args.compare_n, 1, _MAX_COUNT)
+    check_number("--chunks-per-task", args.chunks_per_task, 1, _MAX_COUNT)
     check_device(args.device)
+    executor = executor_from_args(args) or LOCAL
+    if args.compare and executor.kind != "local":
+        raise AtlasError("--compare runs in this process; drop --executor.")
     from core.tracin import compare_to_exact, run_tracin
 
     with locks.hold(run_dir):
@@ -347,7 +409,13 @@ def cmd_tracin(args: argparse.Namespace) -> str:
             print(json.dumps(report, indent=2, default=store._json_default))
             return str(run_dir)
         run_tracin(
-            run_dir, scope=args.params, project=args.project, seed=args.seed, device=args.device
+            run_dir,
+            scope=args.params,
+            project=args.project,
+            seed=args.seed,
+            device=args.device,
+            executor=executor,
+            chunks_per_task=args.chunks_per_task,
         )
     return str(run_dir)
 
@@ -382,8 +450,9 @@ def cmd_detect(args: argparse.Namespace) -> str:
     from core.detectors import run_detect
 
     run_dir = _existing_run(args.run)
+    executor = executor_from_args(args) or LOCAL
     with locks.hold(run_dir):
-        run_detect(run_dir, detectors=args.detectors, force=args.force)
+        run_detect(run_dir, detectors=args.detectors, force=args.force, executor=executor)
     if not args.quiet:
         from core.detectors import detection_table
 
@@ -397,10 +466,18 @@ def cmd_clean(args: argparse.Namespace) -> str:
     run_dir = _existing_run(args.run)
     check_number("--k", args.k, 1, _MAX_COUNT)
     check_number("--seeds", args.seeds, 1, 1000)
+    executor = executor_from_args(args) or LOCAL
     from core.cleaning import run_clean
 
     with locks.hold(run_dir):
-        run_clean(run_dir, detector=args.detector, action=args.action, k=args.k, seeds=args.seeds)
+        run_clean(
+            run_dir,
+            detector=args.detector,
+            action=args.action,
+            k=args.k,
+            seeds=args.seeds,
+            executor=executor,
+        )
     return str(run_dir / store.CLEANING_DIR)
 
 
@@ -425,6 +502,7 @@ def cmd_sweep(args: argparse.Namespace) -> str:
     from core.sweep import parse_rates, plan_sweep, run_sweep
 
     config = config_from_args(args)
+    executor = executor_from_args(args)
     if args.dry_run:
         rates = parse_rates(args.flip_rates)
         print("\n".join(plan_sweep(config, rates, args.seeds, args.cache, args.name, args.jobs)))
@@ -435,8 +513,9 @@ def cmd_sweep(args: argparse.Namespace) -> str:
         n_seeds=args.seeds,
         cache_dir=args.cache,
         name=args.name,
-        jobs=args.jobs,
+        jobs=args.jobs or (args.workers if args.executor is None else 0) or 0,
         command=_command_line(args),
+        executor=executor,
     )
     return str(sweep_dir)
 
@@ -480,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="last stage to run",
     )
     p.add_argument("--detect", action="store_true", help="also run the detectors afterwards")
+    add_executor_options(p, "TracIn shards (and detector 2's retraining with --detect)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("list", help="list runs and sweeps in the cache")
@@ -506,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", action="store_true", help="report the scope's error against exact scores"
     )
     p.add_argument("--compare-n", type=int, default=20, help="test instances used by --compare")
+    p.add_argument(
+        "--chunks-per-task",
+        type=int,
+        help="training chunks (512 instances each) per task (default: a whole checkpoint with "
+        "the local executor, 1 with the others)",
+    )
+    add_executor_options(p, "TracIn shards (checkpoint × training chunks)")
     p.set_defaults(func=cmd_tracin)
 
     p = sub.add_parser("analyze", help="curve shapes, end ratios, distances, UMAP/PCA of a run")
@@ -548,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    add_executor_options(p, "retrainings (detector 2's train-in-train model)")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("clean", help="retrain with suspects excluded / relabelled / reweighted")
@@ -556,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action", required=True, choices=ACTIONS, metavar="ACTION")
     p.add_argument("--k", type=int, required=True, help="number of suspects acted on")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per arm")
+    add_executor_options(p, "retrainings (one per arm and seed)")
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("export", help="export the review queue or a cleaned dataset as CSV")
@@ -578,7 +667,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_options(p)
     p.add_argument("--flip-rates", default="0,0.025,0.05,0.1,0.2,0.3,0.4")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds per flip rate")
-    p.add_argument("--jobs", type=int, default=0, help="parallel cells (0: one per 2 cores)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="parallel cells (0: one per 2 cores); the older name of --workers: without "
+        "--executor it picks processes when above 1",
+    )
+    add_executor_options(p, "cells (one training per flip rate and seed)")
     p.set_defaults(func=cmd_sweep)
     return parser
 
@@ -590,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
         out = args.func(args)
+    except TaskFailed as exc:  # the input was fine; a task's computation failed
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except AtlasError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -625,6 +724,7 @@ def check_study_argv(argv: list[str]) -> Path:
     if args.command not in ("run", "sweep"):
         raise AtlasError(f"Only run and sweep requests are checked here, not {args.command}.")
     config = config_from_args(args)
+    executor_from_args(args)
     if args.command == "sweep":
         from core.sweep import parse_rates
 

@@ -50,6 +50,7 @@ Detectors (names are the run-store contract):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -66,6 +67,7 @@ import pandas as pd
 from core import metrics, provenance, store
 from core.config import StudyConfig, config_from_dict
 from core.errors import AtlasError
+from core.executors import LOCAL, ExecutorSpec, Resources, Work, run_tasks
 from core.shapes import S_MIN, TRIM, Z_MAX
 
 STAGE = "detect"
@@ -431,8 +433,12 @@ def run_detect(
     detectors: Sequence[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    executor: ExecutorSpec = LOCAL,
 ) -> dict[str, Any]:
     """Compute the detectors (all available, or ``detectors``), score them and store the results.
+
+    Detector 2's retraining (the one heavy unit) runs on ``executor`` (:mod:`core.executors`)
+    when it is not the local one; the other detectors are quick and run here.
 
     Without ``force`` only detectors not yet stored are computed and the stored
     columns are kept, so a rerun after a missing input has appeared fills the gap
@@ -469,11 +475,13 @@ def run_detect(
     notes: dict[str, str] = {}
     info: dict[str, Any] = dict(old_json.get("info", {}))
     timings: dict[str, float] = {}
+    remote = _retrain_elsewhere(run, todo, executor, config, force, progress)
     for name in todo:
         t = time.perf_counter()
         _say(progress, f"detect: {name}")
         try:
-            values, note, extra = _compute(name, inputs, config, force, progress)
+            again = force and not (remote and name == "misclassified_influence")
+            values, note, extra = _compute(name, inputs, config, again, progress)
         except _Skip as skip:
             notes[name] = f"skipped: {skip}"
             _say(progress, f"detect: {name} skipped ({skip})")
@@ -911,6 +919,76 @@ def compute_retraining(unit: Retraining, progress: bool = False, force: bool = F
     with store.atomic_path(cache) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **payload)
     return cache
+
+
+def _retrain_elsewhere(
+    run: Path,
+    todo: Sequence[str],
+    executor: ExecutorSpec,
+    config: StudyConfig,
+    force: bool,
+    progress: bool,
+) -> bool:
+    """Run detector 2's retraining on a non-local executor first; True when it did."""
+    if executor.kind == "local" or "misclassified_influence" not in todo:
+        return False
+    if not (run / store.TOKENIZER_DIR).is_dir():
+        return False  # the detector reports why it is skipped
+    units = plan_retraining(run)
+    if force and not units:
+        instances = store.load_instances(run)
+        train = instances[instances["split"] == "train"].reset_index(drop=True)
+        units = [Retraining(str(run), _cache_key(config, _Inputs(run, instances, train)))]
+    run_tasks(
+        WORK,
+        units,
+        executor,
+        kwargs={"force": force},
+        resources=Resources(1.0, 1.0 if config.device == "cuda" else 0.0, RETRAIN_MEMORY_MB),
+        progress=progress,
+        folder=run,
+    )
+    return True
+
+
+def _retraining_name(unit: Retraining) -> str:
+    return f"retraining-{unit.key[:10]}"
+
+
+def _retraining_root(unit: Retraining) -> str:
+    return unit.run
+
+
+def _retraining_retarget(unit: Retraining, run: str) -> Retraining:
+    return dataclasses.replace(unit, run=run)
+
+
+def _retraining_inputs(unit: Retraining) -> list[str]:
+    return [store.MANIFEST, store.INSTANCES, store.TOKENIZER_DIR]
+
+
+def _retraining_outputs(unit: Retraining) -> list[str]:
+    return [f"{WORK_DIR}/{INFLUENCE_CACHE}"]
+
+
+def _compute_retraining(unit: Retraining, force: bool = False) -> None:
+    """:func:`compute_retraining` as an executor runs it (quiet; the path stays in the worker)."""
+    compute_retraining(unit, progress=False, force=force)
+
+
+# Detector 2's retraining as every executor (core.executors) runs it.
+WORK = Work(
+    stage="detect",
+    compute=_compute_retraining,
+    name=_retraining_name,
+    root=_retraining_root,
+    retarget=_retraining_retarget,
+    inputs=_retraining_inputs,
+    outputs=_retraining_outputs,
+    overwrite=True,
+)
+# Declared to Ray for scheduling (an upper estimate, not a measurement).
+RETRAIN_MEMORY_MB = 4096
 
 
 def _cache_key(config: StudyConfig, inputs: _Inputs) -> str:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -185,15 +186,20 @@ def run_study(
     until: str = "analyze",
     progress: bool = True,
     data_dir: Path | None = None,
+    executor: Any = None,
 ) -> Path:
-    """Run (or resume) a study up to stage ``until`` and return its folder."""
+    """Run (or resume) a study up to stage ``until`` and return its folder.
+
+    ``executor`` (a :class:`core.executors.ExecutorSpec`; default local) runs the tracin
+    stage's tasks; training and analytics run in this process.
+    """
     if until not in STAGES:
         raise AtlasError(f"--until must be one of {', '.join(STAGES)} (got '{until}').")
     validate_study(config, cache_dir, name)
     run_dir = Path(cache_dir) / (name or run_name(config))
     locks.clean_litter(cache_dir)  # temporary folders of killed writers of older versions
     with locks.hold(run_dir):
-        return _run_locked(config, run_dir, command, until, progress, data_dir)
+        return _run_locked(config, run_dir, command, until, progress, data_dir, executor)
 
 
 def check_same_config(run_dir: Path, config: StudyConfig) -> None:
@@ -277,6 +283,7 @@ def _run_locked(
     until: str,
     progress: bool,
     data_dir: Path | None,
+    executor: Any = None,
 ) -> Path:
     """:func:`run_study` once the run folder's lock is held."""
     check_same_config(run_dir, config)
@@ -292,9 +299,10 @@ def _run_locked(
         if "train" in wanted and not store.stage_complete(run_dir, "train"):
             train_run(config, run_dir, progress)
         if "tracin" in wanted and not store.stage_complete(run_dir, "tracin"):
+            from core.executors import LOCAL
             from core.tracin import run_tracin
 
-            run_tracin(run_dir, device=config.device, progress=progress)
+            run_tracin(run_dir, device=config.device, progress=progress, executor=executor or LOCAL)
         if "analyze" in wanted and not store.stage_complete(run_dir, "analyze"):
             from core.analysis import analyze_run
 

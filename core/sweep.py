@@ -15,11 +15,10 @@ It needs rate 0 and at least two seeds; otherwise it is reported as undefined.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import pandas as pd
 from core import locks, store
 from core.config import StudyConfig
 from core.errors import AtlasError
+from core.executors import ExecutorSpec, Resources, Work, run_tasks
 
 SWEEP_TABLE = "sweep.parquet"
 SWEEP_EPOCHS = "sweep_epochs.parquet"
@@ -71,21 +71,34 @@ def run_sweep(
     jobs: int = 0,
     command: str = "",
     progress: bool = True,
+    executor: ExecutorSpec | None = None,
 ) -> Path:
-    """Train every (rate, seed) cell that is not finished yet and write the sweep tables."""
-    base, sweep_dir = _checked_sweep(config, n_seeds, cache_dir, name, jobs)
+    """Train every (rate, seed) cell that is not finished yet and write the sweep tables.
+
+    The cells run on ``executor`` (:mod:`core.executors`). Without one, ``jobs`` keeps its
+    meaning from before executors: that many processes (0: one per two cores), and this
+    process alone when that is one. With one, ``jobs`` stands in for ``--workers`` when
+    that is 0 (``--jobs`` is the sweep's older name for it).
+    """
+    base, sweep_dir, executor = _checked_sweep(config, n_seeds, cache_dir, name, jobs, executor)
     with locks.hold(sweep_dir):
-        return _sweep_locked(base, sweep_dir, flip_rates, n_seeds, jobs, command, progress)
+        return _sweep_locked(base, sweep_dir, flip_rates, n_seeds, executor, command, progress)
 
 
 def _checked_sweep(
-    config: StudyConfig, n_seeds: int, cache_dir: str | Path, name: str | None, jobs: int
-) -> tuple[StudyConfig, Path]:
-    """Every check a sweep makes before it writes: (base configuration, sweep folder)."""
+    config: StudyConfig,
+    n_seeds: int,
+    cache_dir: str | Path,
+    name: str | None,
+    jobs: int,
+    executor: ExecutorSpec | None = None,
+) -> tuple[StudyConfig, Path, ExecutorSpec]:
+    """Every check a sweep makes before it writes: (base configuration, folder, executor)."""
     from core.validation import check_number, validate_study
 
     check_number("--seeds", n_seeds, 1, MAX_SEEDS)
     check_number("--jobs", jobs, 0, 1024)
+    executor = _executor(executor, jobs)
     if config.flip_count is not None:
         raise AtlasError("--flip-count does not apply to a sweep; use --flip-rates.")
     validate_study(config, cache_dir, name)
@@ -95,7 +108,7 @@ def _checked_sweep(
     from core.datasets import load_dataset
 
     load_dataset(base)
-    return base, sweep_dir
+    return base, sweep_dir, executor
 
 
 def plan_sweep(
@@ -107,7 +120,7 @@ def plan_sweep(
     jobs: int = 0,
 ) -> list[str]:
     """What ``sweep`` would do, as lines to print, after every check it makes; writes nothing."""
-    base, sweep_dir = _checked_sweep(config, n_seeds, cache_dir, name, jobs)
+    base, sweep_dir, _ = _checked_sweep(config, n_seeds, cache_dir, name, jobs)
     if (sweep_dir / store.MANIFEST).exists():
         old = store.load_manifest(sweep_dir)
         if old.get("config") != base.to_dict():
@@ -127,12 +140,32 @@ def plan_sweep(
     ]
 
 
+def _executor(executor: ExecutorSpec | None, jobs: int) -> ExecutorSpec:
+    """The executor of a sweep from ``--executor``/``--workers`` and the older ``--jobs``."""
+    if executor is None:
+        workers = jobs if jobs > 0 else max(1, (os.cpu_count() or 1) // 2)
+        kind = "processes" if workers > 1 else "local"
+        return ExecutorSpec(kind, workers if kind == "processes" else 0)
+    if jobs and executor.workers and jobs != executor.workers:
+        raise AtlasError(
+            f"--jobs {jobs} and --workers {executor.workers} disagree; --jobs is the older "
+            "name of --workers, give one of them."
+        )
+    if jobs and not executor.workers:
+        if executor.kind == "local" and jobs > 1:
+            raise AtlasError(
+                f"--jobs {jobs} needs --executor processes or ray; local trains one cell at a time."
+            )
+        return dataclasses.replace(executor, workers=jobs if executor.kind != "local" else 0)
+    return executor
+
+
 def _sweep_locked(
     base: StudyConfig,
     sweep_dir: Path,
     flip_rates: list[float],
     n_seeds: int,
-    jobs: int,
+    executor: ExecutorSpec,
     command: str,
     progress: bool,
 ) -> Path:
@@ -158,12 +191,17 @@ def _sweep_locked(
         seeds=list(range(base.seed, base.seed + n_seeds)),
     )
     cell_root = sweep_dir / CELLS_DIR
-    todo = [(c.flip_rate, c.seed) for c in plan_cells(sweep_dir, base, flip_rates, n_seeds)]
-    workers = jobs if jobs > 0 else max(1, (os.cpu_count() or 1) // 2)
-    workers = min(workers, max(len(todo), 1))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    todo = plan_cells(sweep_dir, base, flip_rates, n_seeds)
+    gpu = 1.0 if base.device == "cuda" else 0.0
     try:
-        _run_cells(base, cell_root, todo, workers, threads, progress)
+        run_tasks(
+            WORK,
+            todo,
+            executor,
+            resources=Resources(cpus=1.0, gpus=gpu, memory_mb=CELL_MEMORY_MB),
+            progress=progress,
+            folder=sweep_dir,
+        )
     except BaseException as exc:
         if isinstance(exc, Exception):
             store.update_manifest(sweep_dir, status=store.STATUS_FAILED, error=str(exc))
@@ -175,38 +213,12 @@ def _sweep_locked(
         sweep_dir,
         status=store.STATUS_COMPLETE,
         threshold=noise_threshold(table),
-        jobs=workers,
+        executor=executor.kind,
+        jobs=executor.workers if executor.kind != "local" else 1,
         timings_s={"sweep": round(time.perf_counter() - t0, 3)},
         error=None,
     )
     return sweep_dir
-
-
-def _run_cells(
-    base: StudyConfig,
-    cell_root: Path,
-    todo: list[tuple[float, int]],
-    workers: int,
-    threads: int,
-    progress: bool,
-) -> None:
-    """Train the unfinished cells, in parallel processes when ``workers`` > 1."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(todo), desc="sweep cells", disable=not progress, unit="cell")
-    if workers <= 1:
-        for rate, seed in todo:
-            train_cell(base, cell_root, rate, seed, threads)
-            bar.update()
-        bar.close()
-        return
-    # spawn, not fork: a forked torch with live OpenMP threads can deadlock.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(train_cell, base, cell_root, r, s, threads) for r, s in todo]
-        for fut in as_completed(futures):
-            fut.result()
-            bar.update()
-    bar.close()
 
 
 @dataclass(frozen=True)
@@ -235,6 +247,50 @@ def plan_cells(
 def compute_cell(cell: Cell, threads: int = 1) -> str:
     """Train one cell (resumes a killed one; a finished one returns at once); its run folder."""
     return train_cell(cell.base, Path(cell.sweep) / CELLS_DIR, cell.flip_rate, cell.seed, threads)
+
+
+def _compute_cell(cell: Cell) -> str:
+    """:func:`compute_cell` as an executor runs it: with the threads torch has in the worker."""
+    import torch
+
+    return compute_cell(cell, threads=torch.get_num_threads())
+
+
+def _cell_name(cell: Cell) -> str:
+    return cell_name(cell.flip_rate, cell.seed)
+
+
+def _cell_root(cell: Cell) -> str:
+    return cell.sweep
+
+
+def _cell_retarget(cell: Cell, sweep: str) -> Cell:
+    return dataclasses.replace(cell, sweep=sweep)
+
+
+def _cell_inputs(cell: Cell) -> list[str]:
+    """Nothing of the sweep folder: a cell reads the dataset (a built-in one must be fetched
+    on every node, a file must be at the same path there)."""
+    return []
+
+
+def _cell_outputs(cell: Cell) -> list[str]:
+    return [f"{CELLS_DIR}/{_cell_name(cell)}"]
+
+
+# A cell as every executor (core.executors) runs it; a returned cell replaces a partial one.
+WORK = Work(
+    stage="sweep",
+    compute=_compute_cell,
+    name=_cell_name,
+    root=_cell_root,
+    retarget=_cell_retarget,
+    inputs=_cell_inputs,
+    outputs=_cell_outputs,
+    overwrite=True,
+)
+# Stated bound on a cell's resident memory (the quick preset's training peaks far below).
+CELL_MEMORY_MB = 4096
 
 
 def train_cell(base: StudyConfig, cell_root: Path, rate: float, seed: int, threads: int) -> str:

@@ -30,7 +30,7 @@ from ui.views import home as home_view
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = {p.key: p.script for p in PAGE_SPECS}  # the app's one page list (ui/pages.py)
-FORBIDDEN = {"torch", "transformers", "umap", "fugashi"}
+FORBIDDEN = {"torch", "transformers", "umap", "fugashi", "ray"}
 ROLES = ("training", "held out", "flipped", "proponent", "opponent", "selected")
 
 
@@ -646,7 +646,7 @@ def test_app_code_never_imports_heavy_libraries():
                 names = [node.module]
             bad = {n.split(".")[0] for n in names} & FORBIDDEN
             assert not bad, f"{path.name} imports {bad}"
-    code = "import sys; import ui.views.home, ui.views.curves, ui.views.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi'}))"
+    code = "import sys; import ui.views.home, ui.views.curves, ui.views.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi', 'ray'}))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
@@ -684,3 +684,46 @@ def test_neighbourhoods_follow_the_view(cache, monkeypatch):
     table = at.dataframe[-1].value
     assert "relative TracIn score" in table.columns
     assert "· relative" in texts(at)
+
+
+def test_study_page_shows_task_progress_per_worker(tmp_path, monkeypatch):
+    """The bar over a stage's tasks and each worker's throughput, from progress.json."""
+    from core import store
+    from core.executors import PROGRESS
+
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    j = study.start(tmp_path, study.StudyRequest(name="on-ray"))
+    try:
+        report = {
+            "stage": "tracin",
+            "executor": "ray",
+            "state": "running",
+            "done": 3,
+            "total": 9,
+            "workers": [
+                {"worker": "node-a:11", "tasks": 2, "seconds_per_task": 1.5, "tasks_per_min": 4.0},
+                {"worker": "node-b:12", "tasks": 1, "seconds_per_task": 2.5, "tasks_per_min": 2.0},
+            ],
+        }
+        store.write_json(tmp_path / "on-ray" / PROGRESS, report)
+        assert study.task_progress(tmp_path / "on-ray")["done"] == 3
+        assert study.task_progress(tmp_path / "absent") == {}
+        at = open_page("study", tmp_path, monkeypatch)
+        assert not at.exception
+        bars = [el.proto.text for el in at.get("progress")]
+        assert "tracin on ray: 3 of 9 tasks (running)" in bars
+        table = next(
+            df.value for df in at.dataframe if "worker" in getattr(df.value, "columns", [])
+        )
+        assert list(table["worker"]) == ["node-a:11", "node-b:12"]
+        assert list(table["tasks per min"]) == [4.0, 2.0]
+    finally:
+        study.cancel(j)
+
+
+def test_study_form_offers_the_executor(tmp_path, monkeypatch):
+    at = open_page("study", tmp_path, monkeypatch)
+    assert "ray" in at.selectbox(key="study_executor").options or not study.executor_choices()[2:]
+    at.selectbox(key="study_executor").set_value("processes").run()
+    at.number_input(key="study_workers").set_value(2).run()
+    assert "--executor processes --workers 2" in texts(at)

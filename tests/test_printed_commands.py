@@ -72,10 +72,21 @@ README_COMMANDS: dict[str, list[str]] = {
         "python -m core export {run} --detector self_influence --what cleaned --out file.csv",
     ],
     "python -m core sweep --preset quick --flip-rates 0,0.025,0.05,0.1,0.2,0.3,0.4 --seeds 3 "
-    "[--jobs N]": [
+    "[--workers N]": [
         "python -m core sweep --preset quick --flip-rates 0,0.025,0.05,0.1,0.2,0.3,0.4 --seeds 3",
         "python -m core sweep --preset quick --flip-rates 0,0.025,0.05,0.1,0.2,0.3,0.4 "
-        "--seeds 3 --jobs 2",
+        "--seeds 3 --workers 2",
+    ],
+    # Run on a cluster: a Ray head started by the test stands in for the cluster ("auto" joins
+    # it), a temporary folder for the shared /shared/atlas.
+    "python -m core tracin /shared/atlas/<run> --executor ray --ray-address auto": [
+        "python -m core tracin {shared_run} --executor ray --ray-address auto"
+    ],
+    # CI has no GPU: --device cuda is refused there in one sentence, so --device auto stands in.
+    "python -m core sweep --preset paper --flip-rates 0,0.025,0.05,0.1,0.2,0.3,0.4 --seeds 5 "
+    "--executor ray --ray-address auto --cache /shared/atlas --device cuda": [
+        "python -m core sweep --preset paper --flip-rates 0,0.025,0.05,0.1,0.2,0.3,0.4 --seeds 5 "
+        "--executor ray --ray-address auto --cache {shared} --device auto"
     ],
     "python -m core fetch": ["python -m core fetch"],
     "python -m core run --preset paper --dataset rakuten_reviews.tsv --text-col レビュー本文 "
@@ -162,6 +173,22 @@ def detected_run(study_run: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A one-machine Ray cluster (``ray start --head``), as the README's cluster section makes."""
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    if ray is None:
+        pytest.skip("Ray is not installed (pip install -r requirements-ray.txt)")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
+    temp = tmp_path_factory.mktemp("ray")
+    start = [ray, "start", "--head", "--num-cpus", "2", "--include-dashboard", "false"]
+    subprocess.run([*start, "--temp-dir", str(temp)], env=env, check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
 def project(detected_run: Path, tmp_path_factory) -> Path:
     """A working folder as the README's shell sees it: cache/ with the shipped runs as a fresh
     clone has them (tracked files only) and the README's input files."""
@@ -222,7 +249,7 @@ def test_long_commands_run_dry_and_write_nothing(project):
 @pytest.mark.parametrize(
     "line", [v for variants in README_COMMANDS.values() for v in variants], ids=lambda s: s[15:70]
 )
-def test_readme_command_works_as_printed(line, project, detected_run, tmp_path):
+def test_readme_command_works_as_printed(line, project, detected_run, tmp_path, request):
     cwd = tmp_path / "work"
     cwd.mkdir()
     for name in ("cache", "rakuten_reviews.tsv"):
@@ -230,7 +257,16 @@ def test_readme_command_works_as_printed(line, project, detected_run, tmp_path):
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, cwd / name)
     run = _fresh_copy(detected_run, cwd)
     model = _model_folder(tmp_path) if "{model}" in line else None
-    line = line.format(run=run.relative_to(cwd), model=model)
+    shared = tmp_path / "shared" / "atlas"
+    shared_run = None
+    if "{shared_run}" in line:
+        request.getfixturevalue("ray_head")
+        shared_run = shared / "tiny"
+        shutil.copytree(run, shared_run)
+        for name in ("tracin.npy", "tracin_shards"):  # TracIn to compute, on the cluster
+            path = shared_run / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    line = line.format(run=run.relative_to(cwd), model=model, shared=shared, shared_run=shared_run)
     proc = run_printed(line, cwd)
     if " export " in line:
         written = Path(proc.stdout.strip().splitlines()[-1])

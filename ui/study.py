@@ -28,6 +28,7 @@ import pandas as pd
 from core import datasets, locks, store, validation
 from core.cli import check_study_argv
 from core.errors import AtlasError
+from core.executors import PROGRESS
 from core.sweep import CELLS_DIR, cell_name
 
 ENV_STUDY_CMD = "ATLAS_STUDY_CMD"  # replaces "python -m core" (tests use a stand-in CLI)
@@ -510,6 +511,32 @@ def sweep_progress(sweep_dir: Path) -> dict[str, Any]:
         "cells_total": len(rates) * len(seeds),
         "error": m.get("error"),
     }
+
+
+def task_progress(folder: Path) -> dict[str, Any]:
+    """The task progress the CLI writes (core.executors: ``<folder>/progress.json``): stage,
+    executor, tasks done of total and per-worker throughput; empty before any."""
+    try:
+        m = store.read_json(Path(folder) / PROGRESS)
+    except AtlasError:
+        return {}
+    if not isinstance(m, dict) or not isinstance(m.get("total"), int):
+        return {}
+    workers = [w for w in m.get("workers") or [] if isinstance(w, dict)]
+    return {**m, "workers": workers}
+
+
+def executor_choices() -> list[str]:
+    """Executors a job started here may use: ray only where Ray is installed (never imported)."""
+    import importlib.util
+
+    out = ["local", "processes"]
+    try:
+        if importlib.util.find_spec("ray") is not None:
+            out.append("ray")
+    except (ImportError, ValueError):
+        pass
+    return out
 
 
 # -- uploads -------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ The package (``core.tracin``) re-exports every public name of its modules:
 - ``stage``: the run stage (:func:`run_tracin`) and the public task API every executor
   uses: :func:`plan` (run → list of :class:`Task`), :func:`compute` (task → its shards,
   written atomically, skipped when present) and :func:`aggregate` (shards → the run's
-  files, bitwise the same whatever order the tasks ran in);
+  files, bitwise the same whatever order the tasks ran in); ``core.executors`` runs those
+  tasks here, in a process pool or on Ray (``run_tracin(..., executor=...)``);
 - ``study``: the approximation study (:func:`compare_to_exact`, :func:`scope_error`).
 """
 

@@ -15,6 +15,7 @@ and gets bitwise the same files: a shard depends only on its checkpoint and chun
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,7 +31,8 @@ import torch
 
 from core import provenance, store
 from core.errors import AtlasError
-from core.tracin.engine import CHUNK_SIZE, TracInCP
+from core.executors import LOCAL, ExecutorSpec, Resources, Work, run_tasks
+from core.tracin.engine import BATCH_BYTES, BUFFER_BYTES, CHUNK_SIZE, MAX_TEST_BYTES, TracInCP
 from core.tracin.inputs import _Data
 from core.tracin.shards import (
     SHARD_OPTIONS,
@@ -344,6 +346,80 @@ def compute(task: Task, device: str | torch.device = "auto", on_block: Any = Non
     return task.shard_paths()
 
 
+def _compute_task(task: Task, device: str = "auto") -> None:
+    """:func:`compute` as an executor runs it (the paths it returns stay in the worker)."""
+    compute(task, device=device)
+
+
+def _task_inputs(task: Task) -> list[str]:
+    """What a task reads under its run folder: manifest, instances, tokenizer, checkpoints
+    (all: a task checks every checkpoint's identity) and the shard folder's options."""
+    entries = store.load_manifest(task.run).get("checkpoints") or []
+    return [
+        store.MANIFEST,
+        store.INSTANCES,
+        store.TOKENIZER_DIR,
+        *(str(e["path"]) for e in entries if isinstance(e, dict) and e.get("path")),
+        f"{store.TRACIN_SHARDS_DIR}/{SHARD_OPTIONS}",
+    ]
+
+
+def _task_outputs(task: Task) -> list[str]:
+    """What a task writes under its run folder: its shards and its checkpoint's test norms."""
+    folder = store.TRACIN_SHARDS_DIR
+    return [f"{folder}/{p.name}" for p in task.shard_paths()] + [
+        f"{folder}/{norm_shard_name(task.checkpoint)}"
+    ]
+
+
+def _task_name(task: Task) -> str:
+    return task.name
+
+
+def _task_root(task: Task) -> str:
+    return task.run
+
+
+def _task_retarget(task: Task, run: str) -> Task:
+    return dataclasses.replace(task, run=run)
+
+
+# The TracIn task as every executor (core.executors) runs it.
+WORK = Work(
+    stage="tracin",
+    compute=_compute_task,
+    name=_task_name,
+    root=_task_root,
+    retarget=_task_retarget,
+    inputs=_task_inputs,
+    outputs=_task_outputs,
+)
+
+
+def task_resources(
+    run_dir: str | os.PathLike, n_params: int, n_test: int, project: Any, device: str
+) -> Resources:
+    """What one TracIn task needs: 1 CPU (1 GPU with ``--device cuda``) and a memory bound.
+
+    The bound adds what the engine holds at once: the checkpoint three times (model,
+    per-example gradient batch bookkeeping, parameters of the scope), the test gradients
+    (capped by ``MAX_TEST_BYTES``; a projection stores ``dim`` numbers per instance),
+    the training-gradient buffer and batch (``BUFFER_BYTES``, ``BATCH_BYTES``) and 600 MiB
+    for Python, torch and the tokenizer.
+    """
+    entries = store.load_manifest(run_dir).get("checkpoints") or []
+    first = Path(run_dir) / str(entries[0]["path"]) if entries else None
+    model_bytes = (
+        sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+        if first is not None and first.is_dir()
+        else 4 * n_params
+    )
+    per_test = 4 * (int(project) if isinstance(project, int) else n_params)
+    test_bytes = min(MAX_TEST_BYTES, per_test * max(n_test, 1))
+    total = 3 * model_bytes + test_bytes + BUFFER_BYTES + BATCH_BYTES + (600 << 20)
+    return Resources(cpus=1.0, gpus=1.0 if device == "cuda" else 0.0, memory_mb=int(total >> 20))
+
+
 def aggregate(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Write tracin.npy, tracin_per_checkpoint.npy, self_influence.npy and the gradient norms.
 
@@ -390,17 +466,19 @@ def run_tracin(
     progress: bool = True,
     dtype: str = "float32",
     chunk_size: int = CHUNK_SIZE,
+    executor: ExecutorSpec = LOCAL,
+    chunks_per_task: int | None = None,
 ) -> dict[str, Any]:
     """The tracin stage: write tracin.npy, tracin_per_checkpoint.npy and self_influence.npy.
 
     Options default to the run's config (``tracin_params``, ``tracin_project``,
     ``tracin_seed``). Skipped when already complete with the same options and inputs
     (checkpoints and instances unchanged, ``core.provenance``); resumes from the shards of
-    an interrupted run. The work is :func:`plan`, :func:`compute` per task, :func:`aggregate`.
-    Returns the manifest's ``tracin`` entry.
+    an interrupted run. The work is :func:`plan`, :func:`compute` per task (run by
+    ``executor``, :mod:`core.executors`), :func:`aggregate`. ``chunks_per_task`` defaults
+    to a whole checkpoint in this process and to one chunk on other executors (the most
+    tasks to spread). Returns the manifest's ``tracin`` entry.
     """
-    from tqdm.auto import tqdm
-
     from core.models import resolve_device
 
     run = Path(run_dir)
@@ -438,6 +516,8 @@ def run_tracin(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     # Before the stage is marked: shards of other options are refused here, untouched.
+    if chunks_per_task is None and executor.kind != "local":
+        chunks_per_task = 1
     tasks = plan(
         run,
         options["params"],
@@ -445,15 +525,21 @@ def run_tracin(
         options["seed"],
         dtype=dtype,
         chunk_size=engine.chunk_size,
+        chunks_per_task=chunks_per_task,
     )
     store.mark_stage(run, "tracin", store.STATUS_RUNNING, **options)
-    total = sum(t.chunks[1] - t.chunks[0] for t in tasks)
-    bar = tqdm(total=total, desc="tracin", unit="shard", disable=not progress, leave=False)
-    try:
-        for task in tasks:
-            compute(task, device=dev, on_block=lambda: bar.update(1))
-    finally:
-        bar.close()
+    n_test = int(store.read_json(run / store.TRACIN_SHARDS_DIR / SHARD_OPTIONS)["n_test"])
+    resources = task_resources(run, n_params, n_test, options["project"], dev.type)
+    # In this process the engine's device object is reused; elsewhere its name travels.
+    run_tasks(
+        WORK,
+        tasks,
+        executor,
+        kwargs={"device": dev if executor.kind == "local" else str(dev)},
+        resources=resources,
+        progress=progress,
+        folder=run,
+    )
     sizes = aggregate(run)
     seconds = time.perf_counter() - start
     info = {
@@ -465,6 +551,9 @@ def run_tracin(
         "device": str(dev),
         "dtype": dtype,
         "chunk_size": engine.chunk_size,
+        "executor": executor.kind,
+        "n_tasks": len(tasks),
+        "task_memory_mb": resources.memory_mb,
         "seconds": round(seconds, 2),
         **_peak_memory_mb(dev),
     }

@@ -97,10 +97,35 @@ def form(cache, can_start: bool = True) -> None:
         detect = st.checkbox(
             "Also run the detectors (for the Cleaning lab)", value=True, key="study_detect"
         )
+        x1, x2, x3 = st.columns(3)
+        choices = study.executor_choices()
+        executor = x1.selectbox(
+            "TracIn tasks run on",
+            choices,
+            key="study_executor",
+            help="local: one task at a time in the job; processes: a pool on this host; ray: a "
+            "Ray instance or cluster (README: Run on a cluster). The scores are the same.",
+        )
+        workers = x2.number_input(
+            "Workers (0 = default)",
+            0,
+            1024,
+            0,
+            key="study_workers",
+            disabled=executor == "local",
+        )
+        address = x3.text_input(
+            "Ray address (empty = a local instance)",
+            key="study_ray_address",
+            disabled=executor != "ray",
+        ).strip()
         req.extra = {
             "epochs": int(epochs) or None,
             "n-train": int(n_train) or None,
             "detect": detect,
+            "executor": executor if executor != "local" else None,
+            "workers": int(workers) if executor != "local" and workers else None,
+            "ray-address": address if executor == "ray" and address else None,
         }
     default_name = f"{req.preset}-{(req.dataset or 'upload')}-seed{req.seed}"
     req.name = st.text_input("Run name", value=default_name, key="study_name").strip()
@@ -275,11 +300,42 @@ def job_status(cache, name: str, was_running: bool) -> None:
             st.progress(min(done / total, 1.0), text=f"training: epoch {done} of {total}")
         if stages:
             st.caption(" → ".join(f"{k}: {v}" for k, v in stages.items()))
+        tasks_view(cache / name)
         if prog.get("error"):
             st.error(widgets.md_escape(prog["error"]))
     with cols[2]:
         job_actions(j, state, "home", "Open the run", widgets.QP_RUN)
     log_view(j, info)
+
+
+def tasks_view(folder) -> None:
+    """One bar over the tasks of the running stage, and each worker's throughput."""
+    tasks = study.task_progress(folder)
+    total = tasks.get("total") or 0
+    if not total:
+        return
+    done = int(tasks.get("done") or 0)
+    st.progress(
+        min(done / total, 1.0),
+        text=f"{widgets.md_escape(tasks.get('stage', 'tasks'))} on "
+        f"{widgets.md_escape(tasks.get('executor', '?'))}: {done} of {total} tasks "
+        f"({widgets.md_escape(tasks.get('state', '?'))})",
+    )
+    rows = tasks.get("workers") or []
+    if rows:
+        st.dataframe(
+            [
+                {
+                    "worker": str(w.get("worker")),
+                    "tasks": w.get("tasks"),
+                    "s per task": w.get("seconds_per_task"),
+                    "tasks per min": w.get("tasks_per_min"),
+                }
+                for w in rows
+            ],
+            hide_index=True,
+            width="stretch",
+        )
 
 
 def job_actions(j: study.Job, state: str, page: str, label: str, param: str) -> None:
@@ -316,6 +372,7 @@ def sweep_status(cache, j: study.Job, state: str) -> None:
         if total:
             done = prog["cells_done"]
             st.progress(min(done / total, 1.0), text=f"cells trained: {done} of {total}")
+        tasks_view(cache / j.name)
         if prog.get("error"):
             st.error(widgets.md_escape(prog["error"]))
     with cols[2]:

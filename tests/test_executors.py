@@ -1,0 +1,281 @@
+"""Executors (core/executors.py): the same files whichever runs the tasks, resume, retries.
+
+The Ray tests start one local Ray instance (2 CPUs, no dashboard) for the module and are
+skipped, with the reason, only when Ray is not installed (`make test` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import store
+from core.cli import main
+from core.errors import AtlasError
+from core.executors import PROGRESS, check_executor
+from core.sweep import SWEEP_TABLE
+from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
+from tests.test_tracin import _make_run, saved_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = (
+    store.TRACIN,
+    store.TRACIN_PER_CHECKPOINT,
+    store.SELF_INFLUENCE,
+    store.GRAD_NORMS_TRAIN,
+    store.GRAD_NORMS_TEST,
+)
+# 12 training instances in chunks of 4 at 3 checkpoints: 9 tasks of one chunk each.
+CHUNK = 4
+
+
+def _same_files(a: Path, b: Path) -> None:
+    for name in OUTPUTS:
+        x, y = np.load(a / name), np.load(b / name)
+        assert x.dtype == y.dtype == np.float32 and x.shape == y.shape
+        assert x.tobytes() == y.tobytes(), name
+
+
+# ------------------------------------------------------------------ without Ray
+
+
+def test_choosing_ray_without_ray_is_one_sentence_before_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from core.cli import main\n"
+        f"rc = main(['tracin', {str(tmp_path)!r}, '--executor', 'ray'])\n"
+        "print(rc, 'torch' in sys.modules)\n"
+    )
+    # The run folder does not exist: the executor check must not be what reports that.
+    (tmp_path / store.MANIFEST).write_text("{}")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.stdout.split() == ["2", "False"]
+    err = out.stderr.strip().splitlines()
+    assert err == [
+        "error: --executor ray needs Ray, which is not installed here: "
+        "pip install -r requirements-ray.txt."
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kind": "threads"}, "--executor must be one of"),
+        ({"kind": "local", "workers": 2}, "needs --executor processes or ray"),
+        ({"kind": "processes", "workers": -1}, "--workers must be"),
+        ({"kind": "processes", "address": "auto"}, "--ray-address applies to --executor ray"),
+        ({"kind": "local", "shared": "no"}, "--ray-shared applies to --executor ray"),
+    ],
+)
+def test_executor_options_are_checked(kwargs, match) -> None:
+    with pytest.raises(AtlasError, match=match):
+        check_executor(**kwargs)
+
+
+def test_sweep_jobs_and_workers_must_agree(tmp_path: Path, capsys) -> None:
+    tiny = [a for a in TINY_ARGS if a not in ("--flip-count", "8")]
+    args = ["sweep", *tiny, "--cache", str(tmp_path), "--name", "sw", "--seeds", "1"]
+    assert main([*args, "--jobs", "2", "--executor", "processes", "--workers", "3"]) == 2
+    assert "--jobs 2 and --workers 3 disagree" in capsys.readouterr().err
+    assert main([*args, "--jobs", "3", "--workers", "2"]) == 2  # --workers alone is --jobs
+    assert "--jobs 3 and --workers 2 disagree" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> list[tuple[Path, float]]:
+    return saved_checkpoints(tmp_path_factory.mktemp("exec-ckpt"))
+
+
+@pytest.fixture(scope="module")
+def local_run(ckpts, tmp_path_factory) -> Path:
+    """The reference: the tracin stage in this process with one torch thread."""
+    import torch
+
+    from core.tracin import run_tracin
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = _make_run(tmp_path_factory.mktemp("exec-local"), ckpts)
+        run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK)
+    finally:
+        torch.set_num_threads(before)
+    return run
+
+
+def test_process_pool_gives_the_local_files_and_reports_workers(ckpts, local_run, tmp_path):
+    from core.tracin import run_tracin
+
+    run = _make_run(tmp_path, ckpts)
+    spec = check_executor("processes", 2)
+    run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
+    _same_files(local_run, run)
+    report = json.loads((run / PROGRESS).read_text())
+    assert report["executor"] == "processes" and report["state"] == "complete"
+    assert report["done"] == report["total"] == 9
+    assert sum(w["tasks"] for w in report["workers"]) == 9
+    assert store.load_manifest(run)["tracin"]["executor"] == "processes"
+
+
+def test_a_failing_local_task_is_named(ckpts, tmp_path, monkeypatch, capsys):
+    run = _make_run(tmp_path, ckpts)
+    monkeypatch.setenv("ATLAS_TEST_FAIL_TASK", "ckpt-01_chunks-0000-0000")
+    capsys.readouterr()
+    rc = main(["tracin", str(run), "--device", "cpu", "--chunks-per-task", "1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert rc == 1 and len(err) == 1
+    assert err[0].startswith("error: Task ckpt-01_chunks-0000-0000 (tracin) failed: RuntimeError")
+    # Checkpoint 0's shards (finished before) stay for the rerun.
+    assert (run / store.TRACIN_SHARDS_DIR / "ckpt-00_chunk-0000.npy").exists()
+
+
+# ------------------------------------------------------------------ Ray
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the module: 2 CPUs, no dashboard."""
+    ray = pytest.importorskip(
+        "ray", reason="Ray is not installed (pip install -r requirements-ray.txt)"
+    )
+    os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
+    import logging
+
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("shared", ["auto", "no"])
+def test_ray_gives_the_local_matrix_bitwise(ray_session, ckpts, local_run, tmp_path, shared):
+    """Shared folder (tasks write in place) or not (tasks return shards, the driver writes)."""
+    from core.tracin import run_tracin
+
+    run = _make_run(tmp_path, ckpts)
+    spec = check_executor("ray", 2, shared=shared)
+    run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
+    _same_files(local_run, run)
+    report = json.loads((run / PROGRESS).read_text())
+    assert report["executor"] == "ray" and report["done"] == report["total"] == 9
+    assert report["shared"] is (shared == "auto")
+    assert report["task_resources"]["cpus"] == 1 and report["task_resources"]["memory_mb"] > 0
+    assert all(w["tasks_per_min"] > 0 for w in report["workers"])
+
+
+def test_ray_through_the_cli(ray_session, ckpts, local_run, tmp_path, capsys):
+    run = _make_run(tmp_path, ckpts)
+    # The run's own chunk size is 512 (one chunk): this checks the CLI path, not the split.
+    args = ["tracin", str(run), "--device", "cpu", "--executor", "ray", "--workers", "2"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run)
+    assert store.load_manifest(run)["tracin"]["executor"] == "ray"
+    matrix = np.load(run / store.TRACIN)
+    assert matrix.shape == np.load(local_run / store.TRACIN).shape
+    np.testing.assert_allclose(matrix, np.load(local_run / store.TRACIN), rtol=1e-5, atol=1e-7)
+
+
+def test_a_failing_ray_task_is_retried_then_named(
+    ray_session, ckpts, local_run, tmp_path, monkeypatch, capsys
+):
+    from core.tracin import plan, run_tracin
+
+    run = _make_run(tmp_path, ckpts)
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    name = "ckpt-01_chunks-0001-0001"
+    monkeypatch.setenv("ATLAS_TEST_FAIL_DIR", str(attempts))
+    # Fails its first attempt only: Ray's retry makes the command succeed.
+    monkeypatch.setenv("ATLAS_TEST_FAIL_TASK", f"{name}:1")
+    spec = check_executor("ray", 2)
+    run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
+    assert len(list(attempts.iterdir())) == 2
+    _same_files(local_run, run)
+
+    # Fails every attempt: the command ends naming the task; finished shards stay.
+    for f in attempts.iterdir():
+        f.unlink()
+    run = _make_run(tmp_path / "again", ckpts)
+    monkeypatch.setenv("ATLAS_TEST_FAIL_TASK", name)
+    with pytest.raises(AtlasError) as info:
+        run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
+    text = str(info.value)
+    assert text.startswith(f"Task {name} (tracin) failed after 3 attempts: RuntimeError")
+    assert "\n" not in text
+    assert len(list(attempts.iterdir())) == 3
+    shards = run / store.TRACIN_SHARDS_DIR
+    assert not (shards / "ckpt-01_chunk-0001.npy").exists()
+    left = plan(run, chunk_size=CHUNK, chunks_per_task=1)
+    assert name in [t.name for t in left]
+    assert json.loads((run / PROGRESS).read_text())["state"] == "failed"
+    # A rerun (on one machine) computes what is missing and gives the same files.
+    monkeypatch.delenv("ATLAS_TEST_FAIL_TASK")
+    import torch
+
+    torch.set_num_threads(1)
+    run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK)
+    _same_files(local_run, run)
+
+
+def test_a_killed_driver_resumes_with_only_the_missing_shards(
+    ray_session, ckpts, local_run, tmp_path
+):
+    """The driver is SIGKILLed after 3 finished tasks; the rerun computes only the rest."""
+    from core.tracin import plan, run_tracin
+
+    run = _make_run(tmp_path, ckpts)
+    plan(run, chunk_size=CHUNK)  # the run's shard folder uses chunks of 4
+    address = ray_session.get_runtime_context().gcs_address
+    code = (
+        "import sys\n"
+        "from core.executors import check_executor\n"
+        "from core.tracin import run_tracin\n"
+        f"run_tracin({str(run)!r}, device='cpu', progress=False, chunk_size={CHUNK}, "
+        f"executor=check_executor('ray', 1, address={address!r}))\n"
+    )
+    env = {**os.environ, "ATLAS_TEST_STOP_AFTER": "3"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, timeout=300
+    )
+    assert out.returncode == -9, out.stderr.decode()[-2000:]
+    assert not (run / store.TRACIN).exists()
+    shards = run / store.TRACIN_SHARDS_DIR
+    done = sorted(p.name for p in shards.glob("ckpt-*_chunk-*.npy"))
+    assert len(done) >= 3
+    pending = plan(run, chunk_size=CHUNK, chunks_per_task=1)
+    assert len(pending) == 9 - len(done)
+    # Rerun: only the missing shards are scheduled (the report counts the tasks it ran).
+    run_tracin(
+        run, device="cpu", progress=False, chunk_size=CHUNK, executor=check_executor("ray", 2)
+    )
+    report = json.loads((run / PROGRESS).read_text())
+    assert report["total"] == report["done"] == len(pending)
+    _same_files(local_run, run)
+
+
+def test_ray_sweep_gives_the_local_table(ray_session, tmp_path, one_torch_thread):
+    csv = tmp_path / "reviews.csv"
+    synthetic_reviews(160, seed=4).to_csv(csv, index=False)
+    tiny = [a for a in TINY_ARGS if a not in ("--flip-count", "8")]
+    base = ["sweep", *tiny, "--epochs", "1", "--n-train", "64", *csv_args(csv)]
+    base += ["--flip-rates", "0,0.125", "--seeds", "2", "--cache", str(tmp_path)]
+    assert main([*base, "--name", "here"]) == 0
+    assert main([*base, "--name", "ray", "--executor", "ray", "--workers", "2"]) == 0
+    here = pd.read_parquet(tmp_path / "here" / SWEEP_TABLE)
+    there = pd.read_parquet(tmp_path / "ray" / SWEEP_TABLE)
+    assert len(here) == 4
+    pd.testing.assert_frame_equal(here, there, check_exact=True)
+    report = json.loads((tmp_path / "ray" / PROGRESS).read_text())
+    assert report["stage"] == "sweep" and report["done"] == 4
+    assert store.load_manifest(tmp_path / "ray")["executor"] == "ray"
