@@ -218,7 +218,14 @@ def theirs(folder: Path, ks: list[int]) -> dict:
                 checkpoints_load_func=_load_hf,
             )
             attributor = LoGraAttributor(
-                task=task, hessian="Identity", proj_dim=k * k, offload="cpu", device="cpu"
+                task=task,
+                hessian="Identity",
+                proj_dim=k * k,
+                offload="cpu",
+                device="cpu",
+                # Its batch_metadata.json goes here (else into the working directory), and a
+                # fresh folder per attributor so no metadata of another run is picked up.
+                cache_dir=tempfile.mkdtemp(dir=folder),
             )
             train_loader = DataLoader(_Rows(train, True), batch_size=BATCH, shuffle=False)
             test_loader = DataLoader(_Rows(test, True), batch_size=BATCH, shuffle=False)
