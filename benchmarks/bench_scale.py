@@ -257,13 +257,16 @@ def main() -> None:
             row = _run(folder, "full", args.n_train, argv)
             print(_line(row) + f"; feature width {row['width']:,}; {_load()}")
             per = row["seconds"] / row["instance_gradients"]
+            per_cpu = row["cpu"] / row["instance_gradients"]
             for n in args.mem_sizes:
                 if n != args.n_train:
                     grads = args.checkpoints * (n + args.n_test)
                     print(
                         f"extrapolated, not run: n_train={n:,} × {args.n_test} × "
-                        f"{args.checkpoints} ckpt ≈ {grads * per / 3600:.1f} h at the measured "
-                        f"{per * 1000:.1f} ms per instance-gradient"
+                        f"{args.checkpoints} ckpt ≈ {grads * per / 3600:.1f} h wall, "
+                        f"{grads * per_cpu / 3600:.1f} h CPU at the measured "
+                        f"{per * 1000:.1f} ms wall, {per_cpu * 1000:.1f} ms CPU per "
+                        "instance-gradient"
                     )
         for n in args.mem_sizes:
             row = _run(folder, "memory", n, argv)
