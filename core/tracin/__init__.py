@@ -81,6 +81,8 @@ from core.tracin.engine import (
     TracInResult,
     _default_loader,
     _resolve_dtype,
+    bf16_native,
+    check_dtype,
 )
 from core.tracin.gradients import _CheckpointGrads, _Features
 from core.tracin.inputs import _Data, _vocab_of
@@ -147,6 +149,8 @@ __all__ = [
     "_vocab_of",
     "_word_embedding_name",
     "aggregate",
+    "bf16_native",
+    "check_dtype",
     "compare_to_exact",
     "compute",
     "norm_shard_name",
