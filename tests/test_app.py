@@ -647,3 +647,27 @@ def test_app_code_never_imports_heavy_libraries():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+# -- how exact are the scores (the stored error study) --------------------------------------------
+
+
+def test_home_shows_the_stored_error_study(cache, monkeypatch):
+    at = open_page("home", cache, monkeypatch)
+    assert any(e.label == "How exact are the scores" for e in at.expander)
+    study = json.loads((cache / "demo" / "error_study.json").read_text())
+    table = next(d.value for d in at.dataframe if "median Spearman" in d.value.columns)
+    assert list(table["method"]) == list(study["methods"])
+    fact = table.set_index("method").loc["factorized:16"]
+    assert fact["median Spearman"] == pytest.approx(
+        study["methods"]["factorized:16"]["spearman_median"]
+    )
+    assert "error-study demo" in texts(at)
+
+
+def test_home_without_an_error_study_shows_the_command(tmp_path, monkeypatch):
+    factory.make_run(tmp_path, "demo")
+    at = open_page("home", tmp_path, monkeypatch)
+    assert not at.exception
+    assert "python -m core error-study" in texts(at)
+    assert not any("median Spearman" in d.value.columns for d in at.dataframe)
