@@ -159,9 +159,10 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         project = dim if mode == "dense" else f"factorized:{dim}"
         if mode == "factorized" and params is None:
             params = "all"  # the factorized projection covers every parameter
-    elif params not in (None, "all") and str(base.tracin_project or "").startswith("factorized"):
-        # A preset whose default is factorized (over every parameter) with an explicit scope:
-        # the scope asks for exact gradients of that part, so the preset's projection goes.
+    elif params is not None and str(base.tracin_project or "").startswith("factorized"):
+        # A preset whose default is factorized (over every parameter) with an explicit scope
+        # and no --project: the scope asks for exact gradients (`--params all`: the
+        # definition), so the preset's projection goes.
         import dataclasses
 
         base = dataclasses.replace(base, tracin_project=None)
