@@ -299,3 +299,10 @@ def test_bf16_dot_products_are_close_to_fp32(checkpoints):
     dense32 = TracInCP(checkpoints, scope="all", project=16)
     a, b = dense.compute(train, test).matrix, dense32.compute(train, test).matrix
     assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
+
+
+def test_shards_of_another_dtype_are_refused(checkpoints, tmp_path):
+    train, test = _data(6, 2), _data(2, 3)
+    FactorizedTracIn(checkpoints, 2).compute(train, test, shard_dir=tmp_path)
+    with pytest.raises(AtlasError, match="dtype"):
+        FactorizedTracIn(checkpoints, 2, dtype="bfloat16").compute(train, test, shard_dir=tmp_path)
