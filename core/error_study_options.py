@@ -56,7 +56,12 @@ def parse_method(text: str) -> Method:
             "(e.g. last-2, head, dense:256, factorized:16)."
         )
     if text.startswith("factorized:"):
-        mode, dim = parse_project(text)
+        try:
+            mode, dim = parse_project(text)
+        except AtlasError:
+            raise AtlasError(
+                f"'{text}' is not a factorized projection; use factorized:K with K ≥ 1."
+            ) from None
         return Method(f"factorized:{dim}", "all", f"factorized:{dim}")
     match = _DENSE_RE.match(text)
     if match:
