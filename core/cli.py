@@ -1,4 +1,4 @@
-"""The command line: ``python -m core run|list|show|tracin|analyze|detect|clean|export|sweep``.
+"""The command line: ``python -m core run|list|show|tracin|error-study|analyze|detect|clean|export|sweep``.
 
 Every command that creates something prints the folder it wrote as its last stdout
 line, so scripts can chain commands. Problems with the input end with one sentence on
@@ -220,6 +220,13 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         project = dim if mode == "dense" else f"factorized:{dim}"
         if mode == "factorized" and params is None:
             params = "all"  # the factorized projection covers every parameter
+    elif params is not None and str(base.tracin_project or "").startswith("factorized"):
+        # A preset whose default is factorized (over every parameter) with an explicit scope
+        # and no --project: the scope asks for exact gradients (`--params all`: the
+        # definition), so the preset's projection goes.
+        import dataclasses
+
+        base = dataclasses.replace(base, tracin_project=None)
     return base.replace(
         dataset=dataset,
         data_file=data_file,
@@ -399,7 +406,13 @@ def cmd_tracin(args: argparse.Namespace) -> str:
     executor = executor_from_args(args) or LOCAL
     if args.compare and executor.kind != "local":
         raise AtlasError("--compare runs in this process; drop --executor.")
-    from core.tracin import compare_to_exact, run_tracin
+    from core.error_study_options import parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    from core.models import resolve_device
+    from core.tracin import check_dtype, compare_to_exact, run_tracin
+
+    check_dtype(dtype, resolve_device(args.device))
 
     with locks.hold(run_dir):
         if args.compare:
@@ -416,8 +429,61 @@ def cmd_tracin(args: argparse.Namespace) -> str:
             device=args.device,
             executor=executor,
             chunks_per_task=args.chunks_per_task,
+            dtype=dtype,
         )
     return str(run_dir)
+
+
+def cmd_error_study(args: argparse.Namespace) -> str:
+    """Measure cheap TracIn methods against exact all-parameter scores on a test subset."""
+    from core.error_study_options import parse_dtype, parse_methods, parse_subset
+
+    run_dir = _existing_run(args.run)
+    parse_methods(args.methods)
+    parse_subset(args.test_subset)
+    dtype = parse_dtype(args.dtype)
+    check_device(args.device)
+    from core.error_study import error_study
+    from core.models import resolve_device
+    from core.tracin import check_dtype
+
+    check_dtype(dtype, resolve_device(args.device))
+    with locks.hold(run_dir):
+        summary = error_study(
+            run_dir,
+            methods=args.methods,
+            test_subset=args.test_subset,
+            dtype=args.dtype,
+            device=args.device,
+            progress=not args.quiet,
+            command=_command_line(),
+            checkpoints=args.checkpoints,
+        )
+    if not args.quiet:
+        _print_error_study(summary)
+    return str(run_dir)
+
+
+def _print_error_study(summary: dict[str, Any]) -> None:
+    """The study's per-method summary as a table on stderr (stdout keeps the run folder)."""
+    ref = summary["reference"]
+    print(
+        f"reference: exact all parameters ({ref['n_params']:,}), {ref['seconds']:.1f} s; "
+        f"self-influence recall@10% {ref['self_influence']['recall_at_10pct']:.3f} "
+        f"AP {ref['self_influence']['average_precision']:.3f}; training {summary.get('train_seconds')} s",
+        file=sys.stderr,
+    )
+    head = f"{'method':<18}{'rho med':>8}{'top10':>7}{'top1%':>7}{'shape':>7}{'|dER|':>7}{'rec10':>7}{'AP':>7}{'sec':>9}"
+    print(head, file=sys.stderr)
+    for name, m in summary["methods"].items():
+        si = m["self_influence"]
+        print(
+            f"{name:<18}{m['spearman_median']:>8.3f}{m['top10_overlap_mean']:>7.2f}"
+            f"{m['top1pct_overlap_mean']:>7.2f}{m['shape_agreement']:>7.2f}"
+            f"{m['end_ratio_diff_mean_abs']:>7.2f}{si['recall_at_10pct']:>7.3f}"
+            f"{si['average_precision']:>7.3f}{m['seconds']:>9.1f}",
+            file=sys.stderr,
+        )
 
 
 def cmd_analyze(args: argparse.Namespace) -> str:
@@ -592,8 +658,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="training chunks (512 instances each) per task (default: a whole checkpoint with "
         "the local executor, 1 with the others)",
     )
+    p.add_argument(
+        "--dtype", default="fp32", help="fp32 | bf16: dtype of the gradient dot products"
+    )
     add_executor_options(p, "TracIn shards (checkpoint × training chunks)")
     p.set_defaults(func=cmd_tracin)
+
+    from core.error_study_options import DEFAULT_METHODS, DEFAULT_SUBSET
+
+    p = sub.add_parser(
+        "error-study",
+        help="measure cheap TracIn methods against exact all-parameter scores (error_study.*)",
+    )
+    p.add_argument("run")
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help="comma-separated: scopes (last-N, head, no-word-embeddings), dense:D, "
+        f"dense:D@SCOPE, factorized:K (default {DEFAULT_METHODS})",
+    )
+    p.add_argument(
+        "--test-subset",
+        default=DEFAULT_SUBSET,
+        help=f"all | random:N | misclassified | misclassified+random:N (default {DEFAULT_SUBSET})",
+    )
+    p.add_argument(
+        "--dtype", default="fp32", help="fp32 | bf16: dtype of the projected dot products"
+    )
+    p.add_argument(
+        "--checkpoints",
+        help="1-based checkpoint numbers the scores sum over, e.g. 1,4,7,10 (default: all)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_error_study)
 
     p = sub.add_parser("analyze", help="curve shapes, end ratios, distances, UMAP/PCA of a run")
     p.add_argument("run")

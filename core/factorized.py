@@ -69,6 +69,7 @@ from core.tracin import (
     TracInResult,
     _Data,
     _default_loader,
+    _resolve_dtype,
     _Sink,
 )
 from core.tracin.engine import compute_all
@@ -356,8 +357,11 @@ class FactorizedTracIn:
         dtype: torch.dtype | str = torch.float32,
     ) -> None:
         """Validate the options; checkpoints are loaded one at a time when needed."""
-        if dtype not in (torch.float32, "float32"):
-            raise AtlasError(f"The factorized projection computes in float32 only (got {dtype}).")
+        self.dtype = _resolve_dtype(dtype)
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise AtlasError(
+                f"The factorized projection's dot products are float32 or bfloat16 (got {dtype})."
+            )
         if not checkpoints:
             raise AtlasError("TracIn needs at least one checkpoint.")
         self.checkpoints: list[tuple[Any, float]] = []
@@ -448,9 +452,9 @@ class FactorizedTracIn:
         test_feats = None
         if te is not None:
             # Held for the whole checkpoint: (n_test, width), in test order.
-            test_feats = self._all_features(grads, te, np.arange(te.n))
+            test_feats = self._all_features(grads, te, np.arange(te.n)).to(self.dtype)
             if need_test:
-                sink.put_test(ci, test_feats.square().sum(1).cpu().numpy())
+                sink.put_test(ci, _sq_norms(test_feats))
         for c in missing:
             sink.put(ci, c, lr * self._block(grads, tr, chunks[c], test_feats))
             if on_block is not None:
@@ -487,7 +491,7 @@ class FactorizedTracIn:
             "project": f"factorized:{self.k}",
             "seed": self.seed,
             "identity": self.identity_projections,
-            "dtype": "float32",
+            "dtype": str(self.dtype).replace("torch.", ""),
             "chunk_size": self.chunk_size,
             "n_chunks": n_chunks,
             "n_train": tr.n,
@@ -519,11 +523,19 @@ class FactorizedTracIn:
         n_test = 0 if test_feats is None else test_feats.shape[0]
         block = np.zeros((n_test + 1, hi - lo), dtype=np.float32)
         for rows in tr.batches(np.arange(lo, hi), self.batch_size):
-            feats = grads.features(tr.take(rows, self.device))
-            block[-1, rows - lo] = feats.square().sum(1).cpu().numpy()
+            feats = grads.features(tr.take(rows, self.device)).to(self.dtype)
+            block[-1, rows - lo] = _sq_norms(feats)
             if test_feats is not None:
-                block[:n_test, rows - lo] = (test_feats @ feats.T).cpu().numpy()
+                block[:n_test, rows - lo] = (test_feats @ feats.T).float().cpu().numpy()
         return block
+
+
+def _sq_norms(feats: torch.Tensor) -> np.ndarray:
+    """Squared norms of feature rows; float32 features as before, others as (f * f) summed in
+    the features' dtype (what a bf16 dot product of a row with itself gives)."""
+    if feats.dtype == torch.float32:
+        return feats.square().sum(1).cpu().numpy()
+    return (feats * feats).sum(1, dtype=feats.dtype).float().cpu().numpy()
 
 
 def factorized_tracin(

@@ -47,6 +47,9 @@ DISTANCES = "distances.npy"  # (n_test, n_train) float32
 COORDS = "coords.parquet"  # id, umap_x, umap_y, pca_x, pca_y
 DETECTORS = "detectors.parquet"  # one row per training instance, a column per detector
 DETECTION = "detection.json"  # metrics per detector
+ERROR_STUDY = "error_study.parquet"  # one row per test row × method (core.error_study)
+ERROR_STUDY_SUMMARY = "error_study.json"  # per-method summary, subset, timings, command
+ERROR_STUDY_WORK = "error_study_work"  # resumable shards and results of the error study
 CLEANING_DIR = "cleaning"
 
 STATUS_RUNNING = "running"

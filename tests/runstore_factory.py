@@ -258,9 +258,65 @@ def make_store(cache: str | Path, *, demo: bool = True) -> Path:
     """A cache with a complete run (named ``demo`` when ``demo``), an older run and a sweep."""
     cache = Path(cache)
     make_run(cache, "older-run", n_train=60, n_test=9, n_flips=3, created="2020-01-01T00:00:00")
-    make_run(cache, "demo" if demo else "tiny", created="2021-01-01T00:00:00")
+    run = make_run(cache, "demo" if demo else "tiny", created="2021-01-01T00:00:00")
+    make_error_study(run)
     make_sweep(cache)
     return cache
+
+
+def make_error_study(run: Path, seed: int = 0) -> Path:
+    """A stored error study (core.error_study's files) of a fake run: two noisy 'methods'
+    measured against the run's tracin.npy as if it were exact, on every test row."""
+    from core.error_study import detector_metrics, row_metrics, summarize
+
+    rng = np.random.default_rng(seed)
+    inst = store.load_instances(run)
+    train = inst[inst["split"] == "train"]
+    test = inst[inst["split"] == "test"]
+    flipped = train["flipped"].to_numpy(dtype=bool)
+    exact = np.load(run / store.TRACIN).astype(np.float64)
+    self_inf = np.load(run / store.SELF_INFLUENCE).astype(np.float64)
+    tables, methods = [], {}
+    for name, noise in (("head", 0.5), ("factorized:16", 0.05)):
+        approx = exact + noise * exact.std() * rng.standard_normal(exact.shape)
+        table = row_metrics(exact, approx, flipped)
+        table.insert(0, "method", name)
+        table.insert(1, "test_id", test["id"].to_numpy(dtype=np.int64))
+        table.insert(2, "test_position", np.arange(len(test), dtype=np.int64))
+        table.insert(3, "misclassified", False)
+        tables.append(table)
+        si = self_inf + noise * self_inf.std() * rng.standard_normal(self_inf.shape)
+        methods[name] = {
+            "params": "head" if name == "head" else "all",
+            "project": None if name == "head" else name,
+            "n_params": 130 if name == "head" else 5000,
+            "seconds": 1.5,
+            "seconds_per_checkpoint": 0.5,
+            **summarize(table),
+            "self_influence": detector_metrics(si, flipped),
+        }
+    store.write_parquet(run / store.ERROR_STUDY, pd.concat(tables, ignore_index=True))
+    store.write_json(
+        run / store.ERROR_STUDY_SUMMARY,
+        {
+            "command": f"python -m core error-study {run.name} --test-subset all",
+            "methods": methods,
+            "reference": {
+                "params": "all",
+                "n_params": 5000,
+                "seconds": 3.0,
+                "self_influence": detector_metrics(self_inf, flipped),
+            },
+            "test_subset": "all",
+            "n_test_rows": len(test),
+            "n_misclassified": 0,
+            "n_train": len(train),
+            "n_checkpoints": 3,
+            "checkpoints_used": [1, 2, 3],
+            "train_seconds": 4.0,
+        },
+    )
+    return run
 
 
 def corrupt_run(cache: str | Path, name: str = "broken", how: str = "instances") -> Path:

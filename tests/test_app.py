@@ -727,3 +727,27 @@ def test_study_form_offers_the_executor(tmp_path, monkeypatch):
     at.selectbox(key="study_executor").set_value("processes").run()
     at.number_input(key="study_workers").set_value(2).run()
     assert "--executor processes --workers 2" in texts(at)
+
+
+# -- how exact are the scores (the stored error study) --------------------------------------------
+
+
+def test_home_shows_the_stored_error_study(cache, monkeypatch):
+    at = open_page("home", cache, monkeypatch)
+    assert any(e.label == "How exact are the scores" for e in at.expander)
+    study = json.loads((cache / "demo" / "error_study.json").read_text())
+    table = next(d.value for d in at.dataframe if "median Spearman" in d.value.columns)
+    assert list(table["method"]) == list(study["methods"])
+    fact = table.set_index("method").loc["factorized:16"]
+    assert fact["median Spearman"] == pytest.approx(
+        study["methods"]["factorized:16"]["spearman_median"]
+    )
+    assert "error-study demo" in texts(at)
+
+
+def test_home_without_an_error_study_shows_the_command(tmp_path, monkeypatch):
+    factory.make_run(tmp_path, "demo")
+    at = open_page("home", tmp_path, monkeypatch)
+    assert not at.exception
+    assert "python -m core error-study" in texts(at)
+    assert not any("median Spearman" in d.value.columns for d in at.dataframe)

@@ -293,7 +293,10 @@ def test_cli_bad_project_exits_2_and_writes_nothing(checkpoints, tmp_path, capsy
         (["--project", "factorized:16"], "all", "factorized:16"),
         (["--preset", "paper", "--project", "factorized:16"], "all", "factorized:16"),
         (["--project", "64"], "all", 64),
-        (["--preset", "paper", "--project", "64"], "last-2", 64),
+        (["--preset", "paper", "--project", "64"], "all", 64),
+        (["--preset", "paper"], "all", "factorized:64"),
+        (["--preset", "paper", "--params", "last-2"], "last-2", None),
+        (["--preset", "paper", "--params", "all"], "all", None),
     ],
 )
 def test_run_config_records_the_projection(extra, params, project):

@@ -283,6 +283,19 @@ class Run:
         path = self.file(store.ANALYSIS)
         return _json(str(path), stamp(path)) if path.exists() else {}
 
+    def error_study(self) -> tuple[dict[str, Any], pd.DataFrame] | None:
+        """error_study.json and error_study.parquet (core.error_study), or None when absent."""
+        path = self.file(store.ERROR_STUDY_SUMMARY)
+        if not path.exists() or not self.has(store.ERROR_STUDY):
+            return None
+        summary = _json(str(path), stamp(path))
+        if not isinstance(summary, dict) or not isinstance(summary.get("methods"), dict):
+            raise AtlasError(f"{path} is not an error-study summary (no 'methods').")
+        table = self._parquet(
+            store.ERROR_STUDY, "error-study", ("method", "test_id", "spearman", "shape_agree")
+        )
+        return summary, table
+
     def thresholds(self) -> tuple[float, float]:
         """(s_min, z_max) recorded by the analyze stage, else core's calibrated defaults."""
         rule = self.rule()

@@ -43,10 +43,10 @@ Parameter scopes (``select_parameters``):
   out so that ``head`` is exactly the linear head of DESIGN.md's binary identity
   ``2·e·e'·(h·h' + 1)``; ``last-N`` is the scope that adds the pooler.
 
-Default scope per preset (core/config.py): ``quick`` uses ``all`` (exact; the tiny model's
-word part is small because only test-vocabulary rows count); ``paper`` uses
-``no-word-embeddings`` (MiniLM's word matrix is half its parameters; its error is measured
-by :func:`compare_to_exact`).
+Default per preset (core/config.py): ``quick`` uses ``all`` (exact; the tiny model's word
+part is small because only test-vocabulary rows count); ``paper`` uses ``all`` with the
+factorized projection ``factorized:64`` (core.factorized), chosen by the error study
+(core.error_study), which measures every cheap method against exact all-parameter scores.
 
 The engine assumes BERT-like Hugging Face classifiers: ``get_input_embeddings()``, an
 ``inputs_embeds`` argument, right padding, and no weight tying of the word embeddings.
@@ -82,6 +82,8 @@ from core.tracin.engine import (
     TracInResult,
     _default_loader,
     _resolve_dtype,
+    bf16_native,
+    check_dtype,
 )
 from core.tracin.gradients import _CheckpointGrads, _Features
 from core.tracin.inputs import _Data, _vocab_of
@@ -148,6 +150,8 @@ __all__ = [
     "_vocab_of",
     "_word_embedding_name",
     "aggregate",
+    "bf16_native",
+    "check_dtype",
     "compare_to_exact",
     "compute",
     "norm_shard_name",

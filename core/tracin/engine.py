@@ -69,6 +69,47 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return names[dtype]
 
 
+def bf16_native(device: torch.device | str) -> bool:
+    """Whether ``device`` has native bfloat16 arithmetic for the dot products.
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later). CPU: the AVX512-BF16 or AMX
+    instructions (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``).
+    A CPU without them still runs bf16 matrix products, but emulated, slower than fp32 and
+    no smaller in memory traffic than it saves, so that is counted as no support. Either way a
+    trial product must run.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        native = bool(torch.cuda.is_bf16_supported())
+    elif dev.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        native = any(
+            bool(getattr(cpu, name, lambda: False)())
+            for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+    else:
+        native = True  # other accelerators: the trial product decides
+    if not native:
+        return False
+    try:
+        a = torch.ones(4, 4, dtype=torch.bfloat16, device=dev)
+        return bool(torch.isfinite((a @ a).float()).all())
+    except (RuntimeError, TypeError):
+        return False
+
+
+def check_dtype(dtype: torch.dtype | str, device: torch.device | str) -> None:
+    """Refuse a dot-product dtype the device cannot compute natively (one sentence)."""
+    dt = _resolve_dtype(dtype)
+    if dt == torch.bfloat16 and not bf16_native(device):
+        raise AtlasError(
+            f"--dtype bf16 needs native bfloat16 arithmetic, which {torch.device(device)} lacks "
+            "(no AVX512-BF16/AMX on this CPU, or a GPU older than Ampere); use --dtype fp32."
+        )
+    if dt == torch.float16:
+        raise AtlasError("float16 dot products are not offered; use --dtype fp32 or bf16.")
+
+
 def _default_loader(path: str | os.PathLike, device: torch.device) -> nn.Module:
     """Load a saved Hugging Face classifier in eval mode."""
     from transformers import AutoModelForSequenceClassification

@@ -494,6 +494,7 @@ def run_tracin(
     if (
         store.stage_done(run, "tracin")
         and {k: previous.get(k) for k in options} == options
+        and previous.get("dtype", "float32") == dtype
         and all(p.exists() for p in outputs)
         and provenance.stale_reason(run, "tracin") is None
     ):

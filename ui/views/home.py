@@ -136,6 +136,116 @@ def summary(run: data.Run) -> None:
                 },
                 expanded=False,
             )
+    scores_exactness(run)
+
+
+EXACTNESS_TEXT = """
+TracIn's definition sums gradient dot products over **all** parameters. Cheaper methods score
+a part of the model (the last layers, the head) or project the gradients to a few numbers
+(dense random projection, or the factorized projection that covers every parameter). The error
+study measured each against exact all-parameter scores on the test rows below: per row the
+rank correlation (Spearman), the share of the exact top-10 / top-1 % proponents recovered,
+whether the curve's shape class stays the same and how far the flipped instances' end ratio
+moves; per method the self-influence detector's recall after inspecting 10 % and its average
+precision (exact: {ref_rec} and {ref_ap}).
+"""
+
+
+def exactness_table(summary: dict) -> pd.DataFrame:
+    """One row per method of a stored error study, in the order it was run."""
+    rows = []
+    for name, m in (summary.get("methods") or {}).items():
+        if not isinstance(m, dict):
+            continue
+        si = m.get("self_influence") or {}
+        rows.append(
+            {
+                "method": name,
+                "parameters": m.get("n_params"),
+                "median Spearman": m.get("spearman_median"),
+                "min Spearman": m.get("spearman_min"),
+                "top-10 overlap": m.get("top10_overlap_mean"),
+                "top-1 % overlap": m.get("top1pct_overlap_mean"),
+                "same shape class": m.get("shape_agreement"),
+                "mean |Δ end ratio| (points)": m.get("end_ratio_diff_mean_abs"),
+                "self-infl. recall@10 %": si.get("recall_at_10pct"),
+                "self-infl. AP": si.get("average_precision"),
+                "seconds per checkpoint": m.get("seconds_per_checkpoint", m.get("seconds")),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def scores_exactness(run: data.Run) -> None:
+    """'How exact are the scores': the run's stored error study (core.error_study), if any."""
+    try:
+        study = run.error_study()
+    except (AtlasError, data.MissingData) as exc:
+        st.caption(f"The run's error study could not be read: {exc}")
+        return
+    tracin = run.manifest.get("tracin") or {}
+    with st.expander("How exact are the scores"):
+        if study is None:
+            st.markdown(
+                f"This run's scores use the parameter scope **{tracin.get('params', '?')}**"
+                + (f" with projection {tracin['project']}" if tracin.get("project") else "")
+                + ". No error study is stored for it; to measure how far its method and the "
+                "cheaper ones are from exact all-parameter TracIn:"
+            )
+            st.code(f"python -m core error-study {data.display_path(run.path)}", language="bash")
+            return
+        summary, table = study
+        ref = summary.get("reference") or {}
+        ref_si = ref.get("self_influence") or {}
+        st.markdown(
+            EXACTNESS_TEXT.format(
+                ref_rec=widgets.fmt(ref_si.get("recall_at_10pct"), ".2f"),
+                ref_ap=widgets.fmt(ref_si.get("average_precision"), ".2f"),
+            )
+        )
+        used = summary.get("checkpoints_used")
+        n_ckpt = summary.get("n_checkpoints")
+        ckpt_note = (
+            ""
+            if not used or len(used) == n_ckpt
+            else f", scores summed over checkpoints {', '.join(map(str, used))} of {n_ckpt}"
+        )
+        st.caption(
+            f"{summary.get('n_test_rows', '?')} test rows ({summary.get('test_subset', '?')}; "
+            f"{summary.get('n_misclassified', '?')} misclassified) × "
+            f"{summary.get('n_train', '?')} training instances{ckpt_note}. "
+            f"This run's own scores: {tracin.get('params', '?')}"
+            + (f" + {tracin['project']}" if tracin.get("project") else "")
+            + f". Training took {widgets.fmt(summary.get('train_seconds'), '.0f')} s; the exact "
+            f"reference {widgets.fmt(ref.get('seconds_per_checkpoint'), '.0f')} s per checkpoint "
+            "on these rows. Seconds are wall time on the machine that ran the study (a method "
+            "read from the run's own TracIn files shows that stage's time, for all test rows)."
+        )
+        st.dataframe(
+            exactness_table(summary),
+            hide_index=True,
+            width="stretch",
+            column_config={
+                c: st.column_config.NumberColumn(format="%.3f")
+                for c in (
+                    "median Spearman",
+                    "min Spearman",
+                    "top-10 overlap",
+                    "top-1 % overlap",
+                    "same shape class",
+                    "self-infl. recall@10 %",
+                    "self-infl. AP",
+                )
+            },
+        )
+        worst = table.sort_values("spearman").head(5)
+        st.caption(
+            "Lowest per-row Spearman: "
+            + "; ".join(
+                f"{r.method} on test {int(r.test_id)}: {r.spearman:.3f}" for r in worst.itertuples()
+            )
+        )
+        st.code(summary.get("command") or "(command not recorded)", language="bash")
 
 
 def plural(n: object, noun: str) -> str:
