@@ -352,6 +352,7 @@ def run_clean(
     its accuracy, so the rows below read them back.
     """
     run = Path(run_dir)
+    store.require_heavy_tier(run, "retraining")  # before anything is planned or written
     plan = _Plan(run, detector, action, k, seeds)
     todo: dict[str, Arm] = {}
     for seed in plan.seeds:

@@ -456,7 +456,7 @@ def cmd_error_study(args: argparse.Namespace) -> str:
             dtype=args.dtype,
             device=args.device,
             progress=not args.quiet,
-            command=_command_line(),
+            command=_command_line(args),
             checkpoints=args.checkpoints,
         )
     if not args.quiet:

@@ -417,15 +417,15 @@ def full_copy_name(run_dir: str | os.PathLike) -> str:
 def recreate_command(run_dir: str | os.PathLike) -> str:
     """The command that makes a full copy (checkpoints and tokenizer included) of a run.
 
-    It is the run's manifest command under the name :func:`full_copy_name` in the same run
-    store, so the shipped files are never overwritten; the same seed and configuration give
-    the same study.
+    It is the run's manifest command, pinned to the run's configuration
+    (:func:`core.commands.reproduce_command`), under the name :func:`full_copy_name` in the
+    same run store, so the shipped files are never overwritten; the same seed and
+    configuration give the same study.
     """
+    from core.commands import reproduce_command
+
     run = Path(run_dir)
-    try:
-        command = read_json(run / MANIFEST).get("command")
-    except (AtlasError, AttributeError):
-        command = None
+    command = reproduce_command(run)
     if not isinstance(command, str) or not command.strip():
         return f"python -m core run --name {full_copy_name(run)} with the options that made {run}"
     words = shlex.split(command)
@@ -471,12 +471,11 @@ def rebuild_command(run_dir: str | os.PathLike, stage: str) -> str:
         return f"python -m core tracin {run}"
     if stage in ("analyze", "detect"):
         return f"python -m core {stage} {run} --force"
-    try:
-        command = read_json(Path(run_dir) / MANIFEST).get("command")
-    except (AtlasError, AttributeError):
-        command = None
-    if isinstance(command, str) and command.strip():
-        return command.strip()
+    from core.commands import reproduce_command
+
+    command = reproduce_command(run_dir)
+    if command:
+        return command
     return f"python -m core run --name {shlex.quote(Path(run_dir).name)} --cache {shlex.quote(str(Path(run_dir).parent))} with the options that made it"
 
 

@@ -742,7 +742,9 @@ def test_home_shows_the_stored_error_study(cache, monkeypatch):
     assert fact["median Spearman"] == pytest.approx(
         study["methods"]["factorized:16"]["spearman_median"]
     )
-    assert "error-study demo" in texts(at)
+    assert "The study was made with: python \\-m core error\\-study demo" in texts(at)
+    # The fake run has no checkpoints: the command to recompute it names a full copy.
+    assert any(c.value.startswith("python -m core error-study ") for c in at.code)
 
 
 def test_home_without_an_error_study_shows_the_command(tmp_path, monkeypatch):

@@ -100,11 +100,36 @@ README_COMMANDS: dict[str, list[str]] = {
         "python -m core run --preset paper --model {model} --dataset rakuten_reviews.tsv "
         "--text-col レビュー本文 --rating-col 評価ポイント"
     ],
-    "python -m core run --preset paper --name demo --detect": [
-        "python -m core run --preset paper --name demo --detect"
+    "python -m core run --preset paper --name demo --detect --params last-2": [
+        "python -m core run --preset paper --name demo --detect --params last-2"
     ],
-    "python -m core run --preset paper --detect --name demo-full": [
-        "python -m core run --preset paper --detect --name demo-full"
+    "python -m core run --preset paper --detect --params last-2 --name demo-full": [
+        "python -m core run --preset paper --detect --params last-2 --name demo-full"
+    ],
+    # How the demo was made, when the paper preset's default was last-2: today the same line
+    # asks for another configuration, and resuming the demo with it is refused in one sentence.
+    "python -m core run --preset paper --name demo --detect": [],
+    "python -m core run --preset quick --name es-quick": [
+        "python -m core run --preset quick --name es-quick"
+    ],
+    "python -m core error-study RUN": ["python -m core error-study {run}"],
+    "python -m core error-study cache/<run> [--methods last-2,head,dense:256,factorized:16,"
+    "factorized:64] [--test-subset misclassified+random:20] [--checkpoints 1,4,7,10] "
+    "[--dtype fp32|bf16]": [
+        "python -m core error-study {run} --methods last-2,head,dense:256,factorized:16,"
+        "factorized:64 --test-subset misclassified+random:20 --checkpoints 1,3 --dtype fp32",
+    ],
+    # The runs the README's error-study figures come from; the tiny run stands in for them
+    # (it has 3 checkpoints, so 1,3 stands in for 1,4,7,10).
+    "python -m core error-study cache/demo-es --methods last-2,factorized:16,factorized:64,head "
+    "--test-subset misclassified+random:20 --checkpoints 1,4,7,10": [
+        "python -m core error-study {run} --methods last-2,factorized:16,factorized:64,head "
+        "--test-subset misclassified+random:20 --checkpoints 1,3"
+    ],
+    "python -m core error-study cache/es-quick --methods last-2,last-1,head,dense:256,"
+    "factorized:16,factorized:64 --test-subset all": [
+        "python -m core error-study {run} --methods last-2,last-1,head,dense:256,factorized:16,"
+        "factorized:64 --test-subset all"
     ],
     "python -m core show cache/demo --json": ["python -m core show cache/demo --json"],
     # The extension section adds a detector named final_margin; without that edit the same
@@ -130,7 +155,7 @@ def readme_commands() -> set[str]:
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     for span in re.findall(r"`(python -m core[^`]*)`", prose):
         span = " ".join(span.split())
-        if "…" not in span and span != "python -m core":
+        if "…" not in span and len(span.split()) > 4:  # not a bare command name
             found.add(span)
     return found
 
@@ -322,7 +347,7 @@ def test_app_commands_work_where_they_are_shown(project, detected_run, tmp_path,
     kinds = {shlex.split(c)[3] for c in shown | shown_local | shown_empty}
     assert {"run", "sweep", "clean"} <= kinds, kinds
     # The shipped demo needs a full copy before retraining; the page says how.
-    assert "python -m core run --preset paper --detect --name demo-full" in shown
+    assert "python -m core run --preset paper --detect --params last-2 --name demo-full" in shown
     assert "python -m core clean cache/tiny --detector self_influence --action exclude --k 40" in (
         shown_local
     )
@@ -341,6 +366,8 @@ def test_app_commands_work_where_they_are_shown(project, detected_run, tmp_path,
             # tiny complete run stands in for that copy.
             for name in re.findall(r"cache/([\w.-]+-full)\b", line):
                 shutil.copytree(detected_run, work / "cache" / name)
+                # The stand-in has 3 checkpoints where the real copy has the shipped run's.
+                line = re.sub(r"--checkpoints \S+", "--checkpoints 1,3", line)
             run_printed(line, work)
 
 
@@ -365,3 +392,11 @@ def test_shipped_runs_name_the_command_that_recreates_them(line, project, tmp_pa
     after = {p: p.stat().st_mtime_ns for p in (work / "cache").rglob("*") if p.is_file()}
     assert after == before  # nothing written, nothing touched
     run_printed(recreate.group(1), work)  # the command it names works (checked dry)
+
+
+def test_the_demo_command_as_recorded_is_refused_in_one_sentence(project):
+    """The README says the demo's recorded command asks for another configuration today."""
+    argv = command_argv("python -m core run --preset paper --name demo --detect")
+    proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "different configuration" in proc.stderr

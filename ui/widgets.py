@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -230,6 +232,22 @@ def stale_notice(run: data.Run) -> None:
             "The page shows them as they are; rebuild them with:"
         )
         st.code(run.command(stage), language="bash")
+
+
+def command_needing_checkpoints(run: data.Run, template: str) -> None:
+    """Show ``template`` (with ``{run}``) as a command for this run. A run shipped without its
+    checkpoints and tokenizer gets, first, the command that makes a full copy of it
+    (core.store.recreate_command), and the command then names that copy."""
+    shown = data.display_path(run.path)
+    target = shown
+    if store.missing_heavy_tier(run.path):
+        target = str(Path(shown).parent / store.full_copy_name(shown))
+        st.caption(
+            "This run was shipped without its checkpoints and tokenizer, which this needs: make "
+            "a full copy first (same data, seed and settings), then run the command on the copy."
+        )
+        st.code(store.recreate_command(shown), language="bash")
+    st.code(template.format(run=shlex.quote(target)), language="bash")
 
 
 def _run_caption(run: data.Run) -> str:

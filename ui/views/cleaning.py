@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core import cleaning as core_cleaning
 from core import metrics as core_metrics
-from core import store
 from core.detectors import REASONS
 from ui import charts, data, widgets
 
@@ -161,25 +157,12 @@ def interventions(run: data.Run) -> None:
     """Retraining results from ``core clean`` and the exported CSVs."""
     rows = run.cleaning_results()
     if not rows:
-        shown = data.display_path(run.path)
-        target = shown
-        if store.missing_heavy_tier(run.path):
-            target = str(Path(shown).parent / store.full_copy_name(shown))
-            st.info(
-                "No intervention has been run on this run yet. Retraining needs the run's tokenizer "
-                "and checkpoints, which a run shipped in the repository does not carry: make a full "
-                "copy first (same data, seed and settings), then retrain without (or with relabeled) "
-                "suspects:"
-            )
-            st.code(store.recreate_command(shown), language="bash")
-        else:
-            st.info(
-                "No intervention has been run on this run yet. Retrain without (or with relabeled) "
-                "suspects with:"
-            )
-        st.code(
-            f"python -m core clean {shlex.quote(target)} --detector self_influence --action exclude --k 40",
-            language="bash",
+        st.info(
+            "No intervention has been run on this run yet. Retrain without (or with relabeled) "
+            "suspects with:"
+        )
+        widgets.command_needing_checkpoints(
+            run, "python -m core clean {run} --detector self_influence --action exclude --k 40"
         )
     else:
         results = pd.DataFrame(rows)

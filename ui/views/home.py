@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 
 import pandas as pd
 import streamlit as st
@@ -10,6 +11,7 @@ import streamlit as st
 from core import shapes as core_shapes
 from core import store
 from core.analysis import final_correct
+from core.commands import reproduce_command
 from core.errors import AtlasError
 from ui import charts, compute, data, pages, widgets
 
@@ -119,7 +121,15 @@ def summary(run: data.Run) -> None:
             st.info("Shapes appear after the analyze stage:")
             st.code(run.command("analyze"), language="bash")
         with st.expander("How this run was made"):
-            st.code(m.get("command", "(not recorded)"), language="bash")
+            again = reproduce_command(run.path)
+            st.code(again or "(not recorded)", language="bash")
+            if again and again != m.get("command"):
+                st.caption(
+                    "The manifest records "
+                    + widgets.md_escape(str(m.get("command")))
+                    + "; today's presets set some of its options differently, so they are "
+                    "written out here."
+                )
             st.json(
                 {
                     k: cfg.get(k)
@@ -192,7 +202,7 @@ def scores_exactness(run: data.Run) -> None:
                 + ". No error study is stored for it; to measure how far its method and the "
                 "cheaper ones are from exact all-parameter TracIn:"
             )
-            st.code(f"python -m core error-study {data.display_path(run.path)}", language="bash")
+            widgets.command_needing_checkpoints(run, "python -m core error-study {run}")
             return
         summary, table = study
         ref = summary.get("reference") or {}
@@ -245,7 +255,15 @@ def scores_exactness(run: data.Run) -> None:
                 f"{r.method} on test {int(r.test_id)}: {r.spearman:.3f}" for r in worst.itertuples()
             )
         )
-        st.code(summary.get("command") or "(command not recorded)", language="bash")
+        recorded = summary.get("command")
+        st.caption(
+            "The study was made with: " + widgets.md_escape(str(recorded or "(not recorded)"))
+        )
+        words = shlex.split(recorded) if isinstance(recorded, str) else []
+        if words[:4] == ["python", "-m", "core", "error-study"] and len(words) > 4:
+            st.markdown("To compute it again for this run:")
+            rest = shlex.join(words[5:]).replace("{", "{{").replace("}", "}}")
+            widgets.command_needing_checkpoints(run, shlex.join(words[:4]) + " {run} " + rest)
 
 
 def plural(n: object, noun: str) -> str:
