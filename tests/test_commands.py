@@ -1,0 +1,34 @@
+"""core.commands: a recorded command pinned to the run's configuration."""
+
+from __future__ import annotations
+
+from core.cli import build_parser, config_from_args
+from core.commands import pin_command
+from core.config import preset_config
+
+
+def _config(command: str) -> dict:
+    return config_from_args(build_parser().parse_args(command.split()[3:])).to_dict()
+
+
+def test_a_command_that_still_asks_for_its_configuration_is_unchanged():
+    line = "python -m core run --preset quick --epochs 5 --name r"
+    assert pin_command(line, _config(line)) == line
+
+
+def test_a_changed_preset_default_is_written_out():
+    made = preset_config("paper").to_dict() | {"tracin_params": "last-2", "tracin_project": None}
+    line = "python -m core run --preset paper --name demo --detect"
+    assert _config(line) != made  # today's paper preset asks for another TracIn method
+    pinned = pin_command(line, made)
+    assert pinned == line + " --params last-2"
+    assert _config(pinned) == made
+
+
+def test_differences_no_option_expresses_keep_the_command():
+    made = preset_config("quick").to_dict() | {"tracin_seed": 7}
+    line = "python -m core run --preset quick"
+    assert pin_command(line, made) == line
+    assert pin_command("python -m core sweep --preset quick", made) == (
+        "python -m core sweep --preset quick"
+    )
