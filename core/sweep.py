@@ -111,6 +111,16 @@ def _checked_sweep(
     return base, sweep_dir, executor
 
 
+def _check_same_sweep(sweep_dir: Path, base: StudyConfig) -> None:
+    """Refuse to resume a sweep folder that holds a sweep of another configuration."""
+    if (sweep_dir / store.MANIFEST).exists():
+        old = store.load_manifest(sweep_dir)
+        if old.get("config") != base.to_dict():
+            raise AtlasError(
+                f"{sweep_dir} holds a sweep with another configuration; choose another --name."
+            )
+
+
 def plan_sweep(
     config: StudyConfig,
     flip_rates: list[float],
@@ -121,12 +131,7 @@ def plan_sweep(
 ) -> list[str]:
     """What ``sweep`` would do, as lines to print, after every check it makes; writes nothing."""
     base, sweep_dir, _ = _checked_sweep(config, n_seeds, cache_dir, name, jobs)
-    if (sweep_dir / store.MANIFEST).exists():
-        old = store.load_manifest(sweep_dir)
-        if old.get("config") != base.to_dict():
-            raise AtlasError(
-                f"{sweep_dir} holds a sweep with another configuration; choose another --name."
-            )
+    _check_same_sweep(sweep_dir, base)
     cells = [(r, s) for r in flip_rates for s in range(base.seed, base.seed + n_seeds)]
     done = sum(
         store.stage_complete(sweep_dir / CELLS_DIR / cell_name(r, s), "train") for r, s in cells
@@ -171,13 +176,7 @@ def _sweep_locked(
 ) -> Path:
     """:func:`run_sweep` once the sweep folder's lock is held."""
     cells = [(r, s) for r in flip_rates for s in range(base.seed, base.seed + n_seeds)]
-    manifest_path = sweep_dir / store.MANIFEST
-    if manifest_path.exists():
-        old = store.load_manifest(sweep_dir)
-        if old.get("config") != base.to_dict():
-            raise AtlasError(
-                f"{sweep_dir} holds a sweep with another configuration; choose another --name."
-            )
+    _check_same_sweep(sweep_dir, base)
     t0 = time.perf_counter()
     store.update_manifest(
         sweep_dir,
