@@ -655,8 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunks-per-task",
         type=int,
-        help="training chunks (512 instances each) per task (default: a whole checkpoint with "
-        "the local executor, 1 with the others)",
+        help="training chunks (512 instances each) per task (default: as few tasks as give "
+        "each worker two, so a whole checkpoint per task while checkpoints ≥ 2 × workers; "
+        "1 on a cluster sized by Ray)",
     )
     p.add_argument(
         "--dtype", default="fp32", help="fp32 | bf16: dtype of the gradient dot products"

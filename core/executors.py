@@ -81,6 +81,23 @@ class ExecutorSpec:
 LOCAL = ExecutorSpec()
 
 
+def expected_workers(spec: ExecutorSpec) -> int | None:
+    """How many tasks ``spec`` runs at once, or None when only the cluster knows.
+
+    ``processes`` without ``--workers`` uses one per two cores, a local Ray instance one per
+    core; a cluster joined with ``--ray-address`` and no ``--workers`` is sized by Ray.
+    """
+    if spec.kind == "local":
+        return 1
+    if spec.workers:
+        return spec.workers
+    if spec.kind == "processes":
+        return max(1, (os.cpu_count() or 1) // 2)
+    if spec.address is None:
+        return os.cpu_count() or 1
+    return None
+
+
 def check_executor(
     kind: str | None = "local",
     workers: int | None = 0,
@@ -159,6 +176,7 @@ class _Worker:
     busy_s: float = 0.0
     first: float = 0.0
     last: float = 0.0
+    peak_rss_mb: float | None = None
 
 
 @dataclass
@@ -174,17 +192,27 @@ class Report:
     shared: bool | None = None
     resources: Resources = field(default_factory=Resources)
 
-    def add(self, worker: str, seconds: float) -> None:
-        """Count one finished task of ``worker`` that took ``seconds``."""
+    def add(self, worker: str, seconds: float, peak_rss_mb: float | None = None) -> None:
+        """Count one finished task of ``worker`` that took ``seconds``.
+
+        ``peak_rss_mb`` is the worker process's peak resident memory after the task.
+        """
         now = time.time()
         w = self.workers.setdefault(worker, _Worker(first=now - seconds))
         w.tasks += 1
         w.busy_s += seconds
         w.last = now
+        if peak_rss_mb is not None:
+            w.peak_rss_mb = max(w.peak_rss_mb or 0.0, float(peak_rss_mb))
         self.done += 1
 
+    def peak_rss_mb(self) -> float | None:
+        """The largest peak resident memory of any worker process (MiB), if reported."""
+        peaks = [w.peak_rss_mb for w in self.workers.values() if w.peak_rss_mb is not None]
+        return max(peaks) if peaks else None
+
     def rows(self) -> list[dict[str, Any]]:
-        """Per worker: tasks, seconds per task and tasks per minute of wall time."""
+        """Per worker: tasks, seconds per task, tasks per minute of wall time, peak memory."""
         elapsed = max(time.time() - self.started, 1e-9)
         return [
             {
@@ -192,6 +220,7 @@ class Report:
                 "tasks": w.tasks,
                 "seconds_per_task": round(w.busy_s / w.tasks, 3),
                 "tasks_per_min": round(60 * w.tasks / elapsed, 2),
+                "peak_rss_mb": w.peak_rss_mb,
             }
             for name, w in sorted(self.workers.items())
         ]
@@ -212,6 +241,7 @@ class Report:
                 "memory_mb": self.resources.memory_mb,
             },
             "workers": self.rows(),
+            "worker_peak_rss_mb": self.peak_rss_mb(),
             "error": error,
         }
 
@@ -228,8 +258,8 @@ class _Progress:
         )
         self.write("running", force=True)
 
-    def done(self, worker: str, seconds: float) -> None:
-        self.report.add(worker, seconds)
+    def done(self, rec: dict[str, Any]) -> None:
+        self.report.add(rec["worker"], rec["seconds"], rec.get("peak_rss_mb"))
         self.bar.update(1)
         rows = self.report.rows()
         shown = " ".join(f"{r['worker']}={r['tasks_per_min']:g}/min" for r in rows[:4])
@@ -314,6 +344,23 @@ def _maybe_fail(name: str, hook: tuple[str, int, str] | None) -> None:
         raise RuntimeError(f"test hook {ENV_FAIL} failed attempt {attempt}")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    Linux's VmHWM belongs to the current program image; ``ru_maxrss`` (the fallback) also
+    counts a parent's peak inherited across fork+exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _set_threads(resources: Resources) -> None:
     """Give torch the task's CPUs as threads (a worker process runs one task at a time)."""
     import torch
@@ -330,7 +377,12 @@ def _call(
     t0 = time.perf_counter()
     _maybe_fail(work.name(task), hook)
     result = work.compute(task, **kwargs)
-    return {"result": result, "worker": _worker_name(), "seconds": time.perf_counter() - t0}
+    return {
+        "result": result,
+        "worker": _worker_name(),
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _failed(work: Work, task: Any, exc: BaseException, attempts: int | None = None) -> TaskFailed:
@@ -358,7 +410,7 @@ def _run_local(work, tasks, kwargs, resources, prog, hook) -> list[Any]:
         except Exception as exc:
             raise _failed(work, task, exc) from exc
         out.append(rec["result"])
-        prog.done(rec["worker"], rec["seconds"])
+        prog.done(rec)
         _maybe_stop(prog.report.done)
     return out
 
@@ -393,7 +445,7 @@ def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any
                         failure = failure or _failed(work, tasks[i], exc)
                         continue
                     out[i] = rec["result"]
-                    prog.done(rec["worker"], rec["seconds"])
+                    prog.done(rec)
                     _maybe_stop(prog.report.done)
                 if failure is not None:
                     for fut in pending:  # not started yet: dropped; running ones finish
@@ -639,7 +691,7 @@ def _run_ray(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any]:
                 if rec.get("files"):
                     _write_back(Path(work.root(tasks[i])), rec["files"], work.overwrite)
                 out[i] = rec["result"]
-                prog.done(rec["worker"], rec["seconds"])
+                prog.done(rec)
                 _maybe_stop(prog.report.done)
     except BaseException:
         for ref in inflight:

@@ -59,7 +59,16 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "clean": (store.INSTANCES, store.DETECTORS),
 }
 # Keys of a stage's recorded info that describe the machine, not the result.
-_VOLATILE = {"seconds", "timings_s", "peak_rss_mb", "peak_cuda_mb", "device", "status", "error"}
+_VOLATILE = {
+    "seconds",
+    "timings_s",
+    "peak_rss_mb",
+    "worker_peak_rss_mb",
+    "peak_cuda_mb",
+    "device",
+    "status",
+    "error",
+}
 
 # (path, size, mtime_ns) -> sha1: a file already hashed in this process is not read again.
 _MEMO: dict[tuple[str, int, int], str] = {}

@@ -81,6 +81,44 @@ def test_executor_options_are_checked(kwargs, match) -> None:
         check_executor(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "checkpoints, chunks, workers, expected",
+    [
+        (10, 4, 1, 4),  # one worker: a whole checkpoint per task
+        (10, 4, 2, 4),  # 10 tasks already give 2 workers 5 each
+        (10, 4, 8, 2),  # 16 tasks wanted: two per checkpoint
+        (3, 3, 2, 2),  # 4 wanted: two per checkpoint, of 2 and 1 chunks
+        (2, 32, 16, 2),  # 32 wanted: 16 per checkpoint
+        (2, 3, 64, 1),  # more workers than chunks: one chunk each
+        (10, 1, 8, 1),
+        (10, 4, None, 1),  # a cluster that sizes itself: the finest tasks
+    ],
+)
+def test_default_chunks_per_task_gives_each_worker_two_tasks(
+    checkpoints, chunks, workers, expected
+) -> None:
+    from core.tracin import default_chunks_per_task
+
+    got = default_chunks_per_task(checkpoints, chunks, workers)
+    assert got == expected
+    tasks = checkpoints * -(-chunks // got)
+    if workers is not None and got > 1:
+        assert tasks >= 2 * workers  # enough tasks ...
+        assert checkpoints * -(-chunks // (got - 1)) > tasks  # ... and no more than needed
+
+
+def test_expected_workers_follows_the_executor(monkeypatch) -> None:
+    from core.executors import expected_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert expected_workers(check_executor("local")) == 1
+    assert expected_workers(check_executor("processes")) == 4
+    assert expected_workers(check_executor("processes", 3)) == 3
+    assert expected_workers(check_executor("ray")) == 8  # a local instance: one per core
+    assert expected_workers(check_executor("ray", 5, address="auto")) == 5
+    assert expected_workers(check_executor("ray", address="auto")) is None
+
+
 def test_sweep_jobs_and_workers_must_agree(tmp_path: Path, capsys) -> None:
     tiny = [a for a in TINY_ARGS if a not in ("--flip-count", "8")]
     args = ["sweep", *tiny, "--cache", str(tmp_path), "--name", "sw", "--seeds", "1"]
@@ -122,9 +160,15 @@ def test_process_pool_gives_the_local_files_and_reports_workers(ckpts, local_run
     _same_files(local_run, run)
     report = json.loads((run / PROGRESS).read_text())
     assert report["executor"] == "processes" and report["state"] == "complete"
-    assert report["done"] == report["total"] == 9
-    assert sum(w["tasks"] for w in report["workers"]) == 9
-    assert store.load_manifest(run)["tracin"]["executor"] == "processes"
+    # Two workers, 3 checkpoints of 3 chunks: the default cuts each checkpoint in two tasks.
+    assert report["done"] == report["total"] == 6
+    assert sum(w["tasks"] for w in report["workers"]) == 6
+    tracin = store.load_manifest(run)["tracin"]
+    assert tracin["executor"] == "processes"
+    # Each worker process reports its own peak; the manifest keeps the largest.
+    peaks = [w["peak_rss_mb"] for w in report["workers"]]
+    assert all(p > 0 for p in peaks) and report["worker_peak_rss_mb"] == max(peaks)
+    assert tracin["worker_peak_rss_mb"] == max(peaks)
 
 
 def test_a_failing_local_task_is_named(ckpts, tmp_path, monkeypatch, capsys):
@@ -168,10 +212,11 @@ def test_ray_gives_the_local_matrix_bitwise(ray_session, ckpts, local_run, tmp_p
     run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
     _same_files(local_run, run)
     report = json.loads((run / PROGRESS).read_text())
-    assert report["executor"] == "ray" and report["done"] == report["total"] == 9
+    assert report["executor"] == "ray" and report["done"] == report["total"] == 6
     assert report["shared"] is (shared == "auto")
     assert report["task_resources"]["cpus"] == 1 and report["task_resources"]["memory_mb"] > 0
-    assert all(w["tasks_per_min"] > 0 for w in report["workers"])
+    assert all(w["tasks_per_min"] > 0 and w["peak_rss_mb"] > 0 for w in report["workers"])
+    assert store.load_manifest(run)["tracin"]["worker_peak_rss_mb"] > 0
 
 
 def test_ray_through_the_cli(ray_session, ckpts, local_run, tmp_path, capsys):
@@ -199,7 +244,8 @@ def test_a_failing_ray_task_is_retried_then_named(
     # Fails its first attempt only: Ray's retry makes the command succeed.
     monkeypatch.setenv("ATLAS_TEST_FAIL_TASK", f"{name}:1")
     spec = check_executor("ray", 2)
-    run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
+    one = {"chunk_size": CHUNK, "chunks_per_task": 1}
+    run_tracin(run, device="cpu", progress=False, executor=spec, **one)
     assert len(list(attempts.iterdir())) == 2
     _same_files(local_run, run)
 
@@ -209,7 +255,7 @@ def test_a_failing_ray_task_is_retried_then_named(
     run = _make_run(tmp_path / "again", ckpts)
     monkeypatch.setenv("ATLAS_TEST_FAIL_TASK", name)
     with pytest.raises(AtlasError) as info:
-        run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
+        run_tracin(run, device="cpu", progress=False, executor=spec, **one)
     text = str(info.value)
     assert text.startswith(f"Task {name} (tracin) failed after 3 attempts: RuntimeError")
     assert "\n" not in text
@@ -242,7 +288,7 @@ def test_a_killed_driver_resumes_with_only_the_missing_shards(
         "from core.executors import check_executor\n"
         "from core.tracin import run_tracin\n"
         f"run_tracin({str(run)!r}, device='cpu', progress=False, chunk_size={CHUNK}, "
-        f"executor=check_executor('ray', 1, address={address!r}))\n"
+        f"chunks_per_task=1, executor=check_executor('ray', 1, address={address!r}))\n"
     )
     env = {**os.environ, "ATLAS_TEST_STOP_AFTER": "3"}
     out = subprocess.run(
@@ -257,7 +303,12 @@ def test_a_killed_driver_resumes_with_only_the_missing_shards(
     assert len(pending) == 9 - len(done)
     # Rerun: only the missing shards are scheduled (the report counts the tasks it ran).
     run_tracin(
-        run, device="cpu", progress=False, chunk_size=CHUNK, executor=check_executor("ray", 2)
+        run,
+        device="cpu",
+        progress=False,
+        chunk_size=CHUNK,
+        chunks_per_task=1,
+        executor=check_executor("ray", 2),
     )
     report = json.loads((run / PROGRESS).read_text())
     assert report["total"] == report["done"] == len(pending)

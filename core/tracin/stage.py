@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +31,16 @@ import torch
 
 from core import provenance, store
 from core.errors import AtlasError
-from core.executors import LOCAL, ExecutorSpec, Resources, Work, run_tasks
+from core.executors import (
+    LOCAL,
+    PROGRESS,
+    ExecutorSpec,
+    Resources,
+    Work,
+    expected_workers,
+    peak_rss_mb,
+    run_tasks,
+)
 from core.tracin.engine import BATCH_BYTES, BUFFER_BYTES, CHUNK_SIZE, MAX_TEST_BYTES, TracInCP
 from core.tracin.inputs import _Data
 from core.tracin.shards import (
@@ -122,21 +131,6 @@ def _run_data(
         test = encode(tokenizer, test_df["text"].tolist(), max_length)
         test["labels"] = torch.as_tensor(test_df["label"].to_numpy(copy=True), dtype=torch.long)
     return train, test, test_df["id"].to_numpy()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB.
-
-    Linux's VmHWM belongs to the current program image; ``ru_maxrss`` (the fallback) also
-    counts a parent's peak inherited across fork+exec.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -270,6 +264,27 @@ def _options_sha1(options: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
+TASKS_PER_WORKER = 2
+
+
+def default_chunks_per_task(n_checkpoints: int, n_chunks: int, workers: int | None) -> int:
+    """Training chunks per task: the fewest tasks that give each worker ``TASKS_PER_WORKER``.
+
+    Every task computes its checkpoint's test gradients, so a checkpoint is cut into as few
+    tasks as keep the workers busy: a whole checkpoint while there are at least two
+    checkpoints per worker, finer cuts for more workers. ``workers`` None (a cluster that
+    sizes itself) gives one chunk per task, the most tasks to spread.
+    """
+    if n_chunks <= 1:
+        return 1
+    if workers is None:
+        return 1
+    per_checkpoint = min(
+        n_chunks, math.ceil(TASKS_PER_WORKER * max(workers, 1) / max(n_checkpoints, 1))
+    )
+    return math.ceil(n_chunks / per_checkpoint)
+
+
 def plan(
     run_dir: str | os.PathLike,
     scope: str | None = None,
@@ -280,12 +295,13 @@ def plan(
     chunk_size: int = CHUNK_SIZE,
     chunks_per_task: int | None = None,
     pending_only: bool = True,
+    workers: int | None = 1,
 ) -> list[Task]:
     """The tasks of a run's TracIn, checkpoint by checkpoint; the shard folder is prepared.
 
     Options default to the run's config. ``chunks_per_task`` training chunks make a task
-    (default: all chunks of a checkpoint, so its test gradients are computed once; 1 gives
-    the finest tasks for many workers). With ``pending_only`` tasks whose shards all exist
+    (default: :func:`default_chunks_per_task` for ``workers`` running at once, which is a
+    whole checkpoint for one worker; 1 gives the finest tasks). With ``pending_only`` tasks whose shards all exist
     are left out. Raises :class:`AtlasError` when the run has no checkpoints, an option is
     invalid, or the shard folder holds shards of other options (one sentence naming the
     option; nothing is deleted).
@@ -299,7 +315,10 @@ def plan(
     ctx = _context(run, options, "cpu")
     sink = _ShardSink(ctx.folder, ctx.shard_options())  # writes options.json, or refuses
     digest = _options_sha1(sink.options)
-    step = int(chunks_per_task or len(ctx.chunks))
+    step = int(
+        chunks_per_task
+        or default_chunks_per_task(len(sink.options["checkpoints"]), len(ctx.chunks), workers)
+    )
     tasks = []
     for ci, ident in enumerate(sink.options["checkpoints"]):
         for first in range(0, len(ctx.chunks), step):
@@ -476,8 +495,8 @@ def run_tracin(
     (checkpoints and instances unchanged, ``core.provenance``); resumes from the shards of
     an interrupted run. The work is :func:`plan`, :func:`compute` per task (run by
     ``executor``, :mod:`core.executors`), :func:`aggregate`. ``chunks_per_task`` defaults
-    to a whole checkpoint in this process and to one chunk on other executors (the most
-    tasks to spread). Returns the manifest's ``tracin`` entry.
+    to :func:`default_chunks_per_task` for the executor's workers (a whole checkpoint in
+    this process). Returns the manifest's ``tracin`` entry.
     """
     from core.models import resolve_device
 
@@ -517,8 +536,6 @@ def run_tracin(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     # Before the stage is marked: shards of other options are refused here, untouched.
-    if chunks_per_task is None and executor.kind != "local":
-        chunks_per_task = 1
     tasks = plan(
         run,
         options["params"],
@@ -527,6 +544,7 @@ def run_tracin(
         dtype=dtype,
         chunk_size=engine.chunk_size,
         chunks_per_task=chunks_per_task,
+        workers=expected_workers(executor),
     )
     store.mark_stage(run, "tracin", store.STATUS_RUNNING, **options)
     n_test = int(store.read_json(run / store.TRACIN_SHARDS_DIR / SHARD_OPTIONS)["n_test"])
@@ -558,6 +576,11 @@ def run_tracin(
         "seconds": round(seconds, 2),
         **_peak_memory_mb(dev),
     }
+    if executor.kind != "local":
+        # The driver's own peak says little when tasks ran elsewhere: the largest worker's.
+        report = store.read_json(run / PROGRESS) if (run / PROGRESS).exists() else {}
+        if report.get("worker_peak_rss_mb") is not None:
+            info["worker_peak_rss_mb"] = report["worker_peak_rss_mb"]
     store.update_manifest(run, tracin=info)
     stage_info = {k: v for k, v in info.items() if k != "seconds"}
     store.mark_stage(run, "tracin", store.STATUS_COMPLETE, seconds, **stage_info)

@@ -330,6 +330,7 @@ def tasks_view(folder) -> None:
                     "tasks": w.get("tasks"),
                     "s per task": w.get("seconds_per_task"),
                     "tasks per min": w.get("tasks_per_min"),
+                    "peak MiB": w.get("peak_rss_mb"),
                 }
                 for w in rows
             ],
