@@ -74,8 +74,12 @@ from core.tracin import (
 )
 from core.tracin.engine import compute_all
 
-# Instances per batched forward+backward; activations, not per-example gradients, bound it.
-BATCH_SIZE = 32
+# A batched forward+backward holds activations (not per-example gradients), which grow with
+# the padded tokens of the batch: batches hold at most TOKENS_PER_BATCH of them (32 rows of
+# 128 tokens, a paper-preset batch at its longest) and at most MAX_ROWS rows, so short
+# instances go in larger batches (less Python overhead per instance) at no more memory.
+TOKENS_PER_BATCH = 32 * 128
+MAX_ROWS = 64
 
 
 def _gaussian(rows: int, k: int, seed: int, key: str) -> torch.Tensor:
@@ -292,16 +296,19 @@ class FactorizedGrads:
                     "The factorized projection needs each layer to see the batch one instance "
                     "per row, and a layer of this model does not."
                 )
+            if not output.requires_grad:
+                # A lookup of integer ids: made a leaf that requires grad, so everything
+                # downstream records its graph while no parameter does (the backward then
+                # computes activation gradients only, never a weight gradient).
+                output = output.detach().requires_grad_(True)
             calls.append((module, inp.detach(), output))
             return output
 
-        # Embeddings are reached from integer ids, so nothing upstream requires grad; the
-        # outputs must, for the backward to reach them (the flags are restored below).
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         handles = [m.register_forward_hook(hook) for m in self.layers]
         try:
             for p, _ in flags:
-                p.requires_grad_(True)
+                p.requires_grad_(False)  # restored below
             with torch.enable_grad():
                 # Additive key mask, as transformers builds it and as the TracIn engine passes it.
                 mask_add = (1.0 - mask.float()) * torch.finfo(torch.float32).min
@@ -341,7 +348,9 @@ class FactorizedTracIn:
     """TracIn with factorized projected gradients of every parameter, over saved checkpoints.
 
     ``checkpoints`` is a list of (path or model, learning rate); ``k`` the per-side
-    projection dimension. ``identity=True`` is a test switch: exact gradients, no projection.
+    projection dimension. ``batch_size`` fixes the rows per forward+backward (default: up
+    to ``MAX_ROWS`` rows and ``TOKENS_PER_BATCH`` padded tokens). ``identity=True`` is a
+    test switch: exact gradients, no projection.
     """
 
     def __init__(
@@ -350,7 +359,7 @@ class FactorizedTracIn:
         k: int,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        batch_size: int = BATCH_SIZE,
+        batch_size: int | None = None,
         chunk_size: int = CHUNK_SIZE,
         identity: bool = False,
         loader: Callable[[Any, torch.device], nn.Module] | None = None,
@@ -377,7 +386,7 @@ class FactorizedTracIn:
                 raise AtlasError(f"The learning rate of checkpoint {where} is not finite.")
             self.checkpoints.append((where, lr))
         self.k = _check_k(k)
-        if batch_size <= 0:
+        if batch_size is not None and batch_size <= 0:
             raise AtlasError(f"batch_size must be positive (got {batch_size}).")
         if chunk_size <= 0:
             raise AtlasError(f"chunk_size must be positive (got {chunk_size}).")
@@ -385,7 +394,7 @@ class FactorizedTracIn:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.batch_size = int(batch_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.chunk_size = int(chunk_size)
         self.identity_projections = bool(identity)
         self.loader = loader or _default_loader
@@ -502,11 +511,17 @@ class FactorizedTracIn:
             "test_data": te.fingerprint() if te is not None else None,
         }
 
+    def _batches(self, data: _Data, rows: np.ndarray) -> Iterable[np.ndarray]:
+        """Rows of ``data`` in forward+backward batches (width-sorted)."""
+        if self.batch_size is not None:
+            return data.batches(rows, self.batch_size)
+        return data.token_batches(rows, TOKENS_PER_BATCH, MAX_ROWS)
+
     def _all_features(self, grads: FactorizedGrads, data: _Data, rows: np.ndarray) -> torch.Tensor:
         """(len(rows), width) features of ``rows``, in the order of ``rows``."""
         out = torch.empty(len(rows), grads.width, device=self.device)
         where = {int(r): i for i, r in enumerate(rows)}
-        for batch_rows in data.batches(rows, self.batch_size):
+        for batch_rows in self._batches(data, rows):
             pos = torch.as_tensor([where[int(r)] for r in batch_rows], device=self.device)
             out[pos] = grads.features(data.take(batch_rows, self.device))
         return out
@@ -522,7 +537,7 @@ class FactorizedTracIn:
         lo, hi = chunk
         n_test = 0 if test_feats is None else test_feats.shape[0]
         block = np.zeros((n_test + 1, hi - lo), dtype=np.float32)
-        for rows in tr.batches(np.arange(lo, hi), self.batch_size):
+        for rows in self._batches(tr, np.arange(lo, hi)):
             feats = grads.features(tr.take(rows, self.device)).to(self.dtype)
             block[-1, rows - lo] = _sq_norms(feats)
             if test_feats is not None:

@@ -114,6 +114,32 @@ def test_an_instance_scores_the_same_alone_or_in_a_padded_batch(
     assert np.allclose(again, matrix, rtol=1e-4, atol=1e-7)
 
 
+def test_token_budget_batches_score_as_one_instance_at_a_time(modules, train, test_data):
+    # The default cuts batches by padded tokens, so batches of several sizes occur.
+    default = FactorizedTracIn(modules, k=4, seed=5).compute(train, test_data)
+    alone = FactorizedTracIn(modules, k=4, seed=5, batch_size=1).compute(train, test_data)
+    assert np.allclose(default.matrix, alone.matrix, rtol=1e-4, atol=1e-7)
+    assert np.allclose(default.self_influence, alone.self_influence, rtol=1e-4, atol=1e-7)
+
+
+def test_token_batches_respect_both_limits_and_keep_every_row() -> None:
+    from core.tracin import _Data
+
+    widths = [3, 9, 1, 4, 4, 12, 2, 7, 5, 30]
+    ids = torch.zeros(len(widths), 40, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, w in enumerate(widths):
+        mask[i, :w] = 1
+    data = _Data({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(10)}, "x")
+    index = np.array([0, 2, 3, 5, 6, 7, 8, 9])
+    batches = list(data.token_batches(index, max_tokens=16, max_rows=3))
+    assert sorted(np.concatenate(batches).tolist()) == index.tolist()
+    for rows in batches:
+        padded = len(rows) * max(widths[r] for r in rows)
+        assert len(rows) <= 3 and (padded <= 16 or len(rows) == 1)  # row 9 (30) goes alone
+    assert [len(b) for b in batches] == [3, 2, 1, 1, 1]  # widths 1,2,3 | 4,5 | 7 | 12 | 30
+
+
 def test_projection_is_seeded(modules, train, test_data):
     a = factorized_tracin(modules, train, test_data, k=4, seed=7)
     b = factorized_tracin(modules, train, test_data, k=4, seed=7)

@@ -45,6 +45,25 @@ class _Data:
         for start in range(0, len(order), batch_size):
             yield order[start : start + batch_size]
 
+    def token_batches(
+        self, index: np.ndarray, max_tokens: int, max_rows: int
+    ) -> Iterator[np.ndarray]:
+        """Yield sub-arrays of ``index`` sorted by width, each of at most ``max_rows`` rows and
+        ``max_tokens`` padded tokens (rows × widest row; a row wider than that goes alone)."""
+        order = index[np.argsort(self.widths[index], kind="stable")]
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            # Widths ascend, so a batch's padded width is that of its last row.
+            while (
+                stop < len(order)
+                and stop - start < max_rows
+                and (stop - start + 1) * max(1, int(self.widths[order[stop]])) <= max_tokens
+            ):
+                stop += 1
+            yield order[start:stop]
+            start = stop
+
     def take(self, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         """Tensors of ``rows`` cut to their widest row and moved to ``device``."""
         width = max(1, int(self.widths[rows].max()))
