@@ -202,6 +202,72 @@ def ray_session():
     ray.shutdown()
 
 
+_TWO_NODES = r"""
+import json, os, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from core.executors import Resources, Work, check_executor, run_tasks
+
+def where(task):
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+work = Work(
+    stage="probe",
+    compute=where,
+    name=lambda t: f"task-{t['i']}",
+    root=lambda t: t["root"],
+    retarget=lambda t, folder: {**t, "root": folder},
+    inputs=lambda t: ["manifest.json"],
+    outputs=lambda t: [],
+)
+root = sys.argv[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+cluster.add_node(num_cpus=1, num_gpus=1)  # a GPU in Ray's books only
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+tasks = [{"i": i, "root": root} for i in range(6)]
+spec = check_executor("ray", 2)
+cpu = run_tasks(work, tasks, spec, resources=Resources(cpus=1), progress=False, folder=root)
+cpu_report = json.loads((Path(root) / "progress.json").read_text())
+gpu = run_tasks(work, tasks, spec, resources=Resources(cpus=1, gpus=1), progress=False)
+print(json.dumps({
+    "cpu_nodes": sorted({r["node"] for r in cpu}),
+    "gpu": gpu,
+    "gpu_node": [n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")],
+    "nodes": len([n for n in ray.nodes() if n["Alive"]]),
+    "shared": cpu_report["shared"],
+}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_mixed_two_node_cluster_runs_gpu_tasks_on_its_gpu_node(tmp_path) -> None:
+    """Two Ray nodes on this machine (``ray.cluster_utils.Cluster``), one with a GPU in
+    Ray's books: tasks declaring a GPU all run on that node, with the GPU made visible to
+    them; CPU tasks spread over both nodes. In a subprocess: its own Ray cluster."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
+    (tmp_path / "manifest.json").write_text("{}")
+    env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", _TWO_NODES, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["nodes"] == 2 and got["shared"] is True  # both nodes see this folder
+    assert len(got["cpu_nodes"]) == 2  # one CPU each: two tasks at once need both nodes
+    assert len(got["gpu_node"]) == 1
+    assert {r["node"] for r in got["gpu"]} == set(got["gpu_node"])
+    assert all(r["gpus"] == "0" for r in got["gpu"])
+
+
 @pytest.mark.parametrize("shared", ["auto", "no"])
 def test_ray_gives_the_local_matrix_bitwise(ray_session, ckpts, local_run, tmp_path, shared):
     """Shared folder (tasks write in place) or not (tasks return shards, the driver writes)."""
