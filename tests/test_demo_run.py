@@ -123,3 +123,25 @@ def test_shipped_sweep_loads_with_its_threshold() -> None:
     assert sorted(table["flip_rate"].unique()) == [0.0, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4]
     assert table.groupby("flip_rate")["seed"].nunique().eq(3).all()
     assert m["threshold"]["rate"] in set(table["flip_rate"])
+
+
+def test_the_repository_tracks_only_the_shipped_runs_result_files() -> None:
+    """A lock, progress file or scratch folder left by a command run on a shipped run must
+    never be committed (a tracked ``cache/demo/.lock`` once slipped in with ``git add -A``)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        ["git", "ls-files", "cache"], cwd=repo, capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0 or not out.stdout.strip():
+        pytest.skip("not a git checkout (the container image copies the files without .git)")
+    tracked = out.stdout.split()
+    odd = [
+        name
+        for name in tracked
+        if Path(name).suffix not in (".json", ".parquet", ".npy")
+        or Path(name).name in (".lock", "progress.json")
+        or "_work/" in name
+    ]
+    assert odd == []
