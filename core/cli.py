@@ -402,17 +402,18 @@ def cmd_tracin(args: argparse.Namespace) -> str:
     check_number("--seed", args.seed, 0, _MAX_SEED)
     check_number("--compare-n", args.compare_n, 1, _MAX_COUNT)
     check_number("--chunks-per-task", args.chunks_per_task, 1, _MAX_COUNT)
-    check_device(args.device)
     executor = executor_from_args(args) or LOCAL
+    check_device(args.device, on_cluster=executor.kind == "ray")
     if args.compare and executor.kind != "local":
         raise AtlasError("--compare runs in this process; drop --executor.")
     from core.error_study_options import parse_dtype
 
     dtype = parse_dtype(args.dtype)
     from core.models import resolve_device
-    from core.tracin import check_dtype, compare_to_exact, run_tracin
+    from core.tracin import check_dtype, compare_to_exact, run_tracin, tasks_use_remote_gpu
 
-    check_dtype(dtype, resolve_device(args.device))
+    if not tasks_use_remote_gpu(args.device, executor):  # else each task checks its GPU
+        check_dtype(dtype, resolve_device(args.device))
 
     with locks.hold(run_dir):
         if args.compare:

@@ -640,6 +640,17 @@ def _run_ray(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any]:
     if not tasks:
         return []
     started = _ray_init(ray, spec, resources)
+    if resources.gpus:
+        have = float(ray.cluster_resources().get("GPU", 0))
+        if have < resources.gpus:
+            if started:
+                ray.shutdown()
+            # Ray would wait for such a node forever.
+            raise AtlasError(
+                f"Each task asks for {resources.gpus:g} GPU{'' if resources.gpus == 1 else 's'} "
+                f"(--device cuda) but the Ray cluster has {have:g}; add a node with a GPU or "
+                "use --device cpu."
+            )
     # Absolute paths: Ray workers run in other working directories (and on other machines).
     tasks = [work.retarget(t, str(Path(work.root(t)).resolve())) for t in tasks]
     roots = sorted({work.root(t) for t in tasks})

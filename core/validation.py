@@ -72,13 +72,17 @@ def check_cache(cache: str | os.PathLike) -> Path:
     return path
 
 
-def check_device(device: str | None) -> str:
-    """Return ``device`` if it is auto, cpu, or a CUDA device this machine has."""
+def check_device(device: str | None, on_cluster: bool = False) -> str:
+    """Return ``device`` if it is auto, cpu, or a CUDA device this machine has.
+
+    ``on_cluster``: the tasks run on a Ray cluster, whose nodes (not this machine) must have
+    the GPU; Ray schedules GPU tasks on them and each task checks its own device.
+    """
     name = device or "auto"
     kind, _, index = name.partition(":")
     if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
         raise AtlasError(f"--device must be auto, cpu or cuda (got '{_printable(name)}').")
-    if kind == "cuda":
+    if kind == "cuda" and not on_cluster:
         import torch  # only here: a CUDA request is the one check that needs torch
 
         if not torch.cuda.is_available():

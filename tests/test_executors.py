@@ -232,27 +232,52 @@ spec = check_executor("ray", 2)
 cpu = run_tasks(work, tasks, spec, resources=Resources(cpus=1), progress=False, folder=root)
 cpu_report = json.loads((Path(root) / "progress.json").read_text())
 gpu = run_tasks(work, tasks, spec, resources=Resources(cpus=1, gpus=1), progress=False)
+# TracIn with --device cuda from this GPU-less driver: the driver checks on its CPU, Ray sends
+# every task to the GPU node, and there the task finds no CUDA and says so.
+from core.errors import AtlasError
+from core.tracin import run_tracin
+try:
+    run_tracin(sys.argv[2], device="cuda", progress=False, executor=spec, chunk_size=4)
+    tracin_error = None
+except AtlasError as exc:
+    tracin_error = str(exc)
+tracin_progress = json.loads((Path(sys.argv[2]) / "progress.json").read_text())
 print(json.dumps({
+    "tracin_error": tracin_error,
+    "tracin_progress": tracin_progress,
     "cpu_nodes": sorted({r["node"] for r in cpu}),
     "gpu": gpu,
     "gpu_node": [n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")],
     "nodes": len([n for n in ray.nodes() if n["Alive"]]),
     "shared": cpu_report["shared"],
 }))
+# More GPUs per task than the cluster has: one sentence, not a wait for a node forever.
+try:
+    run_tasks(work, tasks, spec, resources=Resources(cpus=1, gpus=2), progress=False)
+    print("no error")
+except AtlasError as exc:
+    print(exc)
 ray.shutdown()
 cluster.shutdown()
 """
 
 
-def test_a_mixed_two_node_cluster_runs_gpu_tasks_on_its_gpu_node(tmp_path) -> None:
+def test_a_mixed_two_node_cluster_runs_gpu_tasks_on_its_gpu_node(ckpts, tmp_path) -> None:
     """Two Ray nodes on this machine (``ray.cluster_utils.Cluster``), one with a GPU in
     Ray's books: tasks declaring a GPU all run on that node, with the GPU made visible to
-    them; CPU tasks spread over both nodes. In a subprocess: its own Ray cluster."""
+    them; CPU tasks spread over both nodes; a GPU-less driver hands ``--device cuda`` to the
+    tasks; more GPUs per task than the cluster has are refused in one sentence. In a
+    subprocess: its own Ray cluster."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the driver would use it")
     (tmp_path / "manifest.json").write_text("{}")
+    run = _make_run(tmp_path / "tiny", ckpts)
     env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-c", _TWO_NODES, str(tmp_path)],
+        [sys.executable, "-c", _TWO_NODES, str(tmp_path), str(run)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -260,12 +285,22 @@ def test_a_mixed_two_node_cluster_runs_gpu_tasks_on_its_gpu_node(tmp_path) -> No
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    *_, line, refused = out.stdout.strip().splitlines()
+    got = json.loads(line)
     assert got["nodes"] == 2 and got["shared"] is True  # both nodes see this folder
     assert len(got["cpu_nodes"]) == 2  # one CPU each: two tasks at once need both nodes
     assert len(got["gpu_node"]) == 1
     assert {r["node"] for r in got["gpu"]} == set(got["gpu_node"])
     assert all(r["gpus"] == "0" for r in got["gpu"])
+    # The driver got past its own checks (the tasks ran: progress.json) and the task on the
+    # GPU node reported its missing CUDA, naming the device.
+    assert got["tracin_progress"]["executor"] == "ray"
+    assert got["tracin_progress"]["task_resources"]["gpus"] == 1
+    assert got["tracin_error"] == ("--device cuda was requested but no CUDA GPU is available here.")
+    assert refused == (
+        "Each task asks for 2 GPUs (--device cuda) but the Ray cluster has 1; add a node with "
+        "a GPU or use --device cpu."
+    )
 
 
 @pytest.mark.parametrize("shared", ["auto", "no"])

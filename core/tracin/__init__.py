@@ -113,6 +113,7 @@ from core.tracin.stage import (
     peak_rss_mb,
     plan,
     run_tracin,
+    tasks_use_remote_gpu,
 )
 from core.tracin.study import compare_to_exact, scope_error
 from core.tracin_options import parse_scope
@@ -161,6 +162,7 @@ __all__ = [
     "peak_rss_mb",
     "plan",
     "run_tracin",
+    "tasks_use_remote_gpu",
     "scope_error",
     "select_parameters",
     "shard_name",

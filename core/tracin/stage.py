@@ -41,7 +41,14 @@ from core.executors import (
     peak_rss_mb,
     run_tasks,
 )
-from core.tracin.engine import BATCH_BYTES, BUFFER_BYTES, CHUNK_SIZE, MAX_TEST_BYTES, TracInCP
+from core.tracin.engine import (
+    BATCH_BYTES,
+    BUFFER_BYTES,
+    CHUNK_SIZE,
+    MAX_TEST_BYTES,
+    TracInCP,
+    check_dtype,
+)
 from core.tracin.inputs import _Data
 from core.tracin.shards import (
     SHARD_OPTIONS,
@@ -264,6 +271,17 @@ def _options_sha1(options: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
+def tasks_use_remote_gpu(device: str | torch.device, executor: ExecutorSpec) -> bool:
+    """Whether the tasks are to use a CUDA GPU that only the Ray cluster's nodes have.
+
+    A Ray head (the driver) often has no GPU; the tasks then ask Ray for one each and check
+    their node's device themselves.
+    """
+    return (
+        executor.kind == "ray" and str(device).startswith("cuda") and not torch.cuda.is_available()
+    )
+
+
 TASKS_PER_WORKER = 2
 
 
@@ -352,6 +370,7 @@ def compute(task: Task, device: str | torch.device = "auto", on_block: Any = Non
     ``on_block`` (no arguments) is called once per chunk, for progress bars.
     """
     ctx = _context(Path(task.run), task.options, device)
+    check_dtype(task.options.dtype, ctx.engine.device)  # this node's device (cluster tasks)
     options = ctx.shard_options()
     if _options_sha1(json.loads(json.dumps(options))) != task.options_sha1:
         raise AtlasError(
@@ -518,7 +537,10 @@ def run_tracin(
         and provenance.stale_reason(run, "tracin") is None
     ):
         return previous
-    dev = resolve_device(device)
+    remote_gpu = tasks_use_remote_gpu(device, executor)
+    # A driver without the cluster's GPU checks the options and the first checkpoint on its CPU.
+    dev = torch.device("cpu") if remote_gpu else resolve_device(device)
+    task_device = str(device) if remote_gpu else str(dev)
     engine = _engine(
         checkpoints,
         scope=options["params"],
@@ -548,13 +570,15 @@ def run_tracin(
     )
     store.mark_stage(run, "tracin", store.STATUS_RUNNING, **options)
     n_test = int(store.read_json(run / store.TRACIN_SHARDS_DIR / SHARD_OPTIONS)["n_test"])
-    resources = task_resources(run, n_params, n_test, options["project"], dev.type)
+    resources = task_resources(
+        run, n_params, n_test, options["project"], "cuda" if remote_gpu else dev.type
+    )
     # In this process the engine's device object is reused; elsewhere its name travels.
     run_tasks(
         WORK,
         tasks,
         executor,
-        kwargs={"device": dev if executor.kind == "local" else str(dev)},
+        kwargs={"device": dev if executor.kind == "local" else task_device},
         resources=resources,
         progress=progress,
         folder=run,
@@ -567,7 +591,7 @@ def run_tracin(
         "n_checkpoints": len(checkpoints),
         "n_train": sizes["n_train"],
         "n_test": sizes["n_test"],
-        "device": str(dev),
+        "device": task_device,
         "dtype": dtype,
         "chunk_size": engine.chunk_size,
         "executor": executor.kind,
