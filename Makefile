@@ -47,7 +47,7 @@ lint: setup-dev
 	$(BIN)/ruff format --check .
 
 test: setup-dev data browser lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # The quick study on the default dataset (about two minutes on a laptop CPU).
 quick: setup data

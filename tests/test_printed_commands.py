@@ -119,12 +119,11 @@ README_COMMANDS: dict[str, list[str]] = {
         "python -m core error-study {run} --methods last-2,head,dense:256,factorized:16,"
         "factorized:64 --test-subset misclassified+random:20 --checkpoints 1,3 --dtype fp32",
     ],
-    # The runs the README's error-study figures come from; the tiny run stands in for them
-    # (it has 3 checkpoints, so 1,3 stands in for 1,4,7,10).
-    "python -m core error-study cache/demo-es --methods last-2,factorized:16,factorized:64,head "
-    "--test-subset misclassified+random:20 --checkpoints 1,4,7,10": [
+    # The runs the README's error-study figures come from; the tiny run stands in for them.
+    "python -m core error-study cache/demo --methods last-2,factorized:16,factorized:64,head "
+    "--test-subset misclassified+random:20": [
         "python -m core error-study {run} --methods last-2,factorized:16,factorized:64,head "
-        "--test-subset misclassified+random:20 --checkpoints 1,3"
+        "--test-subset misclassified+random:20"
     ],
     "python -m core error-study cache/es-quick --methods last-2,last-1,head,dense:256,"
     "factorized:16,factorized:64 --test-subset all": [
