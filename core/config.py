@@ -71,10 +71,11 @@ PRESETS: dict[str, StudyConfig] = {
     # all 22.7 M MiniLM parameters for 1,800 instances × 10 checkpoints cost hours on a 2-core
     # CPU, so TracIn uses the factorized projection over every parameter (core.factorized,
     # K = 64 per side of each layer). Chosen by the error study (`python -m core error-study`,
-    # README): against exact all-parameter scores on the demo run's 20 misclassified + 20
-    # random test rows it reached median per-row Spearman 0.998 and 97.5 % shape agreement,
-    # where the former default `last-2` reached 0.913 and 75 %, at 0.56× the training time
-    # (`last-2`: 1.35×) in benchmarks/bench_paper.py. `--params all` gives the definition.
+    # README): against exact all-parameter scores summed over all 10 checkpoints of the demo
+    # run, on 20 misclassified + 20 random test rows, it reached median per-row Spearman 0.999
+    # and 97.5 % shape agreement, where the former default `last-2` reached 0.947 and 80 %,
+    # at 0.60× the training time (`last-2`: 1.28×) in benchmarks/bench_paper.py.
+    # `--params all` gives the definition.
     "paper": StudyConfig(
         preset="paper",
         model="minilm",

@@ -37,7 +37,8 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -634,23 +635,53 @@ def _write_back(root: Path, files: dict[str, bytes], overwrite: bool) -> None:
             tmp.write_bytes(data)
 
 
+def _check_cluster_gpus(ray: Any, gpus: float) -> None:
+    """Refuse tasks that ask for more GPUs than the whole cluster has (Ray would wait for
+    such a node forever)."""
+    if not gpus:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if have < gpus:
+        raise AtlasError(
+            f"Each task asks for {gpus:g} GPU{'' if gpus == 1 else 's'} "
+            f"(--device cuda) but the Ray cluster has {have:g}; add a node with a GPU or "
+            "use --device cpu."
+        )
+
+
+@contextmanager
+def session(spec: ExecutorSpec, resources: Resources = Resources()) -> Iterator[None]:  # noqa: B008
+    """The executor opened before a stage writes anything, closed after its tasks.
+
+    For Ray: the cluster is joined (or a local instance started) and a cluster without the
+    GPUs each task asks for is refused here, so a refused command leaves the run as it was;
+    :func:`run_tasks` inside the block reuses the connection. Other executors need nothing.
+    """
+    if spec.kind != "ray":
+        yield
+        return
+    ray = _import_ray()
+    started = _ray_init(ray, spec, resources)
+    try:
+        _check_cluster_gpus(ray, resources.gpus)
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _run_ray(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any]:
     """Ray tasks with declared resources and retries, at most ``spec.workers`` at once."""
     ray = _import_ray()
     if not tasks:
         return []
     started = _ray_init(ray, spec, resources)
-    if resources.gpus:
-        have = float(ray.cluster_resources().get("GPU", 0))
-        if have < resources.gpus:
-            if started:
-                ray.shutdown()
-            # Ray would wait for such a node forever.
-            raise AtlasError(
-                f"Each task asks for {resources.gpus:g} GPU{'' if resources.gpus == 1 else 's'} "
-                f"(--device cuda) but the Ray cluster has {have:g}; add a node with a GPU or "
-                "use --device cpu."
-            )
+    try:
+        _check_cluster_gpus(ray, resources.gpus)
+    except AtlasError:
+        if started:
+            ray.shutdown()
+        raise
     # Absolute paths: Ray workers run in other working directories (and on other machines).
     tasks = [work.retarget(t, str(Path(work.root(t)).resolve())) for t in tasks]
     roots = sorted({work.root(t) for t in tasks})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -330,6 +331,31 @@ def test_ray_through_the_cli(ray_session, ckpts, local_run, tmp_path, capsys):
     matrix = np.load(run / store.TRACIN)
     assert matrix.shape == np.load(local_run / store.TRACIN).shape
     np.testing.assert_allclose(matrix, np.load(local_run / store.TRACIN), rtol=1e-5, atol=1e-7)
+
+
+def test_a_cluster_without_gpus_is_refused_before_the_run_changes(
+    ray_session, ckpts, local_run, tmp_path
+):
+    """``--device cuda`` on a GPU-less cluster: one sentence, and the complete run is as it
+    was (its stage entry, options and shards) instead of marked running with new options."""
+    import torch
+
+    from core.tracin import run_tracin
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the driver would use it")
+    run = tmp_path / "tiny"
+    shutil.copytree(local_run, run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    with pytest.raises(AtlasError) as info:
+        run_tracin(
+            run, scope="head", device="cuda", progress=False, executor=check_executor("ray", 2)
+        )
+    assert str(info.value) == (
+        "Each task asks for 1 GPU (--device cuda) but the Ray cluster has 0; add a node with "
+        "a GPU or use --device cpu."
+    )
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
 def test_a_failing_ray_task_is_retried_then_named(

@@ -40,6 +40,7 @@ from core.executors import (
     expected_workers,
     peak_rss_mb,
     run_tasks,
+    session,
 )
 from core.tracin.engine import (
     BATCH_BYTES,
@@ -557,32 +558,36 @@ def run_tracin(
     start = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    # Before the stage is marked: shards of other options are refused here, untouched.
-    tasks = plan(
-        run,
-        options["params"],
-        options["project"],
-        options["seed"],
-        dtype=dtype,
-        chunk_size=engine.chunk_size,
-        chunks_per_task=chunks_per_task,
-        workers=expected_workers(executor),
-    )
-    store.mark_stage(run, "tracin", store.STATUS_RUNNING, **options)
-    n_test = int(store.read_json(run / store.TRACIN_SHARDS_DIR / SHARD_OPTIONS)["n_test"])
-    resources = task_resources(
-        run, n_params, n_test, options["project"], "cuda" if remote_gpu else dev.type
-    )
-    # In this process the engine's device object is reused; elsewhere its name travels.
-    run_tasks(
-        WORK,
-        tasks,
-        executor,
-        kwargs={"device": dev if executor.kind == "local" else task_device},
-        resources=resources,
-        progress=progress,
-        folder=run,
-    )
+    wants_gpu = remote_gpu or dev.type == "cuda"
+    # Ray is joined and its GPUs checked before anything is written: a refusal leaves the run
+    # (its shards' options, the stage's status) as it was.
+    with session(executor, Resources(gpus=1.0 if wants_gpu else 0.0)):
+        # Before the stage is marked: shards of other options are refused here, untouched.
+        tasks = plan(
+            run,
+            options["params"],
+            options["project"],
+            options["seed"],
+            dtype=dtype,
+            chunk_size=engine.chunk_size,
+            chunks_per_task=chunks_per_task,
+            workers=expected_workers(executor),
+        )
+        store.mark_stage(run, "tracin", store.STATUS_RUNNING, **options)
+        n_test = int(store.read_json(run / store.TRACIN_SHARDS_DIR / SHARD_OPTIONS)["n_test"])
+        resources = task_resources(
+            run, n_params, n_test, options["project"], "cuda" if remote_gpu else dev.type
+        )
+        # In this process the engine's device object is reused; elsewhere its name travels.
+        run_tasks(
+            WORK,
+            tasks,
+            executor,
+            kwargs={"device": dev if executor.kind == "local" else task_device},
+            resources=resources,
+            progress=progress,
+            folder=run,
+        )
     sizes = aggregate(run)
     seconds = time.perf_counter() - start
     info = {
