@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -351,23 +352,33 @@ def test_app_commands_work_where_they_are_shown(project, detected_run, tmp_path,
         shown_local
     )
 
-    for where, commands in (
-        (project, shown),
-        (local, shown_local),
-        (tmp_path / "empty", shown_empty),
-    ):
-        for line in sorted(commands):
-            work = tmp_path / "run-here"
-            if work.exists():
-                shutil.rmtree(work)
-            shutil.copytree(where, work, symlinks=True)
-            # A command for a full copy (…-full) works once the recreate command has run: the
-            # tiny complete run stands in for that copy.
-            for name in re.findall(r"cache/([\w.-]+-full)\b", line):
-                shutil.copytree(detected_run, work / "cache" / name)
-                # The stand-in has 3 checkpoints where the real copy has the shipped run's.
-                line = re.sub(r"--checkpoints \S+", "--checkpoints 1,3", line)
-            run_printed(line, work)
+    jobs = [
+        (where, line)
+        for where, commands in (
+            (project, shown),
+            (local, shown_local),
+            (tmp_path / "empty", shown_empty),
+        )
+        for line in sorted(commands)
+    ]
+
+    def run_in_copy(job: tuple[int, tuple[Path, str]]) -> None:
+        index, (where, line) = job
+        work = tmp_path / f"run-here-{index}"
+        shutil.copytree(where, work, symlinks=True)
+        # A command for a full copy (…-full) works once the recreate command has run: the
+        # tiny complete run stands in for that copy.
+        for name in re.findall(r"cache/([\w.-]+-full)\b", line):
+            shutil.copytree(detected_run, work / "cache" / name)
+            # The stand-in has 3 checkpoints where the real copy has the shipped run's.
+            line = re.sub(r"--checkpoints \S+", "--checkpoints 1,3", line)
+        run_printed(line, work)
+        shutil.rmtree(work)
+
+    # Each command runs in a fresh Python on its own copy, so two at a time (one torch thread
+    # each) is what a 2-core CI machine allows; this was the suite's slowest test run serially.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(run_in_copy, enumerate(jobs)))
 
 
 @pytest.mark.parametrize(
