@@ -292,6 +292,13 @@ def _run_locked(
         prepare_run(config, run_dir, command, data_dir)
 
     wanted = STAGES[: STAGES.index(until) + 1]
+    manifest = store.load_manifest(run_dir)
+    if manifest.get("status") == store.STATUS_COMPLETE and all(
+        store.stage_complete(run_dir, s) for s in wanted
+    ):
+        # Nothing to do: nothing is written, so a shipped run stays as committed when the
+        # command its manifest records is typed again.
+        return run_dir
     try:
         if any(not store.stage_complete(run_dir, s) for s in wanted):
             # Work to do: a run that failed before is running again, its old error gone.
