@@ -18,6 +18,7 @@ error line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -101,15 +102,14 @@ README_COMMANDS: dict[str, list[str]] = {
         "python -m core run --preset paper --model {model} --dataset rakuten_reviews.tsv "
         "--text-col レビュー本文 --rating-col 評価ポイント"
     ],
-    "python -m core run --preset paper --name demo --detect --params last-2": [
-        "python -m core run --preset paper --name demo --detect --params last-2"
+    "python -m core run --preset paper --detect --name demo-full": [
+        "python -m core run --preset paper --detect --name demo-full"
     ],
-    "python -m core run --preset paper --detect --params last-2 --name demo-full": [
-        "python -m core run --preset paper --detect --params last-2 --name demo-full"
+    # How the demo was made; typed on a fresh clone it finds the run complete and writes
+    # nothing (test_the_demos_recorded_command_finds_it_complete_and_writes_nothing).
+    "python -m core run --preset paper --name demo --detect": [
+        "python -m core run --preset paper --name demo --detect"
     ],
-    # How the demo was made, when the paper preset's default was last-2: today the same line
-    # asks for another configuration, and resuming the demo with it is refused in one sentence.
-    "python -m core run --preset paper --name demo --detect": [],
     "python -m core run --preset quick --name es-quick": [
         "python -m core run --preset quick --name es-quick"
     ],
@@ -347,7 +347,7 @@ def test_app_commands_work_where_they_are_shown(project, detected_run, tmp_path,
     kinds = {shlex.split(c)[3] for c in shown | shown_local | shown_empty}
     assert {"run", "sweep", "clean"} <= kinds, kinds
     # The shipped demo needs a full copy before retraining; the page says how.
-    assert "python -m core run --preset paper --detect --params last-2 --name demo-full" in shown
+    assert "python -m core run --preset paper --detect --name demo-full" in shown
     assert "python -m core clean cache/tiny --detector self_influence --action exclude --k 40" in (
         shown_local
     )
@@ -404,9 +404,22 @@ def test_shipped_runs_name_the_command_that_recreates_them(line, project, tmp_pa
     run_printed(recreate.group(1), work)  # the command it names works (checked dry)
 
 
-def test_the_demo_command_as_recorded_is_refused_in_one_sentence(project):
-    """The README says the demo's recorded command asks for another configuration today."""
-    argv = command_argv("python -m core run --preset paper --name demo --detect")
-    proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "different configuration" in proc.stderr
+def test_the_demos_recorded_command_finds_it_complete_and_writes_nothing(project, tmp_path):
+    """The command the demo's manifest records, typed for real (not --dry-run) on a fresh
+    clone: the run is complete with today's paper preset, so it prints the run and changes
+    nothing (no retraining, no rewritten manifest)."""
+    work = tmp_path / "clone"
+    shutil.copytree(project, work)
+    line = store_command(work / "cache" / "demo")
+    assert line == "python -m core run --preset paper --name demo --detect"
+    before = {p: p.read_bytes() for p in (work / "cache").rglob("*") if p.is_file()}
+    argv = command_argv(line)[:-1]  # without the --dry-run added to long commands
+    proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert proc.stdout.strip().splitlines()[-1] == str(Path("cache") / "demo")
+    assert {p: p.read_bytes() for p in (work / "cache").rglob("*") if p.is_file()} == before
+
+
+def store_command(run: Path) -> str:
+    """The command a run's manifest records."""
+    return json.loads((run / "manifest.json").read_text("utf-8"))["command"]
