@@ -164,7 +164,7 @@ def _analyze(
 
     t = time.perf_counter()
     emb, dist, coords, geometry_note = _geometry(run, manifest, inst, params, device, progress)
-    mean_distance = dist.mean(axis=1) if dist.shape[1] else np.full(len(test_ids), np.nan)
+    mean_distance = stats.mean_distances(dist)
     from core import geometry
 
     knn = geometry.knn_flip_share(dist, flipped, params["k"])

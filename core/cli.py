@@ -1,4 +1,4 @@
-"""The command line: ``python -m core run|list|show|tracin|error-study|analyze|detect|clean|export|sweep``.
+"""The command line: ``python -m core run|list|show|tracin|…|sweep|claims|group|replication``.
 
 Every command that creates something prints the folder it wrote as its last stdout
 line, so scripts can chain commands. Problems with the input end with one sentence on
@@ -20,7 +20,13 @@ from core import locks, provenance, shapes, store
 from core.config import PRESETS, StudyConfig, preset_config
 from core.errors import AtlasError
 from core.executors import EXECUTORS, LOCAL, SHARED_MODES, ExecutorSpec, TaskFailed, check_executor
-from core.validation import DATA_SUFFIXES, check_device, check_number, validate_study
+from core.validation import (
+    DATA_SUFFIXES,
+    check_device,
+    check_name,
+    check_number,
+    validate_study,
+)
 
 DEFAULT_CACHE = os.environ.get("ATLAS_CACHE", "cache")
 # Bounds of the per-command integer options (typos fail at once, not after hours).
@@ -603,6 +609,62 @@ def cmd_fetch(args: argparse.Namespace) -> str:
     return str(default_data_dir())
 
 
+def cmd_claims(args: argparse.Namespace) -> str | None:
+    """Test the paper's claims on a run, group or sweep; write claims.json and print a table."""
+    from core.replication import CLAIMS_FILE, claims_of
+
+    folder = _existing_target(args.target)
+    payload = claims_of(folder, args.view)
+    if args.json:
+        print(json.dumps(payload, indent=2, ensure_ascii=False, default=store._json_default))
+        return None
+    print(claims_table(payload))
+    return str(folder / CLAIMS_FILE) if (folder / CLAIMS_FILE).exists() else None
+
+
+def claims_table(payload: dict[str, Any]) -> str:
+    """The claims as a plain-text table (id, verdict, statistic, interval, n, view)."""
+    lines = [f"{payload.get('kind')} {payload.get('name')}  (rules: docs/replication.md)"]
+    for c in payload.get("claims", []):
+        stat = "-" if c.get("statistic") is None else f"{c['statistic']:.3g}"
+        ci = "-" if not c.get("ci") else f"[{c['ci'][0]:.3g}, {c['ci'][1]:.3g}]"
+        lines.append(
+            f"  {c['id']:<3} {c['verdict']:<13} {stat:>8} {ci:>20}  n={c['n']:<4} {c['view']}"
+        )
+        lines.append(f"      {c['statement']}: {c['why']}")
+    return "\n".join(lines)
+
+
+def cmd_group(args: argparse.Namespace) -> str:
+    """Pool runs of one condition (several seeds) into a group folder and test its claims."""
+    from core.replication import make_group
+
+    name = check_name(args.name)
+    folder = make_group(args.cache, name, args.runs, args.view, _command_line(args))
+    return str(folder)
+
+
+def cmd_replication(args: argparse.Namespace) -> str:
+    """The replication grid's summary: one condition per group, the sweep's C7, the teaching run."""
+    from core.replication import replication_summary
+
+    name = check_name(args.name)
+    return str(replication_summary(args.cache, name, args.groups, args.sweep, _command_line(args)))
+
+
+def _existing_target(path: str) -> Path:
+    """A run, group or sweep folder (or its name inside the cache), or :class:`AtlasError`."""
+    candidate = Path(path)
+    if not candidate.is_dir() and (Path(DEFAULT_CACHE) / path).is_dir():
+        candidate = Path(DEFAULT_CACHE) / path
+    if not (candidate / store.MANIFEST).exists():
+        raise AtlasError(
+            f"{path} is not a run, group or sweep folder (no {store.MANIFEST}); "
+            "see `python -m core list`."
+        )
+    return candidate
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = _Parser(
@@ -776,6 +838,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_executor_options(p, "cells (one training per flip rate and seed)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "claims", help="test the paper's claims (docs/replication.md) on a run, group or sweep"
+    )
+    p.add_argument("target", help="a run, group (several seeds) or sweep folder")
+    p.add_argument("--view", help="a run's view, e.g. raw:1-3 (default: all checkpoints, raw)")
+    p.add_argument("--json", action="store_true", help="print claims.json instead of a table")
+    p.set_defaults(func=cmd_claims)
+
+    p = sub.add_parser("group", help="pool runs of one condition (several seeds) for claims")
+    p.add_argument("runs", nargs="+", help="run folders (or names in the cache), one per seed")
+    p.add_argument("--name", required=True, help="the group's folder name in the cache")
+    p.add_argument("--view", help="the view every run is read in (default: all checkpoints, raw)")
+    p.add_argument("--cache", default=DEFAULT_CACHE)
+    p.set_defaults(func=cmd_group)
+
+    p = sub.add_parser(
+        "replication", help="summarise a grid of groups (and a sweep) into replication.json"
+    )
+    p.add_argument("groups", nargs="+", help="group folders, one per condition, in order")
+    p.add_argument("--sweep", help="a sweep folder for C7")
+    p.add_argument("--name", default="replication", help="output folder name in the cache")
+    p.add_argument("--cache", default=DEFAULT_CACHE)
+    p.set_defaults(func=cmd_replication)
     return parser
 
 

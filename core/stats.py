@@ -66,3 +66,16 @@ def _finite(value: Any) -> float | None:
     """A float, or None for NaN/inf (JSON has no NaN)."""
     v = float(value)
     return v if math.isfinite(v) else None
+
+
+def mean_distances(distances: np.ndarray) -> np.ndarray:
+    """Mean distance of each test instance to the training data (paper Fig. 2a), float64.
+
+    ``distances`` is distances.npy (n_test, n_train); the mean is taken in its own dtype
+    (float32 as stored), so every reader gets the analyze stage's numbers bit for bit.
+    Without training instances every mean is NaN.
+    """
+    d = np.asarray(distances)
+    if d.ndim != 2 or d.shape[1] == 0:
+        return np.full(d.shape[0] if d.ndim else 0, np.nan)
+    return d.mean(axis=1).astype(np.float64)
