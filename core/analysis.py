@@ -136,6 +136,14 @@ def final_correct(logits: np.ndarray, instances: pd.DataFrame) -> np.ndarray:
     return pred == test["label"].to_numpy()
 
 
+def majority_baseline(instances: pd.DataFrame) -> float | None:
+    """Test accuracy of always predicting the test split's most frequent true label."""
+    labels = instances.loc[instances["split"] == "test", "label"]
+    if labels.empty:
+        return None
+    return float(labels.value_counts().iloc[0] / len(labels))
+
+
 def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """:func:`core.stats.correlation` (kept here for callers of the analyze stage)."""
     return stats.correlation(x, y)

@@ -219,7 +219,8 @@ def verdict(lo: float | None, hi: float | None, null: float, direction: int) -> 
 def hinge_fit(rate: np.ndarray, accuracy: np.ndarray) -> dict[str, float]:
     """Least-squares hinge (flat up to b, then a line) and line; b on a grid of the rate range.
 
-    Returns ``breakpoint``, ``sse_hinge``, ``sse_line``, ``bic_hinge``, ``bic_line``. At the
+    Returns ``breakpoint``, ``plateau`` and ``drop_per_rate`` (accuracy = plateau −
+    drop_per_rate · max(rate − breakpoint, 0)), ``sse_hinge``, ``sse_line``, ``bic_hinge``, ``bic_line``. At the
     lowest rate the hinge is the line, so ``sse_hinge <= sse_line`` always.
     """
     x = np.asarray(rate, dtype=np.float64)
@@ -227,14 +228,18 @@ def hinge_fit(rate: np.ndarray, accuracy: np.ndarray) -> dict[str, float]:
     n = x.size
     line_design = np.column_stack([np.ones(n), x])
     sse_line = _sse(line_design, y)
-    best_b, best_sse = float(x.min()), math.inf
+    best_b, best_sse, best_coef = float(x.min()), math.inf, (math.nan, math.nan)
     for b in np.linspace(x.min(), x.max(), HINGE_GRID):
         design = np.column_stack([np.ones(n), -np.maximum(x - b, 0.0)])
-        sse = _sse(design, y)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        resid = y - design @ coef
+        sse = float(resid @ resid)
         if sse < best_sse - 1e-15:
-            best_b, best_sse = float(b), sse
+            best_b, best_sse, best_coef = float(b), sse, (float(coef[0]), float(coef[1]))
     return {
         "breakpoint": best_b,
+        "plateau": best_coef[0],
+        "drop_per_rate": best_coef[1],
         "sse_hinge": best_sse,
         "sse_line": sse_line,
         "bic_hinge": _bic(best_sse, n, 3),
@@ -431,3 +436,41 @@ def _sse(design: np.ndarray, y: np.ndarray) -> float:
 def _bic(sse: float, n: int, k: int) -> float:
     # A perfect fit has no finite log-likelihood; a tiny floor keeps the comparison defined.
     return n * math.log(max(sse, 1e-300) / n) + k * math.log(n)
+
+
+def paragraph(cid: str, rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """What the data show for one claim across conditions, in words computed from the verdicts.
+
+    ``rows`` holds (condition name, claim dict) for every condition that reports ``cid``.
+    """
+    if not rows:
+        return f"{cid} was not evaluated in any condition."
+    by_verdict: dict[str, list[str]] = {v: [] for v in VERDICTS}
+    for name, claim in rows:
+        by_verdict.get(claim.get("verdict"), by_verdict[NOT_TESTABLE]).append(name)
+    tested = [(n, c) for n, c in rows if c.get("verdict") != NOT_TESTABLE]
+    parts = [f"**{cid}** ({STATEMENTS[cid]}):"]
+    summary = []
+    for v in (HOLDS, CONTRADICTED, INCONCLUSIVE, NOT_TESTABLE):
+        names = by_verdict[v]
+        if names:
+            summary.append(f"{v} in {len(names)} of {len(rows)} ({', '.join(names)})")
+    parts.append("; ".join(summary) + ".")
+    values = [c["statistic"] for _, c in tested if c.get("statistic") is not None]
+    if values:
+        parts.append(
+            f"Where testable, the {STATISTICS[cid]} ranges from {min(values):.3g} "
+            f"to {max(values):.3g}."
+        )
+    if by_verdict[NOT_TESTABLE]:
+        first = next(c for _, c in rows if c.get("verdict") == NOT_TESTABLE)
+        parts.append(f"Not testable because, e.g., {first.get('why')}.")
+    if not tested:
+        parts.append("The grid cannot say whether the paper's statement holds here.")
+    elif by_verdict[HOLDS] and not by_verdict[CONTRADICTED]:
+        parts.append("Nowhere contradicted.")
+    elif by_verdict[CONTRADICTED] and not by_verdict[HOLDS]:
+        parts.append("It holds in no condition of the grid.")
+    elif by_verdict[HOLDS] and by_verdict[CONTRADICTED]:
+        parts.append("It depends on the condition: a regime, not a universal finding.")
+    return " ".join(parts)

@@ -614,3 +614,136 @@ def reference_curves_chart(curves: pd.DataFrame) -> alt.FacetChart:
         .resolve_scale(y="independent")
     )
     return _tag(chart, "reference_curves")
+
+
+VERDICT_COLORS = {
+    "holds": "#1a9641",
+    "contradicted": "#d7191c",
+    "inconclusive": "#fdae61",
+    "not testable": "#d9d9d9",
+}
+
+
+def verdict_grid(cells: pd.DataFrame, select_name: str = "cell") -> alt.LayerChart:
+    """Claims × conditions, coloured by verdict, statistic printed, interval and reason on hover.
+
+    ``cells``: condition, claim, verdict, label (text in the cell), statement, ci, n, view, why.
+    Clicking a cell selects (condition, claim).
+    """
+    pick = alt.selection_point(name=select_name, fields=["condition", "claim"], on="click")
+    order = list(dict.fromkeys(cells["condition"]))
+    base = alt.Chart(cells).encode(
+        x=alt.X("claim:N", title=None, axis=alt.Axis(orient="top", labelAngle=0)),
+        y=alt.Y("condition:N", title=None, sort=order),
+    )
+    tooltip = [
+        alt.Tooltip("condition:N"),
+        alt.Tooltip("claim:N"),
+        alt.Tooltip("statement:N"),
+        alt.Tooltip("verdict:N"),
+        alt.Tooltip("label:N", title="statistic"),
+        alt.Tooltip("ci:N", title="95 % interval"),
+        alt.Tooltip("n:Q"),
+        alt.Tooltip("view:N"),
+        alt.Tooltip("why:N"),
+    ]
+    rects = base.mark_rect(stroke="white", strokeWidth=2).encode(
+        color=alt.Color(
+            "verdict:N",
+            scale=alt.Scale(domain=list(VERDICT_COLORS), range=list(VERDICT_COLORS.values())),
+            legend=alt.Legend(orient="bottom", title=None),
+        ),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
+        tooltip=tooltip,
+    )
+    text = base.mark_text(fontSize=12).encode(text="label:N", tooltip=tooltip)
+    chart = alt.layer(rects.add_params(pick), text).properties(height=34 * len(order) + 40)
+    return _tag(chart, "verdict_grid")
+
+
+def evidence_curves(curves: pd.DataFrame, columns: int = 4) -> alt.FacetChart:
+    """Sorted curves of a condition's misclassified instances, flips red, one panel each.
+
+    ``curves``: panel (title), rank, score, flipped; panels keep their order.
+    """
+    df = curves.copy()
+    df["status"] = np.where(df["flipped"].to_numpy(bool), "flipped", "clean")
+    panels = list(dict.fromkeys(df["panel"]))
+    chart = (
+        alt.Chart(df)
+        .mark_circle(opacity=0.85)
+        .encode(
+            x=alt.X("rank:Q", title="rank"),
+            y=alt.Y("score:Q", title="TracIn", axis=alt.Axis(format="~s")),
+            color=alt.Color(
+                "status:N",
+                scale=alt.Scale(domain=["clean", "flipped"], range=[BLUE, RED]),
+                title=None,
+            ),
+            size=alt.condition(alt.datum.flipped, alt.value(30), alt.value(8)),
+            order=alt.Order("flipped:Q"),
+            tooltip=[alt.Tooltip("rank:Q"), alt.Tooltip("score:Q", format=".4g"), "status:N"],
+        )
+        .properties(width=170, height=120)
+        .facet(
+            facet=alt.Facet(
+                "panel:N", sort=panels, title=None, header=alt.Header(labelFontSize=11)
+            ),
+            columns=columns,
+        )
+        .resolve_scale(y="independent")
+    )
+    return _tag(chart, "evidence_curves")
+
+
+def threshold_fit_chart(cells: pd.DataFrame, fit: dict) -> alt.LayerChart:
+    """Sweep accuracy per seed against flip rate, with the hinge fit of claim C7."""
+    lo, hi = float(cells["flip_rate"].min()), float(cells["flip_rate"].max())
+    xs = np.linspace(lo, hi, 101)
+    line = pd.DataFrame(
+        {
+            "flip_rate": xs,
+            "fit": fit["plateau"] - fit["drop_per_rate"] * np.maximum(xs - fit["breakpoint"], 0),
+        }
+    )
+    points = (
+        alt.Chart(cells)
+        .mark_circle(size=60, opacity=0.8)
+        .encode(
+            x=alt.X("flip_rate:Q", title="flip rate", axis=alt.Axis(format="%")),
+            y=alt.Y("final_test_accuracy:Q", title="test accuracy", scale=alt.Scale(zero=False)),
+            color=alt.Color("seed:N", title="seed"),
+            tooltip=["flip_rate:Q", "seed:N", alt.Tooltip("final_test_accuracy:Q", format=".3f")],
+        )
+    )
+    fitted = alt.Chart(line).mark_line(color="black").encode(x="flip_rate:Q", y="fit:Q")
+    rule = (
+        alt.Chart(pd.DataFrame({"b": [fit["breakpoint"]]}))
+        .mark_rule(strokeDash=[4, 4], color=GREY)
+        .encode(x="b:Q")
+    )
+    return _tag(alt.layer(points, fitted, rule).properties(height=320), "threshold_fit")
+
+
+def regime_chart(rows: pd.DataFrame) -> alt.Chart:
+    """Share of Z and S curves among the misclassified against the loss still unfitted."""
+    long = rows.melt(
+        id_vars=["condition", "train_loss"], value_vars=["S", "backslash", "Z"], var_name="shape"
+    )
+    chart = (
+        alt.Chart(long)
+        .mark_point(size=90, filled=True)
+        .encode(
+            x=alt.X("train_loss:Q", title="mean training loss at the view's last checkpoint"),
+            y=alt.Y("value:Q", title="share of misclassified curves", axis=alt.Axis(format="%")),
+            color=alt.Color("shape:N", scale=_shape_scale()),
+            tooltip=[
+                "condition:N",
+                "shape:N",
+                alt.Tooltip("value:Q", format=".0%"),
+                alt.Tooltip("train_loss:Q", format=".3f"),
+            ],  # fmt: skip
+        )
+        .properties(height=300)
+    )
+    return _tag(chart, "regime_chart")

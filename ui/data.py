@@ -386,3 +386,46 @@ class Sweep:
         """sweep_epochs.parquet, or None."""
         path = self.path / SWEEP_EPOCHS
         return _parquet(str(path), stamp(path)) if path.exists() else None
+
+
+class Replication:
+    """A replication-grid summary folder (manifest kind 'replication', core.replication)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.name = self.path.name
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        """replication.json: conditions with pooled claims, the sweep's C7, the teaching run."""
+        from core.replication import REPLICATION
+
+        path = self.path / REPLICATION
+        if not path.exists():
+            raise AtlasError(f"{path} does not exist; the grid summary was not written.")
+        out = _json(str(path), stamp(path))
+        if not isinstance(out, dict) or not isinstance(out.get("conditions"), list):
+            raise AtlasError(f"{path} is not a replication summary.")
+        return out
+
+    def _table(self, name: str) -> pd.DataFrame | None:
+        path = self.path / name
+        return _parquet(str(path), stamp(path)) if path.exists() else None
+
+    def instances(self) -> pd.DataFrame | None:
+        """Every test instance of every run, read in its condition's view."""
+        from core.replication import REPLICATION_INSTANCES
+
+        return self._table(REPLICATION_INSTANCES)
+
+    def curves(self) -> pd.DataFrame | None:
+        """Downsampled sorted curves of the misclassified instances (flips always kept)."""
+        from core.replication import REPLICATION_CURVES
+
+        return self._table(REPLICATION_CURVES)
+
+    def sweep_cells(self) -> pd.DataFrame | None:
+        """The sweep's cells (flip_rate, seed, final_test_accuracy) behind claim C7."""
+        from core.replication import REPLICATION_SWEEP
+
+        return self._table(REPLICATION_SWEEP)

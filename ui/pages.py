@@ -43,6 +43,14 @@ PAGES: tuple[PageSpec, ...] = (
         "S against end ratio or distance (Fig. 3); click a point to open its curve.",
     ),
     PageSpec(
+        "replication",
+        "Does the paper hold?",
+        ":material/fact_check:",
+        "Does_the_paper_hold",
+        "pages/8_Does_the_paper_hold.py",
+        "each claim of the paper tested across conditions and seeds, with its evidence.",
+    ),
+    PageSpec(
         "learn",
         "Learn the shapes",
         ":material/school:",
