@@ -157,7 +157,7 @@ def add_executor_options(p: argparse.ArgumentParser, what: str = "tasks") -> Non
     g = p.add_argument_group(
         "executor",
         f"where the independent {what} run; the numbers are the same whichever runs them "
-        "(README: Run on a cluster)",
+        "(docs/cluster.md)",
     )
     g.add_argument(
         "--executor",
@@ -312,6 +312,14 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
             return {**manifest, "table": sweep_table(run_dir)}
         except AtlasError as exc:
             return {**manifest, "status": "damaged", "table": [], "problems": {"sweep": str(exc)}}
+    if manifest.get("kind") in ("group", "replication"):
+        claims_path = run_dir / (
+            "claims.json" if manifest["kind"] == "group" else "replication.json"
+        )
+        try:
+            return {**manifest, "claims": store.read_json(claims_path)}
+        except AtlasError as exc:
+            return {**manifest, "status": "damaged", "problems": {"claims": str(exc)}}
     # Stages the manifest calls complete are reported complete only when their files are whole.
     problems = store.verify_run(run_dir, manifest)
     stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
@@ -333,6 +341,8 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         "n_test": manifest.get("n_test"),
         "n_flipped": manifest.get("n_flipped"),
         "test_accuracy": manifest.get("test_accuracy"),
+        "majority_baseline": _majority_baseline(run_dir),
+        "purpose": manifest.get("purpose"),
         "epochs": manifest.get("epochs", []),
         "checkpoints": manifest.get("checkpoints", []),
         "stages": stages,
@@ -374,7 +384,9 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(json.dumps(payload, indent=2, ensure_ascii=False, default=store._json_default))
         return
     print(f"{payload.get('name')}  [{payload.get('status')}]")
-    for key in ("n_train", "n_val", "n_test", "n_flipped", "test_accuracy"):
+    if payload.get("purpose"):
+        print(f"  purpose        {payload['purpose']}")
+    for key in ("n_train", "n_val", "n_test", "n_flipped", "test_accuracy", "majority_baseline"):
         if key in payload:
             print(f"  {key:<14} {payload[key]}")
     for e in payload.get("epochs", []) or []:
@@ -393,6 +405,16 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(f"  {stage:<14} {_number(secs, '.1f')} s")
     for problem in (payload.get("problems") or {}).values():
         print(f"  problem: {problem}")
+
+
+def _majority_baseline(run_dir: Path) -> float | None:
+    """The test split's majority-class accuracy (None while the run has no readable data)."""
+    from core.analysis import majority_baseline
+
+    try:
+        return majority_baseline(store.load_instances(run_dir))
+    except AtlasError:
+        return None
 
 
 def cmd_tracin(args: argparse.Namespace) -> str:

@@ -501,7 +501,7 @@ def _ray_init(ray: Any, spec: ExecutorSpec, resources: Resources) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise AtlasError(
                 f"Cannot join the Ray cluster at {spec.address} ({str(exc).splitlines()[0]}); "
-                "start it with `ray start --head` (README: Run on a cluster)."
+                "start it with `ray start --head` (docs/cluster.md)."
             ) from None
     return True
 

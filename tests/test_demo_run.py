@@ -145,3 +145,51 @@ def test_the_repository_tracks_only_the_shipped_runs_result_files() -> None:
         or "_work/" in name
     ]
     assert odd == []
+
+
+def test_shipped_claims_recompute_from_the_stored_arrays(shipped) -> None:
+    import json
+
+    from core import replication
+
+    run, _ = shipped
+    stored = json.loads((run / replication.CLAIMS_FILE).read_text())
+    fresh = json.loads(json.dumps(replication.claims_of(run, write=False)))
+    assert stored["claims"] == fresh["claims"]
+
+
+def test_shipped_sweep_claim_recomputes() -> None:
+    import json
+
+    from core import replication
+
+    sweep = CACHE / "sweep-quick"
+    stored = json.loads((sweep / replication.CLAIMS_FILE).read_text())
+    assert (
+        stored["claims"]
+        == json.loads(json.dumps(replication.claims_of(sweep, write=False)))["claims"]
+    )
+
+
+def test_shipped_replication_claims_recompute_from_its_instance_table() -> None:
+    """Each condition's pooled claims equal claims.evaluate on the shipped per-instance rows."""
+    import json
+
+    from core import claims, replication
+
+    folder = CACHE / "replication"
+    summary = json.loads((folder / replication.REPLICATION).read_text())
+    rows = pd.read_parquet(folder / replication.REPLICATION_INSTANCES)
+    assert len(summary["conditions"]) >= 6
+    for cond in summary["conditions"]:
+        assert len(cond["seeds"]) >= 3, cond["name"]
+        mine = rows[rows["condition"] == cond["name"]]
+        samples = [
+            replication.sample_of(mine[mine["run"] == run].reset_index(drop=True))
+            for run in cond["runs"]
+        ]
+        fresh = json.loads(json.dumps(claims.evaluate(samples, cond["view"])))
+        assert cond["claims"] == fresh, cond["name"]
+    assert summary["teaching"] == json.loads(
+        json.dumps(replication.teaching_choice(summary["conditions"]))
+    )

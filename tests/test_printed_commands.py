@@ -62,6 +62,14 @@ README_COMMANDS: dict[str, list[str]] = {
         "--k 10 --force",
     ],
     f"python -m core detect {RUN}": ["python -m core detect {run}"],
+    f"python -m core claims {RUN} [--json]": [
+        "python -m core claims {run}",
+        "python -m core claims {run} --json",
+    ],
+    "python -m core claims RUN|GROUP|SWEEP [--json]": [
+        "python -m core claims {run}",
+        "python -m core claims cache/sweep-quick --json",
+    ],
     f"python -m core clean {RUN} --detector self_influence --action exclude|relabel|reweight "
     "--k 40 [--seeds 3]": [
         "python -m core clean {run} --detector self_influence --action exclude --k 40",
@@ -144,19 +152,23 @@ LONG = ("run", "sweep")
 
 
 def readme_commands() -> set[str]:
-    """Every ``python -m core`` command of the README: code-block lines and inline spans."""
-    text = (REPO / "README.md").read_text("utf-8")
+    """Every ``python -m core`` command of the README and docs/: code-block lines and inline spans."""
     found: set[str] = set()
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith("python -m core"):
-                found.add(" ".join(line.split()))
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    for span in re.findall(r"`(python -m core[^`]*)`", prose):
-        span = " ".join(span.split())
-        if "…" not in span and len(span.split()) > 4:  # not a bare command name
-            found.add(span)
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text("utf-8")
+        # Every fenced block, whatever its language, so fences pair up; only shell blocks count.
+        for lang, block in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+            if lang not in ("", "bash", "sh"):
+                continue
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("  #")[0].strip()
+                if line.startswith("python -m core"):
+                    found.add(" ".join(line.split()))
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        for span in re.findall(r"`(python -m core[^`]*)`", prose):
+            span = " ".join(span.split())
+            if "…" not in span and len(span.split()) > 4:  # not a bare command name
+                found.add(span)
     return found
 
 

@@ -10,7 +10,7 @@ import streamlit as st
 
 from core import shapes as core_shapes
 from core import store
-from core.analysis import final_correct
+from core.analysis import final_correct, majority_baseline
 from core.commands import reproduce_command
 from core.errors import AtlasError
 from ui import charts, compute, data, pages, widgets
@@ -55,6 +55,11 @@ def render() -> None:
     if run is not None:
         with widgets.guard():
             summary(run)
+    st.page_link(
+        pages.link_target("replication"),
+        label="Does the paper hold? Each claim tested across conditions and seeds",
+        icon=":material/fact_check:",
+    )
     teaching()
 
 
@@ -68,6 +73,8 @@ def summary(run: data.Run) -> None:
         (st.error if run.status == store.STATUS_FAILED else st.warning)(
             f"Status: {widgets.md_escape(run.status)} — {widgets.md_escape(note, 400)}."
         )
+    if m.get("purpose"):
+        st.info(widgets.md_escape(m["purpose"], 600), icon=":material/info:")
     inst = run.instances
     n_flip = int(inst["flipped"].sum())
     esc = widgets.md_escape
@@ -89,7 +96,16 @@ def summary(run: data.Run) -> None:
         delta_arrow="off",
     )
     acc = m.get("test_accuracy")
-    cols[3].metric("test accuracy", widgets.fmt(acc, ".1%"))
+    baseline = majority_baseline(inst)
+    cols[3].metric(
+        "test accuracy",
+        widgets.fmt(acc, ".1%"),
+        None if baseline is None else f"majority class {baseline:.1%}",
+        delta_color="off",
+        delta_arrow="off",
+        help="Always predicting the test split's most frequent label scores the majority "
+        "baseline; an accuracy near it means the model learned little.",
+    )
     miscls = None
     with contextlib.suppress(AtlasError):
         shapes = run.shapes()

@@ -104,7 +104,7 @@ def form(cache, can_start: bool = True) -> None:
             choices,
             key="study_executor",
             help="local: one task at a time in the job; processes: a pool on this host; ray: a "
-            "Ray instance or cluster (README: Run on a cluster). The scores are the same.",
+            "Ray instance or cluster (docs/cluster.md). The scores are the same.",
         )
         workers = x2.number_input(
             "Workers (0 = default)",
