@@ -51,6 +51,14 @@ PAGES: tuple[PageSpec, ...] = (
         "each claim of the paper tested across conditions and seeds, with its evidence.",
     ),
     PageSpec(
+        "lesson",
+        "Lesson: the three shapes",
+        ":material/co_present:",
+        "Lesson",
+        "pages/9_Lesson.py",
+        "a guided lesson in five steps on the teaching run, a question at each step.",
+    ),
+    PageSpec(
         "learn",
         "Learn the shapes",
         ":material/school:",

@@ -1,0 +1,91 @@
+"""The lesson's numbers (core/lesson.py) and its page under AppTest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import runstore_factory as factory
+from test_app import open_page, texts
+
+from core import lesson, replication, shapes, store, views
+
+
+def table(rows):
+    return pd.DataFrame(rows, columns=["id", "correct", "shape", "s_bulk", "end_ratio"])
+
+
+def test_examples_follow_the_written_rule():
+    t = table(
+        [
+            (1, False, "S", 0.30, 90),
+            (2, False, "S", 0.50, 80),
+            (3, False, "S", 0.40, 85),  # the median S of the misclassified: chosen
+            (4, True, "S", 0.40, 10),
+            (5, True, "Z", -0.20, 30),  # no misclassified Z: taken from the correct ones
+            (6, False, "backslash", 0.1, 60),
+        ]
+    )
+    ex = lesson.class_examples(t)
+    assert ex["S"]["id"] == 3 and ex["S"]["misclassified"]
+    assert ex["Z"]["id"] == 5 and not ex["Z"]["misclassified"]
+    assert ex["backslash"]["id"] == 6
+
+
+@pytest.mark.parametrize(
+    ("shape", "er", "agrees"),
+    [("S", 88, True), ("S", 52, False), ("Z", 35, True), ("Z", 56, False), ("backslash", 70, True)],
+)
+def test_placement_sentences_say_whether_the_paper_holds(shape, er, agrees):
+    sentence = lesson.placement_sentence(shape, er)
+    assert f"{er} %" in sentence
+    assert ("as the paper says" in sentence) == agrees
+    assert ("not where the paper says" in sentence) == (not agrees)
+
+
+def test_the_trace_recomputes_each_cumulative_view(tmp_path):
+    run = factory.make_run(tmp_path, "r", epochs=3)
+    stack = np.load(run / store.TRACIN_PER_CHECKPOINT)
+    inst = store.load_instances(run)
+    flipped = inst[inst.split == "train"].flipped.to_numpy(bool)
+    tn, sn = np.load(run / store.GRAD_NORMS_TRAIN), np.load(run / store.GRAD_NORMS_TEST)
+    trace = lesson.view_trace(stack, flipped, 2, tn, sn, [0.6, 0.3, 0.1])
+    assert len(trace) == 6
+    for r in trace.itertuples():
+        scores = views.view_scores(stack, views.View(1, r.checkpoint, r.normalisation), tn, sn)[2]
+        cls = shapes.classify(scores, flipped)
+        assert r.s_bulk == pytest.approx(float(cls["s_bulk"][0]), abs=0)
+        assert r.shape == cls["shape"][0]
+    assert "0.60" in lesson.trace_sentence(trace) and "0.10" in lesson.trace_sentence(trace)
+
+
+def test_the_lesson_walks_five_steps_and_its_numbers_are_cores(tmp_path, monkeypatch):
+    run = factory.make_run(tmp_path, "demo", n_test=30, epochs=3)
+    at = open_page("lesson", tmp_path, monkeypatch)
+    assert "Step 1 of 5" in texts(at)
+    next_button = next(b for b in at.button if b.key == "lesson_next")
+    assert next_button.disabled  # the question comes first
+    radio = next(r for r in at.radio if r.key == "lesson_q1")
+    assert radio.value is None  # nothing preselected
+    radio.set_value(radio.options[1])
+    at.run()
+    next(b for b in at.button if b.key == "lesson_q1_check").click()
+    at.run()
+    assert "Not quite" in texts(at)
+    radio = next(r for r in at.radio if r.key == "lesson_q1")
+    assert radio.disabled  # locked once checked
+    # Step 3's captions carry core's examples and sentences.
+    at.query_params["step"] = "3"
+    at.run()
+    assert not at.exception
+    table_ = replication.run_table(run, None)[0]
+    ex = lesson.class_examples(table_)
+    text = texts(at)
+    for cls, e in ex.items():
+        if e:
+            assert lesson.placement_sentence(cls, e["end_ratio"]) in text
+    for step in ("2", "4", "5"):
+        at.query_params["step"] = step
+        at.run()
+        assert not at.exception, step
+        assert f"Step {step} of 5" in texts(at)
