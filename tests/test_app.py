@@ -753,3 +753,81 @@ def test_home_without_an_error_study_shows_the_command(tmp_path, monkeypatch):
     assert not at.exception
     assert "python -m core error-study" in texts(at)
     assert not any("median Spearman" in d.value.columns for d in at.dataframe)
+
+
+# -- Learn the shapes: the guessing exercise ------------------------------------------------------
+
+
+def _guess_state(at: AppTest) -> dict:
+    return at.session_state["learn_guess"]
+
+
+def test_exercise_draws_every_class_from_a_view_where_it_occurs(cache):
+    from ui import compute
+
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    by_view = pd.read_parquet(cache / "demo" / "shapes_by_view.parquet")
+    pool = compute.exercise_pool(shapes, "raw:1-3", by_view)
+    assert not pool.duplicated(["view", "id"]).any()
+    # Only the stored views hold any Z: the draw still finds them.
+    no_z = pool[(pool["view"] == "raw:1-3") & (pool["shape"] != "Z")]
+    pool = pd.concat([no_z, pool[pool["view"] != "raw:1-3"]], ignore_index=True)
+    rng = np.random.default_rng(0)
+    seen = set()
+    drawn = [compute.draw_exercise(pool, rng) for _ in range(30)]
+    for key, test_id in drawn:
+        row = pool[(pool["view"] == key) & (pool["id"] == test_id)]
+        assert len(row) == 1  # a curve that exists, under the view it is drawn from
+        seen.add(row["shape"].iloc[0])
+    assert seen == {"S", "Z", "backslash"}
+    assert compute.draw_exercise(pool, rng, avoid=drawn[0]) != drawn[0]
+    one = pool.head(1)
+    assert compute.draw_exercise(one, rng, avoid=(one["view"][0], one["id"][0])) == (
+        one["view"][0],
+        int(one["id"][0]),
+    )
+
+
+def test_exercise_starts_unanswered_locks_at_reveal_and_keeps_score(cache, monkeypatch):
+    at = open_page("learn", cache, monkeypatch)
+    radio = at.radio(key="learn_choice")
+    assert radio.value is None  # nothing preselected
+    assert at.button(key="learn_reveal").disabled  # no reveal without a guess
+    state = _guess_state(at)
+    assert "This curve is shown under checkpoint" in texts(at)  # which view it comes from
+    shapes = pd.read_parquet(cache / "demo" / "shapes_by_view.parquet")
+    default = pd.read_parquet(cache / "demo" / "shapes.parquet").assign(view="raw:1-3")
+    stored = pd.concat([default, shapes]).drop_duplicates(["view", "id"])
+    answer = stored[(stored["view"] == state["view"]) & (stored["id"] == state["id"])]
+    answer = answer["shape"].iloc[0]
+    wrong = next(s for s in ("S", "Z", "backslash") if s != answer)
+    at.radio(key="learn_choice").set_value(wrong).run()
+    at.button(key="learn_reveal").click().run()
+    assert any("Not quite" in str(w.value) for w in at.warning)
+    assert f"this curve is {answer}" in texts(at)
+    assert at.radio(key="learn_choice").disabled and at.button(key="learn_reveal").disabled
+    assert "Score this session: 0 of 1" in texts(at)
+    # A changed guess after Reveal cannot turn 'Not quite' into 'Right' (the browser cannot
+    # change the disabled radio; the session's value is forced here as if it could).
+    at.session_state["learn_choice"] = answer
+    at.run()
+    assert not at.success and any("Not quite" in str(w.value) for w in at.warning)
+    assert "Score this session: 0 of 1" in texts(at)
+    # The next curve is another one, unanswered, and the score carries on.
+    before = (state["view"], state["id"])
+    at.button(key="learn_next").click().run()
+    state = _guess_state(at)
+    assert (state["view"], state["id"]) != before
+    assert at.radio(key="learn_choice").value is None and not at.warning
+    answer = stored[(stored["view"] == state["view"]) & (stored["id"] == state["id"])]
+    at.radio(key="learn_choice").set_value(answer["shape"].iloc[0]).run()
+    at.button(key="learn_reveal").click().run()
+    assert at.success and "Score this session: 1 of 2" in texts(at)
+
+
+def test_exercise_never_opens_on_the_same_curve_twice(cache, monkeypatch):
+    firsts = []
+    for _ in range(3):
+        state = _guess_state(open_page("learn", cache, monkeypatch))
+        firsts.append((state["view"], state["id"]))
+    assert firsts[0] != firsts[1] and firsts[1] != firsts[2]

@@ -115,3 +115,47 @@ def synthetic_curve(kind: str, n: int = 200, n_flips: int = 8, seed: int = 0) ->
     flipped = np.zeros(n, dtype=bool)
     flipped[ranks] = True
     return pd.DataFrame({"rank": np.arange(n), "score": y, "flipped": flipped})
+
+
+# -- the guess-the-shape exercise -------------------------------------------------------------
+
+
+def exercise_pool(
+    default_table: pd.DataFrame, default_key: str, by_view: pd.DataFrame | None
+) -> pd.DataFrame:
+    """Every (view, id, shape) the exercise may draw: the default view's classes (shapes.parquet)
+    and every stored per-checkpoint view's (shapes_by_view.parquet), one row per view and id.
+
+    The classes are core's, as stored; nothing is reclassified here.
+    """
+    frames = [default_table[["id", "shape"]].assign(view=default_key)]
+    if by_view is not None and len(by_view):
+        frames.append(by_view[["view", "id", "shape"]])
+    pool = pd.concat(frames, ignore_index=True)[["view", "id", "shape"]]
+    pool["id"] = pool["id"].astype(int)
+    return pool.drop_duplicates(["view", "id"], keep="first").reset_index(drop=True)
+
+
+def draw_exercise(
+    pool: pd.DataFrame, rng: np.random.Generator, avoid: tuple[str, int] | None = None
+) -> tuple[str, int]:
+    """One curve to guess, as (view key, test id).
+
+    A class is drawn uniformly among the classes the pool holds, then a view where that class
+    occurs, then an instance of that class in that view: every class comes up about equally
+    often, however rare it is in the default view (where a run may have no Z at all). ``avoid``
+    (the curve just shown) is never drawn again unless it is the only one.
+    """
+    if pool.empty:
+        raise ValueError("nothing to draw: the pool is empty")
+    candidates = pool
+    if avoid is not None:
+        rest = pool[~((pool["view"] == avoid[0]) & (pool["id"] == int(avoid[1])))]
+        candidates = rest if len(rest) else pool
+    classes = sorted(candidates["shape"].unique())
+    cls = classes[int(rng.integers(len(classes)))]
+    of_cls = candidates[candidates["shape"] == cls]
+    view_keys = sorted(of_cls["view"].unique())
+    key = view_keys[int(rng.integers(len(view_keys)))]
+    ids = of_cls.loc[of_cls["view"] == key, "id"].to_numpy()
+    return str(key), int(ids[int(rng.integers(len(ids)))])
