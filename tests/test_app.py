@@ -831,3 +831,53 @@ def test_exercise_never_opens_on_the_same_curve_twice(cache, monkeypatch):
         state = _guess_state(open_page("learn", cache, monkeypatch))
         firsts.append((state["view"], state["id"]))
     assert firsts[0] != firsts[1] and firsts[1] != firsts[2]
+
+
+# -- the influence view in the URL, one default test instance --------------------------------------
+
+
+def test_a_share_link_reproduces_the_view_run_and_test(cache, monkeypatch):
+    at = open_page("shape", cache, monkeypatch)
+    assert "view" not in at.query_params  # the default view keeps the link short
+    at.sidebar.selectbox(key="view_normalisation").set_value("cosine").run()
+    at.sidebar.slider(key="view_range").set_value((2, 3)).run()
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    chosen = str(int(shapes.id.iloc[-1]))
+    at.sidebar.selectbox(key="picker_test_demo").set_value(chosen).run()
+    link = {k: qp(at, k) for k in ("run", "test", "view")}
+    assert link == {"run": "demo", "test": chosen, "view": "cosine:2-3"}
+    sent = texts(at)
+    for page in ("shape", "curves", "neighbourhoods"):  # a fresh session from the link
+        fresh = open_page(page, cache, monkeypatch, link)
+        assert fresh.sidebar.selectbox(key="view_normalisation").value == "cosine"
+        assert fresh.sidebar.slider(key="view_range").value == (2, 3)
+        assert fresh.selectbox(key="picker_test_demo").value == chosen
+        assert "checkpoints 2–3 · cosine" in texts(fresh)
+        assert qp(fresh, "view") == "cosine:2-3"
+        if page == "shape":
+            assert texts(fresh) == sent  # the same page, exactly what the sender saw
+
+
+def test_a_link_to_a_view_the_run_lacks_says_so(cache, monkeypatch):
+    for bad in ("cosine:2-9", "sideways:1-2", "nonsense"):
+        at = open_page("curves", cache, monkeypatch, {"view": bad})
+        assert any("cannot show" in str(w.value) for w in at.warning), bad
+        assert at.sidebar.selectbox(key="view_normalisation").value == "raw"
+        assert "view" not in at.query_params
+
+
+def test_every_page_opens_on_the_same_default_test_instance(cache, monkeypatch):
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    want = str(int(shapes.loc[~shapes.correct, "id"].min()))
+    for page in ("curves", "shape", "neighbourhoods"):
+        at = open_page(page, cache, monkeypatch)
+        assert at.selectbox(key="picker_test_demo").value == want, page
+        assert qp(at, "test") == want
+
+
+def test_score_curves_says_how_its_two_checkpoint_controls_differ(cache, monkeypatch):
+    at = open_page("curves", cache, monkeypatch)
+    assert at.slider(key="view_range") and at.select_slider(key="train_ckpt")
+    side = " ".join(str(c.value) for c in at.sidebar.caption)
+    assert "*Checkpoints summed* sets the view of every chart on this page except" in side
+    assert "*Checkpoint c* moves only this section" in texts(at)

@@ -191,6 +191,12 @@ def body(run: data.Run) -> None:
     run.tracin()  # fail early, with the command to run, when TracIn is missing
     sb = st.sidebar
     view = influence.pick_view(run)
+    if influence.n_checkpoints(run) > 1:
+        sb.caption(
+            "*Checkpoints summed* sets the view of every chart on this page except the panel "
+            "under *Built up over training*, which steps through training with its own "
+            "*Checkpoint c*."
+        )
     table = influence.view_table(run, view)
     which = sb.radio(
         "Test instances", ["misclassified", "all"], key="curves_which", horizontal=True
@@ -295,6 +301,11 @@ def over_training(run: data.Run, test_id: int, view: views.View) -> None:
     with left:
         c = st.select_slider("Checkpoint c", list(range(1, k + 1)), value=k, key="train_ckpt")
         mode = st.radio("Scores", [SUMMED_UP_TO, ALONE], key="train_mode", horizontal=True)
+        st.caption(
+            "*Checkpoint c* moves only this section: it shows checkpoint c alone or the sum "
+            "up to c, whatever range the sidebar's *Checkpoints summed* sets for the rest of "
+            f"the page (the normalisation, {norm}, is the sidebar's)."
+        )
     step = views.View(1, c, norm) if mode == SUMMED_UP_TO else views.View(c, c, norm)
     with right:
         draw_panel(
