@@ -881,3 +881,44 @@ def test_score_curves_says_how_its_two_checkpoint_controls_differ(cache, monkeyp
     side = " ".join(str(c.value) for c in at.sidebar.caption)
     assert "*Checkpoints summed* sets the view of every chart on this page except" in side
     assert "*Checkpoint c* moves only this section" in texts(at)
+
+
+def test_job_picker_drops_running_once_the_job_has_finished(tmp_path, monkeypatch):
+    """The browser keeps the label it last got as the picker's value; the page must send the
+    fresh one (with the job's new state) without a reload."""
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    at = open_page("study", tmp_path, monkeypatch)
+    at.text_input(key="study_name").set_value("finishing").run()
+    at.button(key="study_start").click().run()
+    j = study.job(tmp_path, "finishing")
+    try:
+        stale = "finishing · run · running"
+        assert at.selectbox(key="study_job").options == [stale]
+        study.cancel(j)
+        deadline = time.time() + 10
+        while j.alive() and time.time() < deadline:
+            time.sleep(0.1)
+        at.selectbox(key="study_job").set_value(stale)  # what the browser sends back
+        at.run()
+        picker = at.selectbox(key="study_job")
+        assert picker.value == "finishing"
+        assert picker.options == ["finishing · run · cancelled"]
+        assert picker.proto.set_value and picker.proto.raw_value == "finishing · run · cancelled"
+        assert "running" not in [m.value for m in at.metric]
+    finally:
+        study.cancel(j)
+
+
+def test_a_one_epoch_run_is_told_it_has_one_checkpoint(tmp_path, monkeypatch):
+    factory.make_run(tmp_path, "one-epoch", epochs=1, n_train=40, n_test=6, n_flips=2)
+    at = open_page("curves", tmp_path, monkeypatch)
+    shown = texts(at)
+    assert "This run saved one checkpoint (it trained for one epoch)" in shown
+    assert "stores no per-checkpoint views" not in shown and "--force" not in shown
+
+
+def test_captions_of_stacked_charts_do_not_say_left_or_right(cache, monkeypatch):
+    for page in ("curves", "shape", "learn", "neighbourhoods", "home"):
+        shown = texts(open_page(page, cache, monkeypatch))
+        assert "Left:" not in shown and "Right:" not in shown, page
+    assert "First: the bulk S of this curve" in texts(open_page("curves", cache, monkeypatch))

@@ -285,11 +285,26 @@ def enlarged(run: data.Run, test_id: int, view: views.View) -> None:
         st.dataframe(table, hide_index=True, width="stretch")
 
 
+def one_checkpoint(run: data.Run) -> bool:
+    """Whether the run saved a single checkpoint (a 1-epoch run): then no recompute can give it
+    per-checkpoint views, and the page must not suggest one."""
+    k = influence.n_checkpoints(run)
+    saved = run.manifest.get("checkpoints") or []
+    return k == 1 or (k == 0 and len(saved) == 1)
+
+
 def over_training(run: data.Run, test_id: int, view: views.View) -> None:
     """How this test instance's curve forms checkpoint by checkpoint, and where its flips move."""
     k = influence.n_checkpoints(run)
     st.subheader("Built up over training")
     stored = run.shapes_by_view()
+    if one_checkpoint(run):
+        st.info(
+            "This run saved one checkpoint (it trained for one epoch), so there is nothing to "
+            "build up: the curve above is that checkpoint's. A run with more epochs shows here "
+            "how its curve forms."
+        )
+        return
     if k < 2 or stored is None or run.flip_ranks() is None:
         st.info(
             "This run stores no per-checkpoint views; recompute them with "
@@ -353,8 +368,9 @@ def over_training(run: data.Run, test_id: int, view: views.View) -> None:
                 charts.flip_ranks_over_training(pd.concat(traces), len(run.train), mode),
                 width="stretch",
             )
+    # Neutral order words: the two columns stack on a narrow screen, where left/right is wrong.
     st.caption(
-        "Left: the bulk S of this curve for each checkpoint alone and for the sum up to it, with the "
-        "class thresholds. Right: the rank of every flipped training instance at each checkpoint "
-        f"({mode}); the paper's S puts them near both ends, Z near the centre."
+        "First: the bulk S of this curve for each checkpoint alone and for the sum up to it, with "
+        "the class thresholds. Then: the rank of every flipped training instance at each "
+        f"checkpoint ({mode}); the paper's S puts them near both ends, Z near the centre."
     )
