@@ -922,3 +922,61 @@ def test_captions_of_stacked_charts_do_not_say_left_or_right(cache, monkeypatch)
         shown = texts(open_page(page, cache, monkeypatch))
         assert "Left:" not in shown and "Right:" not in shown, page
     assert "First: the bulk S of this curve" in texts(open_page("curves", cache, monkeypatch))
+
+
+# -- robust axes ---------------------------------------------------------------------------------
+
+
+def test_robust_axis_clips_only_when_a_few_scores_dwarf_the_rest():
+    from ui import compute
+
+    rng = np.random.default_rng(0)
+    u = np.linspace(1, -1, 1600)
+    assert compute.robust_axis(u) is None  # backslash
+    assert compute.robust_axis(u**5) is None  # S: its ends are the point, never clipped
+    assert compute.robust_axis(np.tanh(6 * u)) is None  # Z
+    assert compute.robust_axis(np.sort(rng.standard_t(3, 1600))) is None  # heavy tails
+    assert compute.robust_axis(np.ones(50)) is None and compute.robust_axis([1.0, 2.0]) is None
+    v = np.r_[rng.normal(0, 1, 797), -800.0, -650.0, 2500.0]
+    clip = compute.robust_axis(v)
+    q1, q99 = np.percentile(v, [1, 99])
+    assert clip.lo == pytest.approx(q1 - 0.25 * (q99 - q1))
+    assert clip.hi == pytest.approx(q99 + 0.25 * (q99 - q1))
+    assert (clip.n_below, clip.n_above) == (2, 1)
+    assert "2 point(s) below and 1 above" in compute.clip_note(clip)
+
+
+@pytest.fixture(scope="module")
+def outlier_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("outliers")
+    factory.make_run(cache, "ja-like", n_train=400, outliers=400.0)  # 3 of 400: under 1 %
+    return cache
+
+
+def test_curves_with_outliers_get_a_clipped_marked_axis_and_say_so(outlier_cache, monkeypatch):
+    from ui import compute
+
+    at = open_page("curves", outlier_cache, monkeypatch)
+    test_id = int(qp(at, "test"))
+    spec, frames = one_chart(at, "score_curve")
+    stored = pd.read_parquet(outlier_cache / "ja-like" / "curves.parquet")
+    clip = compute.robust_axis(stored.loc[stored.test_id == test_id, "score"].to_numpy())
+    assert clip is not None and clip.n_below == 3
+    domains = [layer["encoding"]["y"].get("scale", {}).get("domain") for layer in spec["layer"]]
+    assert [clip.lo, clip.hi] in domains
+    marked = frame_with(frames, "clipped", "shown")
+    edge = marked[marked["clipped"] != ""]
+    assert len(edge) == 3 and np.allclose(edge["shown"], clip.lo)  # on the edge, marked
+    assert (edge["score"] < clip.lo).all()  # the tooltip keeps the real score
+    shown = texts(at)
+    assert compute.clip_note(clip) in shown
+    assert "panels, so each one's y axis is clipped" in shown
+    # The panels, too, draw their curve within the robust range.
+    for spec, _ in charts_named(at, "curve_panel"):
+        assert "(axis clipped)" in json.dumps(spec)
+
+
+def test_curves_without_outliers_keep_the_full_axis(cache, monkeypatch):
+    at = open_page("curves", cache, monkeypatch)
+    spec, _ = one_chart(at, "score_curve")
+    assert "(axis clipped)" not in json.dumps(spec) and "y axis is clipped" not in texts(at)

@@ -111,10 +111,11 @@ def _example_grid(run: data.Run, ids: list[int], view: views.View) -> None:
     shapes = run.shapes().set_index("id")
     median = float(shapes["mean_distance"].median()) if "mean_distance" in shapes else np.nan
     cols = st.columns(len(ids))
+    clipped = 0
     for col, test_id in zip(cols, ids, strict=True):
         c = curves.load_curve(run, test_id, view, curves.PANEL_POINTS)
         with col:
-            curves.draw_panel(run, test_id, view)
+            clipped += curves.draw_panel(run, test_id, view) is not None
             dist = (
                 float(shapes.loc[test_id, "mean_distance"]) if "mean_distance" in shapes else None
             )
@@ -122,6 +123,8 @@ def _example_grid(run: data.Run, ids: list[int], view: views.View) -> None:
                 f"end ratio {widgets.fmt(c.end_ratio, '.0f')} % · mean distance "
                 f"{widgets.fmt(dist, '.2f')} (run median {widgets.fmt(median, '.2f')})"
             )
+    if clipped:
+        st.caption(compute.panels_clip_note(clipped, len(ids)))
 
 
 def guess(run: data.Run) -> None:
@@ -141,7 +144,7 @@ def guess(run: data.Run) -> None:
     locked = state["locked"]
     left, right = st.columns([3, 1])
     with left:
-        curves.draw_panel(
+        clip = curves.draw_panel(
             run,
             state["id"],
             view,
@@ -150,6 +153,8 @@ def guess(run: data.Run) -> None:
             reveal=locked is not None,
         )
         st.caption(f"This curve is shown under {view.label(k)}.")
+        if clip is not None:
+            st.caption(compute.panels_clip_note(1, 1))
     with right:
         choice = st.radio(
             "Your guess",
