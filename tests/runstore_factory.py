@@ -47,11 +47,14 @@ def make_run(
     cleaning: bool = True,
     created: str | None = None,
     status: str = store.STATUS_COMPLETE,
+    outliers: float | None = None,
 ) -> Path:
     """Write a fake run to ``cache/name`` and return its folder.
 
     ``stages`` chooses which stage outputs exist (e.g. ``("data", "train")`` for a
-    run that has not reached TracIn yet); the manifest records the same.
+    run that has not reached TracIn yet); the manifest records the same. ``outliers`` gives
+    every test row three clean training instances scored ``-outliers`` times the row's largest
+    score (a few scores dwarfing the rest, as on the Japanese demo).
     """
     rng = np.random.default_rng(seed)
     run = Path(cache) / name
@@ -108,6 +111,10 @@ def make_run(
     if "tracin" in stages:
         shapes_of = [SHAPE_CYCLE[i % 3] for i in range(n_test)]
         tracin = np.stack([_curve_row(rng, k, flipped) for k in shapes_of]).astype(np.float32)
+        if outliers:  # own generator: the default runs keep the values the tests were written on
+            clean = np.flatnonzero(~flipped)
+            few = np.random.default_rng([seed, 11]).choice(clean, 3, replace=False)
+            tracin[:, few] = -outliers * np.abs(tracin).max(axis=1, keepdims=True)
         store.write_npy(run / store.TRACIN, tracin)
         weights = np.linspace(1.0, 0.5, epochs)
         weights = weights / weights.sum()

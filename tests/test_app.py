@@ -753,3 +753,230 @@ def test_home_without_an_error_study_shows_the_command(tmp_path, monkeypatch):
     assert not at.exception
     assert "python -m core error-study" in texts(at)
     assert not any("median Spearman" in d.value.columns for d in at.dataframe)
+
+
+# -- Learn the shapes: the guessing exercise ------------------------------------------------------
+
+
+def _guess_state(at: AppTest) -> dict:
+    return at.session_state["learn_guess"]
+
+
+def test_exercise_draws_every_class_from_a_view_where_it_occurs(cache):
+    from ui import compute
+
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    by_view = pd.read_parquet(cache / "demo" / "shapes_by_view.parquet")
+    pool = compute.exercise_pool(shapes, "raw:1-3", by_view)
+    assert not pool.duplicated(["view", "id"]).any()
+    # Only the stored views hold any Z: the draw still finds them.
+    no_z = pool[(pool["view"] == "raw:1-3") & (pool["shape"] != "Z")]
+    pool = pd.concat([no_z, pool[pool["view"] != "raw:1-3"]], ignore_index=True)
+    rng = np.random.default_rng(0)
+    seen = set()
+    drawn = [compute.draw_exercise(pool, rng) for _ in range(30)]
+    for key, test_id in drawn:
+        row = pool[(pool["view"] == key) & (pool["id"] == test_id)]
+        assert len(row) == 1  # a curve that exists, under the view it is drawn from
+        seen.add(row["shape"].iloc[0])
+    assert seen == {"S", "Z", "backslash"}
+    assert compute.draw_exercise(pool, rng, avoid=drawn[0]) != drawn[0]
+    one = pool.head(1)
+    assert compute.draw_exercise(one, rng, avoid=(one["view"][0], one["id"][0])) == (
+        one["view"][0],
+        int(one["id"][0]),
+    )
+
+
+def test_exercise_starts_unanswered_locks_at_reveal_and_keeps_score(cache, monkeypatch):
+    at = open_page("learn", cache, monkeypatch)
+    radio = at.radio(key="learn_choice")
+    assert radio.value is None  # nothing preselected
+    assert at.button(key="learn_reveal").disabled  # no reveal without a guess
+    state = _guess_state(at)
+    assert "This curve is shown under checkpoint" in texts(at)  # which view it comes from
+    shapes = pd.read_parquet(cache / "demo" / "shapes_by_view.parquet")
+    default = pd.read_parquet(cache / "demo" / "shapes.parquet").assign(view="raw:1-3")
+    stored = pd.concat([default, shapes]).drop_duplicates(["view", "id"])
+    answer = stored[(stored["view"] == state["view"]) & (stored["id"] == state["id"])]
+    answer = answer["shape"].iloc[0]
+    wrong = next(s for s in ("S", "Z", "backslash") if s != answer)
+    at.radio(key="learn_choice").set_value(wrong).run()
+    at.button(key="learn_reveal").click().run()
+    assert any("Not quite" in str(w.value) for w in at.warning)
+    assert f"this curve is {answer}" in texts(at)
+    assert at.radio(key="learn_choice").disabled and at.button(key="learn_reveal").disabled
+    assert "Score this session: 0 of 1" in texts(at)
+    # A changed guess after Reveal cannot turn 'Not quite' into 'Right' (the browser cannot
+    # change the disabled radio; the session's value is forced here as if it could).
+    at.session_state["learn_choice"] = answer
+    at.run()
+    assert not at.success and any("Not quite" in str(w.value) for w in at.warning)
+    assert "Score this session: 0 of 1" in texts(at)
+    # The next curve is another one, unanswered, and the score carries on.
+    before = (state["view"], state["id"])
+    at.button(key="learn_next").click().run()
+    state = _guess_state(at)
+    assert (state["view"], state["id"]) != before
+    assert at.radio(key="learn_choice").value is None and not at.warning
+    answer = stored[(stored["view"] == state["view"]) & (stored["id"] == state["id"])]
+    at.radio(key="learn_choice").set_value(answer["shape"].iloc[0]).run()
+    at.button(key="learn_reveal").click().run()
+    assert at.success and "Score this session: 1 of 2" in texts(at)
+
+
+def test_exercise_never_opens_on_the_same_curve_twice(cache, monkeypatch):
+    firsts = []
+    for _ in range(3):
+        state = _guess_state(open_page("learn", cache, monkeypatch))
+        firsts.append((state["view"], state["id"]))
+    assert firsts[0] != firsts[1] and firsts[1] != firsts[2]
+
+
+# -- the influence view in the URL, one default test instance --------------------------------------
+
+
+def test_a_share_link_reproduces_the_view_run_and_test(cache, monkeypatch):
+    at = open_page("shape", cache, monkeypatch)
+    assert "view" not in at.query_params  # the default view keeps the link short
+    at.sidebar.selectbox(key="view_normalisation").set_value("cosine").run()
+    at.sidebar.slider(key="view_range").set_value((2, 3)).run()
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    chosen = str(int(shapes.id.iloc[-1]))
+    at.sidebar.selectbox(key="picker_test_demo").set_value(chosen).run()
+    link = {k: qp(at, k) for k in ("run", "test", "view")}
+    assert link == {"run": "demo", "test": chosen, "view": "cosine:2-3"}
+    sent = texts(at)
+    for page in ("shape", "curves", "neighbourhoods"):  # a fresh session from the link
+        fresh = open_page(page, cache, monkeypatch, link)
+        assert fresh.sidebar.selectbox(key="view_normalisation").value == "cosine"
+        assert fresh.sidebar.slider(key="view_range").value == (2, 3)
+        assert fresh.selectbox(key="picker_test_demo").value == chosen
+        assert "checkpoints 2–3 · cosine" in texts(fresh)
+        assert qp(fresh, "view") == "cosine:2-3"
+        if page == "shape":
+            assert texts(fresh) == sent  # the same page, exactly what the sender saw
+
+
+def test_a_link_to_a_view_the_run_lacks_says_so(cache, monkeypatch):
+    for bad in ("cosine:2-9", "sideways:1-2", "nonsense"):
+        at = open_page("curves", cache, monkeypatch, {"view": bad})
+        assert any("cannot show" in str(w.value) for w in at.warning), bad
+        assert at.sidebar.selectbox(key="view_normalisation").value == "raw"
+        assert "view" not in at.query_params
+
+
+def test_every_page_opens_on_the_same_default_test_instance(cache, monkeypatch):
+    shapes = pd.read_parquet(cache / "demo" / "shapes.parquet")
+    want = str(int(shapes.loc[~shapes.correct, "id"].min()))
+    for page in ("curves", "shape", "neighbourhoods"):
+        at = open_page(page, cache, monkeypatch)
+        assert at.selectbox(key="picker_test_demo").value == want, page
+        assert qp(at, "test") == want
+
+
+def test_score_curves_says_how_its_two_checkpoint_controls_differ(cache, monkeypatch):
+    at = open_page("curves", cache, monkeypatch)
+    assert at.slider(key="view_range") and at.select_slider(key="train_ckpt")
+    side = " ".join(str(c.value) for c in at.sidebar.caption)
+    assert "*Checkpoints summed* sets the view of every chart on this page except" in side
+    assert "*Checkpoint c* moves only this section" in texts(at)
+
+
+def test_job_picker_drops_running_once_the_job_has_finished(tmp_path, monkeypatch):
+    """The browser keeps the label it last got as the picker's value; the page must send the
+    fresh one (with the job's new state) without a reload."""
+    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    at = open_page("study", tmp_path, monkeypatch)
+    at.text_input(key="study_name").set_value("finishing").run()
+    at.button(key="study_start").click().run()
+    j = study.job(tmp_path, "finishing")
+    try:
+        stale = "finishing · run · running"
+        assert at.selectbox(key="study_job").options == [stale]
+        study.cancel(j)
+        deadline = time.time() + 10
+        while j.alive() and time.time() < deadline:
+            time.sleep(0.1)
+        at.selectbox(key="study_job").set_value(stale)  # what the browser sends back
+        at.run()
+        picker = at.selectbox(key="study_job")
+        assert picker.value == "finishing"
+        assert picker.options == ["finishing · run · cancelled"]
+        assert picker.proto.set_value and picker.proto.raw_value == "finishing · run · cancelled"
+        assert "running" not in [m.value for m in at.metric]
+    finally:
+        study.cancel(j)
+
+
+def test_a_one_epoch_run_is_told_it_has_one_checkpoint(tmp_path, monkeypatch):
+    factory.make_run(tmp_path, "one-epoch", epochs=1, n_train=40, n_test=6, n_flips=2)
+    at = open_page("curves", tmp_path, monkeypatch)
+    shown = texts(at)
+    assert "This run saved one checkpoint (it trained for one epoch)" in shown
+    assert "stores no per-checkpoint views" not in shown and "--force" not in shown
+
+
+def test_captions_of_stacked_charts_do_not_say_left_or_right(cache, monkeypatch):
+    for page in ("curves", "shape", "learn", "neighbourhoods", "home"):
+        shown = texts(open_page(page, cache, monkeypatch))
+        assert "Left:" not in shown and "Right:" not in shown, page
+    assert "First: the bulk S of this curve" in texts(open_page("curves", cache, monkeypatch))
+
+
+# -- robust axes ---------------------------------------------------------------------------------
+
+
+def test_robust_axis_clips_only_when_a_few_scores_dwarf_the_rest():
+    from ui import compute
+
+    rng = np.random.default_rng(0)
+    u = np.linspace(1, -1, 1600)
+    assert compute.robust_axis(u) is None  # backslash
+    assert compute.robust_axis(u**5) is None  # S: its ends are the point, never clipped
+    assert compute.robust_axis(np.tanh(6 * u)) is None  # Z
+    assert compute.robust_axis(np.sort(rng.standard_t(3, 1600))) is None  # heavy tails
+    assert compute.robust_axis(np.ones(50)) is None and compute.robust_axis([1.0, 2.0]) is None
+    v = np.r_[rng.normal(0, 1, 797), -800.0, -650.0, 2500.0]
+    clip = compute.robust_axis(v)
+    q1, q99 = np.percentile(v, [1, 99])
+    assert clip.lo == pytest.approx(q1 - 0.25 * (q99 - q1))
+    assert clip.hi == pytest.approx(q99 + 0.25 * (q99 - q1))
+    assert (clip.n_below, clip.n_above) == (2, 1)
+    assert "2 point(s) below and 1 above" in compute.clip_note(clip)
+
+
+@pytest.fixture(scope="module")
+def outlier_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("outliers")
+    factory.make_run(cache, "ja-like", n_train=400, outliers=400.0)  # 3 of 400: under 1 %
+    return cache
+
+
+def test_curves_with_outliers_get_a_clipped_marked_axis_and_say_so(outlier_cache, monkeypatch):
+    from ui import compute
+
+    at = open_page("curves", outlier_cache, monkeypatch)
+    test_id = int(qp(at, "test"))
+    spec, frames = one_chart(at, "score_curve")
+    stored = pd.read_parquet(outlier_cache / "ja-like" / "curves.parquet")
+    clip = compute.robust_axis(stored.loc[stored.test_id == test_id, "score"].to_numpy())
+    assert clip is not None and clip.n_below == 3
+    domains = [layer["encoding"]["y"].get("scale", {}).get("domain") for layer in spec["layer"]]
+    assert [clip.lo, clip.hi] in domains
+    marked = frame_with(frames, "clipped", "shown")
+    edge = marked[marked["clipped"] != ""]
+    assert len(edge) == 3 and np.allclose(edge["shown"], clip.lo)  # on the edge, marked
+    assert (edge["score"] < clip.lo).all()  # the tooltip keeps the real score
+    shown = texts(at)
+    assert compute.clip_note(clip) in shown
+    assert "panels, so each one's y axis is clipped" in shown
+    # The panels, too, draw their curve within the robust range.
+    for spec, _ in charts_named(at, "curve_panel"):
+        assert "(axis clipped)" in json.dumps(spec)
+
+
+def test_curves_without_outliers_keep_the_full_axis(cache, monkeypatch):
+    at = open_page("curves", cache, monkeypatch)
+    spec, _ = one_chart(at, "score_curve")
+    assert "(axis clipped)" not in json.dumps(spec) and "y axis is clipped" not in texts(at)

@@ -204,6 +204,7 @@ def test_learn_page_examples_are_real_and_the_guess_reveals(real, study_run, mon
     for cls in missing:
         assert f"No test instance of this run shows a {cls} curve" in all_text(at)
     one_chart(at, "reference_curves")
+    at.radio(key="learn_choice").set_value("S").run()  # Reveal waits for a guess
     at.button(key="learn_reveal").click().run()
     assert "this curve is" in all_text(at)
 

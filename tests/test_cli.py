@@ -196,3 +196,48 @@ def test_show_into_a_closed_pipe_ends_quietly():
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_atlas_app_builds_the_streamlit_command_on_loopback(tmp_path: Path, monkeypatch, capsys):
+    """`atlas app` is checked through its dry path and a stubbed exec; no server starts."""
+    from core import cli
+
+    repo = Path(cli.__file__).resolve().parents[1]
+    argv, env = cli.app_command(str(tmp_path), 8600)
+    assert argv == [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(repo / "app.py"),
+        "--server.port",
+        "8600",
+        "--server.address",
+        "localhost",
+    ]
+    assert env["ATLAS_CACHE"] == str(tmp_path.resolve())
+
+    assert main(["app", "--cache", str(tmp_path), "--port", "8600", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"ATLAS_CACHE={tmp_path.resolve()} ")
+    assert "streamlit run" in printed and "--server.address localhost" in printed
+
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda *a: calls.append(a))
+    assert main(["app", "--cache", str(tmp_path)]) == 0
+    ((path, run_argv, run_env),) = calls
+    assert path == sys.executable and run_argv[-3:] == ["8501", "--server.address", "localhost"]
+    assert run_env["ATLAS_CACHE"] == str(tmp_path.resolve())
+    assert "http://localhost:8501" in capsys.readouterr().err
+
+    # Without --cache: $ATLAS_CACHE, else ./cache, else the checkout's demo runs.
+    monkeypatch.delenv("ATLAS_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.app_command(None)[1]["ATLAS_CACHE"] == str(repo / "cache")
+    (tmp_path / "cache").mkdir()
+    assert cli.app_command(None)[1]["ATLAS_CACHE"] == str((tmp_path / "cache").resolve())
+    monkeypatch.setenv("ATLAS_CACHE", str(tmp_path / "elsewhere"))
+    assert cli.app_command(None)[1]["ATLAS_CACHE"] == str((tmp_path / "elsewhere").resolve())
+
+    assert main(["app", "--port", "99999", "--dry-run"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err

@@ -37,6 +37,10 @@ RUN = "cache/<run>"
 
 # README line → what is typed for it ("{run}" is a fresh copy of the tiny complete run).
 README_COMMANDS: dict[str, list[str]] = {
+    "python -m core app [--cache DIR] [--port N]": [
+        "python -m core app",
+        "python -m core app --cache cache --port 8600",
+    ],
     "python -m core run --preset quick": ["python -m core run --preset quick"],
     "python -m core run --preset paper": ["python -m core run --preset paper"],
     "python -m core run --preset paper --dry-run": ["python -m core run --preset paper --dry-run"],
@@ -147,8 +151,9 @@ README_COMMANDS: dict[str, list[str]] = {
     ],
 }
 
-# Commands that train for minutes are checked with --dry-run (every check, nothing written).
-LONG = ("run", "sweep")
+# Commands that train for minutes, or start a server that runs until stopped, are checked with
+# --dry-run (every check, nothing written, nothing started).
+LONG = ("run", "sweep", "app")
 
 
 def readme_commands() -> set[str]:

@@ -47,20 +47,36 @@ def _curve_layers(
     sizes: tuple[int, int],
     stroke: float,
     legend: bool,
-) -> tuple[alt.Chart, alt.Chart]:
-    """The points (by flip status) and the two lines of one sorted curve, in the paper's colours."""
+    clip: tuple[float, float] | None = None,
+) -> list[alt.Chart]:
+    """The points (by flip status) and the two lines of one sorted curve, in the paper's colours.
+
+    With ``clip`` (lo, hi; from ``compute.robust_axis``) the y axis shows only that range:
+    points beyond it sit on its edge, over-drawn with black triangles pointing the way they
+    were moved, and the lines are cut at the frame. Tooltips keep the real score.
+    """
     color = alt.Color(
         "status:N",
         scale=alt.Scale(domain=POINT_DOMAIN, range=POINT_RANGE),
         title=None,
         legend=alt.Legend() if legend else None,
     )
+    y_field, scale = "score", alt.Undefined
+    if clip is not None:
+        lo, hi = clip
+        df = df.assign(
+            shown=df["score"].clip(lo, hi),
+            clipped=np.where(df["score"] > hi, "above", np.where(df["score"] < lo, "below", "")),
+        )
+        y_field, scale = "shown", alt.Scale(domain=[lo, hi], nice=False, zero=False)
+        score_title = f"{score_title} (axis clipped)"
+    y = alt.Y(f"{y_field}:Q", title=score_title, scale=scale)
     points = (
         alt.Chart(df)
-        .mark_circle(opacity=0.85)
+        .mark_circle(opacity=0.85, clip=True)
         .encode(
             x=alt.X("rank:Q", title=rank_title),
-            y=alt.Y("score:Q", title=score_title),
+            y=y,
             color=color,
             # flipped points larger: a few dozen red dots must stand out among thousands of blue
             size=alt.condition(alt.datum.flipped, alt.value(sizes[0]), alt.value(sizes[1])),
@@ -70,10 +86,29 @@ def _curve_layers(
     )
     rules = (
         alt.Chart(lines.rename(columns={"line": "status"}))
-        .mark_rule(strokeWidth=stroke)
-        .encode(x="x:Q", x2="x2:Q", y="y:Q", y2="y2:Q", color=color)
+        .mark_rule(strokeWidth=stroke, clip=True)
+        .encode(x="x:Q", x2="x2:Q", y=alt.Y("y:Q", scale=scale), y2="y2:Q", color=color)
     )
-    return points, rules
+    layers = [points, rules]
+    if clip is not None:
+        layers.append(
+            alt.Chart(df[df["clipped"] != ""])
+            .mark_point(filled=True, color="black", opacity=0.9)
+            .encode(
+                x="rank:Q",
+                y=y,
+                shape=alt.Shape(
+                    "clipped:N",
+                    scale=alt.Scale(
+                        domain=["above", "below"], range=["triangle-up", "triangle-down"]
+                    ),
+                    legend=None,
+                ),
+                size=alt.value(sizes[0]),
+                tooltip=tooltip,
+            )
+        )
+    return layers
 
 
 def curve_chart(
@@ -85,6 +120,7 @@ def curve_chart(
     label_names: list[str] | None = None,
     score_title: str = "TracIn score",
     rank_title: str = "training instances sorted by score",
+    clip: tuple[float, float] | None = None,
 ) -> alt.LayerChart:
     """One sorted TracIn curve: points by flip status, regression and endpoint lines.
 
@@ -110,10 +146,18 @@ def curve_chart(
             alt.Tooltip("true:N", title="true label"),
             *tooltip,
         ]
-    points, rules = _curve_layers(
-        df, lines, tooltip, rank_title, score_title, sizes=(70, 22), stroke=2, legend=True
+    layers = _curve_layers(
+        df,
+        lines,
+        tooltip,
+        rank_title,
+        score_title,
+        sizes=(70, 22),
+        stroke=2,
+        legend=True,
+        clip=clip,
     )
-    chart = alt.layer(points, rules).properties(height=height, title=title)
+    chart = alt.layer(*layers).properties(height=height, title=title)
     return _tag(chart, "score_curve")
 
 
@@ -501,8 +545,10 @@ def panel_chart(
     score_title: str = "TracIn",
     *,
     height: int = 170,
+    clip: tuple[float, float] | None = None,
 ) -> alt.LayerChart:
-    """One small-multiple panel: a sorted curve with its two lines, sized by its column."""
+    """One small-multiple panel: a sorted curve with its two lines, sized by its column
+    (``clip``: a robust y range, as in :func:`curve_chart`)."""
     p = points[["rank", "score", "flipped"]].copy()
     p["status"] = np.where(p["flipped"].to_numpy(bool), "flipped", "clean")
     tooltip = [
@@ -510,12 +556,10 @@ def panel_chart(
         alt.Tooltip("score:Q", format=".4g"),
         alt.Tooltip("status:N"),
     ]
-    dots, rules = _curve_layers(
-        p, lines, tooltip, "rank", score_title, sizes=(36, 10), stroke=1.5, legend=False
+    layers = _curve_layers(
+        p, lines, tooltip, "rank", score_title, sizes=(36, 10), stroke=1.5, legend=False, clip=clip
     )
-    chart = alt.layer(dots, rules).properties(
-        height=height, title=alt.TitleParams(title, fontSize=12)
-    )
+    chart = alt.layer(*layers).properties(height=height, title=alt.TitleParams(title, fontSize=12))
     return _tag(chart, "curve_panel")
 
 

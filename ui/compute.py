@@ -8,6 +8,7 @@ these helpers only slice, label and lay out what core computed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -115,3 +116,122 @@ def synthetic_curve(kind: str, n: int = 200, n_flips: int = 8, seed: int = 0) ->
     flipped = np.zeros(n, dtype=bool)
     flipped[ranks] = True
     return pd.DataFrame({"rank": np.arange(n), "score": y, "flipped": flipped})
+
+
+# -- the guess-the-shape exercise -------------------------------------------------------------
+
+
+def exercise_pool(
+    default_table: pd.DataFrame, default_key: str, by_view: pd.DataFrame | None
+) -> pd.DataFrame:
+    """Every (view, id, shape) the exercise may draw: the default view's classes (shapes.parquet)
+    and every stored per-checkpoint view's (shapes_by_view.parquet), one row per view and id.
+
+    The classes are core's, as stored; nothing is reclassified here.
+    """
+    frames = [default_table[["id", "shape"]].assign(view=default_key)]
+    if by_view is not None and len(by_view):
+        frames.append(by_view[["view", "id", "shape"]])
+    pool = pd.concat(frames, ignore_index=True)[["view", "id", "shape"]]
+    pool["id"] = pool["id"].astype(int)
+    return pool.drop_duplicates(["view", "id"], keep="first").reset_index(drop=True)
+
+
+def draw_exercise(
+    pool: pd.DataFrame, rng: np.random.Generator, avoid: tuple[str, int] | None = None
+) -> tuple[str, int]:
+    """One curve to guess, as (view key, test id).
+
+    A class is drawn uniformly among the classes the pool holds, then a view where that class
+    occurs, then an instance of that class in that view: every class comes up about equally
+    often, however rare it is in the default view (where a run may have no Z at all). ``avoid``
+    (the curve just shown) is never drawn again unless it is the only one.
+    """
+    if pool.empty:
+        raise ValueError("nothing to draw: the pool is empty")
+    candidates = pool
+    if avoid is not None:
+        rest = pool[~((pool["view"] == avoid[0]) & (pool["id"] == int(avoid[1])))]
+        candidates = rest if len(rest) else pool
+    classes = sorted(candidates["shape"].unique())
+    cls = classes[int(rng.integers(len(classes)))]
+    of_cls = candidates[candidates["shape"] == cls]
+    view_keys = sorted(of_cls["view"].unique())
+    key = view_keys[int(rng.integers(len(view_keys)))]
+    ids = of_cls.loc[of_cls["view"] == key, "id"].to_numpy()
+    return str(key), int(ids[int(rng.integers(len(ids)))])
+
+
+# -- robust axes ----------------------------------------------------------------------------------
+
+CLIP_QUANTILES = (1.0, 99.0)  # the bulk the axis must show
+CLIP_WIDEN = 0.25  # margin each side, as a fraction of the bulk's width
+CLIP_TRIGGER = 5.0  # clip only when the full range exceeds the bulk's width this many times
+
+
+@dataclass(frozen=True)
+class AxisClip:
+    """A y axis clipped to ``lo``..``hi``; ``n_below`` / ``n_above`` points lie beyond it."""
+
+    lo: float
+    hi: float
+    n_below: int
+    n_above: int
+
+    @property
+    def n_clipped(self) -> int:
+        return self.n_below + self.n_above
+
+
+def robust_axis(
+    values: np.ndarray,
+    quantiles: tuple[float, float] = CLIP_QUANTILES,
+    widen: float = CLIP_WIDEN,
+    trigger: float = CLIP_TRIGGER,
+) -> AxisClip | None:
+    """The y range a sorted curve is drawn in when a few scores dwarf the rest, or None.
+
+    The range is the ``quantiles`` percentiles of the scores widened by ``widen`` times their
+    distance each way; it is used only when the scores' full range is more than ``trigger``
+    times that distance, so an ordinary S curve (whose ends are its point: Student-t(3) tails
+    span about 3 times the 1st–99th percentile) keeps its full axis, while a curve whose scale
+    is set by a handful of outliers (the Japanese demo: down to −800 against a bulk of a few
+    units) is drawn readable. Presentation only: no score changes.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 3:
+        return None
+    q_lo, q_hi = np.percentile(v, quantiles)
+    width = float(q_hi - q_lo)
+    if width <= 0 or float(v.max() - v.min()) <= trigger * width:
+        return None
+    lo, hi = float(q_lo) - widen * width, float(q_hi) + widen * width
+    return AxisClip(lo, hi, int((v < lo).sum()), int((v > hi).sum()))
+
+
+def clip_note(clip: AxisClip) -> str:
+    """One sentence saying how an axis was clipped, for the caption under the chart."""
+    lo_q, hi_q = CLIP_QUANTILES
+    return (
+        f"A few scores dwarf the rest, so the y axis is clipped to {clip.lo:.3g} … {clip.hi:.3g} "
+        f"(the {lo_q:g}st–{hi_q:g}th percentile of this curve's scores, widened by "
+        f"{CLIP_WIDEN:.0%} each way): {clip.n_below} point(s) below and {clip.n_above} above are "
+        "drawn on its edge as black triangles; hover one for its real score."
+    )
+
+
+def panels_clip_note(n_clipped: int, n_panels: int) -> str:
+    """One sentence under a grid of panels of which ``n_clipped`` have a clipped axis."""
+    lo_q, hi_q = CLIP_QUANTILES
+    which = (
+        "this panel, so its"
+        if n_panels == 1
+        else f"{n_clipped} of these {n_panels} panels, so each one's"
+    )
+    return (
+        f"A few scores dwarf the rest in {which} y axis is clipped to the "
+        f"{lo_q:g}st–{hi_q:g}th percentile of its scores, widened by {CLIP_WIDEN:.0%} each way; "
+        "the points beyond are drawn on the edge as black triangles (hover one for its real "
+        "score; the classes and indices are computed on every score)."
+    )

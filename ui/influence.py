@@ -14,11 +14,13 @@ import streamlit as st
 
 from core import shapes as core_shapes
 from core import store, views
-from ui import data
+from core.errors import AtlasError
+from ui import data, widgets
 
 TABLE_COLUMNS = ["id", "correct", "s_raw", "s", "s_bulk", "shape", "end_ratio", "mean_distance"]
 _NORM_KEY = "view_normalisation"
 _RANGE_KEY = "view_range"
+_SEEDED_KEY = "view_link_read"
 
 
 def n_checkpoints(run: data.Run) -> int:
@@ -56,14 +58,50 @@ def score_title(view: views.View) -> str:
     }[view.normalisation]
 
 
+def view_from_link(run: data.Run, asked: str | None) -> views.View | None:
+    """The view a ``?view=`` link names (core's view key, e.g. ``cosine:2-5``), or None when
+    it names none this run can show (no link, a malformed key, a range or normalisation the
+    run lacks)."""
+    if not asked:
+        return None
+    try:
+        view = views.View.parse(str(asked))
+        views.check_view(view, max(n_checkpoints(run), 1), True)
+    except AtlasError:
+        return None
+    if view.normalisation not in normalisations(run):
+        return None
+    return view
+
+
 def pick_view(run: data.Run, where=st.sidebar, key: str = "") -> views.View:
-    """Sidebar controls for the view: normalisation and checkpoint range (default: all, raw)."""
+    """Sidebar controls for the view: normalisation and checkpoint range (default: all, raw).
+
+    The view lives in the URL as ``?view=<core view key>`` next to ``?run=`` and ``?test=``
+    (the default view is left out), so a share link reproduces it. As with the run, the URL
+    wins on a fresh session; afterwards the widgets do.
+    """
     k = n_checkpoints(run)
     norms = normalisations(run)
+    nkey, rkey = _NORM_KEY + key, _RANGE_KEY + key
+    asked = st.query_params.get(widgets.QP_VIEW)
+    first_call = _SEEDED_KEY not in st.session_state
+    st.session_state[_SEEDED_KEY] = True  # a link is read once, at the session's start
+    if asked is not None and first_call:
+        linked = view_from_link(run, asked)
+        if linked is None:
+            st.warning(
+                f"The link asks for the view {widgets.md_escape(asked, 40)}, which this run "
+                "cannot show; showing every checkpoint, raw scores instead.",
+                icon=":material/link_off:",
+            )
+        else:
+            st.session_state[nkey] = linked.normalisation
+            st.session_state[rkey] = (linked.first, linked.last)
     if k <= 1 and len(norms) == 1:
+        st.query_params.pop(widgets.QP_VIEW, None)
         return default_view(run)
     where.markdown("**Influence view**")
-    nkey, rkey = _NORM_KEY + key, _RANGE_KEY + key
     if st.session_state.get(nkey) not in norms:
         st.session_state[nkey] = views.RAW
     # Re-asserted so the view survives a page switch (Streamlit drops a left page's widget values).
@@ -83,7 +121,7 @@ def pick_view(run: data.Run, where=st.sidebar, key: str = "") -> views.View:
     first, last = 1, max(k, 1)
     if k > 1:
         current = st.session_state.get(rkey)
-        if not (isinstance(current, tuple) and 1 <= current[0] <= current[1] <= k):
+        if not (isinstance(current, tuple | list) and 1 <= current[0] <= current[1] <= k):
             st.session_state[rkey] = (1, k)
         st.session_state[rkey] = tuple(st.session_state[rkey])
         first, last = where.slider(
@@ -92,10 +130,15 @@ def pick_view(run: data.Run, where=st.sidebar, key: str = "") -> views.View:
             k,
             key=rkey,
             help="TracIn sums one term per checkpoint. Pick one checkpoint (both handles "
-            "together) or any range; 1 to the last is the full score.",
+            "together) or any range; 1 to the last is the full score. Every chart on the "
+            "page uses this range.",
         )
     view = views.View(int(first), int(last), norm)
     where.caption(view.label(k))
+    if is_default(run, view):
+        st.query_params.pop(widgets.QP_VIEW, None)
+    elif st.query_params.get(widgets.QP_VIEW) != view.key:
+        st.query_params[widgets.QP_VIEW] = view.key
     return view
 
 

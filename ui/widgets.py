@@ -1,7 +1,7 @@
 """Shared Streamlit pieces: page set-up, error guard, run / test pickers synced with the URL.
 
-The selected run and test instance live in the URL (``?run=...&test=...``) so a
-shared link reproduces the view. The URL wins on a fresh load; afterwards the
+The selected run, test instance and influence view live in the URL
+(``?run=...&test=...&view=...``) so a shared link reproduces what its sender saw. The URL wins on a fresh load; afterwards the
 widgets do, and a mirror in ``st.session_state`` carries the choice across pages
 (Streamlit forgets widget state when the user changes page).
 """
@@ -27,6 +27,7 @@ from ui import data, pages
 QP_RUN = "run"
 QP_TEST = "test"
 QP_SWEEP = "sweep"
+QP_VIEW = "view"  # the influence view as core's key (e.g. cosine:2-5); see ui.influence.pick_view
 _RUN_MEMO = "atlas_run"
 _TEST_MEMO = "atlas_test"
 _SWEEP_MEMO = "atlas_sweep"
@@ -271,20 +272,33 @@ def test_label(row: pd.Series) -> str:
     return f"{int(row['id'])} ({row['shape']}) S={index:+.2f}{wrong}"
 
 
+def default_test(run: data.Run) -> int:
+    """The test instance every page opens on without a choice or a link: the misclassified one
+    with the lowest id (the paper studies misclassified instances), else the lowest id.
+
+    One rule for all pages, read from shapes.parquet and not from the order a page sorts its
+    picker in (Score curves and Neighbourhoods used to open on different instances).
+    """
+    shapes = run.shapes()
+    ids = shapes["id"].astype(int)
+    if "correct" in shapes:
+        wrong = ids[~shapes["correct"].astype(bool)]
+        if len(wrong):
+            return int(wrong.min())
+    return int(ids.min())
+
+
 def pick_test(
     run: data.Run, shapes: pd.DataFrame, *, where: Any = st.sidebar, label: str = "Test instance"
 ) -> int:
-    """A test-instance picker synced with ``?test=``; default: the first misclassified, else the first."""
+    """A test-instance picker synced with ``?test=``; default: :func:`default_test`."""
     ids = [str(int(i)) for i in shapes["id"]]
     key = f"picker_test_{run.name}"
     if st.session_state.get(key) not in ids:
-        wrong = (
-            shapes.loc[~shapes["correct"].astype(bool), "id"]
-            if "correct" in shapes
-            else pd.Series([], dtype=int)
+        fallback = str(default_test(run))
+        st.session_state[key] = _initial(
+            QP_TEST, _TEST_MEMO, ids, fallback if fallback in ids else ids[0]
         )
-        fallback = str(int(wrong.iloc[0])) if len(wrong) else ids[0]
-        st.session_state[key] = _initial(QP_TEST, _TEST_MEMO, ids, fallback)
     st.session_state[key] = st.session_state[key]  # kept across pages, as the run picker's
     by_id = {str(int(r["id"])): r for _, r in shapes.iterrows()}
     chosen = where.selectbox(label, ids, key=key, format_func=lambda i: test_label(by_id[i]))

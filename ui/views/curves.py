@@ -28,6 +28,7 @@ class Curve:
     shape: str
     n: int  # full curve length (the points may be thinned)
     end_ratio: float
+    clip: compute.AxisClip | None = None  # a robust y axis when a few scores dwarf the rest
 
 
 def load_curve(run: data.Run, test_id: int, view: views.View, max_points: int) -> Curve:
@@ -64,6 +65,7 @@ def _load_curve(run: data.Run, test_id: int, view: views.View, max_points: int) 
             keep = core_shapes.downsample_curve(
                 c["score"].to_numpy(np.float64), c["flipped"].to_numpy(bool), max_points
             )
+            clip = compute.robust_axis(c["score"].to_numpy(np.float64))
             c = c.iloc[keep]
             lines = {k: float(row[k]) for k in ("a_reg", "b_reg", "a_end", "b_end", "s")}
             lines["s_bulk"] = float(row.get("s_bulk", np.nan))
@@ -74,6 +76,7 @@ def _load_curve(run: data.Run, test_id: int, view: views.View, max_points: int) 
                 str(row["shape"]),
                 len(train),
                 float(row["end_ratio"]),
+                clip,
             )
     scores = influence.view_row(run, view, test_id)
     cls = core_shapes.classify(scores, flipped_all, **run.rule())
@@ -82,7 +85,15 @@ def _load_curve(run: data.Run, test_id: int, view: views.View, max_points: int) 
     pos = order[keep]
     lines = {k: float(cls[k][0]) for k in ("a_reg", "b_reg", "a_end", "b_end", "s", "s_bulk")}
     pts = _with_text(run, keep, train["id"].to_numpy()[pos], scores[pos], flipped_all[pos])
-    return Curve(test_id, pts, lines, str(cls["shape"][0]), len(scores), float(cls["end_ratio"][0]))
+    return Curve(
+        test_id,
+        pts,
+        lines,
+        str(cls["shape"][0]),
+        len(scores),
+        float(cls["end_ratio"][0]),
+        compute.robust_axis(scores),
+    )
 
 
 def draw_panel(
@@ -95,15 +106,17 @@ def draw_panel(
     height: int = 170,
     max_points: int = PANEL_POINTS,
     reveal: bool = True,
-) -> None:
-    """One small curve panel, stretched to its column. The Vega-Lite spec is cached per
-    process: building and validating an Altair chart costs ~0.15 s, and a page draws a dozen."""
+) -> compute.AxisClip | None:
+    """One small curve panel, stretched to its column; returns its axis clip (None: the full
+    range). The Vega-Lite spec is cached per process: building and validating an Altair chart
+    costs ~0.15 s, and a page draws a dozen."""
     files = (store.SHAPES, store.CURVES, store.TRACIN_PER_CHECKPOINT, store.ANALYSIS)
     stamps = tuple(data.stamp(run.file(f)) if run.has(f) else 0 for f in files)
     spec = _panel_spec(
         str(run.path), stamps, int(test_id), view.key, correct, suffix, height, max_points, reveal
     )
     st.vega_lite_chart(spec, width="stretch")
+    return load_curve(run, test_id, view, max_points).clip
 
 
 @st.cache_data(show_spinner=False, max_entries=1024)
@@ -127,7 +140,10 @@ def _panel_spec(
     if not reveal:
         title = f"test instance {test_id}{suffix}"
         points, lines = points.assign(flipped=False), lines.iloc[0:0]
-    chart = charts.panel_chart(points, lines, title, influence.score_title(view), height=height)
+    clip = None if c.clip is None else (c.clip.lo, c.clip.hi)
+    chart = charts.panel_chart(
+        points, lines, title, influence.score_title(view), height=height, clip=clip
+    )
     return chart.to_dict()
 
 
@@ -151,6 +167,7 @@ def _curve_spec(path: str, stamps: tuple[int, ...], test_id: int, key: str) -> d
         title=compute.panel_title(test_id, c.shape, c.lines["s_bulk"]),
         label_names=run.label_names,
         score_title=influence.score_title(view),
+        clip=None if c.clip is None else (c.clip.lo, c.clip.hi),
     )
     return chart.to_dict()
 
@@ -191,6 +208,12 @@ def body(run: data.Run) -> None:
     run.tracin()  # fail early, with the command to run, when TracIn is missing
     sb = st.sidebar
     view = influence.pick_view(run)
+    if influence.n_checkpoints(run) > 1:
+        sb.caption(
+            "*Checkpoints summed* sets the view of every chart on this page except the panel "
+            "under *Built up over training*, which steps through training with its own "
+            "*Checkpoint c*."
+        )
     table = influence.view_table(run, view)
     which = sb.radio(
         "Test instances", ["misclassified", "all"], key="curves_which", horizontal=True
@@ -227,12 +250,15 @@ def grid(run: data.Run, sel: pd.DataFrame, view: views.View, n_cols: int) -> Non
     """Small multiples as a grid of columns, so the panels wrap to the window's width."""
     correct = sel.set_index("id")["correct"] if "correct" in sel else None
     ids = [int(i) for i in sel["id"]]
+    clipped = 0
     for start in range(0, len(ids), n_cols):
         cols = st.columns(n_cols)
         for col, test_id in zip(cols, ids[start : start + n_cols], strict=False):
             ok = None if correct is None else bool(correct.loc[test_id])
             with col:
-                draw_panel(run, test_id, view, correct=ok)
+                clipped += draw_panel(run, test_id, view, correct=ok) is not None
+    if clipped:
+        st.caption(compute.panels_clip_note(clipped, len(ids)))
 
 
 def enlarged(run: data.Run, test_id: int, view: views.View) -> None:
@@ -244,6 +270,8 @@ def enlarged(run: data.Run, test_id: int, view: views.View) -> None:
     left, right = st.columns([3, 1])
     with left:
         c = draw_curve(run, test_id, view)
+        if c.clip is not None:
+            st.caption(compute.clip_note(c.clip))
     with right:
         st.text(str(inst["text"]))
         st.caption(
@@ -279,11 +307,26 @@ def enlarged(run: data.Run, test_id: int, view: views.View) -> None:
         st.dataframe(table, hide_index=True, width="stretch")
 
 
+def one_checkpoint(run: data.Run) -> bool:
+    """Whether the run saved a single checkpoint (a 1-epoch run): then no recompute can give it
+    per-checkpoint views, and the page must not suggest one."""
+    k = influence.n_checkpoints(run)
+    saved = run.manifest.get("checkpoints") or []
+    return k == 1 or (k == 0 and len(saved) == 1)
+
+
 def over_training(run: data.Run, test_id: int, view: views.View) -> None:
     """How this test instance's curve forms checkpoint by checkpoint, and where its flips move."""
     k = influence.n_checkpoints(run)
     st.subheader("Built up over training")
     stored = run.shapes_by_view()
+    if one_checkpoint(run):
+        st.info(
+            "This run saved one checkpoint (it trained for one epoch), so there is nothing to "
+            "build up: the curve above is that checkpoint's. A run with more epochs shows here "
+            "how its curve forms."
+        )
+        return
     if k < 2 or stored is None or run.flip_ranks() is None:
         st.info(
             "This run stores no per-checkpoint views; recompute them with "
@@ -295,9 +338,14 @@ def over_training(run: data.Run, test_id: int, view: views.View) -> None:
     with left:
         c = st.select_slider("Checkpoint c", list(range(1, k + 1)), value=k, key="train_ckpt")
         mode = st.radio("Scores", [SUMMED_UP_TO, ALONE], key="train_mode", horizontal=True)
+        st.caption(
+            "*Checkpoint c* moves only this section: it shows checkpoint c alone or the sum "
+            "up to c, whatever range the sidebar's *Checkpoints summed* sets for the rest of "
+            f"the page (the normalisation, {norm}, is the sidebar's)."
+        )
     step = views.View(1, c, norm) if mode == SUMMED_UP_TO else views.View(c, c, norm)
     with right:
-        draw_panel(
+        clip = draw_panel(
             run,
             test_id,
             step,
@@ -305,6 +353,8 @@ def over_training(run: data.Run, test_id: int, view: views.View) -> None:
             height=220,
             max_points=PANEL_POINTS * 2,
         )
+        if clip is not None:
+            st.caption(compute.panels_clip_note(1, 1))
     mine = stored[(stored["id"] == test_id) & (stored["normalisation"] == norm)]
     series = mine.assign(
         checkpoint=mine["last"],
@@ -342,8 +392,9 @@ def over_training(run: data.Run, test_id: int, view: views.View) -> None:
                 charts.flip_ranks_over_training(pd.concat(traces), len(run.train), mode),
                 width="stretch",
             )
+    # Neutral order words: the two columns stack on a narrow screen, where left/right is wrong.
     st.caption(
-        "Left: the bulk S of this curve for each checkpoint alone and for the sum up to it, with the "
-        "class thresholds. Right: the rank of every flipped training instance at each checkpoint "
-        f"({mode}); the paper's S puts them near both ends, Z near the centre."
+        "First: the bulk S of this curve for each checkpoint alone and for the sum up to it, with "
+        "the class thresholds. Then: the rank of every flipped training instance at each "
+        f"checkpoint ({mode}); the paper's S puts them near both ends, Z near the centre."
     )

@@ -13,7 +13,7 @@ import streamlit as st
 
 from core import shape_references, views
 from core import shapes as core_shapes
-from ui import charts, data, influence, widgets
+from ui import charts, compute, data, influence, widgets
 from ui.views import curves
 
 EXPLAIN = {
@@ -111,10 +111,11 @@ def _example_grid(run: data.Run, ids: list[int], view: views.View) -> None:
     shapes = run.shapes().set_index("id")
     median = float(shapes["mean_distance"].median()) if "mean_distance" in shapes else np.nan
     cols = st.columns(len(ids))
+    clipped = 0
     for col, test_id in zip(cols, ids, strict=True):
         c = curves.load_curve(run, test_id, view, curves.PANEL_POINTS)
         with col:
-            curves.draw_panel(run, test_id, view)
+            clipped += curves.draw_panel(run, test_id, view) is not None
             dist = (
                 float(shapes.loc[test_id, "mean_distance"]) if "mean_distance" in shapes else None
             )
@@ -122,46 +123,104 @@ def _example_grid(run: data.Run, ids: list[int], view: views.View) -> None:
                 f"end ratio {widgets.fmt(c.end_ratio, '.0f')} % · mean distance "
                 f"{widgets.fmt(dist, '.2f')} (run median {widgets.fmt(median, '.2f')})"
             )
+    if clipped:
+        st.caption(compute.panels_clip_note(clipped, len(ids)))
 
 
 def guess(run: data.Run) -> None:
-    """Guess the shape of a real curve, then reveal its class and numbers."""
+    """Guess the shape of a real curve, drawn from any class and any stored view, then reveal.
+
+    Nothing is preselected; Reveal locks the guess (changing the radio afterwards changes
+    nothing) and counts it in the session's score.
+    """
     st.subheader("Guess the shape")
-    table = run.shapes()
-    state = st.session_state.setdefault(GUESS_KEY, {"run": None, "id": None, "shown": False})
-    if state["run"] != run.name or state["id"] not in set(table["id"].astype(int)):
-        state.update(run=run.name, id=int(table["id"].iloc[0]), shown=False)
-    if st.button("Another curve", key="learn_next"):
-        rng = np.random.default_rng()
-        state.update(id=int(rng.choice(table["id"].to_numpy())), shown=False)
-    test_id = state["id"]
-    view = influence.default_view(run)
-    c = curves.load_curve(run, test_id, view, curves.PANEL_POINTS * 2)
+    pool = _exercise_pool(run)
+    state = st.session_state.setdefault(GUESS_KEY, {"run": None, "right": 0, "answered": 0})
+    if state.get("run") != run.name or (state.get("view"), state.get("id")) not in _pool_keys(pool):
+        _new_draw(state, run, pool, first=True)
+    view = views.View.parse(state["view"])
+    k = influence.n_checkpoints(run)
+    c = curves.load_curve(run, state["id"], view, curves.PANEL_POINTS * 2)
+    locked = state["locked"]
     left, right = st.columns([3, 1])
     with left:
-        curves.draw_panel(
+        clip = curves.draw_panel(
             run,
-            test_id,
+            state["id"],
             view,
-            suffix=" (all checkpoints, raw scores)",
             height=260,
             max_points=curves.PANEL_POINTS * 2,
-            reveal=state["shown"],
+            reveal=locked is not None,
         )
+        st.caption(f"This curve is shown under {view.label(k)}.")
+        if clip is not None:
+            st.caption(compute.panels_clip_note(1, 1))
     with right:
-        choice = st.radio("Your guess", list(core_shapes.SHAPE_ORDER), key="learn_choice")
-        if st.button("Reveal", key="learn_reveal"):
-            state["shown"] = True
-            st.rerun()
-        if state["shown"]:
-            right_answer = choice == c.shape
+        choice = st.radio(
+            "Your guess",
+            list(core_shapes.SHAPE_ORDER),
+            index=None,
+            key=CHOICE_KEY,
+            disabled=locked is not None,
+        )
+        st.button(
+            "Reveal",
+            key="learn_reveal",
+            disabled=choice is None or locked is not None,
+            on_click=_reveal,
+            args=(state, c.shape),
+            help="Pick a guess first; once revealed, the guess is locked.",
+        )
+        if locked is not None:
+            right_answer = locked == state["answer"]
             (st.success if right_answer else st.warning)(
-                f"{'Right' if right_answer else 'Not quite'}: this curve is {c.shape}."
+                f"{'Right' if right_answer else 'Not quite'}: you said {locked}; "
+                f"this curve is {state['answer']}."
             )
             st.markdown(
                 f"bulk S **{c.lines['s_bulk']:+.3f}** · S (whole curve) {c.lines['s']:+.3f} · "
                 f"flipped instances' end ratio {widgets.fmt(c.end_ratio, '.0f')} % (red dots, now shown)"
             )
+        st.button("Another curve", key="learn_next", on_click=_new_draw, args=(state, run, pool))
+        st.caption(f"Score this session: {state['right']} of {state['answered']}.")
+
+
+CHOICE_KEY = "learn_choice"
+# The last first curve of each run in this server process, so a new session never opens on
+# the curve the previous one opened on (the exercise used to open on the same one every time).
+_LAST_FIRST: dict[str, tuple[str, int]] = {}
+
+
+def _exercise_pool(run: data.Run) -> pd.DataFrame:
+    """(view, id, shape) of every curve the exercise may show (compute.exercise_pool)."""
+    return compute.exercise_pool(
+        run.shapes(), influence.default_view(run).key, run.shapes_by_view()
+    )
+
+
+def _pool_keys(pool: pd.DataFrame) -> set[tuple[str, int]]:
+    return set(zip(pool["view"], pool["id"].astype(int), strict=True))
+
+
+def _new_draw(state: dict, run: data.Run, pool: pd.DataFrame, first: bool = False) -> None:
+    """Draw the next curve (never the one shown), clear the guess and unlock."""
+    shown = (state.get("view"), state.get("id"))
+    avoid = _LAST_FIRST.get(run.name) if first else shown
+    key, test_id = compute.draw_exercise(pool, np.random.default_rng(), avoid)
+    if first:
+        _LAST_FIRST[run.name] = (key, test_id)
+    state.update(run=run.name, view=key, id=test_id, locked=None, answer=None)
+    st.session_state[CHOICE_KEY] = None
+
+
+def _reveal(state: dict, answer: str) -> None:
+    """Lock the current guess and score it once (a button callback, before the rerun)."""
+    choice = st.session_state.get(CHOICE_KEY)
+    if choice is None or state["locked"] is not None:
+        return
+    state.update(locked=choice, answer=answer)
+    state["answered"] += 1
+    state["right"] += int(choice == answer)
 
 
 @st.cache_data(show_spinner=False)

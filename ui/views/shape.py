@@ -77,7 +77,11 @@ def body(run: data.Run) -> None:
         CURVES_PAGE,
         label="Open in Score curves",
         icon=":material/show_chart:",
-        query_params={widgets.QP_RUN: run.name, widgets.QP_TEST: str(test_id)},
+        query_params={
+            widgets.QP_RUN: run.name,
+            widgets.QP_TEST: str(test_id),
+            **({} if influence.is_default(run, view) else {widgets.QP_VIEW: view.key}),
+        },
     )
     curves.draw_curve(run, test_id, view)
 

@@ -150,6 +150,7 @@ def form(cache, can_start: bool = True) -> None:
             st.error(widgets.md_escape(exc))
         else:
             st.query_params[QP_JOB] = j.name
+            st.session_state.pop("study_job", None)  # the picker opens on the new job
             st.success(f"{'Queued' if j.state() == 'queued' else 'Started'} run {j.name}.")
             time.sleep(0.3)  # let the process write its first log line before the redraw
             st.rerun()
@@ -250,21 +251,29 @@ def jobs_panel(
         return
     st.header(title)
     names = [j.name for j in jobs]
-    wanted = st.query_params.get(QP_JOB)
-    index = names.index(wanted) if wanted in names else 0
-    name = st.selectbox(
-        "Job",
-        names,
-        index=index,
-        key=key,
-        format_func=lambda n: (
-            f"{n} · {study.Job(n, jobs[0].folder).kind()} · {study.Job(n, jobs[0].folder).state()}"
-        ),
+    labels = {j.name: f"{j.name} · {j.kind()} · {j.state()}" for j in jobs}
+    st.session_state[key] = job_choice(
+        st.session_state.get(key), names, st.query_params.get(QP_JOB)
     )
+    name = st.selectbox("Job", names, key=key, format_func=labels.__getitem__)
     st.query_params[QP_JOB] = name
     running = study.job(cache, name).state() in ("running", "queued")
     # Only a running or queued job refreshes itself; a finished one is drawn once.
     st.fragment(run_every=2 if running else None)(job_status)(cache, name, running)
+
+
+def job_choice(current: object, names: list[str], wanted: str | None) -> str:
+    """The job the picker shows: this session's choice, else the link's, else the newest.
+
+    The browser keeps the option label it last received as the picker's value, and a label
+    carries the job's state. The choice is re-asserted on every run (the caller writes it into
+    the session), which sends the fresh label; without that the picker said "running" after a
+    job had finished, until a reload. A stale label sent back is not a job name, so the last
+    name written to the URL stands in for it.
+    """
+    if current in names:
+        return str(current)
+    return wanted if wanted in names else names[0]
 
 
 def job_status(cache, name: str, was_running: bool) -> None:

@@ -103,6 +103,7 @@ def start_section(cache) -> None:
                 st.error(widgets.md_escape(exc))
             else:
                 st.query_params[study_view.QP_JOB] = j.name
+                st.session_state.pop("sweep_job", None)  # the picker opens on the new sweep
                 time.sleep(0.3)
                 st.rerun()
 
