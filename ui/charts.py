@@ -791,3 +791,19 @@ def regime_chart(rows: pd.DataFrame) -> alt.Chart:
         .properties(height=300)
     )
     return _tag(chart, "regime_chart")
+
+
+def checkpoint_terms_chart(terms: pd.DataFrame) -> alt.Chart:
+    """One training instance's TracIn terms per checkpoint (bars): the score is their sum."""
+    chart = (
+        alt.Chart(terms)
+        .mark_bar()
+        .encode(
+            x=alt.X("checkpoint:O", title="checkpoint (epoch)"),
+            y=alt.Y("term:Q", title="η · gradient dot product"),
+            color=alt.condition(alt.datum.term >= 0, alt.value(BLUE), alt.value(RED)),
+            tooltip=["checkpoint:O", alt.Tooltip("term:Q", format=".4g")],
+        )
+        .properties(height=220)
+    )
+    return _tag(chart, "checkpoint_terms")

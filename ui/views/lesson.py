@@ -194,6 +194,18 @@ def step_one(run: data.Run, view: views.View) -> None:
         f"The three strongest proponents of test instance **{first['id']}** ({view.label()}):"
     )
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    if run.has(store.TRACIN_PER_CHECKPOINT):
+        terms = pd.DataFrame(
+            {
+                "checkpoint": range(1, run.per_checkpoint().shape[0] + 1),
+                "term": run.per_checkpoint()[:, run.test_row(first["id"]), int(top[0])],
+            }
+        )
+        st.markdown(
+            "The strongest proponent's score is the sum of one term per checkpoint "
+            f"(raw; they add up to {float(terms['term'].sum()):.4g}):"
+        )
+        st.altair_chart(charts.checkpoint_terms_chart(terms), width="stretch")
 
 
 def step_two(run: data.Run, view: views.View) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
 from core import claims as core_claims
-from core.replication import REPLICATION_KIND
+from core import store
+from core.errors import AtlasError
+from core.replication import REPLICATION_KIND, claims_of
 from ui import charts, data, widgets
 
 QP_CELL = "cell"
@@ -35,6 +39,7 @@ def render() -> None:
             "`python -m core group RUN RUN RUN --name NAME [--view raw:1-3]`, then:"
         )
         st.code(MAKE_COMMAND, language="bash")
+        single_run()
         return
     names = [r["name"] for r in rows]
     name = names[0] if len(names) == 1 else st.sidebar.selectbox("Replication grid", names)
@@ -70,6 +75,38 @@ def body(rep: data.Replication) -> None:
     regime(summary)
     teaching(summary)
     conditions_table(summary)
+
+
+def single_run() -> None:
+    """Without a grid: the claims on the default run alone (one seed, one condition)."""
+    runs = [
+        r
+        for r in data.list_runs(str(data.cache_dir()))
+        if r.get("kind") == "run" and r.get("status") == store.STATUS_COMPLETE
+    ]
+    name = data.default_run(runs)
+    if name is None:
+        return
+    path = next(r["path"] for r in runs if r["name"] == name)
+    try:
+        payload = _run_claims(path, data.stamp(Path(path) / store.TRACIN))
+    except AtlasError as exc:
+        st.info(f"The claims cannot be read on run {widgets.md_escape(name)}: {exc}")
+        return
+    st.subheader(f"Meanwhile, on run {widgets.md_escape(name)} alone")
+    st.caption("One run is one seed of one condition: `python -m core claims` on it.")
+    summary = {"conditions": [{"name": f"run {name}", "claims": payload["claims"]}]}
+    cells = grid_cells(summary)
+    st.altair_chart(charts.verdict_grid(cells.drop(columns="claim_dict")), width="stretch")
+    for cid in dict.fromkeys(cells["claim"]):
+        pairs = [(r.condition, r.claim_dict) for r in cells.itertuples() if r.claim == cid]
+        st.markdown(core_claims.paragraph(cid, pairs))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _run_claims(path: str, stamp: int) -> dict:
+    """core.replication.claims_of without writing (the store stays read-only for the app)."""
+    return claims_of(path, write=False)
 
 
 def grid_cells(summary: dict) -> pd.DataFrame:
