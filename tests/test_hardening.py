@@ -415,3 +415,46 @@ def test_row10_lost_instances_are_made_again(study_run: Path, tmp_path: Path) ->
     csv = study_run.parent.parent / "reviews.csv"
     assert main(_run_args(csv, run.parent, run.name, "--until", "data")) == 0
     assert store.load_instances(run).equals(expected)
+
+
+# == issue 24: nothing silently wrong ===============================================================
+
+
+def _bare_run(tmp_path: Path, status: str = "complete", **manifest: object) -> Path:
+    """A run folder holding only a manifest: enough for the commands that lock first."""
+    run = tmp_path / "cache" / "r"
+    run.mkdir(parents=True)
+    store.write_json(run / store.MANIFEST, {"kind": "run", "status": status, **manifest})
+    return run
+
+
+# -- issue 24 item 3: locks that follow nothing ----------------------------------------------------
+
+
+def test_i24_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path: Path, capsys) -> None:
+    run = _bare_run(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (run / locks.LOCK_FILE).symlink_to(victim)
+    assert main(["detect", str(run), "--detectors", "loss"]) == 2
+    line = _error_line(capsys)
+    assert "symbolic link" in line and str(run / locks.LOCK_FILE) in line
+    assert victim.read_text() == "precious\n"
+    assert (run / locks.LOCK_FILE).is_symlink()  # refused, not removed: the user looks first
+    (run / locks.LOCK_FILE).unlink()
+    (run / locks.LOCK_FILE).symlink_to(tmp_path / "not-yet")  # a dangling link creates nothing
+    with pytest.raises(AtlasError, match="symbolic link"), locks.hold(run):
+        pass
+    assert not (tmp_path / "not-yet").exists()
+    assert locks.lock_owner(run) is None
+
+
+def test_i24_a_lock_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    run = _bare_run(tmp_path)
+    os.mkfifo(run / locks.LOCK_FILE)
+    with pytest.raises(AtlasError, match="not a regular file"), locks.hold(run):
+        pass
+    (run / locks.LOCK_FILE).unlink()
+    (run / locks.LOCK_FILE).mkdir()
+    with pytest.raises(AtlasError, match="not a regular file"), locks.hold(run):
+        pass
