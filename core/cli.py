@@ -298,6 +298,8 @@ def cmd_list(args: argparse.Namespace) -> None:
         )
         if r.get("error"):
             print(f"  {r['error']}")
+        if r.get("note"):
+            print(f"  {r['note']}")
         if r.get("stale"):
             print(f"  stale (inputs changed since they ran): {', '.join(r['stale'])}")
 
@@ -308,6 +310,9 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
     if manifest.get("kind") == "sweep":
         from core.sweep import sweep_table
 
+        status = store.run_status(run_dir, manifest)
+        manifest = {**manifest, "status": status}
+        manifest["note"] = store.status_note(run_dir, manifest, status)
         try:
             return {**manifest, "table": sweep_table(run_dir)}
         except AtlasError as exc:
@@ -321,10 +326,14 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         else entry
         for stage, entry in stages.items()
     }
+    status = store.run_status(run_dir, manifest)
     out = {
         "name": manifest.get("name", run_dir.name),
         "path": str(run_dir),
-        "status": "damaged" if problems else store.run_status(run_dir, manifest),
+        "status": "damaged" if problems else status,
+        # Interrupted or failed: what happened and the command that resumes it (None else).
+        "note": store.status_note(run_dir, manifest, status),
+        "error": manifest.get("error"),
         "command": manifest.get("command"),
         "config": manifest.get("config"),
         "data": manifest.get("data"),
@@ -374,6 +383,8 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(json.dumps(payload, indent=2, ensure_ascii=False, default=store._json_default))
         return
     print(f"{payload.get('name')}  [{payload.get('status')}]")
+    if payload.get("note"):
+        print(f"  {payload['note']}")
     for key in ("n_train", "n_val", "n_test", "n_flipped", "test_accuracy"):
         if key in payload:
             print(f"  {key:<14} {payload[key]}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core import locks
 from core.errors import AtlasError
 
 # File names inside a run folder (public interface: users' scripts read these).
@@ -55,6 +56,8 @@ CLEANING_DIR = "cleaning"
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 STATUS_FAILED = "failed"
+# Reported, never stored: a manifest saying 'running' whose lock no live process holds.
+STATUS_INTERRUPTED = "interrupted"
 
 
 @contextlib.contextmanager
@@ -326,6 +329,7 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
                     "model": "",
                     "test_accuracy": None,
                     "error": str(exc),
+                    "note": None,
                     "stale": [],
                 }
             )
@@ -333,12 +337,15 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
         config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
         acc = manifest.get("test_accuracy")
         kind = _text(manifest.get("kind", "run"))
+        status = run_status(child, manifest)
         rows.append(
             {
                 "name": child.name,
                 "path": str(child),
                 "kind": kind,
-                "status": run_status(child, manifest),
+                "status": status,
+                # Interrupted or failed: what happened and the command that resumes it.
+                "note": status_note(child, manifest, status),
                 "created": _text(manifest.get("created", "")),
                 "dataset": _text(config.get("dataset", "")),
                 "model": _text(config.get("model", "")),
@@ -351,8 +358,16 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
-    """The manifest's status, except 'incomplete' when a stage it calls complete lost a file."""
+    """What is true of a run or sweep now, from its manifest and its lock.
+
+    'running' only while a live process holds the folder's lock: a writer killed with
+    ``kill -9`` (or one that crashed in native code) cannot update its manifest, so a
+    'running' manifest without a holder is reported 'interrupted'. A complete run whose
+    stage lost a file is 'incomplete'; anything else is the manifest's status.
+    """
     status = _text(manifest.get("status", "unknown"))
+    if status == STATUS_RUNNING:
+        return STATUS_RUNNING if locks.is_locked(run_dir) else STATUS_INTERRUPTED
     if status != STATUS_COMPLETE:
         return status
     run = Path(run_dir)
@@ -362,6 +377,34 @@ def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
         if complete and not all((run / n).exists() for n in STAGE_OUTPUTS.get(stage, ())):
             return "incomplete"
     return status
+
+
+def resume_command(run_dir: str | os.PathLike) -> str:
+    """The command that resumes a run or sweep: its recorded command, pinned to its config."""
+    from core.commands import reproduce_command
+
+    command = reproduce_command(run_dir)
+    if command:
+        return command
+    run = Path(run_dir)
+    return (
+        f"python -m core run --name {shlex.quote(run.name)} --cache "
+        f"{shlex.quote(str(run.parent))} with the options that made it"
+    )
+
+
+def status_note(run_dir: str | os.PathLike, manifest: dict[str, Any], status: str) -> str | None:
+    """One sentence for an interrupted or failed run (``status`` from :func:`run_status`):
+    what happened and the command that resumes it; None for any other status."""
+    if status == STATUS_INTERRUPTED:
+        return (
+            "No process is writing it (it was killed or crashed); resume it with "
+            f"`{resume_command(run_dir)}`."
+        )
+    if status == STATUS_FAILED:
+        error = _text(manifest.get("error")).strip().rstrip(".") or "no error was recorded"
+        return f"It failed: {error}; resume it with `{resume_command(run_dir)}`."
+    return None
 
 
 # -- checking a run's files ----------------------------------------------------------------------

@@ -458,3 +458,47 @@ def test_i24_a_lock_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> Non
     (run / locks.LOCK_FILE).mkdir()
     with pytest.raises(AtlasError, match="not a regular file"), locks.hold(run):
         pass
+
+
+# -- issue 24 item 5: a run's state is what is true ------------------------------------------------
+
+
+def test_i24_a_running_manifest_nobody_holds_is_interrupted_with_its_resume_command(
+    tmp_path: Path, capsys
+) -> None:
+    command = "python -m core run --preset quick --name r"
+    run = _bare_run(tmp_path, "running", command=command, config={})
+    (run / locks.LOCK_FILE).write_text('{"pid": 999999}')  # what kill -9 leaves behind
+    row = {r["name"]: r for r in store.list_runs(run.parent)}["r"]
+    assert row["status"] == store.STATUS_INTERRUPTED
+    assert command in row["note"]
+    assert main(["list", "--cache", str(run.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "interrupted" in out and command in out
+    assert main(["show", str(run), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["status"] == "interrupted" and command in payload["note"]
+    assert main(["show", str(run)]) == 0
+    assert "[interrupted]" in capsys.readouterr().out
+    with locks.hold(run):  # a live holder: running it is
+        assert store.run_status(run, store.load_manifest(run)) == store.STATUS_RUNNING
+        assert {r["name"]: r for r in store.list_runs(run.parent)}["r"]["note"] is None
+
+
+def test_i24_a_failed_run_names_its_error_and_resume_command(tmp_path: Path, capsys) -> None:
+    command = "python -m core run --preset quick --name r"
+    run = _bare_run(tmp_path, "failed", command=command, error="tracin: out of memory")
+    assert main(["show", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "[failed]" in out and "out of memory" in out and command in out
+
+
+def test_i24_the_app_reads_cores_status(tmp_path: Path) -> None:
+    from ui import data, study, widgets
+
+    run = _bare_run(tmp_path, "running", command="python -m core run --name r", config={})
+    assert study.progress(run)["status"] == store.STATUS_INTERRUPTED
+    assert "python -m core run --name r" in study.progress(run)["note"]
+    assert "status **interrupted**" in widgets._run_caption(data.Run(run))
+    with pytest.raises(data.MissingData, match="interrupted"):
+        data.Run(run).require(store.TRACIN, "tracin")
