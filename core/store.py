@@ -529,8 +529,37 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str
     their columns and row counts, JSON files by type. An empty result means every
     complete stage's files are whole and fit the run's sizes.
     """
-    run = Path(run_dir)
     stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+    problems = {}
+    for stage, entry in stages.items():
+        if not isinstance(entry, dict) or entry.get("status") != STATUS_COMPLETE:
+            continue
+        problem = _check_stage(Path(run_dir), manifest, stage)
+        if problem:
+            problems[stage] = problem
+    return problems
+
+
+def stage_problem(run_dir: str | os.PathLike, stage: str) -> str | None:
+    """Why a stage recorded complete cannot be trusted (a missing, truncated or wrongly
+    shaped file), as :func:`verify_run` says it; None when its files are whole or the
+    stage is not recorded complete. A stage's own command and ``run`` remake such a stage
+    instead of reporting it done."""
+    run = Path(run_dir)
+    if not stage_done(run, stage):
+        return None
+    try:
+        manifest = load_manifest(run)
+    except AtlasError as exc:
+        return str(exc)
+    missing = [n for n in STAGE_OUTPUTS.get(stage, ()) if not (run / n).exists()]
+    if missing:
+        return f"{run / missing[0]} does not exist{_rebuild_hint(run / missing[0])}."
+    return _check_stage(run, manifest, stage)
+
+
+def _check_stage(run: Path, manifest: dict[str, Any], stage: str) -> str | None:
+    """The first problem with one stage's files (see :func:`verify_run`), or None."""
     sizes = {k: manifest.get(k) for k in ("n_train", "n_val", "n_test")}
     n_train, n_test = (
         v if isinstance(v, int) else None for v in (sizes["n_train"], sizes["n_test"])
@@ -559,17 +588,12 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str
             lambda: read_json_object(run / DETECTION),
         ],
     }
-    problems = {}
-    for stage, entry in stages.items():
-        if not isinstance(entry, dict) or entry.get("status") != STATUS_COMPLETE:
-            continue
-        for check in checks.get(stage, []):
-            try:
-                check()
-            except AtlasError as exc:
-                problems[stage] = str(exc)
-                break
-    return problems
+    for check in checks.get(stage, []):
+        try:
+            check()
+        except AtlasError as exc:
+            return str(exc)
+    return None
 
 
 def _parquet_footer(path: Path) -> None:

@@ -502,3 +502,50 @@ def test_i24_the_app_reads_cores_status(tmp_path: Path) -> None:
     assert "status **interrupted**" in widgets._run_caption(data.Run(run))
     with pytest.raises(data.MissingData, match="interrupted"):
         data.Run(run).require(store.TRACIN, "tracin")
+
+
+# -- issue 24 item 4: damage is rebuilt or refused -------------------------------------------------
+
+
+def _truncate(path: Path) -> bytes:
+    """Cut a file to half its length; return what it held."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return raw
+
+
+def test_i24_the_tracin_command_remakes_a_truncated_matrix(
+    study_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    whole = _truncate(run / store.TRACIN)
+    assert main(["tracin", str(run), "--device", "cpu"]) == 0
+    assert "truncated" in capsys.readouterr().err  # said, not silent
+    assert (run / store.TRACIN).read_bytes() == whole
+    assert store.stage_problem(run, "tracin") is None
+
+
+def test_i24_run_remakes_a_truncated_matrix(study_run: Path, tmp_path: Path, capsys) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    whole = _truncate(run / store.TRACIN)
+    csv = study_run.parent.parent / "reviews.csv"  # the session run's data, same config
+    assert main(_run_args(csv, run.parent, run.name)) == 0
+    assert (run / store.TRACIN).read_bytes() == whole
+    capsys.readouterr()
+    assert main(["show", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "complete"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_i24_analyze_refuses_scores_that_are_not_finite(
+    study_run: Path, tmp_path: Path, capsys, bad: float
+) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    scores = np.array(store.read_npy(run / store.TRACIN))
+    scores[0, :] = bad
+    store.write_npy(run / store.TRACIN, scores)
+    before = (run / store.SHAPES).read_bytes()
+    assert main(["analyze", str(run), "--force"]) == 2
+    line = _error_line(capsys)
+    assert "NaN or infinite" in line and "tracin stage" in line and "python -m core tracin" in line
+    assert (run / store.SHAPES).read_bytes() == before  # nothing analysed over them
