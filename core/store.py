@@ -445,7 +445,9 @@ def missing_heavy_tier(run_dir: str | os.PathLike) -> list[str]:
         return []
     missing = []
     entries = manifest.get("checkpoints") or []
-    if not entries or any(not (run / str(e.get("path", ""))).is_dir() for e in entries):
+    # A checkpoints/ folder that lost one entry is a damaged local run, not a shipped one:
+    # verify_run names the lost checkpoint and the command that retrains it.
+    if not entries or not (run / CHECKPOINTS_DIR).is_dir():
         missing.append(CHECKPOINTS_DIR)
     if not (run / TOKENIZER_DIR).is_dir():
         missing.append(TOKENIZER_DIR)
@@ -569,7 +571,10 @@ def _check_stage(run: Path, manifest: dict[str, Any], stage: str) -> str | None:
     n_epochs = len(epochs) if isinstance(epochs, list) and epochs else None
     checks: dict[str, list] = {
         "data": [lambda: read_parquet(run / INSTANCES, INSTANCE_COLUMNS, n_all)],
-        "train": [lambda: read_npy(run / LOGITS, shape=(n_epochs, n_all, 2))],
+        "train": [
+            lambda: read_npy(run / LOGITS, shape=(n_epochs, n_all, 2)),
+            lambda: _check_checkpoints(run, manifest),
+        ],
         "tracin": [
             lambda: read_npy(run / TRACIN, shape=(n_test, n_train)),
             lambda: read_npy(run / TRACIN_PER_CHECKPOINT, shape=(None, n_test, n_train)),
@@ -594,6 +599,24 @@ def _check_stage(run: Path, manifest: dict[str, Any], stage: str) -> str | None:
         except AtlasError as exc:
             return str(exc)
     return None
+
+
+def _check_checkpoints(run: Path, manifest: dict[str, Any]) -> None:
+    """Raise when a checkpoint the manifest lists is gone from a run that keeps its checkpoints.
+
+    A run without a ``checkpoints/`` folder is a shipped one (small files only, see
+    :func:`missing_heavy_tier`); one with the folder but without a listed checkpoint lost it.
+    """
+    if not (run / CHECKPOINTS_DIR).is_dir():
+        return
+    for entry in manifest.get("checkpoints") or []:
+        path = run / str(entry.get("path", "")) if isinstance(entry, dict) else None
+        if path is None or not path.is_dir():
+            where = path if path is not None else f"{run / CHECKPOINTS_DIR} (an entry)"
+            raise AtlasError(
+                f"{where}, a checkpoint listed in the manifest, is missing; TracIn needs every "
+                f"checkpoint: retrain from it with `{rebuild_command(run, 'train')}`."
+            )
 
 
 def _parquet_footer(path: Path) -> None:

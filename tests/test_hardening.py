@@ -549,3 +549,34 @@ def test_i24_analyze_refuses_scores_that_are_not_finite(
     line = _error_line(capsys)
     assert "NaN or infinite" in line and "tracin stage" in line and "python -m core tracin" in line
     assert (run / store.SHAPES).read_bytes() == before  # nothing analysed over them
+
+
+# -- issue 24 item 8: smaller ones -----------------------------------------------------------------
+
+
+def test_i24_show_reports_a_deleted_checkpoint_and_tracin_does_not_blame_shipping(
+    study_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    shutil.rmtree(run / store.CHECKPOINTS_DIR / "epoch-01")
+    assert main(["show", str(run), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["status"] == "damaged"
+    assert str(run / store.CHECKPOINTS_DIR / "epoch-01") in payload["problems"]["train"]
+    assert "python -m core run" in payload["problems"]["train"]
+    assert store.missing_heavy_tier(run) == []  # a damaged local run, not a shipped one
+    assert main(["tracin", str(run), "--device", "cpu"]) == 2
+    line = _error_line(capsys)
+    assert "epoch-01" in line and "shipped" not in line
+
+
+def test_i24_training_resumes_only_after_an_unbroken_row_of_checkpoints(tmp_path: Path) -> None:
+    from core.training import EPOCH_STATE, completed_epochs
+
+    for name in ("epoch-02", "epoch-03", "epoch-04.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / EPOCH_STATE).write_text("{}")
+    assert completed_epochs(tmp_path) == []  # epoch-01 lost: start again there
+    (tmp_path / "epoch-01").mkdir()
+    (tmp_path / "epoch-01" / EPOCH_STATE).write_text("{}")
+    assert completed_epochs(tmp_path) == [1, 2, 3]  # a killed rename's .partial is no epoch

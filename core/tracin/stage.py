@@ -76,7 +76,10 @@ def _run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, fl
     for entry in entries:
         path = run / str(entry.get("path", ""))
         if not entry.get("path") or not path.is_dir():
-            raise AtlasError(f"Checkpoint {path} listed in the manifest is missing.")
+            raise AtlasError(
+                f"Checkpoint {path} listed in the manifest is missing; retrain from it with "
+                f"`{store.rebuild_command(run, 'train')}`."
+            )
         if entry.get("lr") is None:
             raise AtlasError(f"Checkpoint {path} has no learning rate in the manifest.")
         out.append((path, float(entry["lr"])))
