@@ -580,3 +580,18 @@ def test_i24_training_resumes_only_after_an_unbroken_row_of_checkpoints(tmp_path
     (tmp_path / "epoch-01").mkdir()
     (tmp_path / "epoch-01" / EPOCH_STATE).write_text("{}")
     assert completed_epochs(tmp_path) == [1, 2, 3]  # a killed rename's .partial is no epoch
+
+
+def test_i24_a_shard_refusal_names_the_option_not_an_internal_field() -> None:
+    from core.tracin.shards import options_difference
+
+    common = {"scope": "all", "dtype": "float32", "chunk_size": 512, "checkpoints": []}
+    factorized = {**common, "project": "factorized:64", "seed": 0, "identity": False}
+    exact = {**common, "project": None, "seed": None}
+    phrase = options_difference(factorized, exact)
+    assert phrase == "--project factorized:64 (this request: no --project)"
+    assert options_difference({**exact, "scope": "head"}, exact) == (
+        "--params head (this request: --params all)"
+    )
+    test_only = options_difference({**factorized, "identity": True}, factorized)
+    assert "True" not in test_only and "this request" not in test_only  # words, not a field
