@@ -19,7 +19,7 @@ import pytest
 from core import locks, store
 from core.cli import check_study_argv, main
 from core.errors import AtlasError
-from tests.conftest import TINY_ARGS, csv_args
+from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -595,3 +595,52 @@ def test_i24_a_shard_refusal_names_the_option_not_an_internal_field() -> None:
     )
     test_only = options_difference({**factorized, "identity": True}, factorized)
     assert "True" not in test_only and "this request" not in test_only  # words, not a field
+
+
+def _refused_file(tmp_path: Path, capsys, name: str, content: str, *extra: str) -> str:
+    """Run the data stage on a file; return the one-sentence refusal (nothing is written)."""
+    path = tmp_path / name
+    path.write_text(content, "utf-8")
+    cache = tmp_path / "cache"
+    args = ["run", *TINY_ARGS, "--dataset", str(path), "--text-col", "review"]
+    args += ["--label-col", "sentiment", *extra, "--cache", str(cache), "--until", "data"]
+    assert main(args) == 2
+    assert _nothing_in(cache)
+    return _error_line(capsys)
+
+
+def _jsonl_rows(n: int, row: str) -> str:
+    """``n`` JSON lines of a synthetic review file, the first one replaced by ``row``."""
+    rows = synthetic_reviews(n)
+    lines = [json.dumps(r) for r in rows.to_dict("records")]
+    return "\n".join([row, *lines[1:]]) + "\n"
+
+
+def test_i24_a_csv_naming_a_column_twice_is_refused(tmp_path: Path, capsys) -> None:
+    rows = synthetic_reviews(200)
+    body = "\n".join(f"{t},other {i},{s}" for i, (t, s) in enumerate(rows.to_numpy()))
+    line = _refused_file(tmp_path, capsys, "two.csv", "review,review,sentiment\n" + body + "\n")
+    assert "two columns named 'review'" in line and "columns 1 and 2" in line
+
+
+def test_i24_jsonl_with_a_repeated_key_is_refused(tmp_path: Path, capsys) -> None:
+    row = '{"review": "great item", "sentiment": "pos", "sentiment": "neg"}'
+    line = _refused_file(tmp_path, capsys, "dup.jsonl", _jsonl_rows(200, row))
+    assert "line 1" in line and "'sentiment' twice" in line
+
+
+@pytest.mark.parametrize("value", ['["neg"]', '{"v": "neg"}'])
+def test_i24_nested_json_values_are_not_labels(tmp_path: Path, capsys, value: str) -> None:
+    row = '{"review": "great item", "sentiment": ' + value + "}"
+    line = _refused_file(tmp_path, capsys, "nested.jsonl", _jsonl_rows(200, row))
+    assert "row 1" in line and "column 'sentiment' holds a JSON" in line
+
+
+@pytest.mark.parametrize("flag", ["--pos-min", "--neg-max"])
+def test_i24_rating_cuts_with_a_label_column_are_refused(
+    tmp_path: Path, reviews_csv: Path, capsys, flag: str
+) -> None:
+    cache = tmp_path / "cache"
+    assert main(_run_args(reviews_csv, cache, "r", flag, "4", "--until", "data")) == 2
+    assert "apply to --rating-col" in _error_line(capsys)
+    assert _nothing_in(cache)
