@@ -8,6 +8,7 @@ stderr and exit status 2; progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -896,12 +897,33 @@ def main(argv: list[str] | None = None) -> int:
         # `atlas show RUN | head`: the reader left; stop quietly, as Unix tools do.
         _silence_stdout()
         return 0
+    except OSError as exc:  # the machine, not the request: a full disk, a read-only folder
+        print(f"error: {os_error_sentence(exc)}", file=sys.stderr)
+        return 1
     if out is not None:
         try:
             print(out)
         except BrokenPipeError:
             _silence_stdout()
     return 0
+
+
+# What to do about the environment problems a command can meet while writing.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some space, then rerun the same command to resume",
+    errno.EDQUOT: "free some space, then rerun the same command to resume",
+    errno.EACCES: "give this user write access or choose another path",
+    errno.EPERM: "give this user write access (or remove the file's immutable flag) or choose another path",
+    errno.EROFS: "choose a writable path (another --out or --cache)",
+}
+
+
+def os_error_sentence(exc: OSError) -> str:
+    """An operating-system error as one sentence: the path, the cause and what to do."""
+    where = exc.filename if exc.filename is not None else "a file"
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    advice = _OS_ERROR_ADVICE.get(exc.errno, "fix that, then rerun the same command")
+    return f"{where}: {cause.rstrip('.')}; {advice}."
 
 
 def _silence_stdout() -> None:

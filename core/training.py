@@ -77,6 +77,25 @@ def completed_epochs(checkpoint_dir: Path) -> list[int]:
     return done
 
 
+def clean_partial(checkpoint_dir: Path) -> list[Path]:
+    """Remove the half-written checkpoint folders a killed or failed save left; return them.
+
+    ``epoch-NN.partial`` (a save not yet renamed into place) and ``.epoch-NN…`` (the
+    temporary folder of its weights) are never read, but a full disk would keep them
+    forever. The caller holds the run's lock, so no live writer owns them.
+    """
+    removed = []
+    if not checkpoint_dir.is_dir():
+        return removed
+    for child in checkpoint_dir.iterdir():
+        name = child.name
+        partial = name.startswith("epoch-") and name.endswith(".partial")
+        if child.is_dir() and (partial or name.startswith(".epoch-")):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
 def train_model(
     config: StudyConfig,
     tokenizer,
@@ -110,6 +129,8 @@ def train_model(
     lengths = [len(x) for x in ids]
 
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is not None:
+        clean_partial(ckpt_dir)
     done = completed_epochs(ckpt_dir) if ckpt_dir is not None else []
     result = TrainResult()
     start_epoch = 1

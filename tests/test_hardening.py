@@ -644,3 +644,45 @@ def test_i24_rating_cuts_with_a_label_column_are_refused(
     assert main(_run_args(reviews_csv, cache, "r", flag, "4", "--until", "data")) == 2
     assert "apply to --rating-col" in _error_line(capsys)
     assert _nothing_in(cache)
+
+
+# -- issue 24 item 7: I/O errors are sentences -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "needle"),
+    [
+        (PermissionError(13, "Permission denied"), "write access"),
+        (OSError(30, "Read-only file system"), "writable path"),
+        (OSError(28, "No space left on device"), "free some space"),
+    ],
+)
+def test_i24_an_os_error_while_writing_is_one_sentence_exit_1(
+    tmp_path: Path, capsys, monkeypatch, error: OSError, needle: str
+) -> None:
+    import core.analysis
+
+    run = _bare_run(tmp_path)
+    error.filename = str(run / store.ANALYSIS)
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(core.analysis, "analyze_run", refuse)
+    assert main(["analyze", str(run), "--force"]) == 1
+    line = _error_line(capsys)
+    assert str(run / store.ANALYSIS) in line and error.strerror in line and needle in line
+
+
+def test_i24_half_written_checkpoints_are_cleaned_on_the_next_start(tmp_path: Path) -> None:
+    from core.training import EPOCH_STATE, clean_partial, completed_epochs
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "epoch-01").mkdir(parents=True)
+    (ckpts / "epoch-01" / EPOCH_STATE).write_text("{}")
+    litter = [ckpts / "epoch-02.partial", ckpts / ".epoch-02.partial.k3j2x1"]
+    for folder in litter:
+        (folder / "weights").mkdir(parents=True)
+    assert sorted(clean_partial(ckpts)) == sorted(litter)
+    assert [p.name for p in ckpts.iterdir()] == ["epoch-01"]
+    assert completed_epochs(ckpts) == [1]
