@@ -88,6 +88,7 @@ def analyze_run(
         and previous.get("status") == store.STATUS_COMPLETE
         and previous.get("params") == params
         and all((run / name).exists() for name in OUTPUTS)
+        and store.stage_problem(run, STAGE) is None  # a damaged file is remade, never kept
         and provenance.stale_reason(run, STAGE) is None  # e.g. tracin.npy rewritten since
     ):
         _say(progress, "analyze: already complete (use --force to recompute)")
@@ -723,6 +724,7 @@ def _load_inputs(run: Path) -> dict[str, Any]:
             f"{n_test} test × {n_train} training instances; recompute it with "
             f"`python -m core tracin {run}`."
         )
+    _require_finite(run / store.TRACIN, tracin)
     logits = store.read_npy(run / store.LOGITS)
     if logits.ndim != 3 or logits.shape[1:] != (len(inst), 2):
         raise AtlasError(
@@ -732,6 +734,7 @@ def _load_inputs(run: Path) -> dict[str, Any]:
     if (run / store.TRACIN_PER_CHECKPOINT).exists():
         stack = store.read_npy(run / store.TRACIN_PER_CHECKPOINT)
         if stack.ndim == 3 and stack.shape[1:] == (n_test, n_train):
+            _require_finite(run / store.TRACIN_PER_CHECKPOINT, stack)
             out["stack"] = stack
         else:
             raise AtlasError(
@@ -751,6 +754,20 @@ def _load_inputs(run: Path) -> dict[str, Any]:
         ):
             out["norms"] = (train_norms, test_norms)
     return out
+
+
+def _require_finite(path: Path, scores: np.ndarray) -> None:
+    """Refuse TracIn scores holding NaN or ±inf: sorted curves, shapes and end ratios of
+    such rows would be computed and marked complete as if they meant something."""
+    bad = int(np.count_nonzero(~np.isfinite(scores)))  # memory-mapped: one pass, no copy kept
+    if bad:
+        raise AtlasError(
+            f"{path} holds {bad:,} NaN or infinite scores of {scores.size:,}, made by the "
+            "tracin stage (its gradients overflowed or its files were altered), so they are not "
+            f"analysed; move {path.parent / store.TRACIN_SHARDS_DIR} away and recompute that "
+            f"stage with `{store.rebuild_command(path.parent, 'tracin')}`, after retraining "
+            "with a lower --lr if the checkpoints themselves are not finite."
+        )
 
 
 def _say(progress: bool, message: str) -> None:

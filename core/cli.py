@@ -8,6 +8,7 @@ stderr and exit status 2; progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -298,6 +299,8 @@ def cmd_list(args: argparse.Namespace) -> None:
         )
         if r.get("error"):
             print(f"  {r['error']}")
+        if r.get("note"):
+            print(f"  {r['note']}")
         if r.get("stale"):
             print(f"  stale (inputs changed since they ran): {', '.join(r['stale'])}")
 
@@ -308,6 +311,9 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
     if manifest.get("kind") == "sweep":
         from core.sweep import sweep_table
 
+        status = store.run_status(run_dir, manifest)
+        manifest = {**manifest, "status": status}
+        manifest["note"] = store.status_note(run_dir, manifest, status)
         try:
             return {**manifest, "table": sweep_table(run_dir)}
         except AtlasError as exc:
@@ -329,10 +335,14 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         else entry
         for stage, entry in stages.items()
     }
+    status = store.run_status(run_dir, manifest)
     out = {
         "name": manifest.get("name", run_dir.name),
         "path": str(run_dir),
-        "status": "damaged" if problems else store.run_status(run_dir, manifest),
+        "status": "damaged" if problems else status,
+        # Interrupted or failed: what happened and the command that resumes it (None else).
+        "note": store.status_note(run_dir, manifest, status),
+        "error": manifest.get("error"),
         "command": manifest.get("command"),
         "config": manifest.get("config"),
         "data": manifest.get("data"),
@@ -384,6 +394,8 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(json.dumps(payload, indent=2, ensure_ascii=False, default=store._json_default))
         return
     print(f"{payload.get('name')}  [{payload.get('status')}]")
+    if payload.get("note"):
+        print(f"  {payload['note']}")
     if payload.get("purpose"):
         print(f"  purpose        {payload['purpose']}")
     for key in ("n_train", "n_val", "n_test", "n_flipped", "test_accuracy", "majority_baseline"):
@@ -977,12 +989,33 @@ def main(argv: list[str] | None = None) -> int:
         # `atlas show RUN | head`: the reader left; stop quietly, as Unix tools do.
         _silence_stdout()
         return 0
+    except OSError as exc:  # the machine, not the request: a full disk, a read-only folder
+        print(f"error: {os_error_sentence(exc)}", file=sys.stderr)
+        return 1
     if out is not None:
         try:
             print(out)
         except BrokenPipeError:
             _silence_stdout()
     return 0
+
+
+# What to do about the environment problems a command can meet while writing.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some space, then rerun the same command to resume",
+    errno.EDQUOT: "free some space, then rerun the same command to resume",
+    errno.EACCES: "give this user write access or choose another path",
+    errno.EPERM: "give this user write access (or remove the file's immutable flag) or choose another path",
+    errno.EROFS: "choose a writable path (another --out or --cache)",
+}
+
+
+def os_error_sentence(exc: OSError) -> str:
+    """An operating-system error as one sentence: the path, the cause and what to do."""
+    where = exc.filename if exc.filename is not None else "a file"
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    advice = _OS_ERROR_ADVICE.get(exc.errno, "fix that, then rerun the same command")
+    return f"{where}: {cause.rstrip('.')}; {advice}."
 
 
 def _silence_stdout() -> None:

@@ -524,6 +524,11 @@ def label_table(
         raise AtlasError("A data file needs --text-col naming its text column.")
     if bool(label_col) == bool(rating_col):
         raise AtlasError("A data file needs exactly one of --label-col or --rating-col.")
+    if label_col and (pos_min is not None or neg_max is not None):
+        raise AtlasError(
+            "--pos-min and --neg-max apply to --rating-col, not to --label-col; drop them, "
+            "or give --rating-col instead of --label-col."
+        )
     if rating_col:
         pos_min = 4.0 if pos_min is None else float(pos_min)
         neg_max = 2.0 if neg_max is None else float(neg_max)
@@ -536,6 +541,8 @@ def label_table(
     _require_columns(df, [text_col, value_col], Path(source))
     if label_col == text_col or rating_col == text_col:
         raise AtlasError(f"The text column '{text_col}' cannot also hold the labels.")
+    for column in (text_col, value_col):
+        _refuse_nested(df, column, source)
     raw = pd.DataFrame({"text": df[text_col].map(_cell_text), "source_row": np.arange(len(df))})
     values = df[value_col].map(_cell_text)
     info: dict[str, Any] = {"source": source, "format": fmt, "encoding": encoding}
@@ -621,6 +628,7 @@ def _read_delimited(text: str, sep: str, path: Path) -> pd.DataFrame:
     """Parse CSV/TSV text with every cell as a string (empty cells as '')."""
     if not text.strip():
         raise AtlasError(f"Data file {path} is empty.")
+    _refuse_repeated_header(text, sep, path)
     try:
         # Strings throughout: labels like "01" or "1.0" stay as written, and the
         # recorded mapping shows the user's own values.
@@ -630,6 +638,26 @@ def _read_delimited(text: str, sep: str, path: Path) -> pd.DataFrame:
         raise AtlasError(f"Data file {path} could not be parsed ({detail}).") from None
 
 
+def _refuse_repeated_header(text: str, sep: str, path: Path) -> None:
+    """Refuse a header naming one column twice: pandas would rename the second ('text.1')
+    and ``--text-col text`` would silently pick the first."""
+    import csv
+
+    try:
+        header = next(csv.reader(io.StringIO(text), delimiter=sep), [])
+    except csv.Error:
+        return  # pandas reports a malformed file in its own words
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, start=1):
+        key = name.strip()
+        if key and key in seen:
+            raise AtlasError(
+                f"Data file {path} has two columns named '{key}' (columns {seen[key]} and {i}); "
+                "rename one so the column to use is unambiguous."
+            )
+        seen.setdefault(key, i)
+
+
 def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
     """Parse JSON Lines: one object per non-blank line."""
     records = []
@@ -637,7 +665,12 @@ def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as exc:
+            raise AtlasError(
+                f"Data file {path} line {i + 1} gives the key '{exc.key}' twice; keep one, "
+                "so the value to use is unambiguous."
+            ) from None
         except json.JSONDecodeError as exc:
             raise AtlasError(
                 f"Data file {path} line {i + 1} is not valid JSON ({exc.msg})."
@@ -648,6 +681,37 @@ def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
     if not records:
         raise AtlasError(f"Data file {path} is empty.")
     return pd.DataFrame.from_records(records)
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object naming one key twice (json.loads would keep the last silently)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses repeated keys instead of keeping the last."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
+def _refuse_nested(df: pd.DataFrame, column: str, source: str) -> None:
+    """Refuse a column whose cells hold JSON lists or objects: their text ("['neg']") would
+    become a label name or a review."""
+    nested = df[column].map(lambda v: isinstance(v, list | dict))
+    if nested.any():
+        row = int(np.argmax(nested.to_numpy()))
+        kind = "list" if isinstance(df[column].iloc[row], list) else "object"
+        raise AtlasError(
+            f"Data file {source} row {row + 1}: column '{column}' holds a JSON {kind}, not a "
+            "single value; give each row one plain value there."
+        )
 
 
 def _cell_text(value: Any) -> str:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +86,8 @@ def lock_owner(folder: str | os.PathLike) -> int | None:
     """The pid of the live process holding ``folder``'s lock, or None when nobody does."""
     path = lock_path(folder)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # A reader follows no link either: a planted link could point at a FIFO and hang it.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -145,12 +147,7 @@ def _acquire(folder: Path) -> int:
     """Open and flock the folder's lock file, write our pid; return the descriptor."""
     path = lock_path(folder)
     for attempt in range(_ACQUIRE_TRIES):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise AtlasError(
-                f"{folder} cannot be written ({exc.strerror or exc}); copy the run somewhere writable."
-            ) from None
+        fd = _open_lock(path, folder)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -179,6 +176,41 @@ def _acquire(folder: Path) -> int:
         os.pwrite(fd, json.dumps(_self_info()).encode(), 0)
         return fd
     raise AtlasError(f"{folder}'s lock keeps changing hands; try again.")
+
+
+def _open_lock(path: Path, folder: Path) -> int:
+    """Open (or create) the lock file itself, never what a link in its place points to.
+
+    On a shared cache anyone who can write the folder could plant ``.lock`` as a symbolic
+    link (or a FIFO, a device): following it would make this writer truncate and overwrite
+    a file of the link's choosing. ``O_NOFOLLOW`` refuses the link and the type check
+    refuses anything but a regular file, before a byte is written.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise AtlasError(_not_a_lock_file(path)) from None
+        raise AtlasError(
+            f"{folder} cannot be written ({exc.strerror or exc}); copy the run somewhere writable."
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AtlasError(_not_a_lock_file(path))
+    return fd
+
+
+def _not_a_lock_file(path: Path) -> str:
+    """The sentence refusing a lock path that is a link or not a regular file."""
+    try:
+        what = "a symbolic link" if path.is_symlink() else "not a regular file"
+    except OSError:
+        what = "not a regular file"
+    return (
+        f"{path} is {what}, so it is not used as a lock (anyone who can write this cache "
+        "could have planted it to make writers overwrite another file); check it and remove it."
+    )
 
 
 def _self_info() -> dict:

@@ -287,30 +287,31 @@ def _run_locked(
 ) -> Path:
     """:func:`run_study` once the run folder's lock is held."""
     check_same_config(run_dir, config)
-    if not store.stage_complete(run_dir, "data"):
+    if not _stage_ready(run_dir, "data", progress):
         # New, or its instances were lost: the seeded data stage makes the same ones again.
         prepare_run(config, run_dir, command, data_dir)
 
     wanted = STAGES[: STAGES.index(until) + 1]
     manifest = store.load_manifest(run_dir)
     if manifest.get("status") == store.STATUS_COMPLETE and all(
-        store.stage_complete(run_dir, s) for s in wanted
+        _stage_ready(run_dir, s) for s in wanted
     ):
         # Nothing to do: nothing is written, so a shipped run stays as committed when the
         # command its manifest records is typed again.
         return run_dir
     try:
-        if any(not store.stage_complete(run_dir, s) for s in wanted):
+        if any(not _stage_ready(run_dir, s) for s in wanted):
             # Work to do: a run that failed before is running again, its old error gone.
             store.update_manifest(run_dir, status=store.STATUS_RUNNING, error=None)
-        if "train" in wanted and not store.stage_complete(run_dir, "train"):
+        if "train" in wanted and not _stage_ready(run_dir, "train", progress):
             train_run(config, run_dir, progress)
-        if "tracin" in wanted and not store.stage_complete(run_dir, "tracin"):
+        if "tracin" in wanted and not _stage_ready(run_dir, "tracin"):
             from core.executors import LOCAL
             from core.tracin import run_tracin
 
+            # run_tracin says on stderr when it remakes a damaged file.
             run_tracin(run_dir, device=config.device, progress=progress, executor=executor or LOCAL)
-        if "analyze" in wanted and not store.stage_complete(run_dir, "analyze"):
+        if "analyze" in wanted and not _stage_ready(run_dir, "analyze", progress):
             from core.analysis import analyze_run
 
             analyze_run(run_dir, progress=progress)
@@ -321,7 +322,7 @@ def _run_locked(
                 run_dir, status=store.STATUS_FAILED, error=str(exc) or type(exc).__name__
             )
         raise
-    complete = all(store.stage_complete(run_dir, s) for s in wanted)
+    complete = all(_stage_ready(run_dir, s) for s in wanted)
     store.update_manifest(
         run_dir,
         status=store.STATUS_COMPLETE if complete else store.STATUS_RUNNING,
@@ -329,3 +330,15 @@ def _run_locked(
         error=None,
     )
     return run_dir
+
+
+def _stage_ready(run_dir: Path, stage: str, say: bool = False) -> bool:
+    """Whether ``stage`` is complete with whole files: a truncated or wrongly shaped file
+    (``store.stage_problem``) makes the stage due again, so ``run`` never reports it done.
+    With ``say``, a damaged stage is announced on stderr before it is remade."""
+    if not store.stage_complete(run_dir, stage):
+        return False
+    problem = store.stage_problem(run_dir, stage)
+    if problem is not None and say:
+        print(f"note: {problem.split('; ')[0]}; making the {stage} stage again.", file=sys.stderr)
+    return problem is None

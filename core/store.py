@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core import locks
 from core.errors import AtlasError
 
 # File names inside a run folder (public interface: users' scripts read these).
@@ -55,6 +56,8 @@ CLEANING_DIR = "cleaning"
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 STATUS_FAILED = "failed"
+# Reported, never stored: a manifest saying 'running' whose lock no live process holds.
+STATUS_INTERRUPTED = "interrupted"
 
 
 @contextlib.contextmanager
@@ -326,6 +329,7 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
                     "model": "",
                     "test_accuracy": None,
                     "error": str(exc),
+                    "note": None,
                     "stale": [],
                 }
             )
@@ -333,12 +337,15 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
         config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
         acc = manifest.get("test_accuracy")
         kind = _text(manifest.get("kind", "run"))
+        status = run_status(child, manifest)
         rows.append(
             {
                 "name": child.name,
                 "path": str(child),
                 "kind": kind,
-                "status": run_status(child, manifest),
+                "status": status,
+                # Interrupted or failed: what happened and the command that resumes it.
+                "note": status_note(child, manifest, status),
                 "created": _text(manifest.get("created", "")),
                 "dataset": _text(config.get("dataset", "")),
                 "model": _text(config.get("model", "")),
@@ -351,8 +358,16 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
-    """The manifest's status, except 'incomplete' when a stage it calls complete lost a file."""
+    """What is true of a run or sweep now, from its manifest and its lock.
+
+    'running' only while a live process holds the folder's lock: a writer killed with
+    ``kill -9`` (or one that crashed in native code) cannot update its manifest, so a
+    'running' manifest without a holder is reported 'interrupted'. A complete run whose
+    stage lost a file is 'incomplete'; anything else is the manifest's status.
+    """
     status = _text(manifest.get("status", "unknown"))
+    if status == STATUS_RUNNING:
+        return STATUS_RUNNING if locks.is_locked(run_dir) else STATUS_INTERRUPTED
     if status != STATUS_COMPLETE:
         return status
     run = Path(run_dir)
@@ -362,6 +377,34 @@ def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
         if complete and not all((run / n).exists() for n in STAGE_OUTPUTS.get(stage, ())):
             return "incomplete"
     return status
+
+
+def resume_command(run_dir: str | os.PathLike) -> str:
+    """The command that resumes a run or sweep: its recorded command, pinned to its config."""
+    from core.commands import reproduce_command
+
+    command = reproduce_command(run_dir)
+    if command:
+        return command
+    run = Path(run_dir)
+    return (
+        f"python -m core run --name {shlex.quote(run.name)} --cache "
+        f"{shlex.quote(str(run.parent))} with the options that made it"
+    )
+
+
+def status_note(run_dir: str | os.PathLike, manifest: dict[str, Any], status: str) -> str | None:
+    """One sentence for an interrupted or failed run (``status`` from :func:`run_status`):
+    what happened and the command that resumes it; None for any other status."""
+    if status == STATUS_INTERRUPTED:
+        return (
+            "No process is writing it (it was killed or crashed); resume it with "
+            f"`{resume_command(run_dir)}`."
+        )
+    if status == STATUS_FAILED:
+        error = _text(manifest.get("error")).strip().rstrip(".") or "no error was recorded"
+        return f"It failed: {error}; resume it with `{resume_command(run_dir)}`."
+    return None
 
 
 # -- checking a run's files ----------------------------------------------------------------------
@@ -402,7 +445,9 @@ def missing_heavy_tier(run_dir: str | os.PathLike) -> list[str]:
         return []
     missing = []
     entries = manifest.get("checkpoints") or []
-    if not entries or any(not (run / str(e.get("path", ""))).is_dir() for e in entries):
+    # A checkpoints/ folder that lost one entry is a damaged local run, not a shipped one:
+    # verify_run names the lost checkpoint and the command that retrains it.
+    if not entries or not (run / CHECKPOINTS_DIR).is_dir():
         missing.append(CHECKPOINTS_DIR)
     if not (run / TOKENIZER_DIR).is_dir():
         missing.append(TOKENIZER_DIR)
@@ -486,8 +531,37 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str
     their columns and row counts, JSON files by type. An empty result means every
     complete stage's files are whole and fit the run's sizes.
     """
-    run = Path(run_dir)
     stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+    problems = {}
+    for stage, entry in stages.items():
+        if not isinstance(entry, dict) or entry.get("status") != STATUS_COMPLETE:
+            continue
+        problem = _check_stage(Path(run_dir), manifest, stage)
+        if problem:
+            problems[stage] = problem
+    return problems
+
+
+def stage_problem(run_dir: str | os.PathLike, stage: str) -> str | None:
+    """Why a stage recorded complete cannot be trusted (a missing, truncated or wrongly
+    shaped file), as :func:`verify_run` says it; None when its files are whole or the
+    stage is not recorded complete. A stage's own command and ``run`` remake such a stage
+    instead of reporting it done."""
+    run = Path(run_dir)
+    if not stage_done(run, stage):
+        return None
+    try:
+        manifest = load_manifest(run)
+    except AtlasError as exc:
+        return str(exc)
+    missing = [n for n in STAGE_OUTPUTS.get(stage, ()) if not (run / n).exists()]
+    if missing:
+        return f"{run / missing[0]} does not exist{_rebuild_hint(run / missing[0])}."
+    return _check_stage(run, manifest, stage)
+
+
+def _check_stage(run: Path, manifest: dict[str, Any], stage: str) -> str | None:
+    """The first problem with one stage's files (see :func:`verify_run`), or None."""
     sizes = {k: manifest.get(k) for k in ("n_train", "n_val", "n_test")}
     n_train, n_test = (
         v if isinstance(v, int) else None for v in (sizes["n_train"], sizes["n_test"])
@@ -497,7 +571,10 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str
     n_epochs = len(epochs) if isinstance(epochs, list) and epochs else None
     checks: dict[str, list] = {
         "data": [lambda: read_parquet(run / INSTANCES, INSTANCE_COLUMNS, n_all)],
-        "train": [lambda: read_npy(run / LOGITS, shape=(n_epochs, n_all, 2))],
+        "train": [
+            lambda: read_npy(run / LOGITS, shape=(n_epochs, n_all, 2)),
+            lambda: _check_checkpoints(run, manifest),
+        ],
         "tracin": [
             lambda: read_npy(run / TRACIN, shape=(n_test, n_train)),
             lambda: read_npy(run / TRACIN_PER_CHECKPOINT, shape=(None, n_test, n_train)),
@@ -516,17 +593,30 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str
             lambda: read_json_object(run / DETECTION),
         ],
     }
-    problems = {}
-    for stage, entry in stages.items():
-        if not isinstance(entry, dict) or entry.get("status") != STATUS_COMPLETE:
-            continue
-        for check in checks.get(stage, []):
-            try:
-                check()
-            except AtlasError as exc:
-                problems[stage] = str(exc)
-                break
-    return problems
+    for check in checks.get(stage, []):
+        try:
+            check()
+        except AtlasError as exc:
+            return str(exc)
+    return None
+
+
+def _check_checkpoints(run: Path, manifest: dict[str, Any]) -> None:
+    """Raise when a checkpoint the manifest lists is gone from a run that keeps its checkpoints.
+
+    A run without a ``checkpoints/`` folder is a shipped one (small files only, see
+    :func:`missing_heavy_tier`); one with the folder but without a listed checkpoint lost it.
+    """
+    if not (run / CHECKPOINTS_DIR).is_dir():
+        return
+    for entry in manifest.get("checkpoints") or []:
+        path = run / str(entry.get("path", "")) if isinstance(entry, dict) else None
+        if path is None or not path.is_dir():
+            where = path if path is not None else f"{run / CHECKPOINTS_DIR} (an entry)"
+            raise AtlasError(
+                f"{where}, a checkpoint listed in the manifest, is missing; TracIn needs every "
+                f"checkpoint: retrain from it with `{rebuild_command(run, 'train')}`."
+            )
 
 
 def _parquet_footer(path: Path) -> None:

@@ -13,6 +13,7 @@ optimizer state of the newest checkpoint is kept beside it, so a run killed afte
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -57,14 +58,42 @@ def checkpoint_name(epoch: int) -> str:
 
 
 def completed_epochs(checkpoint_dir: Path) -> list[int]:
-    """Epochs whose checkpoint folder is complete (renamed into place with its state file)."""
+    """Epochs 1..j whose checkpoint folders are complete (renamed into place with their state
+    file), up to the first one missing.
+
+    Training resumes after the last of them. Epochs after a gap (``epoch-01`` deleted,
+    ``epoch-02`` kept) are not counted: resuming from them would record ``epoch-02`` as the
+    first checkpoint, so training starts again at the gap and rewrites the later ones.
+    """
     if not checkpoint_dir.is_dir():
         return []
-    done = []
+    found = set()
     for child in checkpoint_dir.iterdir():
-        if child.name.startswith("epoch-") and (child / EPOCH_STATE).exists():
-            done.append(int(child.name.split("-")[1]))
-    return sorted(done)
+        if re.fullmatch(r"epoch-\d+", child.name) and (child / EPOCH_STATE).exists():
+            found.add(int(child.name.split("-")[1]))
+    done = []
+    while len(done) + 1 in found:
+        done.append(len(done) + 1)
+    return done
+
+
+def clean_partial(checkpoint_dir: Path) -> list[Path]:
+    """Remove the half-written checkpoint folders a killed or failed save left; return them.
+
+    ``epoch-NN.partial`` (a save not yet renamed into place) and ``.epoch-NN…`` (the
+    temporary folder of its weights) are never read, but a full disk would keep them
+    forever. The caller holds the run's lock, so no live writer owns them.
+    """
+    removed = []
+    if not checkpoint_dir.is_dir():
+        return removed
+    for child in checkpoint_dir.iterdir():
+        name = child.name
+        partial = name.startswith("epoch-") and name.endswith(".partial")
+        if child.is_dir() and (partial or name.startswith(".epoch-")):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 def train_model(
@@ -100,6 +129,8 @@ def train_model(
     lengths = [len(x) for x in ids]
 
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is not None:
+        clean_partial(ckpt_dir)
     done = completed_epochs(ckpt_dir) if ckpt_dir is not None else []
     result = TrainResult()
     start_epoch = 1

@@ -159,6 +159,12 @@ def check_config(config: StudyConfig) -> None:
         raise AtlasError("--text-col and --rating-col name the same column; they must differ.")
     if config.label_col and config.rating_col:
         raise AtlasError("Give --label-col or --rating-col, not both.")
+    if config.label_col and (config.pos_min is not None or config.neg_max is not None):
+        # They only cut a rating column; ignored silently, they would look applied.
+        raise AtlasError(
+            "--pos-min and --neg-max apply to --rating-col, not to --label-col; drop them, "
+            "or give --rating-col instead of --label-col."
+        )
     parse_scope(config.tracin_params)
 
 

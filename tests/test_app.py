@@ -516,8 +516,12 @@ def test_sweep_progress_counts_the_trained_cells(tmp_path):
     factory.make_run(
         sweep / "cells", "rate-0_seed-0", n_train=40, n_test=6, n_flips=2, stages=("data", "train")
     )
-    prog = study.sweep_progress(sweep)
+    from core import locks
+
+    with locks.hold(sweep):  # 'running' only while a live process holds its lock (issue 24)
+        prog = study.sweep_progress(sweep)
     assert (prog["cells_done"], prog["cells_total"], prog["status"]) == (1, 4, "running")
+    assert study.sweep_progress(sweep)["status"] == "interrupted"
     assert study.sweep_progress(tmp_path / "absent") == {}
 
 

@@ -19,7 +19,7 @@ import pytest
 from core import locks, store
 from core.cli import check_study_argv, main
 from core.errors import AtlasError
-from tests.conftest import TINY_ARGS, csv_args
+from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -415,3 +415,274 @@ def test_row10_lost_instances_are_made_again(study_run: Path, tmp_path: Path) ->
     csv = study_run.parent.parent / "reviews.csv"
     assert main(_run_args(csv, run.parent, run.name, "--until", "data")) == 0
     assert store.load_instances(run).equals(expected)
+
+
+# == issue 24: nothing silently wrong ===============================================================
+
+
+def _bare_run(tmp_path: Path, status: str = "complete", **manifest: object) -> Path:
+    """A run folder holding only a manifest: enough for the commands that lock first."""
+    run = tmp_path / "cache" / "r"
+    run.mkdir(parents=True)
+    store.write_json(run / store.MANIFEST, {"kind": "run", "status": status, **manifest})
+    return run
+
+
+# -- issue 24 item 3: locks that follow nothing ----------------------------------------------------
+
+
+def test_i24_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path: Path, capsys) -> None:
+    run = _bare_run(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (run / locks.LOCK_FILE).symlink_to(victim)
+    assert main(["detect", str(run), "--detectors", "loss"]) == 2
+    line = _error_line(capsys)
+    assert "symbolic link" in line and str(run / locks.LOCK_FILE) in line
+    assert victim.read_text() == "precious\n"
+    assert (run / locks.LOCK_FILE).is_symlink()  # refused, not removed: the user looks first
+    (run / locks.LOCK_FILE).unlink()
+    (run / locks.LOCK_FILE).symlink_to(tmp_path / "not-yet")  # a dangling link creates nothing
+    with pytest.raises(AtlasError, match="symbolic link"), locks.hold(run):
+        pass
+    assert not (tmp_path / "not-yet").exists()
+    assert locks.lock_owner(run) is None
+
+
+def test_i24_a_lock_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    run = _bare_run(tmp_path)
+    os.mkfifo(run / locks.LOCK_FILE)
+    with pytest.raises(AtlasError, match="not a regular file"), locks.hold(run):
+        pass
+    (run / locks.LOCK_FILE).unlink()
+    (run / locks.LOCK_FILE).mkdir()
+    with pytest.raises(AtlasError, match="not a regular file"), locks.hold(run):
+        pass
+
+
+# -- issue 24 item 5: a run's state is what is true ------------------------------------------------
+
+
+def test_i24_a_running_manifest_nobody_holds_is_interrupted_with_its_resume_command(
+    tmp_path: Path, capsys
+) -> None:
+    command = "python -m core run --preset quick --name r"
+    run = _bare_run(tmp_path, "running", command=command, config={})
+    (run / locks.LOCK_FILE).write_text('{"pid": 999999}')  # what kill -9 leaves behind
+    row = {r["name"]: r for r in store.list_runs(run.parent)}["r"]
+    assert row["status"] == store.STATUS_INTERRUPTED
+    assert command in row["note"]
+    assert main(["list", "--cache", str(run.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "interrupted" in out and command in out
+    assert main(["show", str(run), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["status"] == "interrupted" and command in payload["note"]
+    assert main(["show", str(run)]) == 0
+    assert "[interrupted]" in capsys.readouterr().out
+    with locks.hold(run):  # a live holder: running it is
+        assert store.run_status(run, store.load_manifest(run)) == store.STATUS_RUNNING
+        assert {r["name"]: r for r in store.list_runs(run.parent)}["r"]["note"] is None
+
+
+def test_i24_a_failed_run_names_its_error_and_resume_command(tmp_path: Path, capsys) -> None:
+    command = "python -m core run --preset quick --name r"
+    run = _bare_run(tmp_path, "failed", command=command, error="tracin: out of memory")
+    assert main(["show", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "[failed]" in out and "out of memory" in out and command in out
+
+
+def test_i24_the_app_reads_cores_status(tmp_path: Path) -> None:
+    from ui import data, study, widgets
+
+    run = _bare_run(tmp_path, "running", command="python -m core run --name r", config={})
+    assert study.progress(run)["status"] == store.STATUS_INTERRUPTED
+    assert "python -m core run --name r" in study.progress(run)["note"]
+    assert "status **interrupted**" in widgets._run_caption(data.Run(run))
+    with pytest.raises(data.MissingData, match="interrupted"):
+        data.Run(run).require(store.TRACIN, "tracin")
+
+
+# -- issue 24 item 4: damage is rebuilt or refused -------------------------------------------------
+
+
+def _truncate(path: Path) -> bytes:
+    """Cut a file to half its length; return what it held."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return raw
+
+
+def test_i24_the_tracin_command_remakes_a_truncated_matrix(
+    study_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    whole = _truncate(run / store.TRACIN)
+    assert main(["tracin", str(run), "--device", "cpu"]) == 0
+    assert "truncated" in capsys.readouterr().err  # said, not silent
+    assert (run / store.TRACIN).read_bytes() == whole
+    assert store.stage_problem(run, "tracin") is None
+
+
+def test_i24_run_remakes_a_truncated_matrix(study_run: Path, tmp_path: Path, capsys) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    whole = _truncate(run / store.TRACIN)
+    csv = study_run.parent.parent / "reviews.csv"  # the session run's data, same config
+    assert main(_run_args(csv, run.parent, run.name)) == 0
+    assert (run / store.TRACIN).read_bytes() == whole
+    capsys.readouterr()
+    assert main(["show", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "complete"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_i24_analyze_refuses_scores_that_are_not_finite(
+    study_run: Path, tmp_path: Path, capsys, bad: float
+) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    scores = np.array(store.read_npy(run / store.TRACIN))
+    scores[0, :] = bad
+    store.write_npy(run / store.TRACIN, scores)
+    before = (run / store.SHAPES).read_bytes()
+    assert main(["analyze", str(run), "--force"]) == 2
+    line = _error_line(capsys)
+    assert "NaN or infinite" in line and "tracin stage" in line and "python -m core tracin" in line
+    assert (run / store.SHAPES).read_bytes() == before  # nothing analysed over them
+
+
+# -- issue 24 item 8: smaller ones -----------------------------------------------------------------
+
+
+def test_i24_show_reports_a_deleted_checkpoint_and_tracin_does_not_blame_shipping(
+    study_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    shutil.rmtree(run / store.CHECKPOINTS_DIR / "epoch-01")
+    assert main(["show", str(run), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["status"] == "damaged"
+    assert str(run / store.CHECKPOINTS_DIR / "epoch-01") in payload["problems"]["train"]
+    assert "python -m core run" in payload["problems"]["train"]
+    assert store.missing_heavy_tier(run) == []  # a damaged local run, not a shipped one
+    assert main(["tracin", str(run), "--device", "cpu"]) == 2
+    line = _error_line(capsys)
+    assert "epoch-01" in line and "shipped" not in line
+
+
+def test_i24_training_resumes_only_after_an_unbroken_row_of_checkpoints(tmp_path: Path) -> None:
+    from core.training import EPOCH_STATE, completed_epochs
+
+    for name in ("epoch-02", "epoch-03", "epoch-04.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / EPOCH_STATE).write_text("{}")
+    assert completed_epochs(tmp_path) == []  # epoch-01 lost: start again there
+    (tmp_path / "epoch-01").mkdir()
+    (tmp_path / "epoch-01" / EPOCH_STATE).write_text("{}")
+    assert completed_epochs(tmp_path) == [1, 2, 3]  # a killed rename's .partial is no epoch
+
+
+def test_i24_a_shard_refusal_names_the_option_not_an_internal_field() -> None:
+    from core.tracin.shards import options_difference
+
+    common = {"scope": "all", "dtype": "float32", "chunk_size": 512, "checkpoints": []}
+    factorized = {**common, "project": "factorized:64", "seed": 0, "identity": False}
+    exact = {**common, "project": None, "seed": None}
+    phrase = options_difference(factorized, exact)
+    assert phrase == "--project factorized:64 (this request: no --project)"
+    assert options_difference({**exact, "scope": "head"}, exact) == (
+        "--params head (this request: --params all)"
+    )
+    test_only = options_difference({**factorized, "identity": True}, factorized)
+    assert "True" not in test_only and "this request" not in test_only  # words, not a field
+
+
+def _refused_file(tmp_path: Path, capsys, name: str, content: str, *extra: str) -> str:
+    """Run the data stage on a file; return the one-sentence refusal (nothing is written)."""
+    path = tmp_path / name
+    path.write_text(content, "utf-8")
+    cache = tmp_path / "cache"
+    args = ["run", *TINY_ARGS, "--dataset", str(path), "--text-col", "review"]
+    args += ["--label-col", "sentiment", *extra, "--cache", str(cache), "--until", "data"]
+    assert main(args) == 2
+    assert _nothing_in(cache)
+    return _error_line(capsys)
+
+
+def _jsonl_rows(n: int, row: str) -> str:
+    """``n`` JSON lines of a synthetic review file, the first one replaced by ``row``."""
+    rows = synthetic_reviews(n)
+    lines = [json.dumps(r) for r in rows.to_dict("records")]
+    return "\n".join([row, *lines[1:]]) + "\n"
+
+
+def test_i24_a_csv_naming_a_column_twice_is_refused(tmp_path: Path, capsys) -> None:
+    rows = synthetic_reviews(200)
+    body = "\n".join(f"{t},other {i},{s}" for i, (t, s) in enumerate(rows.to_numpy()))
+    line = _refused_file(tmp_path, capsys, "two.csv", "review,review,sentiment\n" + body + "\n")
+    assert "two columns named 'review'" in line and "columns 1 and 2" in line
+
+
+def test_i24_jsonl_with_a_repeated_key_is_refused(tmp_path: Path, capsys) -> None:
+    row = '{"review": "great item", "sentiment": "pos", "sentiment": "neg"}'
+    line = _refused_file(tmp_path, capsys, "dup.jsonl", _jsonl_rows(200, row))
+    assert "line 1" in line and "'sentiment' twice" in line
+
+
+@pytest.mark.parametrize("value", ['["neg"]', '{"v": "neg"}'])
+def test_i24_nested_json_values_are_not_labels(tmp_path: Path, capsys, value: str) -> None:
+    row = '{"review": "great item", "sentiment": ' + value + "}"
+    line = _refused_file(tmp_path, capsys, "nested.jsonl", _jsonl_rows(200, row))
+    assert "row 1" in line and "column 'sentiment' holds a JSON" in line
+
+
+@pytest.mark.parametrize("flag", ["--pos-min", "--neg-max"])
+def test_i24_rating_cuts_with_a_label_column_are_refused(
+    tmp_path: Path, reviews_csv: Path, capsys, flag: str
+) -> None:
+    cache = tmp_path / "cache"
+    assert main(_run_args(reviews_csv, cache, "r", flag, "4", "--until", "data")) == 2
+    assert "apply to --rating-col" in _error_line(capsys)
+    assert _nothing_in(cache)
+
+
+# -- issue 24 item 7: I/O errors are sentences -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "needle"),
+    [
+        (PermissionError(13, "Permission denied"), "write access"),
+        (OSError(30, "Read-only file system"), "writable path"),
+        (OSError(28, "No space left on device"), "free some space"),
+    ],
+)
+def test_i24_an_os_error_while_writing_is_one_sentence_exit_1(
+    tmp_path: Path, capsys, monkeypatch, error: OSError, needle: str
+) -> None:
+    import core.analysis
+
+    run = _bare_run(tmp_path)
+    error.filename = str(run / store.ANALYSIS)
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(core.analysis, "analyze_run", refuse)
+    assert main(["analyze", str(run), "--force"]) == 1
+    line = _error_line(capsys)
+    assert str(run / store.ANALYSIS) in line and error.strerror in line and needle in line
+
+
+def test_i24_half_written_checkpoints_are_cleaned_on_the_next_start(tmp_path: Path) -> None:
+    from core.training import EPOCH_STATE, clean_partial, completed_epochs
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "epoch-01").mkdir(parents=True)
+    (ckpts / "epoch-01" / EPOCH_STATE).write_text("{}")
+    litter = [ckpts / "epoch-02.partial", ckpts / ".epoch-02.partial.k3j2x1"]
+    for folder in litter:
+        (folder / "weights").mkdir(parents=True)
+    assert sorted(clean_partial(ckpts)) == sorted(litter)
+    assert [p.name for p in ckpts.iterdir()] == ["epoch-01"]
+    assert completed_epochs(ckpts) == [1]

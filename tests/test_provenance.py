@@ -81,7 +81,7 @@ def test_shards_of_other_options_are_refused_not_deleted(run: Path, monkeypatch)
     before = {p.name: p.read_bytes() for p in shards.iterdir()}
     assert any(name.startswith("ckpt-00_chunk") for name in before)
     monkeypatch.undo()
-    with pytest.raises(AtlasError, match=r"scope 'all' \(this request: 'head'\)"):
+    with pytest.raises(AtlasError, match=r"--params all \(this request: --params head\)"):
         run_tracin(run, scope="head", device="cpu", progress=False)
     assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
 

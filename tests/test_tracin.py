@@ -279,7 +279,7 @@ def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_pa
     # Other options are refused, naming the option, instead of mixing or deleting shards.
     before = {p.name: p.read_bytes() for p in shard_dir.iterdir()}
     other = TracInCP(checkpoints, scope="head", chunk_size=4, loader=loader)
-    with pytest.raises(AtlasError, match="scope 'all' \\(this request: 'head'\\)"):
+    with pytest.raises(AtlasError, match="--params all \\(this request: --params head\\)"):
         other.compute(train, test_data, shard_dir=shard_dir)
     assert {p.name: p.read_bytes() for p in shard_dir.iterdir()} == before
 

@@ -144,8 +144,11 @@ class Run:
         """Path of ``name`` or :class:`MissingData` naming the stage that writes it."""
         path = self.file(name)
         if not path.exists():
-            status = self.manifest.get("status")
-            why = " (the run is still running)" if status == store.STATUS_RUNNING else ""
+            status = store.run_status(self.path, self.manifest)
+            why = {
+                store.STATUS_RUNNING: " (the run is still running)",
+                store.STATUS_INTERRUPTED: " (the run was interrupted)",
+            }.get(status, "")
             raise MissingData(
                 f"Run '{self.name}' has no {name} yet{why}: its {stage} stage has not been run.",
                 self.command(stage),

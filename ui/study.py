@@ -478,8 +478,10 @@ def progress(run_dir: Path) -> dict[str, Any]:
     except AtlasError:
         return {}
     epochs_total = (m.get("config") or {}).get("epochs") or 0
+    status = store.run_status(run_dir, m) if isinstance(m, dict) else None
     return {
-        "status": m.get("status"),
+        "status": status,
+        "note": store.status_note(run_dir, m, status) if status else None,
         "stages": {k: (v or {}).get("status") for k, v in (m.get("stages") or {}).items()},
         "epochs_done": len(m.get("epochs") or []),
         "epochs_total": int(epochs_total),
@@ -505,8 +507,10 @@ def sweep_progress(sweep_dir: Path) -> dict[str, Any]:
         for sd in seeds:
             with contextlib.suppress(Exception):
                 done += bool(store.stage_complete(cells / cell_name(float(r), int(sd)), "train"))
+    status = store.run_status(sweep_dir, m)
     return {
-        "status": m.get("status"),
+        "status": status,
+        "note": store.status_note(sweep_dir, m, status),
         "cells_done": done,
         "cells_total": len(rates) * len(seeds),
         "error": m.get("error"),

@@ -216,6 +216,8 @@ def open_run() -> data.Run | None:
     run = data.Run(row["path"])
     with contextlib.suppress(AtlasError):
         st.sidebar.caption(_run_caption(run))
+    if row.get("note"):  # interrupted or failed: say so, and how to resume
+        st.sidebar.warning(md_escape(row["note"]))
     stale_notice(run)
     return run
 
@@ -256,7 +258,7 @@ def _run_caption(run: data.Run) -> str:
     cfg = m.get("config", {})
     esc = md_escape
     parts = [
-        f"status **{esc(m.get('status', '?'))}**",
+        f"status **{esc(store.run_status(run.path, m))}**",
         f"dataset {esc(cfg.get('dataset', '?'), 60)}",
         f"model {esc(cfg.get('model', '?'), 60)}",
     ]

@@ -146,13 +146,38 @@ class _ShardSink(_Sink):
         return np.load(self.folder / norm_shard_name(ckpt))
 
 
+# Shard options a user sets, by the command-line option that sets them: a refusal names the
+# option to give, never an internal field (the factorized engine's ``identity`` flag, say).
+_OPTION_FLAGS = {"project": "--project", "scope": "--params", "seed": "--seed", "dtype": "--dtype"}
+# Fields that follow from the run's data or its training, in words.
+_FIELD_WORDS = {
+    "train_data": "other training instances",
+    "test_data": "other test instances",
+    "n_train": "another number of training instances",
+    "n_test": "another number of test instances",
+    "chunk_size": "another chunk size",
+    "n_chunks": "another chunk size",
+    "identity": "identity projections (a setting of the tests)",
+}
+
+
 def options_difference(old: Any, new: dict[str, Any]) -> str:
-    """The first option in which ``old`` differs from ``new``, as a phrase for a sentence."""
+    """The first option in which ``old`` differs from ``new``, as a phrase for a sentence.
+
+    Options a user sets come first and are named by their flag (``--project factorized:64
+    (this request: no --project)``); the rest in words.
+    """
     if not isinstance(old, dict):
         return "options that cannot be read"
+    for key, flag in _OPTION_FLAGS.items():
+        if old.get(key) != new.get(key):
+            was, now = _flag_text(flag, old.get(key)), _flag_text(flag, new.get(key))
+            return f"{was} (this request: {now})"
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
+        if key in _FIELD_WORDS:
+            return _FIELD_WORDS[key]
         if key == "checkpoints" and isinstance(old.get(key), list):
             olds, news = old[key], new.get(key) or []
             if len(olds) != len(news):
@@ -162,6 +187,11 @@ def options_difference(old: Any, new: dict[str, Any]) -> str:
                     return f"another checkpoint {i + 1} ({_describe(a)}; now {_describe(b)})"
         return f"{key} {old.get(key)!r} (this request: {new.get(key)!r})"
     return "other options"
+
+
+def _flag_text(flag: str, value: Any) -> str:
+    """An option as typed (``--project 64``), or ``no --project`` when it was not given."""
+    return f"no {flag}" if value is None else f"{flag} {value}"
 
 
 def _describe(ckpt: Any) -> str:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,10 @@ def _run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, fl
     for entry in entries:
         path = run / str(entry.get("path", ""))
         if not entry.get("path") or not path.is_dir():
-            raise AtlasError(f"Checkpoint {path} listed in the manifest is missing.")
+            raise AtlasError(
+                f"Checkpoint {path} listed in the manifest is missing; retrain from it with "
+                f"`{store.rebuild_command(run, 'train')}`."
+            )
         if entry.get("lr") is None:
             raise AtlasError(f"Checkpoint {path} has no learning rate in the manifest.")
         out.append((path, float(entry["lr"])))
@@ -530,14 +534,18 @@ def run_tracin(
         run / store.SELF_INFLUENCE,
         run / store.GRAD_NORMS_TRAIN,
     ]
+    damage = store.stage_problem(run, "tracin")
     if (
         store.stage_done(run, "tracin")
         and {k: previous.get(k) for k in options} == options
         and previous.get("dtype", "float32") == dtype
         and all(p.exists() for p in outputs)
+        and damage is None  # a truncated file is never reported done: remade below
         and provenance.stale_reason(run, "tracin") is None
     ):
         return previous
+    if damage is not None and progress:
+        print(f"tracin: {damage.split(';')[0]}; computing the stage again.", file=sys.stderr)
     remote_gpu = tasks_use_remote_gpu(device, executor)
     # A driver without the cluster's GPU checks the options and the first checkpoint on its CPU.
     dev = torch.device("cpu") if remote_gpu else resolve_device(device)

@@ -310,7 +310,9 @@ def job_status(cache, name: str, was_running: bool) -> None:
         if stages:
             st.caption(" → ".join(f"{k}: {v}" for k, v in stages.items()))
         tasks_view(cache / name)
-        if prog.get("error"):
+        if prog.get("note"):  # interrupted or failed: core's sentence with the resume command
+            st.warning(widgets.md_escape(prog["note"]))
+        elif prog.get("error"):
             st.error(widgets.md_escape(prog["error"]))
     with cols[2]:
         job_actions(j, state, "home", "Open the run", widgets.QP_RUN)
@@ -383,7 +385,9 @@ def sweep_status(cache, j: study.Job, state: str) -> None:
             done = prog["cells_done"]
             st.progress(min(done / total, 1.0), text=f"cells trained: {done} of {total}")
         tasks_view(cache / j.name)
-        if prog.get("error"):
+        if prog.get("note"):  # interrupted or failed: core's sentence with the resume command
+            st.warning(widgets.md_escape(prog["note"]))
+        elif prog.get("error"):
             st.error(widgets.md_escape(prog["error"]))
     with cols[2]:
         job_actions(j, state, "sweep", "Open the sweep", widgets.QP_SWEEP)
