@@ -81,6 +81,7 @@ def analyze_run(
     run = Path(run_dir)
     manifest = store.load_manifest(run)
     inputs = _load_inputs(run)  # raises AtlasError before anything is written
+    provenance.check_upstream(run, STAGE)  # a matrix of other instances: refused, not mixed
     params = _validate_params(manifest, checkpoint, s_min, z_max, trim, k, max_points)
     previous = manifest.get("stages", {}).get(STAGE, {})
     if (

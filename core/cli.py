@@ -301,8 +301,8 @@ def cmd_list(args: argparse.Namespace) -> None:
             print(f"  {r['error']}")
         if r.get("note"):
             print(f"  {r['note']}")
-        if r.get("stale"):
-            print(f"  stale (inputs changed since they ran): {', '.join(r['stale'])}")
+        for stage, reason in (r.get("stale_reasons") or {}).items():
+            print(f"  stale: {stage} ({reason})")
 
 
 def show_payload(run_dir: Path) -> dict[str, Any]:
@@ -413,6 +413,9 @@ def cmd_show(args: argparse.Namespace) -> None:
         status = entry.get("status") if isinstance(entry, dict) else entry
         stale = (payload.get("stale") or {}).get(stage)
         print(f"  {stage:<14} {status}" + (f" (stale: {stale})" if stale else ""))
+    for stage, stale in (payload.get("stale") or {}).items():
+        if stage not in stages:  # clean keeps no manifest entry, only its provenance
+            print(f"  {stage:<14} stale: {stale}")
     for stage, secs in (payload.get("timings_s") or {}).items():
         print(f"  {stage:<14} {_number(secs, '.1f')} s")
     for problem in (payload.get("problems") or {}).values():

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from core import locks, store
+from core import locks, provenance, store
 from core.config import StudyConfig
 from core.errors import AtlasError
 from core.validation import check_config, validate_study
@@ -160,6 +160,8 @@ def train_run(config: StudyConfig, run_dir: Path, progress: bool = True) -> None
         checkpoint_dir=run_dir / store.CHECKPOINTS_DIR,
         progress=progress,
         on_epoch=record,
+        # Each checkpoint names the data it learned from: never resumed over other data.
+        trained_on=provenance.training_data(run_dir),
     )
     record(result)
     logits = np.concatenate([result.eval_logits[s] for s in ("train", "val", "test")], axis=1)
@@ -287,6 +289,7 @@ def _run_locked(
 ) -> Path:
     """:func:`run_study` once the run folder's lock is held."""
     check_same_config(run_dir, config)
+    check_same_source(run_dir)
     if not _stage_ready(run_dir, "data", progress):
         # New, or its instances were lost: the seeded data stage makes the same ones again.
         prepare_run(config, run_dir, command, data_dir)
@@ -305,7 +308,7 @@ def _run_locked(
             store.update_manifest(run_dir, status=store.STATUS_RUNNING, error=None)
         if "train" in wanted and not _stage_ready(run_dir, "train", progress):
             train_run(config, run_dir, progress)
-        if "tracin" in wanted and not _stage_ready(run_dir, "tracin"):
+        if "tracin" in wanted and not _stage_ready(run_dir, "tracin", progress, damage=False):
             from core.executors import LOCAL
             from core.tracin import run_tracin
 
@@ -332,13 +335,44 @@ def _run_locked(
     return run_dir
 
 
-def _stage_ready(run_dir: Path, stage: str, say: bool = False) -> bool:
-    """Whether ``stage`` is complete with whole files: a truncated or wrongly shaped file
-    (``store.stage_problem``) makes the stage due again, so ``run`` never reports it done.
-    With ``say``, a damaged stage is announced on stderr before it is remade."""
+def _stage_ready(run_dir: Path, stage: str, say: bool = False, damage: bool = True) -> bool:
+    """Whether ``stage`` is complete with whole files made from its inputs as they are now.
+
+    A truncated or wrongly shaped file (``store.stage_problem``) or a changed input
+    (``core.provenance``: a retrained checkpoint, new instances) makes the stage due again,
+    so ``run`` never reports a damaged stage or a mix of inputs complete; the stages after
+    it follow, as their own inputs change when it is remade. With ``say`` the reason is
+    announced on stderr (the damage one only with ``damage``: the tracin stage says it).
+    """
     if not store.stage_complete(run_dir, stage):
         return False
     problem = store.stage_problem(run_dir, stage)
-    if problem is not None and say:
-        print(f"note: {problem.split('; ')[0]}; making the {stage} stage again.", file=sys.stderr)
-    return problem is None
+    if problem is not None:
+        if say and damage:
+            print(
+                f"note: {problem.split('; ')[0]}; making the {stage} stage again.", file=sys.stderr
+            )
+        return False
+    stale = provenance.stale_reason(run_dir, stage)
+    if stale is not None and say:
+        print(f"note: {stale}; making the {stage} stage again.", file=sys.stderr)
+    return stale is None
+
+
+def check_same_source(run_dir: Path) -> None:
+    """Refuse to go on with a run whose data file changed since its data stage read it.
+
+    Its checkpoints and results were made from the old content; going on would either
+    keep them under the new file's name or mix the two. The user chooses: the old file
+    back, or a new run for the new one.
+    """
+    record = provenance.read_record(run_dir, "data")
+    if record is None or not isinstance(record.get("inputs"), dict):
+        return
+    for name, recorded in record["inputs"].items():
+        if recorded is not None and provenance.same_content(recorded, name) is False:
+            raise AtlasError(
+                f"{name} changed since the run {run_dir} was made from it; restore the "
+                f"file to use this run, or study the edited file in a new run (give "
+                f"another --name, or delete {run_dir})."
+            )

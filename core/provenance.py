@@ -34,6 +34,8 @@ FULL_HASH_BYTES = 256 << 20
 SAMPLED_BLOCKS = 64
 _BLOCK = 64 << 10
 _EDGE = 1 << 20
+# core.training.EPOCH_STATE (that module imports torch; this one must not).
+_EPOCH_STATE = "epoch_state.json"
 
 # Inputs of each stage, as paths relative to the run folder. The tracin stage also reads
 # every checkpoint folder listed in the manifest (added by :func:`stage_inputs`).
@@ -58,6 +60,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     ),
     "clean": (store.INSTANCES, store.DETECTORS),
 }
+# The stages whose outputs each stage reads beyond the data (checked by check_upstream).
+UPSTREAM: dict[str, tuple[str, ...]] = {"tracin": ("train",), "analyze": ("train", "tracin")}
 # Keys of a stage's recorded info that describe the machine, not the result.
 _VOLATILE = {
     "seconds",
@@ -230,13 +234,59 @@ def read_record(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None
     return record if isinstance(record, dict) else None
 
 
+def training_data(run_dir: str | os.PathLike) -> dict[str, str | None]:
+    """``{name: sha1}`` of the files training reads (instances, tokenizer), as they are now.
+
+    Every checkpoint stores this as ``trained_on`` (``core.training``), so a checkpoint
+    names the data it was trained on even if ``provenance/`` is lost or rewritten.
+    """
+    run = Path(run_dir)
+    return {
+        name: (fingerprint(run / name) or {}).get("sha1")
+        for name in (store.INSTANCES, store.TOKENIZER_DIR)
+    }
+
+
+def foreign_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """Which checkpoint of the manifest was trained on other data than the run holds, or None.
+
+    Checkpoints from before ``trained_on`` existed (and shipped runs without checkpoints)
+    name no data, so nothing says they are foreign.
+    """
+    run = Path(run_dir)
+    try:
+        entries = store.load_manifest(run).get("checkpoints") or []
+    except AtlasError:
+        return None
+    now: dict[str, str | None] | None = None
+    for entry in entries if isinstance(entries, list) else ():
+        path = run / str(entry.get("path", "")) if isinstance(entry, dict) else None
+        if path is None or not (path / _EPOCH_STATE).is_file():
+            continue
+        try:
+            trained_on = store.read_json(path / _EPOCH_STATE).get("trained_on")
+        except (AtlasError, AttributeError):
+            continue
+        now = training_data(run) if now is None else now
+        if isinstance(trained_on, dict) and trained_on != now:
+            changed = [k for k in now if trained_on.get(k) != now[k]]
+            return (
+                f"{entry['path']} was trained on another {' and '.join(changed)} than the run holds"
+            )
+    return None
+
+
 def stale_reason(run_dir: str | os.PathLike, stage: str) -> str | None:
     """One sentence saying which input of ``stage`` changed since it ran, or None.
 
     A stage without a record (made before provenance existed) or whose inputs are absent
-    (a shipped run without checkpoints) is not reported stale: nothing says it is.
+    (a shipped run without checkpoints) is not reported stale: nothing says it is. The
+    train stage is also stale when a checkpoint names other data than the run's
+    (:func:`foreign_checkpoint`): its record cannot vouch for checkpoints it did not make.
     """
     run = Path(run_dir)
+    if stage == "train" and (foreign := foreign_checkpoint(run)):
+        return foreign
     record = read_record(run, stage)
     if record is None or not isinstance(record.get("inputs"), dict):
         return None
@@ -248,6 +298,22 @@ def stale_reason(run_dir: str | os.PathLike, stage: str) -> str | None:
         if same_content(recorded, run / name) is False:
             return f"{name} changed after {stage} ran"
     return None
+
+
+def check_upstream(run_dir: str | os.PathLike, stage: str) -> None:
+    """Refuse to compute ``stage`` from a stage that is stale (:data:`UPSTREAM`).
+
+    TracIn over checkpoints trained on other instances, or an analysis of a matrix made
+    before the instances changed, would be a mix that no later check could see: the
+    stage's own record would name the inputs as they are now.
+    """
+    run = Path(run_dir)
+    for up in UPSTREAM.get(stage, ()):
+        if reason := stale_reason(run, up):
+            raise AtlasError(
+                f"The {up} stage of {run} is stale ({reason}), so its {stage} stage would "
+                f"mix old and new inputs; remake it first with: {store.rebuild_command(run, up)}"
+            )
 
 
 def stale_stages(run_dir: str | os.PathLike) -> dict[str, str]:

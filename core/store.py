@@ -331,6 +331,7 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
                     "error": str(exc),
                     "note": None,
                     "stale": [],
+                    "stale_reasons": {},
                 }
             )
             continue
@@ -338,6 +339,7 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
         acc = manifest.get("test_accuracy")
         kind = _text(manifest.get("kind", "run"))
         status = run_status(child, manifest)
+        stale = provenance.stale_stages(child) if kind == "run" else {}
         rows.append(
             {
                 "name": child.name,
@@ -351,7 +353,9 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 "model": _text(config.get("model", "")),
                 "test_accuracy": float(acc) if isinstance(acc, int | float) else None,
                 # Stages whose inputs changed since they ran (core.provenance).
-                "stale": sorted(provenance.stale_stages(child)) if kind == "run" else [],
+                "stale": sorted(stale),
+                # ... and why, one sentence per stage.
+                "stale_reasons": stale,
             }
         )
     return sorted(rows, key=lambda r: r["created"], reverse=True)

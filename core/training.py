@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,24 +58,37 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:02d}"
 
 
-def completed_epochs(checkpoint_dir: Path) -> list[int]:
+def completed_epochs(checkpoint_dir: Path, trained_on: Mapping | None = None) -> list[int]:
     """Epochs 1..j whose checkpoint folders are complete (renamed into place with their state
     file), up to the first one missing.
 
     Training resumes after the last of them. Epochs after a gap (``epoch-01`` deleted,
     ``epoch-02`` kept) are not counted: resuming from them would record ``epoch-02`` as the
-    first checkpoint, so training starts again at the gap and rewrites the later ones.
+    first checkpoint, so training starts again at the gap and rewrites the later ones. With
+    ``trained_on`` (the fingerprint of the data being trained on), a checkpoint whose state
+    names other data, or none, is not counted either: resuming from it would mix two
+    datasets in one model.
     """
     if not checkpoint_dir.is_dir():
         return []
     found = set()
     for child in checkpoint_dir.iterdir():
-        if re.fullmatch(r"epoch-\d+", child.name) and (child / EPOCH_STATE).exists():
+        complete = re.fullmatch(r"epoch-\d+", child.name) and (child / EPOCH_STATE).exists()
+        if complete and (trained_on is None or _trained_on(child) == dict(trained_on)):
             found.add(int(child.name.split("-")[1]))
     done = []
     while len(done) + 1 in found:
         done.append(len(done) + 1)
     return done
+
+
+def _trained_on(folder: Path) -> dict | None:
+    """The data fingerprint a checkpoint's state file records (None if absent or unreadable)."""
+    try:
+        state = json.loads((folder / EPOCH_STATE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state.get("trained_on") if isinstance(state, dict) else None
 
 
 def clean_partial(checkpoint_dir: Path) -> list[Path]:
@@ -108,6 +122,7 @@ def train_model(
     progress: bool = True,
     desc: str = "train",
     on_epoch: Callable[[TrainResult], None] | None = None,
+    trained_on: Mapping | None = None,
 ) -> TrainResult:
     """Fine-tune a fresh model on ``train_texts`` and return its history and checkpoints.
 
@@ -115,6 +130,8 @@ def train_model(
     ``eval_sets`` maps a name to (texts, labels) evaluated after every epoch; with
     ``checkpoint_dir`` each epoch is saved there and completed epochs are skipped.
     ``on_epoch`` is called with the result so far after every saved epoch (live progress).
+    ``trained_on`` (a fingerprint of the data) is stored in every checkpoint, and only
+    checkpoints that store the same one are resumed from (:func:`completed_epochs`).
     """
     device = resolve_device(config.device)
     eval_sets = eval_sets or {}
@@ -131,7 +148,14 @@ def train_model(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         clean_partial(ckpt_dir)
-    done = completed_epochs(ckpt_dir) if ckpt_dir is not None else []
+    done = completed_epochs(ckpt_dir, trained_on) if ckpt_dir is not None else []
+    if ckpt_dir is not None and trained_on is not None and done != completed_epochs(ckpt_dir):
+        # Checkpoints of other data are overwritten, never resumed from: say so.
+        print(
+            f"note: {ckpt_dir / checkpoint_name(len(done) + 1)} was trained on other data; "
+            f"training again from epoch {len(done) + 1}.",
+            file=sys.stderr,
+        )
     result = TrainResult()
     start_epoch = 1
     if done:
@@ -183,7 +207,7 @@ def train_model(
         bar.set_postfix(loss=f"{entry['train_loss']:.3f}", **_short(entry))
         if ckpt_dir is not None:
             folder = ckpt_dir / checkpoint_name(epoch)
-            _save_epoch(model, optimizer, folder, entry, logits_now)
+            _save_epoch(model, optimizer, folder, entry, logits_now, trained_on)
             # Only the newest optimizer state is needed to resume; older ones would
             # triple the heavy tier for pretrained models.
             prev = ckpt_dir / checkpoint_name(epoch - 1) / OPTIMIZER_STATE
@@ -206,15 +230,26 @@ def _short(entry: dict) -> dict:
     }
 
 
-def _save_epoch(model, optimizer, folder: Path, entry: dict, logits: dict[str, np.ndarray]) -> None:
-    """Write one checkpoint folder atomically: weights, optimizer, metrics, logits, state last."""
+def _save_epoch(
+    model,
+    optimizer,
+    folder: Path,
+    entry: dict,
+    logits: dict[str, np.ndarray],
+    trained_on: Mapping | None = None,
+) -> None:
+    """Write one checkpoint folder atomically: weights, optimizer, metrics, logits, state last.
+
+    The state names the data trained on (``trained_on``), so the checkpoint says it itself.
+    """
     tmp = folder.with_name(folder.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     save_pretrained_atomically(model, tmp)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
     np.savez(tmp / EPOCH_LOGITS, **logits)
-    (tmp / EPOCH_STATE).write_text(json.dumps(entry, indent=2), "utf-8")
+    state = entry if trained_on is None else {**entry, "trained_on": dict(trained_on)}
+    (tmp / EPOCH_STATE).write_text(json.dumps(state, indent=2), "utf-8")
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -223,6 +258,7 @@ def _save_epoch(model, optimizer, folder: Path, entry: dict, logits: dict[str, n
 def _collect_epoch(result: TrainResult, folder: Path, epoch: int, lr: float) -> None:
     """Load a finished epoch's metrics and logits into ``result`` (for resume)."""
     entry = json.loads((folder / EPOCH_STATE).read_text("utf-8"))
+    entry.pop("trained_on", None)  # provenance, not a metric
     result.history.append(entry)
     result.checkpoints.append((folder, entry.get("lr", lr)))
     with np.load(folder / EPOCH_LOGITS) as data:

@@ -686,3 +686,128 @@ def test_i24_half_written_checkpoints_are_cleaned_on_the_next_start(tmp_path: Pa
     assert sorted(clean_partial(ckpts)) == sorted(litter)
     assert [p.name for p in ckpts.iterdir()] == ["epoch-01"]
     assert completed_epochs(ckpts) == [1]
+
+
+# -- issue 24 item 1: provenance over the whole chain ----------------------------------------------
+
+# A tiny run, smaller still than the session's: the chain tests train it more than once.
+_CHAIN_ARGS = ["--n-train", "48", "--flip-count", "4", "--epochs", "2"]
+
+
+def _chain_run(tmp_path: Path) -> tuple[list[str], Path, Path]:
+    """A complete tiny run from its own CSV: (the command's argv, the CSV, the run folder)."""
+    csv = tmp_path / "f.csv"
+    synthetic_reviews(160, seed=2).to_csv(csv, index=False)
+    argv = [*_run_args(csv, tmp_path / "cache", "r"), *_CHAIN_ARGS]
+    assert main(argv) == 0
+    return argv, csv, tmp_path / "cache" / "r"
+
+
+def _invert_labels(csv: Path) -> None:
+    """The issue's edit: every label of the file inverted."""
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    frame["sentiment"] = frame["sentiment"].map({"pos": "neg", "neg": "pos"})
+    frame.to_csv(csv, index=False)
+
+
+def _consistent(run: Path) -> None:
+    """Every stage of ``run`` made from its inputs as they are now (never a mix)."""
+    from core import provenance
+
+    assert provenance.stale_stages(run) == {}
+    now = provenance.training_data(run)
+    for entry in store.load_manifest(run)["checkpoints"]:
+        state = json.loads((run / entry["path"] / "epoch_state.json").read_text())
+        assert state["trained_on"] == now, entry["path"]
+    record = provenance.read_record(run, "tracin")
+    for entry in store.load_manifest(run)["checkpoints"]:
+        assert (
+            record["inputs"][entry["path"]]["sha1"]
+            == provenance.fingerprint(run / entry["path"])["sha1"]
+        )
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_i24_an_edited_data_file_is_never_mixed_with_the_old_checkpoints(
+    tmp_path: Path, capsys
+) -> None:
+    from core import provenance
+
+    argv, csv, run = _chain_run(tmp_path)
+    _consistent(run)
+    original = csv.read_bytes()
+    tracin = (run / store.TRACIN).read_bytes()
+    _invert_labels(csv)
+    capsys.readouterr()
+    # The same command: refused in one sentence naming the file and the two ways forward.
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert str(csv) in line and "restore" in line and "--name" in line
+    assert (run / store.TRACIN).read_bytes() == tracin
+    # list and show say which stage is stale, and why.
+    assert main(["list", "--cache", str(run.parent)]) == 0
+    assert f"stale: data ({csv} changed after data ran)" in capsys.readouterr().out
+    # The issue's second step: the data stage's file deleted too. Still refused, never mixed.
+    (run / store.INSTANCES).unlink()
+    assert main(argv) == 2
+    assert "restore" in _error_line(capsys)
+    assert store.run_status(run, store.load_manifest(run)) != store.STATUS_COMPLETE
+    # The file restored: the same command rebuilds the same data and keeps the checkpoints.
+    csv.write_bytes(original)
+    checkpoints = provenance.fingerprint(run / store.CHECKPOINTS_DIR)["sha1"]
+    assert main(argv) == 0
+    _consistent(run)
+    assert provenance.fingerprint(run / store.CHECKPOINTS_DIR)["sha1"] == checkpoints
+    assert (run / store.TRACIN).read_bytes() == tracin
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_i24_new_instances_retrain_from_the_first_epoch_and_say_so(tmp_path: Path, capsys) -> None:
+    from core import provenance
+
+    argv, csv, run = _chain_run(tmp_path)
+    old = store.load_instances(run)
+    # The record of the source lost as well: only the checkpoints know their data.
+    _invert_labels(csv)
+    (run / store.INSTANCES).unlink()
+    (run / provenance.PROVENANCE_DIR / "data.json").unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "trained on other data; training again from epoch 1" in err
+    _consistent(run)
+    assert not store.load_instances(run).equals(old)  # the edited file's data, retrained
+    assert store.run_status(run, store.load_manifest(run)) == store.STATUS_COMPLETE
+
+
+def test_i24_tracin_and_analyze_refuse_checkpoints_of_other_instances(
+    study_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = _copy_run(study_run, tmp_path, with_checkpoints=True)
+    frame = store.load_instances(run)
+    frame["observed_label"] = 1 - frame["observed_label"]
+    store.write_parquet(run / store.INSTANCES, frame)
+    tracin = (run / store.TRACIN).read_bytes()
+    for args in (["tracin", str(run), "--device", "cpu"], ["analyze", str(run), "--force"]):
+        assert main(args) == 2
+        line = _error_line(capsys)
+        assert "train stage" in line and "stale" in line and "python -m core run" in line
+    assert (run / store.TRACIN).read_bytes() == tracin
+    assert main(["show", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "trained on another instances.parquet" in out
+
+
+def test_i24_plain_show_names_a_stale_clean_stage(study_run: Path, tmp_path: Path, capsys) -> None:
+    from core import provenance
+
+    run = _copy_run(study_run, tmp_path)
+    (run / store.CLEANING_DIR).mkdir()
+    provenance.record_stage_inputs(run, "clean", {"detector": "loss"})
+    store.write_parquet(run / store.DETECTORS, store.load_instances(run)[["id"]])
+    assert main(["show", str(run)]) == 0
+    assert f"clean          stale: {store.DETECTORS} appeared after clean ran" in (
+        capsys.readouterr().out
+    )

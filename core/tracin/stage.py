@@ -527,6 +527,7 @@ def run_tracin(
     run = Path(run_dir)
     options, (manifest, config) = _run_options(run, scope, project, seed)
     checkpoints = _run_checkpoints(run, manifest)
+    provenance.check_upstream(run, "tracin")  # checkpoints of other data: never a mix
     previous = manifest.get("tracin") or {}
     outputs = [
         run / store.TRACIN,
