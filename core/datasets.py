@@ -40,6 +40,8 @@ allowed; UTF-16 with a BOM too); a file that is not UTF-8 is accepted as
 cp932 (Shift_JIS, e.g. a Japanese Excel export) only when that decoding yields
 Japanese kana, because cp932 decodes most byte soup without error and a wrong
 guess would silently garble the texts. Anything else is an error naming the line.
+A text cell longer than :data:`MAX_TEXT_CHARS` (20,000) characters is refused, naming
+its row, before a tokenizer sees it (one unbroken 250,000-character word crashes MeCab).
 The input file is only ever read.
 """
 
@@ -73,6 +75,11 @@ from core.splits import MIN_PER_CLASS
 from core.store import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The longest text cell a study accepts. MeCab (under the tokenizer) dies with a
+# segmentation fault on one unbroken 250,000-character word, so the text is measured
+# before any native code sees it; 20,000 characters are far more than the longest model
+# input (max_length ≤ 8192 tokens) reads, and bound every word, spaced or not (Japanese).
+MAX_TEXT_CHARS = 20_000
 DATA_DIR_ENV = "ATLAS_DATA_DIR"
 
 # Original values that name a class, compared lower-cased: a two-class column whose
@@ -544,6 +551,7 @@ def label_table(
     for column in (text_col, value_col):
         _refuse_nested(df, column, source)
     raw = pd.DataFrame({"text": df[text_col].map(_cell_text), "source_row": np.arange(len(df))})
+    _refuse_overlong(raw["text"], text_col, source)
     values = df[value_col].map(_cell_text)
     info: dict[str, Any] = {"source": source, "format": fmt, "encoding": encoding}
     if label_col:
@@ -554,6 +562,23 @@ def label_table(
     raw["label"] = labels
     raw["reason"] = reasons
     return _finish(raw, label_names=names, label_mapping=mapping, info=info, column=value_col)
+
+
+def _refuse_overlong(texts: pd.Series, column: str, source: str) -> None:
+    """Refuse a text longer than :data:`MAX_TEXT_CHARS`, naming its data row (from 1).
+
+    Refused, not cut: a cut text would be another text than the file's, and the user
+    decides what the row should say.
+    """
+    lengths = texts.str.len().to_numpy()
+    over = np.flatnonzero(lengths > MAX_TEXT_CHARS)
+    if len(over):
+        row = int(over[0])
+        raise AtlasError(
+            f"Data row {row + 1} of {source} has a {int(lengths[row]):,}-character text in "
+            f"column '{column}', more than the {MAX_TEXT_CHARS:,} a study accepts; shorten "
+            "or remove that row."
+        )
 
 
 def _labels_from_column(

@@ -811,3 +811,39 @@ def test_i24_plain_show_names_a_stale_clean_stage(study_run: Path, tmp_path: Pat
     assert f"clean          stale: {store.DETECTORS} appeared after clean ran" in (
         capsys.readouterr().out
     )
+
+
+# -- issue 24 item 2: inputs that cannot crash the tokenizer ---------------------------------------
+
+
+def _long_token_csv(tmp_path: Path) -> Path:
+    """The issue's file: one unbroken 250,000-character word in the text of data row 7."""
+    frame = synthetic_reviews(200)
+    frame.loc[6, "review"] = "x" * 250_000
+    path = tmp_path / "long.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+def test_i24_a_250000_character_word_is_one_sentence_before_any_tokenizer(
+    tmp_path: Path, capsys, extra: list[str]
+) -> None:
+    csv = _long_token_csv(tmp_path)
+    cache = tmp_path / "cache"
+    # In a child process: on the old code MeCab's segmentation fault would end pytest too.
+    argv = [sys.executable, "-m", "core", *_run_args(csv, cache, "r", "--until", "data"), *extra]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert "Data row 7" in lines[0] and "250,000-character" in lines[0]
+    assert _nothing_in(cache / "r")  # no folder left 'running', no lock, no temporaries
+
+
+def test_i24_the_upload_check_applies_the_same_text_rule(tmp_path: Path) -> None:
+    from ui import study
+
+    df = study.parse_upload(_long_token_csv(tmp_path).read_bytes(), "long.csv")
+    problems, _ = study.validate_table(df, "review", label_col="sentiment")
+    assert len(problems) == 1 and "Data row 7" in problems[0]
