@@ -432,3 +432,38 @@ def _existing(path: str | Path, cache: str | Path) -> Path:
 def _mean(values: list[Any]) -> float | None:
     vals = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
+
+
+def verdict_table(summary: dict[str, Any]) -> str:
+    """The claims × conditions table of a replication summary, as Markdown.
+
+    One row per condition (and the sweep), one column per claim; a cell is the verdict, the
+    statistic and its interval. docs/replication.md carries this table, and a test checks that
+    it equals this function's output on the shipped summary.
+    """
+    ids = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+    head = "| condition | view | seeds | S / backslash / Z | " + " | ".join(ids) + " |"
+    lines = [head, "|" + "---|" * (4 + len(ids))]
+
+    def cell(c: dict[str, Any] | None) -> str:
+        if c is None:
+            return ""
+        stat, ci = c.get("statistic"), c.get("ci")
+        if stat is None:
+            return f"{c['verdict']} (n {c['n']})"
+        interval = "" if not ci else f" [{ci[0]:.3g}, {ci[1]:.3g}]"
+        return f"{c['verdict']}: {stat:.3g}{interval}, n {c['n']}"
+
+    for cond in summary.get("conditions", []):
+        by_id = {c["id"]: c for c in cond["claims"]}
+        counts = cond.get("counts") or {}
+        shapes_text = " / ".join(str(counts.get(s, 0)) for s in shapes.SHAPE_ORDER)
+        seeds = ", ".join(str(s) for s in cond.get("seeds", []))
+        cells = " | ".join(cell(by_id.get(i)) for i in ids)
+        lines.append(f"| {cond['name']} | `{cond['view']}` | {seeds} | {shapes_text} | {cells} |")
+    sweep = summary.get("sweep")
+    if sweep:
+        by_id = {c["id"]: c for c in sweep["claims"]}
+        cells = " | ".join(cell(by_id.get(i)) for i in ids)
+        lines.append(f"| sweep {sweep['name']} | accuracy vs flip rate | | | {cells} |")
+    return "\n".join(lines)
