@@ -533,22 +533,14 @@ def cmd_analyze(args: argparse.Namespace) -> str:
     check_number("--checkpoint", args.checkpoint, -1000, 1000)
     check_number("--s-min", args.s_min, -1.0, 1.0)
     check_number("--z-max", args.z_max, -1.0, 1.0)
-    if args.z_max >= args.s_min:
-        raise AtlasError(f"--z-max ({args.z_max:g}) must be below --s-min ({args.s_min:g}).")
     check_number("--trim", args.trim, 0.0, 0.49)
     check_number("--k", args.k, 1, _MAX_COUNT)
+    # The rule checks its own consistency (z_max below s_min) before anything is written.
+    rule = shapes.ShapeRule(s_min=args.s_min, z_max=args.z_max, trim=args.trim)
     from core.analysis import analyze_run
 
     with locks.hold(run_dir):
-        analyze_run(
-            run_dir,
-            checkpoint=args.checkpoint,
-            s_min=args.s_min,
-            z_max=args.z_max,
-            trim=args.trim,
-            k=args.k,
-            force=args.force,
-        )
+        analyze_run(run_dir, checkpoint=args.checkpoint, rule=rule, k=args.k, force=args.force)
     return str(run_dir)
 
 
@@ -854,20 +846,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--s-min",
         type=float,
-        default=shapes.S_MIN,
-        help=f"S class when the bulk S >= this (default {shapes.S_MIN}, docs/shapes.md)",
+        default=shapes.DEFAULT_RULE.s_min,
+        help=f"S class when the bulk S >= this (default {shapes.DEFAULT_RULE.s_min}, docs/shapes.md)",
     )
     p.add_argument(
         "--z-max",
         type=float,
-        default=shapes.Z_MAX,
-        help=f"Z class when the bulk S <= this (default {shapes.Z_MAX})",
+        default=shapes.DEFAULT_RULE.z_max,
+        help=f"Z class when the bulk S <= this (default {shapes.DEFAULT_RULE.z_max})",
     )
     p.add_argument(
         "--trim",
         type=float,
-        default=shapes.TRIM,
-        help=f"share of ranks cut at each end before the bulk S (default {shapes.TRIM})",
+        default=shapes.DEFAULT_RULE.trim,
+        help=f"share of ranks cut at each end before the bulk S (default {shapes.DEFAULT_RULE.trim})",
     )
     p.add_argument("--k", type=int, default=10, help="neighbours for the flipped-neighbour share")
     p.add_argument("--force", action="store_true", help="recompute even if complete")

@@ -19,7 +19,7 @@ import streamlit as st
 
 from core import store
 from core.errors import AtlasError
-from core.shapes import S_MIN, TRIM, Z_MAX
+from core.shapes import ShapeRule
 
 ENV_CACHE = "ATLAS_CACHE"  # points the app at another run store (tests, hosted demos)
 DEMO_RUN = "demo"
@@ -299,20 +299,9 @@ class Run:
         )
         return summary, table
 
-    def thresholds(self) -> tuple[float, float]:
-        """(s_min, z_max) recorded by the analyze stage, else core's calibrated defaults."""
-        rule = self.rule()
-        return rule["s_min"], rule["z_max"]
-
-    def rule(self) -> dict[str, float]:
-        """The class rule the analyze stage used (s_min, z_max, trim), else core's defaults."""
-        t = self.analysis().get("thresholds") or {}
-        out = {"s_min": S_MIN, "z_max": Z_MAX, "trim": TRIM}
-        for name in out:
-            value = t.get(name)
-            if isinstance(value, int | float) and np.isfinite(value):
-                out[name] = float(value)
-        return out
+    def rule(self) -> ShapeRule:
+        """The class rule the analyze stage used, else core's calibrated defaults."""
+        return ShapeRule.of_analysis(self.analysis())
 
     def shapes_by_view(self) -> pd.DataFrame | None:
         """shapes_by_view.parquet (every single / cumulative checkpoint view), or None."""

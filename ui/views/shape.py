@@ -56,7 +56,7 @@ def body(run: data.Run) -> None:
     correlation_table(table, x, y)
     class_counts(run, table, view)
     test_id = widgets.pick_test(run, table.sort_values("s_bulk", ascending=False, kind="stable"))
-    chart = charts.shape_scatter(shown, selected=test_id, thresholds=run.thresholds(), x=x, y=y)
+    chart = charts.shape_scatter(shown, selected=test_id, rule=run.rule(), x=x, y=y)
     key = f"shape_scatter_{run.name}"
 
     def on_pick() -> None:
@@ -162,8 +162,8 @@ def sensitivity(run: data.Run, view) -> None:
         frame = pd.DataFrame(rows)
         rule = run.rule()
         st.caption(
-            f"Rule in force: S if bulk S ≥ {rule['s_min']:g}, Z if ≤ {rule['z_max']:g}, "
-            f"trimming {rule['trim']:.0%} of ranks at each end. The thresholds were calibrated on "
+            f"Rule in force: S if bulk S ≥ {rule.s_min:g}, Z if ≤ {rule.z_max:g}, "
+            f"trimming {rule.trim:.0%} of ranks at each end. The thresholds were calibrated on "
             "reference curves (Learn the shapes), not on this run."
         )
         for name, part in frame.groupby("threshold", sort=False):
