@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import provenance, shapes, stats, store, views
+from core import commands, provenance, shapes, stats, store, views
 from core.errors import AtlasError
 
 STAGE = "analyze"
@@ -764,7 +764,7 @@ def _require_finite(path: Path, scores: np.ndarray) -> None:
             f"{path} holds {bad:,} NaN or infinite scores of {scores.size:,}, made by the "
             "tracin stage (its gradients overflowed or its files were altered), so they are not "
             f"analysed; move {path.parent / store.TRACIN_SHARDS_DIR} away and recompute that "
-            f"stage with `{store.rebuild_command(path.parent, 'tracin')}`, after retraining "
+            f"stage with `{commands.rebuild_command(path.parent, 'tracin')}`, after retraining "
             "with a lower --lr if the checkpoints themselves are not finite."
         )
 

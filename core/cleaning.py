@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import provenance, store
+from core import commands, provenance, store
 from core.config import config_from_dict
 from core.detectors import REASONS, load_scores
 from core.errors import AtlasError
@@ -352,7 +352,7 @@ def run_clean(
     its accuracy, so the rows below read them back.
     """
     run = Path(run_dir)
-    store.require_heavy_tier(run, "retraining")  # before anything is planned or written
+    commands.require_heavy_tier(run, "retraining")  # before anything is planned or written
     plan = _Plan(run, detector, action, k, seeds)
     todo: dict[str, Arm] = {}
     for seed in plan.seeds:

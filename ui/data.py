@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import store
+from core import commands, store
 from core.errors import AtlasError
 from core.shapes import ShapeRule
 
@@ -61,7 +61,7 @@ def display_path(path: Path) -> str:
 @st.cache_data(ttl=3, show_spinner=False)
 def list_runs(cache: str) -> list[dict[str, Any]]:
     """``store.list_runs`` with a short cache, so new runs appear within seconds."""
-    return store.list_runs(cache)
+    return commands.list_runs(cache)
 
 
 def default_run(runs: list[dict[str, Any]]) -> str | None:
@@ -137,8 +137,8 @@ class Run:
         return self.file(name).exists()
 
     def command(self, stage: str) -> str:
-        """The CLI line that (re)makes a stage's output for this run (core.store.rebuild_command)."""
-        return store.rebuild_command(display_path(self.path), stage)
+        """The CLI line that (re)makes a stage's output for this run (core.commands.rebuild_command)."""
+        return commands.rebuild_command(display_path(self.path), stage)
 
     def require(self, name: str, stage: str) -> Path:
         """Path of ``name`` or :class:`MissingData` naming the stage that writes it."""
