@@ -45,7 +45,7 @@ from core.errors import AtlasError
 from core.executors import LOCAL, ExecutorSpec, Resources, Work, run_tasks
 
 ACTIONS: tuple[str, ...] = ("exclude", "relabel", "reweight")
-RESULTS = "results.json"
+RESULTS = store.CLEANING_RESULTS
 ROW_KEYS = (
     "detector",
     "action",

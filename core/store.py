@@ -52,6 +52,18 @@ ERROR_STUDY = "error_study.parquet"  # one row per test row × method (core.erro
 ERROR_STUDY_SUMMARY = "error_study.json"  # per-method summary, subset, timings, command
 ERROR_STUDY_WORK = "error_study_work"  # resumable shards and results of the error study
 CLEANING_DIR = "cleaning"
+CLEANING_RESULTS = "results.json"  # inside CLEANING_DIR: one row per retraining (core.cleaning)
+# Files of a sweep folder (core.sweep).
+SWEEP_TABLE = "sweep.parquet"  # one row per (flip rate, seed) cell
+SWEEP_EPOCHS = "sweep_epochs.parquet"  # one row per cell and epoch
+SWEEP_CELLS_DIR = "cells"  # one run folder per cell
+
+# Columns each table is guaranteed to hold: what readers (the app, the checks below) rely on.
+INSTANCE_COLUMNS = ("id", "split", "text", "label", "observed_label", "flipped")
+SHAPES_COLUMNS = ("id", "s", "shape", "end_ratio")
+CURVES_COLUMNS = ("test_id", "rank", "train_id", "score", "flipped")
+COORDS_COLUMNS = ("id", "umap_x", "umap_y", "pca_x", "pca_y")
+SWEEP_COLUMNS = ("flip_rate", "seed", "final_test_accuracy")
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
@@ -329,7 +341,6 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "analyze": (SHAPES, CURVES, ANALYSIS, EMBEDDINGS, DISTANCES, COORDS),
     "detect": (DETECTORS, DETECTION),
 }
-INSTANCE_COLUMNS = ("id", "split", "text", "label", "observed_label", "flipped")
 # The stage that writes each file, for "rebuild it with ..." (files of other stages included).
 FILE_STAGE: dict[str, str] = {
     **{name: stage for stage, names in STAGE_OUTPUTS.items() for name in names},

@@ -21,19 +21,21 @@ from core import commands, store
 from core.errors import AtlasError
 from core.shapes import ShapeRule
 
+# File names and column sets are the run store's (core.store), never copies.
+from core.store import (
+    CLEANING_RESULTS,
+    COORDS_COLUMNS,
+    CURVES_COLUMNS,
+    INSTANCE_COLUMNS,
+    SHAPES_COLUMNS,
+    SWEEP_COLUMNS,
+    SWEEP_EPOCHS,
+    SWEEP_TABLE,
+)
+
 ENV_CACHE = "ATLAS_CACHE"  # points the app at another run store (tests, hosted demos)
 DEMO_RUN = "demo"
 REPO = Path(__file__).resolve().parents[1]
-
-SWEEP_TABLE = "sweep.parquet"
-SWEEP_EPOCHS = "sweep_epochs.parquet"
-CLEANING_RESULTS = "results.json"
-
-INSTANCE_COLUMNS = ("id", "split", "text", "label", "observed_label", "flipped")
-SHAPES_COLUMNS = ("id", "s", "shape", "end_ratio")
-CURVES_COLUMNS = ("test_id", "rank", "train_id", "score", "flipped")
-COORDS_COLUMNS = ("id", "umap_x", "umap_y", "pca_x", "pca_y")
-SWEEP_COLUMNS = ("flip_rate", "seed", "final_test_accuracy")
 
 
 class MissingData(AtlasError):

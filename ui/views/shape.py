@@ -8,10 +8,9 @@ import streamlit as st
 
 from core import shapes as core_shapes
 from core import stats
-from ui import charts, data, influence, widgets
+from ui import charts, data, influence, pages, widgets
 from ui.views import curves
 
-CURVES_PAGE = "pages/1_Score_curves.py"
 Y_CHOICES = {
     "end_ratio": "flips' end ratio (Fig. 3)",
     "mean_distance": "mean distance to training data (Fig. 2)",
@@ -74,7 +73,7 @@ def body(run: data.Run) -> None:
     sensitivity(run, view)
     st.subheader(f"Curve of test instance {test_id}")
     st.page_link(
-        CURVES_PAGE,
+        pages.link_target("curves"),
         label="Open in Score curves",
         icon=":material/show_chart:",
         query_params={
