@@ -45,6 +45,7 @@ browser:
 lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: setup-dev data browser lint
 	$(BIN)/python -m pytest --durations=15

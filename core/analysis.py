@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import provenance, shapes, stats, store, views
+from core import commands, provenance, shapes, stats, store, views
 from core.errors import AtlasError
 
 STAGE = "analyze"
@@ -59,9 +59,7 @@ N_EXAMPLES = 4
 def analyze_run(
     run_dir: str | os.PathLike,
     checkpoint: int = -1,
-    s_min: float = shapes.S_MIN,
-    z_max: float = shapes.Z_MAX,
-    trim: float = shapes.TRIM,
+    rule: shapes.ShapeRule = shapes.DEFAULT_RULE,
     k: int = 10,
     max_points: int = 2000,
     progress: bool = True,
@@ -72,7 +70,7 @@ def analyze_run(
 
     ``checkpoint`` indexes the manifest's checkpoint list (-1: the last) and chooses
     the model whose [CLS] vectors give the embeddings; correctness always comes from
-    the last epoch's logits. The stage is skipped (its stored result returned) when
+    the last epoch's logits; ``rule`` classes the curves. The stage is skipped (its stored result returned) when
     it is complete with the same checkpoint and parameters, unless ``force``.
     ``device`` defaults to the run's configured device. Without the checkpoint (a run
     shipped with its small files only) the stored embeddings, distances and maps are
@@ -82,7 +80,7 @@ def analyze_run(
     manifest = store.load_manifest(run)
     inputs = _load_inputs(run)  # raises AtlasError before anything is written
     provenance.check_upstream(run, STAGE)  # a matrix of other instances: refused, not mixed
-    params = _validate_params(manifest, checkpoint, s_min, z_max, trim, k, max_points)
+    params = _validate_params(manifest, checkpoint, rule, k, max_points)
     previous = manifest.get("stages", {}).get(STAGE, {})
     if (
         not force
@@ -229,7 +227,7 @@ def score_outputs(
 
     ``inputs`` holds ``tracin`` (n_test, n_train) and optionally ``stack`` (k, n_test,
     n_train) and ``norms`` (train (k, n_train), test (k, n_test) or None); ``params`` the
-    validated analyze parameters (s_min, z_max, trim, k, max_points, checkpoint fields).
+    validated analyze parameters (the rule's s_min, z_max, trim; k, max_points, checkpoint fields).
     Returns ``shapes``, ``curves`` and ``views`` (the three tables), ``flip_ranks`` and
     ``analysis`` (analysis.json without its geometry note) and the ``timings`` of the parts.
     The test suite's fake run store is built with this same function.
@@ -238,11 +236,11 @@ def score_outputs(
     tracin = inputs["tracin"]
     t = time.perf_counter()
     _say(progress, f"analyze: curve shapes of {len(test_ids)} test × {len(train_ids)} train")
-    rule = {"s_min": params["s_min"], "z_max": params["z_max"], "trim": params["trim"]}
+    rule = rule_of(params)
     cls_parts, rank_parts, curve_parts = [], [], []
     for start in range(0, len(test_ids), _ROW_BLOCK):
         block = np.asarray(tracin[start : start + _ROW_BLOCK], dtype=np.float64)
-        cls_parts.append(shapes.classify(block, flipped, **rule))
+        cls_parts.append(shapes.classify(block, flipped, rule=rule))
         rank_parts.append(shapes.flipped_ranks(block, flipped))
         curve_parts.append(
             _curve_rows(block, test_ids[start : start + _ROW_BLOCK], train_ids, flipped, params)
@@ -317,7 +315,7 @@ def _view_shapes(
     inputs: dict[str, Any],
     test_ids: np.ndarray,
     flipped: np.ndarray,
-    rule: dict[str, float],
+    rule: shapes.ShapeRule,
     progress: bool,
 ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """Shapes of every standard view, long format, and the flipped instances' ranks per view.
@@ -341,7 +339,7 @@ def _view_shapes(
     frames, keys = [], []
     for i, (kind, view) in enumerate(todo):
         scores = views.view_scores(stack, view, norms[0], norms[1])
-        cls = shapes.classify(scores, flipped, **rule)
+        cls = shapes.classify(scores, flipped, rule=rule)
         ranks[i] = shapes.ranks_of(scores, flipped)
         keys.append(view.key)
         frames.append(
@@ -441,7 +439,7 @@ def _stored_geometry(run: Path) -> dict[str, Any] | None:
 
 
 def sensitivity_table(
-    scores: np.ndarray, flipped: np.ndarray, rule: dict[str, float]
+    scores: np.ndarray, flipped: np.ndarray, rule: shapes.ShapeRule
 ) -> list[dict[str, Any]]:
     """Class counts of the default view as each threshold moves over its range, the others fixed.
 
@@ -451,22 +449,24 @@ def sensitivity_table(
     y = np.asarray(scores, dtype=np.float64)
     if y.shape[0] == 0:
         return []
-    bulk = {rule["trim"]: np.atleast_1d(shapes.bulk_index(y, rule["trim"]))}
+    bulk = {rule.trim: np.atleast_1d(shapes.bulk_index(y, rule.trim))}
     rows = []
     for name, grid in SENSITIVITY_GRID.items():
-        for value in sorted(set(grid) | {rule[name]}):
-            r = {**rule, name: float(value)}
-            if not r["z_max"] < r["s_min"]:
-                continue
-            if r["trim"] not in bulk:
-                bulk[r["trim"]] = np.atleast_1d(shapes.bulk_index(y, r["trim"]))
-            cls = shapes.shape_class(bulk[r["trim"]], r["s_min"], r["z_max"])
+        in_force = getattr(rule, name)
+        for value in sorted(set(grid) | {in_force}):
+            try:
+                moved = rule.with_value(name, value)
+            except AtlasError:
+                continue  # e.g. z_max moved to or above s_min: no rule to count
+            if moved.trim not in bulk:
+                bulk[moved.trim] = np.atleast_1d(shapes.bulk_index(y, moved.trim))
+            cls = moved.classes(bulk[moved.trim])
             rows.append(
                 {
                     "threshold": name,
                     "value": float(value),
                     **{c: int((cls == c).sum()) for c in shapes.SHAPES},
-                    "default": bool(value == rule[name]),
+                    "default": bool(value == in_force),
                 }
             )
     return rows
@@ -526,7 +526,7 @@ def learning_examples(
     n_test = max(len(shapes_df), 1)
     discriminating = (counts >= 0.05 * n_test).sum(axis=1) >= 2
     mis = set(shapes_df.loc[~shapes_df["correct"].astype(bool), "id"].astype(int))
-    middle = (params["s_min"] + params["z_max"]) / 2
+    middle = rule_of(params).middle
     out = {}
     for cls in shapes.SHAPES:
         have = counts[cls] if cls in counts else pd.Series(0, index=counts.index)
@@ -616,9 +616,7 @@ def _summarise(
             "path": params["checkpoint_path"],
         },
         "thresholds": {
-            "s_min": params["s_min"],
-            "z_max": params["z_max"],
-            "trim": params["trim"],
+            **rule_of(params).to_json(),
             "rule": shapes.RULE,
             "calibration": "docs/shapes.md (reference curves in core/shape_references.py)",
         },
@@ -665,21 +663,19 @@ def _by_shape(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
 def _validate_params(
     manifest: dict[str, Any],
     checkpoint: int,
-    s_min: float,
-    z_max: float,
-    trim: float,
+    rule: shapes.ShapeRule,
     k: int,
     max_points: int,
 ) -> dict[str, Any]:
-    """Check the arguments and return them, with the resolved checkpoint, as a plain dict."""
+    """Check the arguments and return them, with the resolved checkpoint, as a plain dict.
+
+    The dict is the stage's record in the manifest (the rule flattened into it), so a
+    rerun with the same arguments compares equal to the stored one and is skipped.
+    """
     from core.geometry import checkpoint_entry
 
-    if not z_max < s_min:
-        raise AtlasError(f"The Z threshold ({z_max}) must be below the S threshold ({s_min}).")
-    if not (np.isfinite(s_min) and np.isfinite(z_max)):
-        raise AtlasError("The shape thresholds must be finite numbers.")
-    if not 0.0 <= float(trim) < 0.5:
-        raise AtlasError(f"The trim share must lie in [0, 0.5) (got {trim}).")
+    if not isinstance(rule, shapes.ShapeRule):
+        raise AtlasError(f"The shape rule must be a ShapeRule (got {type(rule).__name__}).")
     if int(k) < 1:
         raise AtlasError(f"k must be at least 1 (got {k}).")
     if int(max_points) < 2:
@@ -689,12 +685,15 @@ def _validate_params(
         "checkpoint_index": int(entry["index"]),
         "epoch": entry.get("epoch"),
         "checkpoint_path": entry.get("path"),
-        "s_min": float(s_min),
-        "z_max": float(z_max),
-        "trim": float(trim),
+        **rule.to_json(),
         "k": int(k),
         "max_points": int(max_points),
     }
+
+
+def rule_of(params: dict[str, Any]) -> shapes.ShapeRule:
+    """The shape rule held in the analyze stage's parameters (see :func:`_validate_params`)."""
+    return shapes.ShapeRule.from_json(params)
 
 
 def _load_inputs(run: Path) -> dict[str, Any]:
@@ -766,7 +765,7 @@ def _require_finite(path: Path, scores: np.ndarray) -> None:
             f"{path} holds {bad:,} NaN or infinite scores of {scores.size:,}, made by the "
             "tracin stage (its gradients overflowed or its files were altered), so they are not "
             f"analysed; move {path.parent / store.TRACIN_SHARDS_DIR} away and recompute that "
-            f"stage with `{store.rebuild_command(path.parent, 'tracin')}`, after retraining "
+            f"stage with `{commands.rebuild_command(path.parent, 'tracin')}`, after retraining "
             "with a lower --lr if the checkpoints themselves are not finite."
         )
 

@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import provenance, store
+from core import commands, provenance, store
 from core.config import config_from_dict
 from core.detectors import REASONS, load_scores
 from core.errors import AtlasError
 from core.executors import LOCAL, ExecutorSpec, Resources, Work, run_tasks
 
 ACTIONS: tuple[str, ...] = ("exclude", "relabel", "reweight")
-RESULTS = "results.json"
+RESULTS = store.CLEANING_RESULTS
 ROW_KEYS = (
     "detector",
     "action",
@@ -352,7 +352,7 @@ def run_clean(
     its accuracy, so the rows below read them back.
     """
     run = Path(run_dir)
-    store.require_heavy_tier(run, "retraining")  # before anything is planned or written
+    commands.require_heavy_tier(run, "retraining")  # before anything is planned or written
     plan = _Plan(run, detector, action, k, seeds)
     todo: dict[str, Arm] = {}
     for seed in plan.seeds:
@@ -419,16 +419,53 @@ def load_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- exports
 
 
+# Columns of the exported review queue CSV, in order (the page shows them with label names).
+REVIEW_COLUMNS = ("id", "source_row", "text", "label", "suggested_label", "score", "rank", "reason")
+
+
+def review_queue(train: pd.DataFrame, scores: np.ndarray, detector: str, top: int) -> pd.DataFrame:
+    """A detector's ``top`` suspects, most suspect first: the one review queue of the CLI and app.
+
+    ``train`` holds the training rows of instances.parquet and ``scores`` the detector's
+    score of each, in the same order. Columns: :data:`REVIEW_COLUMNS` (``label`` is the
+    observed label, ``suggested_label`` the other one), then ``flipped``, the study's known
+    answer, which the export leaves out and the page reveals on request.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) != len(train):
+        raise AtlasError(f"{len(scores)} scores for {len(train)} training instances.")
+    chosen = top_k(scores, top)
+    rows = train.iloc[chosen]
+    n = len(train)
+    why = REASONS.get(detector, f"high {detector.replace('_', ' ')} score")
+    observed = rows["observed_label"].to_numpy(np.int64)
+    return pd.DataFrame(
+        {
+            "id": rows["id"].to_numpy(np.int64),
+            "source_row": rows["source_row"].to_numpy(np.int64) if "source_row" in rows else -1,
+            "text": rows["text"].to_numpy(),
+            "label": observed,
+            "suggested_label": 1 - observed,
+            "score": scores[chosen],
+            "rank": np.arange(1, len(chosen) + 1),
+            "reason": [
+                f"{why} (rank {r} of {n}, top {100 * r / n:.1f} %)"
+                for r in range(1, len(chosen) + 1)
+            ],
+            "flipped": rows["flipped"].to_numpy(bool) if "flipped" in rows else False,
+        }
+    )
+
+
 def export_review_queue(
     run_dir: str | os.PathLike,
     detector: str,
     path: str | os.PathLike | None = None,
     top: int | None = None,
 ) -> Path:
-    """Write the detector's top suspects as CSV: id, source_row, text, label, suggested_label, score, rank, reason.
+    """Write the detector's :func:`review_queue` as CSV (its :data:`REVIEW_COLUMNS`).
 
-    ``label`` is the observed label, ``suggested_label`` the other one; ``top``
-    defaults to the number of flips (2.5 % of the training set when there are none).
+    ``top`` defaults to the number of flips (2.5 % of the training set when there are none).
     Returns the path written (default ``cleaning/review_queue_<detector>.csv``).
     """
     run = Path(run_dir)
@@ -439,26 +476,8 @@ def export_review_queue(
     if not 1 <= top <= len(train):
         raise AtlasError(f"--top must lie between 1 and {len(train)}, got {top}.")
     out = _output_path(run, path, f"review_queue_{detector}.csv")
-    chosen = top_k(scores, top)
-    rows = train.iloc[chosen]
-    n = len(train)
-    reasons = [
-        f"{REASONS[detector]} (rank {r + 1} of {n}, top {100 * (r + 1) / n:.1f} %)"
-        for r in range(top)
-    ]
-    queue = pd.DataFrame(
-        {
-            "id": rows["id"].to_numpy(np.int64),
-            "source_row": rows["source_row"].to_numpy(np.int64) if "source_row" in rows else -1,
-            "text": rows["text"].to_numpy(),
-            "label": rows["observed_label"].to_numpy(np.int64),
-            "suggested_label": 1 - rows["observed_label"].to_numpy(np.int64),
-            "score": scores[chosen],
-            "rank": np.arange(1, top + 1),
-            "reason": reasons,
-        }
-    )
-    _write_csv(out, queue)
+    queue = review_queue(train, scores, detector, top)
+    _write_csv(out, queue[list(REVIEW_COLUMNS)])
     return out
 
 

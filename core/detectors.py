@@ -68,7 +68,7 @@ from core import metrics, provenance, store
 from core.config import StudyConfig, config_from_dict
 from core.errors import AtlasError
 from core.executors import LOCAL, ExecutorSpec, Resources, Work, run_tasks
-from core.shapes import S_MIN, TRIM, Z_MAX
+from core.shapes import DEFAULT_RULE, ShapeRule, bulk_index
 
 STAGE = "detect"
 WORK_DIR = "detect_work"  # train-in-train checkpoints and the influence matrix of detector 2
@@ -219,16 +219,16 @@ def rank_positions(rows: np.ndarray) -> np.ndarray:
     return np.abs(ranks - centre) / centre if centre > 0 else np.zeros_like(rows)
 
 
-def shape_preference(s: np.ndarray, s_min: float, z_max: float) -> np.ndarray:
+def shape_preference(s: np.ndarray, rule: ShapeRule = DEFAULT_RULE) -> np.ndarray:
     """Where to look for flips in each curve: +1 at the ends (S), −1 at the centre (Z), linear between.
 
-    ``s`` is the bulk S-shapedness (core.shapes.bulk_index); the ramp runs from ``z_max`` to ``s_min``, the
-    shape-class thresholds, so a clear S or Z gets full weight and an ambiguous
+    ``s`` is the bulk S-shapedness (core.shapes.bulk_index); the ramp runs from the rule's
+    ``z_max`` to its ``s_min``, so a clear S or Z gets full weight and an ambiguous
     backslash little.
     """
-    s = np.nan_to_num(np.asarray(s, dtype=np.float64), nan=(s_min + z_max) / 2)
-    mid, half = (s_min + z_max) / 2.0, (s_min - z_max) / 2.0
-    return np.clip((s - mid) / half, -1.0, 1.0)
+    s = np.nan_to_num(np.asarray(s, dtype=np.float64), nan=rule.middle)
+    half = (rule.s_min - rule.z_max) / 2.0
+    return np.clip((s - rule.middle) / half, -1.0, 1.0)
 
 
 def centre_distances(rows: np.ndarray) -> np.ndarray:
@@ -248,8 +248,7 @@ def shape_aware_scores(
     tracin: np.ndarray,
     s: np.ndarray,
     correct: np.ndarray,
-    s_min: float = S_MIN,
-    z_max: float = Z_MAX,
+    rule: ShapeRule = DEFAULT_RULE,
     preference: np.ndarray | float | None = None,
     position: str = "value",
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -270,7 +269,7 @@ def shape_aware_scores(
     tracin = np.asarray(tracin)
     correct = np.asarray(correct, dtype=bool)
     use = ~correct if (~correct).any() else np.ones_like(correct)
-    w = shape_preference(s, s_min, z_max) if preference is None else np.asarray(preference, float)
+    w = shape_preference(s, rule) if preference is None else np.asarray(preference, float)
     w = np.broadcast_to(w, correct.shape)[use]
     rows = np.flatnonzero(use)
     total = np.zeros(tracin.shape[1])
@@ -720,13 +719,8 @@ def _shape_aware(inputs: _Inputs) -> tuple[np.ndarray, str, dict[str, Any]]:
         raise _Skip(f"{store.TRACIN} has shape {tracin.shape}, not ({n_test}, {len(inputs.train)})")
     if n_test == 0:
         raise _Skip("the run has no test instances")
-    s_min, z_max, trim = S_MIN, Z_MAX, TRIM
     analysis = inputs.run / store.ANALYSIS
-    if analysis.exists():
-        thresholds = store.read_json(analysis).get("thresholds", {}) or {}
-        s_min = float(thresholds.get("s_min", s_min))
-        z_max = float(thresholds.get("z_max", z_max))
-        trim = float(thresholds.get("trim", trim))
+    rule = ShapeRule.of_analysis(store.read_json(analysis) if analysis.exists() else None)
     shapes_path = inputs.run / store.SHAPES
     columns = set(pd.read_parquet(shapes_path).columns) if shapes_path.exists() else set()
     if "s_bulk" in columns:
@@ -736,8 +730,6 @@ def _shape_aware(inputs: _Inputs) -> tuple[np.ndarray, str, dict[str, Any]]:
         source = store.SHAPES
     else:
         # No current analyze output: classify the curves here with core's rule.
-        from core.shapes import bulk_index
-
         logits = inputs.logits()
         test = inputs.instances[inputs.instances["split"] == "test"]
         correct = (
@@ -745,16 +737,16 @@ def _shape_aware(inputs: _Inputs) -> tuple[np.ndarray, str, dict[str, Any]]:
         )
         s = np.concatenate(
             [
-                np.atleast_1d(bulk_index(np.asarray(tracin[i : i + 256], np.float64), trim))
+                np.atleast_1d(bulk_index(np.asarray(tracin[i : i + 256], np.float64), rule.trim))
                 for i in range(0, n_test, 256)
             ]
         )
         source = "bulk indices of tracin.npy (no current shapes.parquet)"
-    values, extra = shape_aware_scores(tracin, s, correct, s_min, z_max)
+    values, extra = shape_aware_scores(tracin, s, correct, rule)
     note = (
         f"for each of {extra['n_test_used']}{' misclassified' if extra['misclassified_only'] else ''} "
         "test instances of tracin.npy, w·(|score − curve median| / row mean − 1) with w = +1 "
-        f"(suspects far out: S, bulk S ≥ {s_min}), −1 (suspects near the centre: Z, bulk S ≤ {z_max}), "
+        f"(suspects far out: S, bulk S ≥ {rule.s_min}), −1 (suspects near the centre: Z, bulk S ≤ {rule.z_max}), "
         f"linear between; averaged over test instances weighted by |w| ({extra['n_prefer_ends']} "
         f"prefer the ends, {extra['n_prefer_centre']} the centre; shapes from {source}). "
         "Uses the test labels to find misclassified test instances."

@@ -92,12 +92,12 @@ def row_metrics(
     exact: np.ndarray,
     approx: np.ndarray,
     flipped: np.ndarray,
-    thresholds: dict[str, float] | None = None,
+    rule: shapes.ShapeRule = shapes.DEFAULT_RULE,
 ) -> pd.DataFrame:
     """Per-test-row agreement of ``approx`` with ``exact`` (both (n_rows, n_train)).
 
-    ``flipped`` is the boolean (n_train,) mask of flipped training instances; ``thresholds``
-    the shape rule (``s_min``, ``z_max``, ``trim``; core.shapes defaults when None).
+    ``flipped`` is the boolean (n_train,) mask of flipped training instances; ``rule`` the
+    shape rule both are classed by.
     """
     exact = np.atleast_2d(np.asarray(exact, dtype=np.float64))
     approx = np.atleast_2d(np.asarray(approx, dtype=np.float64))
@@ -106,16 +106,8 @@ def row_metrics(
             f"Exact {exact.shape} and approximate {approx.shape} scores differ in shape."
         )
     flipped = np.asarray(flipped, dtype=bool)
-    rule = {
-        key: float((thresholds or {}).get(key, default))
-        for key, default in (
-            ("s_min", shapes.S_MIN),
-            ("z_max", shapes.Z_MAX),
-            ("trim", shapes.TRIM),
-        )
-    }
-    ce = shapes.classify(exact, flipped, **rule)
-    ca = shapes.classify(approx, flipped, **rule)
+    ce = shapes.classify(exact, flipped, rule=rule)
+    ca = shapes.classify(approx, flipped, rule=rule)
     k1 = top1pct_k(exact.shape[1])
     rows = []
     for i, (e, a) in enumerate(zip(exact, approx, strict=True)):
@@ -424,7 +416,7 @@ def error_study(
     instances = store.load_instances(run)
     train_df = instances[instances["split"] == "train"]
     flipped = train_df["flipped"].to_numpy(dtype=bool)
-    thresholds = _thresholds(run)
+    rule = _stored_rule(run)
 
     def log(message: str) -> None:
         if progress:
@@ -457,7 +449,7 @@ def error_study(
     summary_methods: dict[str, Any] = {}
     for method in wanted:
         res = results[method.name]
-        table = row_metrics(exact["matrix"], res["matrix"], flipped, thresholds)
+        table = row_metrics(exact["matrix"], res["matrix"], flipped, rule)
         table.insert(0, "method", method.name)
         table.insert(1, "test_id", test_ids.astype(np.int64))
         table.insert(2, "test_position", rows.astype(np.int64))
@@ -503,7 +495,7 @@ def error_study(
         "n_checkpoints": len(ckpts),
         "checkpoints_used": [i + 1 for i in used],
         "top1pct_k": top1pct_k(int(tr.n)),
-        "thresholds": thresholds,
+        "thresholds": rule.to_json(),
         "detector": "TracIn self-influence of each method; recall after inspecting 10 % of "
         "the training set and average precision against the known flips",
         "train_seconds": timings.get("train"),
@@ -516,14 +508,10 @@ def error_study(
     return summary
 
 
-def _thresholds(run: Path) -> dict[str, float]:
+def _stored_rule(run: Path) -> shapes.ShapeRule:
     """The shape rule the run's analyze stage used, or core.shapes' defaults."""
     path = run / store.ANALYSIS
-    rule = {"s_min": shapes.S_MIN, "z_max": shapes.Z_MAX, "trim": shapes.TRIM}
-    if path.exists():
-        saved = (store.read_json(path) or {}).get("thresholds") or {}
-        rule.update({k: float(saved[k]) for k in rule if k in saved})
-    return rule
+    return shapes.ShapeRule.of_analysis(store.read_json(path) if path.exists() else None)
 
 
 def load_error_study(run_dir: str | os.PathLike) -> tuple[dict[str, Any], pd.DataFrame] | None:

@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from core import store
+from core import commands
 from core.errors import AtlasError
 from core.store import TOKENIZER_DIR
 
@@ -165,7 +165,7 @@ def load_tokenizer(run_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load the tokenizer stored in a run folder."""
     path = Path(run_dir) / TOKENIZER_DIR
     if not path.is_dir():
-        store.require_heavy_tier(run_dir, "this command")
+        commands.require_heavy_tier(run_dir, "this command")
         raise AtlasError(f"{path} does not exist; the run has no tokenizer yet.")
     return load_tokenizer_dir(path)
 

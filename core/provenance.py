@@ -312,7 +312,7 @@ def check_upstream(run_dir: str | os.PathLike, stage: str) -> None:
         if reason := stale_reason(run, up):
             raise AtlasError(
                 f"The {up} stage of {run} is stale ({reason}), so its {stage} stage would "
-                f"mix old and new inputs; remake it first with: {store.rebuild_command(run, up)}"
+                f"mix old and new inputs; remake it first with: {store.rebuild_phrase(run, up)}"
             )
 
 

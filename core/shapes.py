@@ -2,7 +2,7 @@
 
 Pure NumPy and no torch, so the app can import it (for example to re-classify
 shapes under other thresholds without recomputing anything). Definitions are
-those of ``DESIGN.md``: a test instance's *sorted curve* is its row of training
+those of ``docs/shapes.md``: a test instance's *sorted curve* is its row of training
 scores sorted descending against x = rank 0..n-1. Every function accepts one
 curve (1-D) or a matrix of curves (n_test × n_train, one curve per row) and
 works on all rows at once where that is cheap.
@@ -10,9 +10,14 @@ works on all rows at once where that is cheap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
+
+from core.errors import AtlasError
 
 SHAPE_S = "S"
 SHAPE_Z = "Z"
@@ -33,6 +38,83 @@ RULE = (
     "(s_bulk = (b_reg - b_end) / |b_end| of the descending sorted curve "
     "without its top and bottom `trim` share of ranks)"
 )
+
+
+@dataclass(frozen=True)
+class ShapeRule:
+    """The shape-class rule: S if bulk S ≥ ``s_min``, Z if ≤ ``z_max``, backslash between.
+
+    ``trim`` is the share of ranks cut at each end before the bulk index is taken. The
+    rule checks itself on creation (finite thresholds, ``z_max < s_min``, ``trim`` in
+    [0, 0.5)) and raises :class:`AtlasError` otherwise, so every holder of one can use
+    it without checking again. It is stored under ``thresholds`` in ``analysis.json``.
+    """
+
+    s_min: float = S_MIN
+    z_max: float = Z_MAX
+    trim: float = TRIM
+
+    def __post_init__(self) -> None:
+        for name in _RULE_FIELDS:
+            value = float(getattr(self, name))
+            if not math.isfinite(value):
+                raise AtlasError(f"The shape rule's {name} must be a finite number (got {value}).")
+            # Stored as plain floats, so equal rules compare, hash and serialise alike.
+            object.__setattr__(self, name, value)
+        if not self.z_max < self.s_min:
+            raise AtlasError(
+                f"The Z threshold ({self.z_max:g}) must be below the S threshold ({self.s_min:g})."
+            )
+        if not 0.0 <= self.trim < 0.5:
+            raise AtlasError(f"The trim share must lie in [0, 0.5) (got {self.trim:g}).")
+
+    @classmethod
+    def from_json(cls, thresholds: Mapping[str, Any] | None) -> ShapeRule:
+        """The rule stored under ``thresholds`` in analysis.json; missing or non-numeric keys default.
+
+        Runs written before a key existed, or with no analyze stage (``None``), read as
+        the calibrated defaults for what they lack.
+        """
+        given = thresholds if isinstance(thresholds, Mapping) else {}
+        values = {}
+        for name in _RULE_FIELDS:
+            value = given.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values[name] = float(value)
+        return cls(**values)
+
+    @classmethod
+    def of_analysis(cls, analysis: Mapping[str, Any] | None) -> ShapeRule:
+        """The rule an analyze stage used, from the content of its analysis.json (or defaults)."""
+        return cls.from_json((analysis or {}).get("thresholds"))
+
+    def to_json(self) -> dict[str, float]:
+        """The three thresholds under their analysis.json keys (``s_min``, ``z_max``, ``trim``)."""
+        return {name: getattr(self, name) for name in _RULE_FIELDS}
+
+    def with_value(self, name: str, value: float) -> ShapeRule:
+        """The same rule with one threshold moved (checked like any other rule)."""
+        if name not in _RULE_FIELDS:
+            raise AtlasError(f"Unknown shape threshold '{name}'; choose {', '.join(_RULE_FIELDS)}.")
+        return replace(self, **{name: float(value)})
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(s_min, z_max)``: where the S and Z classes begin, for drawing the thresholds."""
+        return self.s_min, self.z_max
+
+    @property
+    def middle(self) -> float:
+        """The bulk index halfway between the two thresholds: the centre of the backslash band."""
+        return (self.s_min + self.z_max) / 2.0
+
+    def classes(self, s_bulk: float | np.ndarray) -> str | np.ndarray:
+        """The class of each bulk-index value under this rule (see :func:`shape_class`)."""
+        return shape_class(s_bulk, self.s_min, self.z_max)
+
+
+_RULE_FIELDS = ("s_min", "z_max", "trim")
+DEFAULT_RULE = ShapeRule()
 
 
 @dataclass(frozen=True)
@@ -112,9 +194,10 @@ def classify(
     scores: np.ndarray,
     flipped: np.ndarray | None = None,
     *,
-    s_min: float = S_MIN,
-    z_max: float = Z_MAX,
-    trim: float = TRIM,
+    rule: ShapeRule | None = None,
+    s_min: float | None = None,
+    z_max: float | None = None,
+    trim: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Shape indices and class of each curve; the one definition the pipeline and the app use.
 
@@ -124,16 +207,18 @@ def classify(
     whole curve, in score units and scale-free), ``s_bulk`` (the same on the trimmed
     curve, which the class uses), ``shape``, the line coefficients ``b_reg``, ``a_reg``,
     ``b_end``, ``a_end`` and, when ``flipped`` is given, ``end_ratio`` (%). Invariant to
-    a positive affine rescaling of a row.
+    a positive affine rescaling of a row. The class rule is ``rule`` (default
+    :data:`DEFAULT_RULE`); ``s_min``, ``z_max`` and ``trim`` given one by one override it.
     """
+    rule = _rule_with(rule, s_min=s_min, z_max=z_max, trim=trim)
     y = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     fit = curve_fit(y)
-    s_bulk = np.atleast_1d(bulk_index(y, trim))
+    s_bulk = np.atleast_1d(bulk_index(y, rule.trim))
     out: dict[str, np.ndarray] = {
         "s_raw": np.atleast_1d(fit.s_raw),
         "s": np.atleast_1d(fit.s),
         "s_bulk": s_bulk,
-        "shape": np.atleast_1d(shape_class(s_bulk, s_min, z_max)),
+        "shape": np.atleast_1d(rule.classes(s_bulk)),
         "b_reg": np.atleast_1d(fit.b_reg),
         "a_reg": np.atleast_1d(fit.a_reg),
         "b_end": np.atleast_1d(fit.b_end),
@@ -142,6 +227,13 @@ def classify(
     if flipped is not None:
         out["end_ratio"] = np.atleast_1d(end_ratio(flipped_ranks(y, flipped), y.shape[-1]))
     return out
+
+
+def _rule_with(rule: ShapeRule | None, **overrides: float | None) -> ShapeRule:
+    """``rule`` (or the default) with the thresholds given one by one put in."""
+    base = DEFAULT_RULE if rule is None else rule
+    given = {k: float(v) for k, v in overrides.items() if v is not None}
+    return replace(base, **given) if given else base
 
 
 def shape_class(

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from core import store
 from core.errors import AtlasError
 
 if TYPE_CHECKING:  # datasets imports MIN_PER_CLASS from here; avoid the import cycle
@@ -25,7 +26,8 @@ if TYPE_CHECKING:  # datasets imports MIN_PER_CLASS from here; avoid the import 
 MIN_PER_CLASS = 10
 
 SPLITS = ("train", "val", "test")
-INSTANCE_COLUMNS = ["id", "split", "text", "label", "observed_label", "flipped", "source_row"]
+# The columns the data stage writes: the run store's required ones, then the input file's row.
+INSTANCE_COLUMNS = [*store.INSTANCE_COLUMNS, "source_row"]
 
 # Stream numbers: one independent random stream per step, derived from the seed.
 _SUBSAMPLE_STREAM = 0

@@ -15,7 +15,7 @@ import os
 import shlex
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,18 @@ ERROR_STUDY = "error_study.parquet"  # one row per test row × method (core.erro
 ERROR_STUDY_SUMMARY = "error_study.json"  # per-method summary, subset, timings, command
 ERROR_STUDY_WORK = "error_study_work"  # resumable shards and results of the error study
 CLEANING_DIR = "cleaning"
+CLEANING_RESULTS = "results.json"  # inside CLEANING_DIR: one row per retraining (core.cleaning)
+# Files of a sweep folder (core.sweep).
+SWEEP_TABLE = "sweep.parquet"  # one row per (flip rate, seed) cell
+SWEEP_EPOCHS = "sweep_epochs.parquet"  # one row per cell and epoch
+SWEEP_CELLS_DIR = "cells"  # one run folder per cell
+
+# Columns each table is guaranteed to hold: what readers (the app, the checks below) rely on.
+INSTANCE_COLUMNS = ("id", "split", "text", "label", "observed_label", "flipped")
+SHAPES_COLUMNS = ("id", "s", "shape", "end_ratio")
+CURVES_COLUMNS = ("test_id", "rank", "train_id", "score", "flipped")
+COORDS_COLUMNS = ("id", "umap_x", "umap_y", "pca_x", "pca_y")
+SWEEP_COLUMNS = ("flip_rate", "seed", "final_test_accuracy")
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
@@ -296,71 +308,6 @@ def load_instances(run_dir: str | os.PathLike) -> pd.DataFrame:
     return read_parquet(path, INSTANCE_COLUMNS)
 
 
-def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Return one summary dict per run or sweep under ``cache_dir``, newest first.
-
-    Folders without a readable manifest (corrupt JSON, not an object) are reported with
-    status 'unreadable' and the reason rather than skipped, so a user sees that something
-    is there; a run recorded complete whose stage files are missing says 'incomplete'.
-    """
-    from core import provenance  # provenance imports this module
-
-    cache = Path(cache_dir)
-    if not cache.is_dir():
-        return []
-    rows = []
-    for child in cache.iterdir():
-        if not child.is_dir() or child.name.startswith("."):
-            continue
-        path = child / MANIFEST
-        if not path.exists():
-            continue
-        try:
-            manifest = load_manifest(child)
-        except AtlasError as exc:
-            rows.append(
-                {
-                    "name": child.name,
-                    "path": str(child),
-                    "kind": "?",
-                    "status": "unreadable",
-                    "created": "",
-                    "dataset": "",
-                    "model": "",
-                    "test_accuracy": None,
-                    "error": str(exc),
-                    "note": None,
-                    "stale": [],
-                    "stale_reasons": {},
-                }
-            )
-            continue
-        config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-        acc = manifest.get("test_accuracy")
-        kind = _text(manifest.get("kind", "run"))
-        status = run_status(child, manifest)
-        stale = provenance.stale_stages(child) if kind == "run" else {}
-        rows.append(
-            {
-                "name": child.name,
-                "path": str(child),
-                "kind": kind,
-                "status": status,
-                # Interrupted or failed: what happened and the command that resumes it.
-                "note": status_note(child, manifest, status),
-                "created": _text(manifest.get("created", "")),
-                "dataset": _text(config.get("dataset", "")),
-                "model": _text(config.get("model", "")),
-                "test_accuracy": float(acc) if isinstance(acc, int | float) else None,
-                # Stages whose inputs changed since they ran (core.provenance).
-                "stale": sorted(stale),
-                # ... and why, one sentence per stage.
-                "stale_reasons": stale,
-            }
-        )
-    return sorted(rows, key=lambda r: r["created"], reverse=True)
-
-
 def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
     """What is true of a run or sweep now, from its manifest and its lock.
 
@@ -383,34 +330,6 @@ def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
     return status
 
 
-def resume_command(run_dir: str | os.PathLike) -> str:
-    """The command that resumes a run or sweep: its recorded command, pinned to its config."""
-    from core.commands import reproduce_command
-
-    command = reproduce_command(run_dir)
-    if command:
-        return command
-    run = Path(run_dir)
-    return (
-        f"python -m core run --name {shlex.quote(run.name)} --cache "
-        f"{shlex.quote(str(run.parent))} with the options that made it"
-    )
-
-
-def status_note(run_dir: str | os.PathLike, manifest: dict[str, Any], status: str) -> str | None:
-    """One sentence for an interrupted or failed run (``status`` from :func:`run_status`):
-    what happened and the command that resumes it; None for any other status."""
-    if status == STATUS_INTERRUPTED:
-        return (
-            "No process is writing it (it was killed or crashed); resume it with "
-            f"`{resume_command(run_dir)}`."
-        )
-    if status == STATUS_FAILED:
-        error = _text(manifest.get("error")).strip().rstrip(".") or "no error was recorded"
-        return f"It failed: {error}; resume it with `{resume_command(run_dir)}`."
-    return None
-
-
 # -- checking a run's files ----------------------------------------------------------------------
 
 # The files each stage leaves (heavy tiers such as checkpoints/ excepted: a shipped run has
@@ -422,7 +341,6 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "analyze": (SHAPES, CURVES, ANALYSIS, EMBEDDINGS, DISTANCES, COORDS),
     "detect": (DETECTORS, DETECTION),
 }
-INSTANCE_COLUMNS = ("id", "split", "text", "label", "observed_label", "flipped")
 # The stage that writes each file, for "rebuild it with ..." (files of other stages included).
 FILE_STAGE: dict[str, str] = {
     **{name: stage for stage, names in STAGE_OUTPUTS.items() for name in names},
@@ -459,73 +377,27 @@ def missing_heavy_tier(run_dir: str | os.PathLike) -> list[str]:
 
 
 def full_copy_name(run_dir: str | os.PathLike) -> str:
-    """The run name :func:`recreate_command` gives a full copy of a shipped run."""
+    """The run name :func:`core.commands.recreate_command` gives a full copy of a shipped run."""
     return f"{Path(run_dir).name}-full"
 
 
-def recreate_command(run_dir: str | os.PathLike) -> str:
-    """The command that makes a full copy (checkpoints and tokenizer included) of a run.
-
-    It is the run's manifest command, pinned to the run's configuration
-    (:func:`core.commands.reproduce_command`), under the name :func:`full_copy_name` in the
-    same run store, so the shipped files are never overwritten; the same seed and
-    configuration give the same study.
-    """
-    from core.commands import reproduce_command
-
-    run = Path(run_dir)
-    command = reproduce_command(run)
-    if not isinstance(command, str) or not command.strip():
-        return f"python -m core run --name {full_copy_name(run)} with the options that made {run}"
-    words = shlex.split(command)
-    for flag in ("--name", "--cache"):
-        while flag in words:
-            i = words.index(flag)
-            del words[i : i + 2]
-        words = [w for w in words if not w.startswith(flag + "=")]
-    words += ["--name", full_copy_name(run)]
-    if run.parent.resolve() != (Path.cwd() / "cache").resolve():
-        words += ["--cache", str(run.parent)]
-    return shlex.join(words)
+# The storage layer knows which stage writes each file, not the command line: the command
+# layer above (core.commands) registers how to phrase the command that remakes a stage, so
+# a damaged file's message names it without this module importing the CLI.
+RebuildPhrasing = Callable[[Path, str], str]
+_rebuild_phrasing: list[RebuildPhrasing] = []
 
 
-def require_heavy_tier(run_dir: str | os.PathLike, purpose: str) -> None:
-    """Raise one sentence naming the command that recreates a shipped run's missing folders.
-
-    ``purpose`` completes "… needs them to …" (e.g. "compute TracIn").
-    """
-    missing = missing_heavy_tier(run_dir)
-    if not missing:
-        return
-    run = Path(run_dir)
-    try:
-        timings = read_json(run / MANIFEST).get("timings_s") or {}
-        minutes = sum(float(v) for k, v in timings.items() if k in ("train", "tracin")) / 60
-    except (AtlasError, AttributeError, TypeError, ValueError):
-        minutes = 0.0
-    took = f" (training and TracIn took about {minutes:.0f} min here)" if minutes >= 1 else ""
-    raise AtlasError(
-        f"{run} has no {' or '.join(missing)} (runs shipped in the repository keep only their small "
-        f"files) and {purpose} needs them: make a full copy with `{recreate_command(run)}`{took}, "
-        f"then use {run.parent / full_copy_name(run)}."
-    )
+def set_rebuild_phrasing(phrase: RebuildPhrasing) -> None:
+    """Use ``phrase(run_dir, stage)`` for the command in "rebuild it with `…`" hints."""
+    _rebuild_phrasing[:] = [phrase]
 
 
-def rebuild_command(run_dir: str | os.PathLike, stage: str) -> str:
-    """The command that (re)makes ``stage``'s files of a run."""
-    run = shlex.quote(str(run_dir))
-    if stage == "tracin" and missing_heavy_tier(run_dir):
-        return recreate_command(run_dir)
-    if stage == "tracin":
-        return f"python -m core tracin {run}"
-    if stage in ("analyze", "detect"):
-        return f"python -m core {stage} {run} --force"
-    from core.commands import reproduce_command
-
-    command = reproduce_command(run_dir)
-    if command:
-        return command
-    return f"python -m core run --name {shlex.quote(Path(run_dir).name)} --cache {shlex.quote(str(Path(run_dir).parent))} with the options that made it"
+def rebuild_phrase(run_dir: Path, stage: str) -> str:
+    """The command that remakes ``stage`` of a run, as the command layer phrases it."""
+    if _rebuild_phrasing:
+        return _rebuild_phrasing[0](run_dir, stage)
+    return f"python -m core {stage} {shlex.quote(str(run_dir))}"
 
 
 def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, str]:
@@ -619,7 +491,7 @@ def _check_checkpoints(run: Path, manifest: dict[str, Any]) -> None:
             where = path if path is not None else f"{run / CHECKPOINTS_DIR} (an entry)"
             raise AtlasError(
                 f"{where}, a checkpoint listed in the manifest, is missing; TracIn needs every "
-                f"checkpoint: retrain from it with `{rebuild_command(run, 'train')}`."
+                f"checkpoint: retrain from it with `{rebuild_phrase(run, 'train')}`."
             )
 
 
@@ -642,8 +514,7 @@ def _rebuild_hint(path: Path, damaged: bool = False) -> str:
     stage = FILE_STAGE.get(path.name)
     if stage is None or not (path.parent / MANIFEST).is_file():
         return ""
-    command = rebuild_command(path.parent, stage)
-    return f"; {'delete it and ' if damaged else ''}rebuild it with `{command}`"
+    return f"; {'delete it and ' if damaged else ''}rebuild it with `{rebuild_phrase(path.parent, stage)}`"
 
 
 def _shape_matches(found: tuple[int, ...], wanted: tuple[int | None, ...]) -> bool:

@@ -30,9 +30,9 @@ from core.config import StudyConfig
 from core.errors import AtlasError
 from core.executors import ExecutorSpec, Resources, Work, run_tasks
 
-SWEEP_TABLE = "sweep.parquet"
-SWEEP_EPOCHS = "sweep_epochs.parquet"
-CELLS_DIR = "cells"
+SWEEP_TABLE = store.SWEEP_TABLE
+SWEEP_EPOCHS = store.SWEEP_EPOCHS
+CELLS_DIR = store.SWEEP_CELLS_DIR
 MAX_SEEDS = 1000
 
 

@@ -265,7 +265,7 @@ def test_skips_when_complete_and_recomputes_on_force_or_new_params(run, monkeypa
     assert analyze_run(run, progress=False) == first and calls == []
     analyze_run(run, progress=False, force=True)
     assert len(calls) == 1
-    changed = analyze_run(run, s_min=0.5, progress=False)
+    changed = analyze_run(run, rule=shapes.ShapeRule(s_min=0.5), progress=False)
     assert len(calls) == 2 and changed["thresholds"]["s_min"] == 0.5
 
 
@@ -401,7 +401,7 @@ def test_a_run_without_checkpoints_is_reanalysed_from_its_stored_geometry(run):
     emb = np.load(run / store.EMBEDDINGS)
     shutil.rmtree(run / "checkpoints")
     (run / store.SHAPES).unlink()
-    again = analyze_run(run, s_min=0.3, progress=False)
+    again = analyze_run(run, rule=shapes.ShapeRule(s_min=0.3), progress=False)
     assert again["geometry"]["source"].startswith("stored")
     np.testing.assert_array_equal(np.load(run / store.EMBEDDINGS), emb)
     assert (run / store.SHAPES).exists() and again["thresholds"]["s_min"] == 0.3

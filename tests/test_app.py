@@ -984,3 +984,20 @@ def test_curves_without_outliers_keep_the_full_axis(cache, monkeypatch):
     at = open_page("curves", cache, monkeypatch)
     spec, _ = one_chart(at, "score_curve")
     assert "(axis clipped)" not in json.dumps(spec) and "y axis is clipped" not in texts(at)
+
+
+def test_the_app_reads_run_store_names_and_columns_from_core():
+    from core import store
+    from ui import data
+
+    names = ("SWEEP_TABLE", "SWEEP_EPOCHS", "CLEANING_RESULTS", "INSTANCE_COLUMNS")
+    names += ("SHAPES_COLUMNS", "CURVES_COLUMNS", "COORDS_COLUMNS", "SWEEP_COLUMNS")
+    for name in names:
+        assert getattr(data, name) is getattr(store, name), name
+
+
+def test_only_the_page_registry_names_page_scripts():
+    for path in [*REPO.glob("ui/**/*.py"), REPO / "app.py"]:
+        if path == REPO / "ui" / "pages.py":
+            continue
+        assert '"pages/' not in path.read_text("utf-8"), path

@@ -210,3 +210,20 @@ def test_cleaning_arms_are_independent_units(scored_run, monkeypatch):
         assert row["no_change_accuracy"] == by_kind["no_change"]
         assert row["oracle_accuracy"] == by_kind["oracle"]
         assert row["random_accuracy"] == by_kind["random"]
+
+
+def test_the_page_and_the_export_show_one_review_queue(scored_run):
+    from ui.views import cleaning as cleaning_view
+
+    exported = pd.read_csv(cleaning.export_review_queue(scored_run, "loss"), encoding="utf-8-sig")
+    assert tuple(exported.columns) == cleaning.REVIEW_COLUMNS
+    inst = store.load_instances(scored_run)
+    train = inst[inst["split"] == "train"]
+    shown = cleaning_view.review_queue(
+        pd.read_parquet(scored_run / store.DETECTORS), "loss", train, len(exported), ["a", "b"]
+    )
+    assert shown["id"].tolist() == exported["id"].tolist()
+    assert shown["rank"].tolist() == exported["rank"].tolist()
+    assert shown["reason"].tolist() == exported["reason"].tolist()
+    assert np.allclose(shown["score"], exported["score"])
+    assert shown["suggested_label"].tolist() == [["a", "b"][v] for v in exported["suggested_label"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from core.cli import build_parser, config_from_args
 from core.commands import pin_command
 from core.config import preset_config
@@ -32,3 +34,11 @@ def test_differences_no_option_expresses_keep_the_command():
     assert pin_command("python -m core sweep --preset quick", made) == (
         "python -m core sweep --preset quick"
     )
+
+
+def test_the_run_store_never_imports_the_command_layer_or_the_cli():
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("core", cache_dir=None)  # imports inside functions count too
+    for upper in ("core.commands", "core.cli", "core.run_options"):
+        assert graph.find_shortest_chain(importer="core.store", imported=upper) is None, upper
+    assert graph.find_shortest_chain(importer="core.commands", imported="core.cli") is None

@@ -12,6 +12,7 @@ import pytest
 from core import detectors, metrics, store
 from core.config import StudyConfig
 from core.errors import AtlasError
+from core.shapes import ShapeRule
 from tests.conftest import tiny_bert
 
 POSITIVE = ["good", "great", "nice", "love", "fine", "happy"]
@@ -189,7 +190,9 @@ def test_shape_aware_takes_ends_of_s_and_centre_of_z():
 
 
 def test_shape_preference_ramp():
-    w = detectors.shape_preference(np.array([-0.5, -0.1, 0.05, 0.2, 1.0, np.nan]), 0.2, -0.1)
+    w = detectors.shape_preference(
+        np.array([-0.5, -0.1, 0.05, 0.2, 1.0, np.nan]), ShapeRule(s_min=0.2, z_max=-0.1)
+    )
     assert w == pytest.approx([-1, -1, 0, 1, 1, 0])
 
 

@@ -27,6 +27,7 @@ from core.error_study import (
 from core.error_study_options import parse_dtype, parse_method, parse_methods, parse_subset
 from core.errors import AtlasError
 from core.factorized import FactorizedTracIn
+from core.shapes import ShapeRule
 from core.tracin import TracInCP, _run_data, run_tracin
 from tests.test_tracin import _brute_tracin, _data, _make_run, _rel, _rows, saved_checkpoints
 
@@ -120,7 +121,7 @@ def test_shape_agreement_uses_the_run_thresholds():
     table = row_metrics(s_curve[None], z_curve[None], flipped)
     assert table.loc[0, "shape_exact"] == "S" and table.loc[0, "shape_method"] == "Z"
     assert not table.loc[0, "shape_agree"]
-    loose = row_metrics(s_curve[None], z_curve[None], flipped, {"s_min": 5.0, "z_max": -5.0})
+    loose = row_metrics(s_curve[None], z_curve[None], flipped, ShapeRule(s_min=5.0, z_max=-5.0))
     assert loose.loc[0, "shape_exact"] == loose.loc[0, "shape_method"] == "backslash"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import locks, store
+from core import commands, locks, store
 from core.cli import check_study_argv, main
 from core.errors import AtlasError
 from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
@@ -88,7 +88,7 @@ def test_row3_list_survives_a_bad_manifest(
     _copy_run(study_run, tmp_path)
     (cache / "zzz").mkdir()
     (cache / "zzz" / store.MANIFEST).write_text(content)
-    rows = {r["name"]: r for r in store.list_runs(cache)}
+    rows = {r["name"]: r for r in commands.list_runs(cache)}
     assert rows[study_run.name]["status"] == "complete"
     assert rows["zzz"]["status"] in ("unreadable", "3")
     assert main(["list", "--cache", str(cache)]) == 0
@@ -395,7 +395,9 @@ def test_row10_a_missing_output_is_not_complete_and_run_remakes_it(
     assert payload["status"] != "complete"
     assert payload["stages"]["analyze"]["status"] != "complete"
     assert "does not exist" in payload["problems"]["analyze"]
-    assert {r["name"]: r["status"] for r in store.list_runs(run.parent)}[run.name] == "incomplete"
+    assert {r["name"]: r["status"] for r in commands.list_runs(run.parent)}[
+        run.name
+    ] == "incomplete"
     csv = study_run.parent.parent / "reviews.csv"  # the session run's data, same config
     before = (run / store.TRACIN).stat().st_mtime_ns
     assert main(_run_args(csv, run.parent, run.name)) == 0
@@ -469,7 +471,7 @@ def test_i24_a_running_manifest_nobody_holds_is_interrupted_with_its_resume_comm
     command = "python -m core run --preset quick --name r"
     run = _bare_run(tmp_path, "running", command=command, config={})
     (run / locks.LOCK_FILE).write_text('{"pid": 999999}')  # what kill -9 leaves behind
-    row = {r["name"]: r for r in store.list_runs(run.parent)}["r"]
+    row = {r["name"]: r for r in commands.list_runs(run.parent)}["r"]
     assert row["status"] == store.STATUS_INTERRUPTED
     assert command in row["note"]
     assert main(["list", "--cache", str(run.parent)]) == 0
@@ -482,7 +484,7 @@ def test_i24_a_running_manifest_nobody_holds_is_interrupted_with_its_resume_comm
     assert "[interrupted]" in capsys.readouterr().out
     with locks.hold(run):  # a live holder: running it is
         assert store.run_status(run, store.load_manifest(run)) == store.STATUS_RUNNING
-        assert {r["name"]: r for r in store.list_runs(run.parent)}["r"]["note"] is None
+        assert {r["name"]: r for r in commands.list_runs(run.parent)}["r"]["note"] is None
 
 
 def test_i24_a_failed_run_names_its_error_and_resume_command(tmp_path: Path, capsys) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import provenance, store
+from core import commands, provenance, store
 from core.cli import main, show_payload
 from core.errors import AtlasError
 
@@ -62,7 +62,7 @@ def test_tracin_with_other_params_makes_analyze_rerun(run: Path, capsys):
     # The analysis and detection were made from the old matrix: reported, not silently kept.
     stale = show_payload(run)["stale"]
     assert "analyze" in stale and store.TRACIN in stale["analyze"]
-    assert "analyze" in store.list_runs(run.parent)[0]["stale"]
+    assert "analyze" in commands.list_runs(run.parent)[0]["stale"]
     capsys.readouterr()
     assert main(["analyze", str(run)]) == 0
     assert "already complete" not in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
@@ -9,11 +11,15 @@ import numpy as np
 import pytest
 
 from core import shape_references as refs
+from core.errors import AtlasError
 from core.shapes import (
+    DEFAULT_RULE,
+    RULE,
     S_MIN,
     TRIM,
     Z_MAX,
     CurveFit,
+    ShapeRule,
     bulk_index,
     classify,
     curve_fit,
@@ -287,3 +293,41 @@ def test_ranks_of_follow_each_flipped_instance():
     mask = np.array([True, False, True, True])
     np.testing.assert_array_equal(ranks_of(scores, mask), [[2, 1, 3], [0, 2, 1]])
     np.testing.assert_array_equal(np.sort(ranks_of(scores, mask), 1), flipped_ranks(scores, mask))
+
+
+def test_shape_rule_checks_itself():
+    assert ShapeRule(S_MIN, Z_MAX, TRIM) == DEFAULT_RULE
+    with pytest.raises(AtlasError, match="below"):
+        ShapeRule(s_min=0.1, z_max=0.1)
+    with pytest.raises(AtlasError, match="trim"):
+        ShapeRule(trim=0.5)
+    with pytest.raises(AtlasError, match="finite"):
+        ShapeRule(s_min=float("nan"))
+    with pytest.raises(AtlasError, match="below"):
+        DEFAULT_RULE.with_value("z_max", 1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT_RULE.s_min = 0.5  # type: ignore[misc]
+
+
+def test_shape_rule_reads_back_what_it_writes_and_old_runs_default():
+    rule = ShapeRule(s_min=0.3, z_max=-0.1, trim=0.02)
+    stored = {**rule.to_json(), "rule": RULE}  # analysis.json's thresholds also hold text
+    assert set(rule.to_json()) == {"s_min", "z_max", "trim"}
+    assert ShapeRule.from_json(json.loads(json.dumps(stored))) == rule
+    assert ShapeRule.of_analysis({"thresholds": stored}) == rule
+    # A run with no analyze stage, or written before `trim` was stored, reads the defaults.
+    assert ShapeRule.of_analysis(None) == DEFAULT_RULE
+    assert ShapeRule.from_json({"s_min": 0.3, "z_max": -0.1}).trim == TRIM
+    assert ShapeRule.from_json({"s_min": "x", "trim": True}) == DEFAULT_RULE
+
+
+def test_classify_takes_a_rule_or_loose_thresholds_alike():
+    rng = np.random.default_rng(3)
+    scores = rng.standard_t(3, (6, 300))
+    rule = ShapeRule(s_min=0.1, z_max=-0.2, trim=0.1)
+    by_rule = classify(scores, rule=rule)
+    by_floats = classify(scores, s_min=0.1, z_max=-0.2, trim=0.1)
+    assert list(by_rule["shape"]) == list(by_floats["shape"])
+    assert np.array_equal(by_rule["s_bulk"], by_floats["s_bulk"])
+    assert list(rule.classes(by_rule["s_bulk"])) == list(by_rule["shape"])
+    assert rule.middle == pytest.approx(-0.05) and rule.bounds == (0.1, -0.2)

@@ -11,6 +11,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from core.shapes import DEFAULT_RULE, ShapeRule
+
 RED = "#d62728"
 BLUE = "#1f77b4"
 YELLOW = "#e6b800"  # a darker yellow than pure #ff0 so the line reads on white
@@ -173,7 +175,7 @@ def shape_scatter(
     shapes: pd.DataFrame,
     *,
     selected: int | None = None,
-    thresholds: tuple[float, float] = (0.24, -0.05),
+    rule: ShapeRule = DEFAULT_RULE,
     select_name: str = "pick",
     x: str = "s_bulk",
     y: str = "end_ratio",
@@ -218,8 +220,7 @@ def shape_scatter(
     )
     layers = []
     if x == "s_bulk":
-        s_min, z_max = thresholds
-        refs = pd.DataFrame({"x": [s_min, z_max]})
+        refs = pd.DataFrame({"x": list(rule.bounds)})
         layers.append(alt.Chart(refs).mark_rule(strokeDash=[4, 4], color=GREY).encode(x="x:Q"))
     if y == "end_ratio":
         layers.append(
@@ -563,9 +564,8 @@ def panel_chart(
     return _tag(chart, "curve_panel")
 
 
-def index_over_training(series: pd.DataFrame, thresholds: tuple[float, float]) -> alt.LayerChart:
+def index_over_training(series: pd.DataFrame, rule: ShapeRule) -> alt.LayerChart:
     """Bulk S of one test instance per checkpoint (alone and cumulative), with the class bands."""
-    s_min, z_max = thresholds
     lines = (
         alt.Chart(series)
         .mark_line(point=True)
@@ -582,7 +582,7 @@ def index_over_training(series: pd.DataFrame, thresholds: tuple[float, float]) -
             ],
         )
     )
-    refs = pd.DataFrame({"y": [s_min, z_max], "class": ["S above", "Z below"]})
+    refs = pd.DataFrame({"y": list(rule.bounds), "class": ["S above", "Z below"]})
     rules = alt.Chart(refs).mark_rule(strokeDash=[4, 4], color=GREY).encode(y="y:Q")
     return _tag(alt.layer(rules, lines).properties(height=240), "index_over_training")
 

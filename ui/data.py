@@ -17,23 +17,25 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import store
+from core import commands, store
 from core.errors import AtlasError
-from core.shapes import S_MIN, TRIM, Z_MAX
+from core.shapes import ShapeRule
+
+# File names and column sets are the run store's (core.store), never copies.
+from core.store import (
+    CLEANING_RESULTS,
+    COORDS_COLUMNS,
+    CURVES_COLUMNS,
+    INSTANCE_COLUMNS,
+    SHAPES_COLUMNS,
+    SWEEP_COLUMNS,
+    SWEEP_EPOCHS,
+    SWEEP_TABLE,
+)
 
 ENV_CACHE = "ATLAS_CACHE"  # points the app at another run store (tests, hosted demos)
 DEMO_RUN = "demo"
 REPO = Path(__file__).resolve().parents[1]
-
-SWEEP_TABLE = "sweep.parquet"
-SWEEP_EPOCHS = "sweep_epochs.parquet"
-CLEANING_RESULTS = "results.json"
-
-INSTANCE_COLUMNS = ("id", "split", "text", "label", "observed_label", "flipped")
-SHAPES_COLUMNS = ("id", "s", "shape", "end_ratio")
-CURVES_COLUMNS = ("test_id", "rank", "train_id", "score", "flipped")
-COORDS_COLUMNS = ("id", "umap_x", "umap_y", "pca_x", "pca_y")
-SWEEP_COLUMNS = ("flip_rate", "seed", "final_test_accuracy")
 
 
 class MissingData(AtlasError):
@@ -61,7 +63,7 @@ def display_path(path: Path) -> str:
 @st.cache_data(ttl=3, show_spinner=False)
 def list_runs(cache: str) -> list[dict[str, Any]]:
     """``store.list_runs`` with a short cache, so new runs appear within seconds."""
-    return store.list_runs(cache)
+    return commands.list_runs(cache)
 
 
 def default_run(runs: list[dict[str, Any]]) -> str | None:
@@ -137,8 +139,8 @@ class Run:
         return self.file(name).exists()
 
     def command(self, stage: str) -> str:
-        """The CLI line that (re)makes a stage's output for this run (core.store.rebuild_command)."""
-        return store.rebuild_command(display_path(self.path), stage)
+        """The CLI line that (re)makes a stage's output for this run (core.commands.rebuild_command)."""
+        return commands.rebuild_command(display_path(self.path), stage)
 
     def require(self, name: str, stage: str) -> Path:
         """Path of ``name`` or :class:`MissingData` naming the stage that writes it."""
@@ -299,20 +301,9 @@ class Run:
         )
         return summary, table
 
-    def thresholds(self) -> tuple[float, float]:
-        """(s_min, z_max) recorded by the analyze stage, else core's calibrated defaults."""
-        rule = self.rule()
-        return rule["s_min"], rule["z_max"]
-
-    def rule(self) -> dict[str, float]:
-        """The class rule the analyze stage used (s_min, z_max, trim), else core's defaults."""
-        t = self.analysis().get("thresholds") or {}
-        out = {"s_min": S_MIN, "z_max": Z_MAX, "trim": TRIM}
-        for name in out:
-            value = t.get(name)
-            if isinstance(value, int | float) and np.isfinite(value):
-                out[name] = float(value)
-        return out
+    def rule(self) -> ShapeRule:
+        """The class rule the analyze stage used, else core's calibrated defaults."""
+        return ShapeRule.of_analysis(self.analysis())
 
     def shapes_by_view(self) -> pd.DataFrame | None:
         """shapes_by_view.parquet (every single / cumulative checkpoint view), or None."""

@@ -159,7 +159,9 @@ def view_table(run: data.Run, view: views.View) -> pd.DataFrame:
             ]
     files = (store.TRACIN_PER_CHECKPOINT, store.GRAD_NORMS_TRAIN, store.GRAD_NORMS_TEST)
     stamps = tuple(data.stamp(run.file(f)) if run.has(f) else 0 for f in files)
-    computed = _computed_table(str(run.path), stamps, view.key, tuple(sorted(run.rule().items())))
+    computed = _computed_table(
+        str(run.path), stamps, view.key, tuple(sorted(run.rule().to_json().items()))
+    )
     return extra.merge(computed, on="id", how="left")
 
 
@@ -170,7 +172,11 @@ def _computed_table(
     """Shapes of a view the pipeline did not precompute, through core.shapes.classify."""
     run = data.Run(path)
     scores = view_scores(run, views.View.parse(key))
-    cls = core_shapes.classify(scores, run.train["flipped"].to_numpy(bool), **dict(rule))
+    cls = core_shapes.classify(
+        scores,
+        run.train["flipped"].to_numpy(bool),
+        rule=core_shapes.ShapeRule.from_json(dict(rule)),
+    )
     return pd.DataFrame(
         {"id": run.test_ids, **{c: cls[c] for c in ("s_raw", "s", "s_bulk", "shape", "end_ratio")}}
     )

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from core import datasets, locks, store, validation
+from core import commands, datasets, locks, store, validation
 from core.cli import check_study_argv
 from core.errors import AtlasError
 from core.executors import PROGRESS
@@ -481,7 +481,7 @@ def progress(run_dir: Path) -> dict[str, Any]:
     status = store.run_status(run_dir, m) if isinstance(m, dict) else None
     return {
         "status": status,
-        "note": store.status_note(run_dir, m, status) if status else None,
+        "note": commands.status_note(run_dir, m, status) if status else None,
         "stages": {k: (v or {}).get("status") for k, v in (m.get("stages") or {}).items()},
         "epochs_done": len(m.get("epochs") or []),
         "epochs_total": int(epochs_total),
@@ -510,7 +510,7 @@ def sweep_progress(sweep_dir: Path) -> dict[str, Any]:
     status = store.run_status(sweep_dir, m)
     return {
         "status": status,
-        "note": store.status_note(sweep_dir, m, status),
+        "note": commands.status_note(sweep_dir, m, status),
         "cells_done": done,
         "cells_total": len(rates) * len(seeds),
         "error": m.get("error"),

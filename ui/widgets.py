@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import provenance, store
+from core import commands, provenance, store
 from core.errors import AtlasError
 from ui import data, pages
 
@@ -240,7 +240,7 @@ def stale_notice(run: data.Run) -> None:
 def command_needing_checkpoints(run: data.Run, template: str) -> None:
     """Show ``template`` (with ``{run}``) as a command for this run. A run shipped without its
     checkpoints and tokenizer gets, first, the command that makes a full copy of it
-    (core.store.recreate_command), and the command then names that copy."""
+    (core.commands.recreate_command), and the command then names that copy."""
     shown = data.display_path(run.path)
     target = shown
     if store.missing_heavy_tier(run.path):
@@ -249,7 +249,7 @@ def command_needing_checkpoints(run: data.Run, template: str) -> None:
             "This run was shipped without its checkpoints and tokenizer, which this needs: make "
             "a full copy first (same data, seed and settings), then run the command on the copy."
         )
-        st.code(store.recreate_command(shown), language="bash")
+        st.code(commands.recreate_command(shown), language="bash")
     st.code(template.format(run=shlex.quote(target)), language="bash")
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import provenance, store
+from core import commands, provenance, store
 from core.errors import AtlasError
 from core.executors import (
     LOCAL,
@@ -71,14 +71,14 @@ def _run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, fl
         raise AtlasError(
             f"{run} has no complete checkpoints yet; finish training first (python -m core run)."
         )
-    store.require_heavy_tier(run, "TracIn")
+    commands.require_heavy_tier(run, "TracIn")
     out = []
     for entry in entries:
         path = run / str(entry.get("path", ""))
         if not entry.get("path") or not path.is_dir():
             raise AtlasError(
                 f"Checkpoint {path} listed in the manifest is missing; retrain from it with "
-                f"`{store.rebuild_command(run, 'train')}`."
+                f"`{commands.rebuild_command(run, 'train')}`."
             )
         if entry.get("lr") is None:
             raise AtlasError(f"Checkpoint {path} has no learning rate in the manifest.")

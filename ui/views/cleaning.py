@@ -8,7 +8,6 @@ import streamlit as st
 
 from core import cleaning as core_cleaning
 from core import metrics as core_metrics
-from core.detectors import REASONS
 from ui import charts, data, widgets
 
 METRIC_NAMES = {
@@ -116,26 +115,26 @@ def recall_frame(scores: np.ndarray, flipped: np.ndarray, detector: str) -> pd.D
 def review_queue(
     detectors: pd.DataFrame, detector: str, train: pd.DataFrame, top: int, label_names: list[str]
 ) -> pd.DataFrame:
-    """The top suspects of one detector, chosen by ``core.cleaning.top_k`` (the CLI export's
-    choice) with ``core.detectors.REASONS``: rank, flipped, id, text, labels, score, reason."""
-    chosen = core_cleaning.top_k(detectors[detector].to_numpy(np.float64), top)
-    scored = detectors.iloc[chosen]
-    rows = train.set_index("id").loc[scored["id"].to_numpy()]
-    observed = rows["observed_label"].to_numpy(np.int64)
+    """core.cleaning.review_queue (the CLI export's queue) as the page shows it: rank, the known
+    answer, id, text, label names instead of numbers, score and reason."""
+    scores = detectors.set_index("id")[detector].reindex(train["id"].to_numpy())
+    queue = core_cleaning.review_queue(
+        train.reset_index(drop=True), scores.to_numpy(np.float64), detector, top
+    )
 
     def name(v: int) -> str:
         return label_names[v] if 0 <= v < len(label_names) else str(v)
 
     return pd.DataFrame(
         {
-            "rank": np.arange(1, len(scored) + 1),
-            "flipped": rows["flipped"].to_numpy(bool),
-            "id": scored["id"].to_numpy(),
-            "text": rows["text"].to_numpy(),
-            "observed_label": [name(v) for v in observed],
-            "suggested_label": [name(1 - v) for v in observed],
-            "score": scored[detector].to_numpy(np.float64),
-            "reason": REASONS.get(detector, f"high {detector.replace('_', ' ')} score"),
+            "rank": queue["rank"],
+            "flipped": queue["flipped"],
+            "id": queue["id"],
+            "text": queue["text"],
+            "observed_label": [name(v) for v in queue["label"]],
+            "suggested_label": [name(v) for v in queue["suggested_label"]],
+            "score": queue["score"],
+            "reason": queue["reason"],
         }
     )
 

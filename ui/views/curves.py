@@ -79,7 +79,7 @@ def _load_curve(run: data.Run, test_id: int, view: views.View, max_points: int) 
                 clip,
             )
     scores = influence.view_row(run, view, test_id)
-    cls = core_shapes.classify(scores, flipped_all, **run.rule())
+    cls = core_shapes.classify(scores, flipped_all, rule=run.rule())
     order = core_shapes.sort_order(scores)
     keep = core_shapes.downsample_curve(scores[order], flipped_all[order], max_points)
     pos = order[keep]
@@ -385,7 +385,7 @@ def over_training(run: data.Run, test_id: int, view: views.View) -> None:
             )
     a, b = st.columns(2)
     with a:
-        st.altair_chart(charts.index_over_training(series, run.thresholds()), width="stretch")
+        st.altair_chart(charts.index_over_training(series, run.rule()), width="stretch")
     with b:
         if traces:
             st.altair_chart(

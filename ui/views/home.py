@@ -129,9 +129,10 @@ def summary(run: data.Run) -> None:
             shapes = run.shapes()
             counts = _shape_counts(shapes)
             st.dataframe(counts, hide_index=True, width="stretch")
-            s_min, z_max = run.thresholds()
+            rule = run.rule()
             st.caption(
-                f"Classes from S: S if S ≥ {s_min:g}, Z if S ≤ {z_max:g}, backslash between."
+                f"Classes from S: S if S ≥ {rule.s_min:g}, Z if S ≤ {rule.z_max:g}, "
+                "backslash between."
             )
         else:
             st.info("Shapes appear after the analyze stage:")

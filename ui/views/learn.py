@@ -59,8 +59,8 @@ def body(run: data.Run) -> None:
         "line joining its two ends (green). Their slope difference, divided by the green slope, "
         "is about 1 for an ideal S, 0 for a straight line and −0.5 for an ideal Z. A handful of "
         "extreme points can move the green line a long way, so the class reads the curve "
-        f"without its top and bottom {rule['trim']:.0%} of ranks (the *bulk S*): S if bulk S ≥ "
-        f"{rule['s_min']:g}, Z if ≤ {rule['z_max']:g}, backslash between."
+        f"without its top and bottom {rule.trim:.0%} of ranks (the *bulk S*): S if bulk S ≥ "
+        f"{rule.s_min:g}, Z if ≤ {rule.z_max:g}, backslash between."
     )
     examples = run.analysis().get("examples") or {}
     counts = (run.analysis().get("views") or {}).get("counts") or {}

@@ -8,10 +8,9 @@ import streamlit as st
 
 from core import shapes as core_shapes
 from core import stats
-from ui import charts, data, influence, widgets
+from ui import charts, data, influence, pages, widgets
 from ui.views import curves
 
-CURVES_PAGE = "pages/1_Score_curves.py"
 Y_CHOICES = {
     "end_ratio": "flips' end ratio (Fig. 3)",
     "mean_distance": "mean distance to training data (Fig. 2)",
@@ -56,7 +55,7 @@ def body(run: data.Run) -> None:
     correlation_table(table, x, y)
     class_counts(run, table, view)
     test_id = widgets.pick_test(run, table.sort_values("s_bulk", ascending=False, kind="stable"))
-    chart = charts.shape_scatter(shown, selected=test_id, thresholds=run.thresholds(), x=x, y=y)
+    chart = charts.shape_scatter(shown, selected=test_id, rule=run.rule(), x=x, y=y)
     key = f"shape_scatter_{run.name}"
 
     def on_pick() -> None:
@@ -74,7 +73,7 @@ def body(run: data.Run) -> None:
     sensitivity(run, view)
     st.subheader(f"Curve of test instance {test_id}")
     st.page_link(
-        CURVES_PAGE,
+        pages.link_target("curves"),
         label="Open in Score curves",
         icon=":material/show_chart:",
         query_params={
@@ -162,8 +161,8 @@ def sensitivity(run: data.Run, view) -> None:
         frame = pd.DataFrame(rows)
         rule = run.rule()
         st.caption(
-            f"Rule in force: S if bulk S ≥ {rule['s_min']:g}, Z if ≤ {rule['z_max']:g}, "
-            f"trimming {rule['trim']:.0%} of ranks at each end. The thresholds were calibrated on "
+            f"Rule in force: S if bulk S ≥ {rule.s_min:g}, Z if ≤ {rule.z_max:g}, "
+            f"trimming {rule.trim:.0%} of ranks at each end. The thresholds were calibrated on "
             "reference curves (Learn the shapes), not on this run."
         )
         for name, part in frame.groupby("threshold", sort=False):
