@@ -94,7 +94,10 @@ def single_run() -> None:
         st.info(f"The claims cannot be read on run {widgets.md_escape(name)}: {exc}")
         return
     st.subheader(f"Meanwhile, on run {widgets.md_escape(name)} alone")
-    st.caption("One run is one seed of one condition: `python -m core claims` on it.")
+    st.caption(
+        "One run is one seed of one condition; the same table in a terminal: "
+        f"`python -m core claims {data.display_path(Path(path))}`."
+    )
     summary = {"conditions": [{"name": f"run {name}", "claims": payload["claims"]}]}
     cells = grid_cells(summary)
     st.altair_chart(charts.verdict_grid(cells.drop(columns="claim_dict")), width="stretch")
