@@ -14,7 +14,7 @@ from core.replication import REPLICATION_KIND, claims_of
 from ui import charts, data, widgets
 
 QP_CELL = "cell"
-MAKE_COMMAND = "python -m core replication GROUP [GROUP ...] --sweep SWEEP --name replication"
+MAKE_COMMAND = "python -m core replication GROUP … --sweep SWEEP --name replication"
 CURVE_PANELS = 12
 
 
