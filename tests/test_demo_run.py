@@ -147,12 +147,13 @@ def test_the_repository_tracks_only_the_shipped_runs_result_files() -> None:
     assert odd == []
 
 
-def test_shipped_claims_recompute_from_the_stored_arrays(shipped) -> None:
+@pytest.mark.parametrize("name", ["demo", "ja-demo", "paper-s2"])
+def test_shipped_claims_recompute_from_the_stored_arrays(name) -> None:
     import json
 
     from core import replication
 
-    run, _ = shipped
+    run = CACHE / name
     stored = json.loads((run / replication.CLAIMS_FILE).read_text())
     fresh = json.loads(json.dumps(replication.claims_of(run, write=False)))
     assert stored["claims"] == fresh["claims"]
@@ -193,3 +194,27 @@ def test_shipped_replication_claims_recompute_from_its_instance_table() -> None:
     assert summary["teaching"] == json.loads(
         json.dumps(replication.teaching_choice(summary["conditions"]))
     )
+
+
+def test_the_docs_carry_the_shipped_verdict_table() -> None:
+    import json
+
+    from core import replication
+
+    summary = json.loads((CACHE / "replication" / replication.REPLICATION).read_text())
+    docs = (CACHE.parent / "docs" / "replication.md").read_text("utf-8")
+    assert replication.verdict_table(summary) in docs
+
+
+def test_the_teaching_run_is_shipped_and_its_counts_recompute() -> None:
+    """The grid's teaching run is in the store, and its view's class counts come from its arrays."""
+    import json
+
+    from core import replication
+
+    summary = json.loads((CACHE / "replication" / replication.REPLICATION).read_text())
+    teaching = summary["teaching"]
+    run = CACHE / teaching["run"]
+    table, _ = replication.run_table(run, teaching["view"])
+    wrong = table[~table["correct"]]
+    assert {s: int((wrong["shape"] == s).sum()) for s in teaching["counts"]} == teaching["counts"]

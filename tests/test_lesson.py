@@ -9,6 +9,7 @@ import runstore_factory as factory
 from test_app import open_page, texts
 
 from core import lesson, replication, shapes, store, views
+from ui import widgets
 
 
 def table(rows):
@@ -89,3 +90,19 @@ def test_the_lesson_walks_five_steps_and_its_numbers_are_cores(tmp_path, monkeyp
         at.run()
         assert not at.exception, step
         assert f"Step {step} of 5" in texts(at)
+
+
+def test_the_lesson_on_the_shipped_store_teaches_from_the_teaching_run(monkeypatch):
+    """A fresh clone's lesson: the grid's teaching run in its view; captions are core's words."""
+    import json
+    from pathlib import Path
+
+    cache = Path(__file__).resolve().parents[1] / "cache"
+    teaching = json.loads((cache / "replication" / replication.REPLICATION).read_text())["teaching"]
+    at = open_page("lesson", cache, monkeypatch, {"step": "3"})
+    text = texts(at)
+    assert widgets.md_escape(teaching["run"]) in text and teaching["view"] in text
+    table_, _ = replication.run_table(cache / teaching["run"], teaching["view"])
+    for cls, ex in lesson.class_examples(table_).items():
+        assert ex is not None, cls  # the teaching run shows all three shapes
+        assert lesson.placement_sentence(cls, ex["end_ratio"]) in text
