@@ -705,14 +705,13 @@ def verdict_grid(cells: pd.DataFrame, select_name: str = "cell") -> alt.LayerCha
     return _tag(chart, "verdict_grid")
 
 
-def evidence_curves(curves: pd.DataFrame, columns: int = 4) -> alt.FacetChart:
-    """Sorted curves of a condition's misclassified instances, flips red, one panel each.
+def evidence_curves(curve: pd.DataFrame, title: str) -> alt.Chart:
+    """One misclassified instance's sorted curve, flips red, sized by its column (small multiple).
 
-    ``curves``: panel (title), rank, score, flipped; panels keep their order.
+    ``curve``: rank, score, flipped (downsampled, every flip kept).
     """
-    df = curves.copy()
+    df = curve[["rank", "score", "flipped"]].copy()
     df["status"] = np.where(df["flipped"].to_numpy(bool), "flipped", "clean")
-    panels = list(dict.fromkeys(df["panel"]))
     chart = (
         alt.Chart(df)
         .mark_circle(opacity=0.85)
@@ -722,20 +721,13 @@ def evidence_curves(curves: pd.DataFrame, columns: int = 4) -> alt.FacetChart:
             color=alt.Color(
                 "status:N",
                 scale=alt.Scale(domain=["clean", "flipped"], range=[BLUE, RED]),
-                title=None,
+                legend=None,
             ),
             size=alt.condition(alt.datum.flipped, alt.value(30), alt.value(8)),
             order=alt.Order("flipped:Q"),
             tooltip=[alt.Tooltip("rank:Q"), alt.Tooltip("score:Q", format=".4g"), "status:N"],
         )
-        .properties(width=170, height=120)
-        .facet(
-            facet=alt.Facet(
-                "panel:N", sort=panels, title=None, header=alt.Header(labelFontSize=11)
-            ),
-            columns=columns,
-        )
-        .resolve_scale(y="independent")
+        .properties(height=150, title=alt.TitleParams(title, fontSize=11, anchor="start"))
     )
     return _tag(chart, "evidence_curves")
 

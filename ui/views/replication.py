@@ -16,6 +16,7 @@ from ui import charts, data, widgets
 QP_CELL = "cell"
 MAKE_COMMAND = "python -m core replication GROUP … --sweep SWEEP --name replication"
 CURVE_PANELS = 12
+EVIDENCE_COLUMNS = 3  # panels per row; Streamlit stacks columns on a phone
 
 
 def render() -> None:
@@ -195,10 +196,18 @@ def evidence(
         + sub["end_ratio"].round(0).astype(int).astype(str)
         + " %"
     )
-    st.altair_chart(charts.evidence_curves(sub), width="stretch")
+    panels = list(dict.fromkeys(sub["panel"]))
+    for start in range(0, len(panels), EVIDENCE_COLUMNS):
+        cols = st.columns(EVIDENCE_COLUMNS)
+        for col, panel in zip(cols, panels[start : start + EVIDENCE_COLUMNS], strict=False):
+            with col:
+                st.altair_chart(
+                    charts.evidence_curves(sub[sub["panel"] == panel], panel), width="stretch"
+                )
     st.caption(
         f"Up to {CURVE_PANELS} misclassified curves of this condition ({', '.join(want)}), "
-        "downsampled for display (every flipped instance kept); ER is the flips' end ratio "
+        "downsampled for display (every flipped instance kept, in red; clean ones blue); ER is the "
+        "flips' end ratio "
         "(0 % centre, 100 % ends, random 50 %)."
     )
 
