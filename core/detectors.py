@@ -208,7 +208,7 @@ def pretrained_features(
 def rank_positions(rows: np.ndarray) -> np.ndarray:
     """Distance of every entry from the centre of its row's descending order: 0 centre, 1 either end.
 
-    The same measure as the end ratio (DESIGN.md), per entry and in [0, 1].
+    The same measure as the end ratio (docs/shapes.md), per entry and in [0, 1].
     """
     rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     n = rows.shape[1]
@@ -320,7 +320,7 @@ def aggregate_influence(matrix: np.ndarray, how: str = "abs") -> np.ndarray:
     ``proponent`` sums max(0, influence).
 
     Why ``abs``: for a two-class softmax the loss gradient is ``e·∇m`` with
-    ``m = logit₁ − logit₀`` and ``e = p₁ − y`` (DESIGN.md's binary identity is the
+    ``m = logit₁ − logit₀`` and ``e = p₁ − y`` (the binary-head identity 2·e·e'·(h·h') is the
     head's part of this), so ``TracIn(z, z') = Σ_i η_i e_i e'_i K_i(z, z')`` with K the
     margin's gradient kernel. The sign of ``e`` is fixed by the *observed* label
     (negative for 1, positive for 0), so on a misclassified instance the sign of a

@@ -3,7 +3,7 @@
 ``python -m core error-study RUN --methods last-2,head,dense:256,factorized:16,factorized:64
 --test-subset misclassified+random:20`` computes, on a subset of the run's test instances,
 
-- the reference: exact TracIn over ALL parameters (the definition, DESIGN.md), test rows
+- the reference: exact TracIn over ALL parameters (the definition), test rows
   selected (a test row's scores do not depend on which other test rows are computed with it,
   see ``tests/test_error_study.py``), and exact self-influence of every training instance;
 - each method's scores on the same rows and its self-influence;

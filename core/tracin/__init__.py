@@ -1,7 +1,7 @@
 """TracIn engine: influence matrices, self-influence and top-k over saved checkpoints.
 
 ``TracIn(z, z') = Σ_i η_i ∇ℓ(w_i, z) · ∇ℓ(w_i, z')`` (Pruthi et al. 2020, TracInCP), with ℓ
-the per-instance cross-entropy in eval mode (no dropout). See ../shared/DESIGN.md.
+the per-instance cross-entropy in eval mode (no dropout).
 
 How it is computed, per checkpoint:
 
@@ -40,7 +40,7 @@ Parameter scopes (``select_parameters``):
 - ``no-word-embeddings``: all but the word-embedding matrix.
 - ``last-N``: the last N encoder layers, the pooler and the classifier.
 - ``head``: the classifier only (the linear layer on the pooled feature). The pooler is left
-  out so that ``head`` is exactly the linear head of DESIGN.md's binary identity
+  out so that ``head`` is exactly the linear head of the binary-head identity
   ``2·e·e'·(h·h' + 1)``; ``last-N`` is the scope that adds the pooler.
 
 Default per preset (core/config.py): ``quick`` uses ``all`` (exact; the tiny model's word

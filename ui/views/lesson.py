@@ -71,7 +71,7 @@ QUESTIONS = (
         ("S", "Z", "backslash"),
         "Z",
         "With large errors everywhere, the head's part of each score splits by the sign of the "
-        "error into two plateaus (DESIGN's identity 2·e·e'·h·h'): a Z. Once only flips and hard "
+        "error into two plateaus (the binary-head identity 2·e·e'·(h·h')): a Z. Once only flips and hard "
         "instances stay unfitted, a few large scores remain at the ends: an S.",
     ),
     Question(
