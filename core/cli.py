@@ -443,6 +443,10 @@ def cmd_claims(args: argparse.Namespace) -> str | None:
 
 def claims_table(payload: dict[str, Any]) -> str:
     """The claims as a plain-text table (id, verdict, statistic, interval, n, view)."""
+    if payload.get("kind") == "replication":
+        from core.replication import verdict_table
+
+        return verdict_table(payload)
     lines = [f"{payload.get('kind')} {payload.get('name')}  (rules: docs/replication.md)"]
     for c in payload.get("claims", []):
         stat = "-" if c.get("statistic") is None else f"{c['statistic']:.3g}"

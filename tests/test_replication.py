@@ -88,7 +88,7 @@ def test_a_sweep_gets_the_threshold_claim(cache):
     assert c7["statistic"] is not None and len(c7["ci"]) == 2
 
 
-def test_the_replication_summary_and_the_teaching_rule(cache):
+def test_the_replication_summary_and_the_teaching_rule(cache, capsys):
     replication.make_group(cache, "all", ["r0", "r1", "r2"], None, "")
     replication.make_group(cache, "early", ["r0", "r1"], "raw:1-1", "")
     folder = replication.replication_summary(cache, "rep", ["all", "early"], "sweep-quick", "")
@@ -105,6 +105,9 @@ def test_the_replication_summary_and_the_teaching_rule(cache):
     teaching = summary["teaching"]
     assert min(teaching["counts"].values()) == best[0]
     assert teaching["all_three"] == (best[0] > 0)
+    # `claims` on the summary folder prints its claims x conditions table.
+    assert cli.main(["claims", str(folder)]) == 0
+    assert replication.verdict_table(summary) in capsys.readouterr().out
     rows = store.read_parquet(folder / replication.REPLICATION_INSTANCES)
     assert set(rows["condition"]) == {"all", "early"}
     curves = store.read_parquet(folder / replication.REPLICATION_CURVES)
