@@ -532,15 +532,7 @@ def cmd_app(args: argparse.Namespace) -> str | None:
 
 def _existing_target(path: str) -> Path:
     """A run, group or sweep folder (or its name inside the cache), or :class:`AtlasError`."""
-    candidate = Path(path)
-    if not candidate.is_dir() and (Path(DEFAULT_CACHE) / path).is_dir():
-        candidate = Path(DEFAULT_CACHE) / path
-    if not (candidate / store.MANIFEST).exists():
-        raise AtlasError(
-            f"{path} is not a run, group or sweep folder (no {store.MANIFEST}); "
-            "see `python -m core list`."
-        )
-    return candidate
+    return _existing_run(path, "a run, group or sweep folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -823,15 +815,13 @@ def check_study_argv(argv: list[str]) -> Path:
     return validate_study(config, args.cache, args.name)
 
 
-def _existing_run(path: str) -> Path:
-    """Resolve a run argument (a folder, or a name inside the cache) or raise :class:`AtlasError`."""
+def _existing_run(path: str, what: str = "a run folder") -> Path:
+    """Resolve a folder argument (a path, or a name inside the cache) or raise :class:`AtlasError`."""
     candidate = Path(path)
     if not candidate.is_dir() and (Path(DEFAULT_CACHE) / path).is_dir():
         candidate = Path(DEFAULT_CACHE) / path
     if not (candidate / store.MANIFEST).exists():
-        raise AtlasError(
-            f"{path} is not a run folder (no {store.MANIFEST}); see `python -m core list`."
-        )
+        raise AtlasError(f"{path} is not {what} (no {store.MANIFEST}); see `python -m core list`.")
     return candidate
 
 
