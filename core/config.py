@@ -8,6 +8,11 @@ from typing import Any
 
 from core.errors import AtlasError
 
+# Fewest instances of each class that the study's stratified 80/10/10 split can take and
+# still put at least one of each class into val and into test (10 % of 10). The data
+# stage (core.datasets) refuses smaller classes before the split (core.splits) is drawn.
+MIN_PER_CLASS = 10
+
 
 @dataclass(frozen=True)
 class StudyConfig:

@@ -69,9 +69,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.config import StudyConfig
+from core.config import MIN_PER_CLASS, StudyConfig
 from core.errors import AtlasError
-from core.splits import MIN_PER_CLASS
 from core.store import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from core import store
+from core import run_files
 from core.errors import AtlasError
 
 PROVENANCE_DIR = "provenance"
@@ -41,24 +41,24 @@ _EPOCH_STATE = "epoch_state.json"
 # every checkpoint folder listed in the manifest (added by :func:`stage_inputs`).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "data": (),
-    "train": (store.INSTANCES, store.TOKENIZER_DIR),
-    "tracin": (store.INSTANCES, store.TOKENIZER_DIR),
+    "train": (run_files.INSTANCES, run_files.TOKENIZER_DIR),
+    "tracin": (run_files.INSTANCES, run_files.TOKENIZER_DIR),
     "analyze": (
-        store.INSTANCES,
-        store.LOGITS,
-        store.TRACIN,
-        store.TRACIN_PER_CHECKPOINT,
-        store.GRAD_NORMS_TRAIN,
-        store.GRAD_NORMS_TEST,
+        run_files.INSTANCES,
+        run_files.LOGITS,
+        run_files.TRACIN,
+        run_files.TRACIN_PER_CHECKPOINT,
+        run_files.GRAD_NORMS_TRAIN,
+        run_files.GRAD_NORMS_TEST,
     ),
     "detect": (
-        store.INSTANCES,
-        store.LOGITS,
-        store.TRACIN,
-        store.SELF_INFLUENCE,
-        store.SHAPES,
+        run_files.INSTANCES,
+        run_files.LOGITS,
+        run_files.TRACIN,
+        run_files.SELF_INFLUENCE,
+        run_files.SHAPES,
     ),
-    "clean": (store.INSTANCES, store.DETECTORS),
+    "clean": (run_files.INSTANCES, run_files.DETECTORS),
 }
 # The stages whose outputs each stage reads beyond the data (checked by check_upstream).
 UPSTREAM: dict[str, tuple[str, ...]] = {"tracin": ("train",), "analyze": ("train", "tracin")}
@@ -183,7 +183,7 @@ def stage_inputs(run_dir: str | os.PathLike, stage: str) -> list[str]:
     run = Path(run_dir)
     names = list(STAGE_INPUTS.get(stage, ()))
     try:
-        manifest = store.load_manifest(run)
+        manifest = run_files.load_manifest(run)
     except AtlasError:
         manifest = {}
     if stage == "tracin":
@@ -221,14 +221,14 @@ def record_stage_inputs(
         "args": {k: v for k, v in dict(args).items() if k not in _VOLATILE},
         "inputs": {name: fingerprint(run / name) for name in names},
     }
-    store.write_json(_record_path(run, stage), record)
+    run_files.write_json(_record_path(run, stage), record)
     return record
 
 
 def read_record(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
     """The provenance record of ``stage``, or None (never recorded, or unreadable)."""
     try:
-        record = store.read_json(_record_path(Path(run_dir), stage))
+        record = run_files.read_json(_record_path(Path(run_dir), stage))
     except AtlasError:
         return None
     return record if isinstance(record, dict) else None
@@ -243,7 +243,7 @@ def training_data(run_dir: str | os.PathLike) -> dict[str, str | None]:
     run = Path(run_dir)
     return {
         name: (fingerprint(run / name) or {}).get("sha1")
-        for name in (store.INSTANCES, store.TOKENIZER_DIR)
+        for name in (run_files.INSTANCES, run_files.TOKENIZER_DIR)
     }
 
 
@@ -255,7 +255,7 @@ def foreign_checkpoint(run_dir: str | os.PathLike) -> str | None:
     """
     run = Path(run_dir)
     try:
-        entries = store.load_manifest(run).get("checkpoints") or []
+        entries = run_files.load_manifest(run).get("checkpoints") or []
     except AtlasError:
         return None
     now: dict[str, str | None] | None = None
@@ -264,7 +264,7 @@ def foreign_checkpoint(run_dir: str | os.PathLike) -> str | None:
         if path is None or not (path / _EPOCH_STATE).is_file():
             continue
         try:
-            trained_on = store.read_json(path / _EPOCH_STATE).get("trained_on")
+            trained_on = run_files.read_json(path / _EPOCH_STATE).get("trained_on")
         except (AtlasError, AttributeError):
             continue
         now = training_data(run) if now is None else now
@@ -312,7 +312,7 @@ def check_upstream(run_dir: str | os.PathLike, stage: str) -> None:
         if reason := stale_reason(run, up):
             raise AtlasError(
                 f"The {up} stage of {run} is stale ({reason}), so its {stage} stage would "
-                f"mix old and new inputs; remake it first with: {store.rebuild_phrase(run, up)}"
+                f"mix old and new inputs; remake it first with: {run_files.rebuild_phrase(run, up)}"
             )
 
 
@@ -320,15 +320,15 @@ def stale_stages(run_dir: str | os.PathLike) -> dict[str, str]:
     """``{stage: reason}`` for every stage recorded complete whose inputs changed since."""
     run = Path(run_dir)
     try:
-        stages = store.load_manifest(run).get("stages") or {}
+        stages = run_files.load_manifest(run).get("stages") or {}
     except AtlasError:
         return {}
     out = {}
     for stage, entry in stages.items() if isinstance(stages, dict) else ():
-        if isinstance(entry, dict) and entry.get("status") == store.STATUS_COMPLETE:
+        if isinstance(entry, dict) and entry.get("status") == run_files.STATUS_COMPLETE:
             reason = stale_reason(run, stage)
             if reason:
                 out[stage] = reason
-    if (run / store.CLEANING_DIR).is_dir() and (reason := stale_reason(run, "clean")):
+    if (run / run_files.CLEANING_DIR).is_dir() and (reason := stale_reason(run, "clean")):
         out["clean"] = reason
     return out

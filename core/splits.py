@@ -9,21 +9,14 @@ The output is the ``instances.parquet`` table of docs/run-store.md.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from core import store
+from core.config import MIN_PER_CLASS
+from core.datasets import LoadedData
 from core.errors import AtlasError
-
-if TYPE_CHECKING:  # datasets imports MIN_PER_CLASS from here; avoid the import cycle
-    from core.datasets import LoadedData
-
-# Fewest instances of each class that a stratified 80/10/10 split can take and
-# still put at least one of each class into val and into test (10 % of 10).
-MIN_PER_CLASS = 10
 
 SPLITS = ("train", "val", "test")
 # The columns the data stage writes: the run store's required ones, then the input file's row.

@@ -9,107 +9,69 @@ place, so a reader never sees half a file and a killed process leaves only
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shlex
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from core import locks
+from core import locks, provenance
 from core.errors import AtlasError
 
-# File names inside a run folder (public interface: users' scripts read these).
-MANIFEST = "manifest.json"
-INSTANCES = "instances.parquet"
-TOKENIZER_DIR = "tokenizer"
-CHECKPOINTS_DIR = "checkpoints"
-LOGITS = "logits.npy"  # (n_epochs, n_instances, 2) float32, instances.parquet order
-TRACIN = "tracin.npy"  # (n_test, n_train) float32
-TRACIN_PER_CHECKPOINT = "tracin_per_checkpoint.npy"  # (k, n_test, n_train) float32
-SELF_INFLUENCE = "self_influence.npy"  # (n_train,) float32
-# Per-checkpoint ‖∇ℓ(w_i, z)‖ in the TracIn scope, unweighted: relative / cosine views divide by it.
-GRAD_NORMS_TRAIN = "grad_norms_train.npy"  # (k, n_train) float32
-GRAD_NORMS_TEST = "grad_norms_test.npy"  # (k, n_test) float32
-TRACIN_SHARDS_DIR = "tracin_shards"
-SHAPES = "shapes.parquet"  # one row per test instance
-CURVES = "curves.parquet"  # downsampled sorted curves, long format
-SHAPES_BY_VIEW = "shapes_by_view.parquet"  # shapes of every single/cumulative checkpoint view
-FLIP_RANKS = "flip_ranks.npy"  # (n_views, n_test, n_flipped) ranks of the flips per view
-ANALYSIS = "analysis.json"  # correlations, thresholds, per-class summaries
-EMBEDDINGS = "embeddings.npy"  # (n_instances, hidden) float32
-DISTANCES = "distances.npy"  # (n_test, n_train) float32
-COORDS = "coords.parquet"  # id, umap_x, umap_y, pca_x, pca_y
-DETECTORS = "detectors.parquet"  # one row per training instance, a column per detector
-DETECTION = "detection.json"  # metrics per detector
-ERROR_STUDY = "error_study.parquet"  # one row per test row × method (core.error_study)
-ERROR_STUDY_SUMMARY = "error_study.json"  # per-method summary, subset, timings, command
-ERROR_STUDY_WORK = "error_study_work"  # resumable shards and results of the error study
-CLEANING_DIR = "cleaning"
-CLEANING_RESULTS = "results.json"  # inside CLEANING_DIR: one row per retraining (core.cleaning)
-# Files of a sweep folder (core.sweep).
-SWEEP_TABLE = "sweep.parquet"  # one row per (flip rate, seed) cell
-SWEEP_EPOCHS = "sweep_epochs.parquet"  # one row per cell and epoch
-SWEEP_CELLS_DIR = "cells"  # one run folder per cell
-
-# Columns each table is guaranteed to hold: what readers (the app, the checks below) rely on.
-INSTANCE_COLUMNS = ("id", "split", "text", "label", "observed_label", "flipped")
-SHAPES_COLUMNS = ("id", "s", "shape", "end_ratio")
-CURVES_COLUMNS = ("test_id", "rank", "train_id", "score", "flipped")
-COORDS_COLUMNS = ("id", "umap_x", "umap_y", "pca_x", "pca_y")
-SWEEP_COLUMNS = ("flip_rate", "seed", "final_test_accuracy")
-
-STATUS_RUNNING = "running"
-STATUS_COMPLETE = "complete"
-STATUS_FAILED = "failed"
-# Reported, never stored: a manifest saying 'running' whose lock no live process holds.
-STATUS_INTERRUPTED = "interrupted"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
-
-    On an exception the temporary file is removed and ``path`` is untouched.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(
-            json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default), "utf-8"
-        )
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, raising :class:`AtlasError` if it is missing or corrupt."""
-    p = Path(path)
-    try:
-        return json.loads(p.read_text("utf-8"))
-    except FileNotFoundError:
-        raise AtlasError(f"{p} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AtlasError(f"{p} is not valid JSON ({exc}).") from None
-    except OSError as exc:  # a folder in its place, no permission, an I/O error
-        raise AtlasError(f"{p} cannot be read ({exc.strerror or exc}).") from None
+# Every run-store file name, column set and status, and the JSON and manifest helpers, are
+# declared in core.run_files (below core.provenance, which this module calls); they are
+# re-exported here because callers read them as store.NAME.
+from core.run_files import (  # noqa: F401
+    ANALYSIS,
+    CHECKPOINTS_DIR,
+    CLEANING_DIR,
+    CLEANING_RESULTS,
+    COORDS,
+    COORDS_COLUMNS,
+    CURVES,
+    CURVES_COLUMNS,
+    DETECTION,
+    DETECTORS,
+    DISTANCES,
+    EMBEDDINGS,
+    ERROR_STUDY,
+    ERROR_STUDY_SUMMARY,
+    ERROR_STUDY_WORK,
+    FLIP_RANKS,
+    GRAD_NORMS_TEST,
+    GRAD_NORMS_TRAIN,
+    INSTANCE_COLUMNS,
+    INSTANCES,
+    LOGITS,
+    MANIFEST,
+    SELF_INFLUENCE,
+    SHAPES,
+    SHAPES_BY_VIEW,
+    SHAPES_COLUMNS,
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_INTERRUPTED,
+    STATUS_RUNNING,
+    SWEEP_CELLS_DIR,
+    SWEEP_COLUMNS,
+    SWEEP_EPOCHS,
+    SWEEP_TABLE,
+    TOKENIZER_DIR,
+    TRACIN,
+    TRACIN_PER_CHECKPOINT,
+    TRACIN_SHARDS_DIR,
+    RebuildPhrasing,
+    _json_default,
+    atomic_path,
+    load_manifest,
+    read_json,
+    rebuild_phrase,
+    set_rebuild_phrasing,
+    write_json,
+)
 
 
 def write_parquet(path: str | os.PathLike, df: pd.DataFrame) -> None:
@@ -222,17 +184,6 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Return a run's manifest, or raise :class:`AtlasError` naming what is wrong."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise AtlasError(f"{run} is not a run folder (it does not exist).")
-    manifest = read_json(run / MANIFEST)
-    if not isinstance(manifest, dict) or "status" not in manifest:
-        raise AtlasError(f"{run / MANIFEST} is not a run manifest (no 'status' key).")
-    return manifest
-
-
 def update_manifest(run_dir: str | os.PathLike, **changes: Any) -> dict[str, Any]:
     """Merge ``changes`` into the manifest (top-level keys replaced) and write it atomically."""
     path = Path(run_dir) / MANIFEST
@@ -294,8 +245,6 @@ def mark_stage(
         manifest.update(status=STATUS_COMPLETE if done else STATUS_RUNNING, retrying=None)
     manifest = update_manifest(run_dir, **manifest)
     if status == STATUS_COMPLETE:
-        from core import provenance  # provenance imports this module
-
         provenance.record_stage_inputs(run_dir, stage, info)
     return manifest
 
@@ -379,25 +328,6 @@ def missing_heavy_tier(run_dir: str | os.PathLike) -> list[str]:
 def full_copy_name(run_dir: str | os.PathLike) -> str:
     """The run name :func:`core.commands.recreate_command` gives a full copy of a shipped run."""
     return f"{Path(run_dir).name}-full"
-
-
-# The storage layer knows which stage writes each file, not the command line: the command
-# layer above (core.commands) registers how to phrase the command that remakes a stage, so
-# a damaged file's message names it without this module importing the CLI.
-RebuildPhrasing = Callable[[Path, str], str]
-_rebuild_phrasing: list[RebuildPhrasing] = []
-
-
-def set_rebuild_phrasing(phrase: RebuildPhrasing) -> None:
-    """Use ``phrase(run_dir, stage)`` for the command in "rebuild it with `…`" hints."""
-    _rebuild_phrasing[:] = [phrase]
-
-
-def rebuild_phrase(run_dir: Path, stage: str) -> str:
-    """The command that remakes ``stage`` of a run, as the command layer phrases it."""
-    if _rebuild_phrasing:
-        return _rebuild_phrasing[0](run_dir, stage)
-    return f"python -m core {stage} {shlex.quote(str(run_dir))}"
 
 
 def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, str]:
@@ -544,14 +474,3 @@ def _first_line(exc: BaseException) -> str:
 def _text(value: Any) -> str:
     """A manifest value shown as text (a hand-edited manifest may hold anything)."""
     return value if isinstance(value, str) else ("" if value is None else str(value))
-
-
-def _json_default(obj: Any) -> Any:
-    """Make NumPy scalars and arrays, and paths, JSON-serialisable."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

@@ -22,6 +22,7 @@ import pytest
 import runstore_factory as factory
 from streamlit.testing.v1 import AppTest
 
+from core import jobs
 from core.errors import AtlasError
 from ui import study, widgets
 from ui.pages import PAGES as PAGE_SPECS
@@ -344,7 +345,7 @@ FAKE_CLI = f"{sys.executable} -c \"import sys, time; print('fake core', *sys.arg
 
 
 def test_study_start_refuse_second_and_cancel(tmp_path, monkeypatch):
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     req = study.StudyRequest(name="s1", preset="quick", flip_rate=0.05, seed=3)
     j = study.start(tmp_path, req)
     try:
@@ -352,21 +353,21 @@ def test_study_start_refuse_second_and_cancel(tmp_path, monkeypatch):
         with pytest.raises(AtlasError, match="already running"):
             study.start(tmp_path, req)
         deadline = time.time() + 10
-        while "fake core" not in study.tail(j.log_file) and time.time() < deadline:
+        while "fake core" not in jobs.tail(j.log_file) and time.time() < deadline:
             time.sleep(0.1)
-        log = study.tail(j.log_file)
+        log = jobs.tail(j.log_file)
         assert "run --preset quick --name s1" in log and "--flip-rate 0.05" in log
-        assert study.cancel(j)
+        assert jobs.cancel(j)
         deadline = time.time() + 10
         while j.alive() and time.time() < deadline:
             time.sleep(0.1)
         assert j.state() == "cancelled"
     finally:
-        study.cancel(j)
+        jobs.cancel(j)
 
 
 def test_study_refuses_a_complete_run_name_and_bad_names(tmp_path, monkeypatch):
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     factory.make_run(tmp_path, "done", n_train=40, n_test=6, n_flips=2)
     with pytest.raises(AtlasError, match="already exists"):
         study.start(tmp_path, study.StudyRequest(name="done"))
@@ -376,13 +377,13 @@ def test_study_refuses_a_complete_run_name_and_bad_names(tmp_path, monkeypatch):
 
 
 def test_study_page_starts_a_job_and_survives_a_reload(tmp_path, monkeypatch):
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     at = open_page("study", tmp_path, monkeypatch)
     at.text_input(key="study_name").set_value("from-page").run()
     assert "--name from-page" in texts(at) and "--detect" in texts(at)
     at.button(key="study_start").click().run()
     assert not at.exception
-    j = study.job(tmp_path, "from-page")
+    j = jobs.job(tmp_path, "from-page")
     try:
         assert j.alive()
         reloaded = open_page("study", tmp_path, monkeypatch)  # a new session: state read from disk
@@ -392,7 +393,7 @@ def test_study_page_starts_a_job_and_survives_a_reload(tmp_path, monkeypatch):
         reloaded.button(key="study_start").click().run()  # the same name again
         assert any("already running" in e.value for e in reloaded.error)
     finally:
-        study.cancel(j)
+        jobs.cancel(j)
 
 
 def test_study_page_upload_columns_and_validation(tmp_path, monkeypatch):
@@ -416,8 +417,8 @@ def test_study_page_upload_columns_and_validation(tmp_path, monkeypatch):
 
 
 def test_readonly_host_hides_uploads_and_job_starts(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv(study.ENV_READONLY, "1")
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.setenv(jobs.ENV_READONLY, "1")
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     at = open_page("study", tmp_path, monkeypatch)
     assert not at.get("file_uploader") and not at.button
     assert "read-only demo" in texts(at)
@@ -426,37 +427,37 @@ def test_readonly_host_hides_uploads_and_job_starts(cache, tmp_path, monkeypatch
     assert charts_named(at, "sweep_final_test_accuracy")  # the stored sweep is still shown
     with pytest.raises(AtlasError, match="read-only"):
         study.start(tmp_path, study.StudyRequest(name="nope"))
-    assert not (tmp_path / study.JOBS_DIR).exists()
+    assert not (tmp_path / jobs.JOBS_DIR).exists()
 
 
 def test_job_cap_queues_the_next_job_and_starts_it_when_a_slot_frees(tmp_path, monkeypatch):
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
-    monkeypatch.delenv(study.ENV_MAX_JOBS, raising=False)  # default: one at a time
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.delenv(jobs.ENV_MAX_JOBS, raising=False)  # default: one at a time
     first = study.start(tmp_path, study.StudyRequest(name="first"))
     try:
         second = study.start(tmp_path, study.StudyRequest(name="second"))
         assert first.state() == "running" and second.state() == "queued"
-        assert [j.name for j in study.queued_jobs(tmp_path)] == ["second"]
+        assert [j.name for j in jobs.queued_jobs(tmp_path)] == ["second"]
         with pytest.raises(AtlasError, match="already running or queued"):
             study.start(tmp_path, study.StudyRequest(name="second"))
-        assert study.dispatch(tmp_path) == []  # no free slot yet
+        assert jobs.dispatch(tmp_path) == []  # no free slot yet
         at = open_page("study", tmp_path, monkeypatch, {"job": "second"})
         assert "queued" in [m.value for m in at.metric]
         assert "place 1 of 1 in the queue" in texts(at)
         assert "1 of at most 1 job(s) running" in texts(at)
-        study.cancel(first)
+        jobs.cancel(first)
         deadline = time.time() + 10
         while first.alive() and time.time() < deadline:
             time.sleep(0.1)
-        assert study.dispatch(tmp_path) == ["second"]
-        assert second.state() == "running" and not study.queued_jobs(tmp_path)
+        assert jobs.dispatch(tmp_path) == ["second"]
+        assert second.state() == "running" and not jobs.queued_jobs(tmp_path)
     finally:
-        study.cancel(first)
-        study.cancel(study.job(tmp_path, "second"))
+        jobs.cancel(first)
+        jobs.cancel(jobs.job(tmp_path, "second"))
 
 
 def test_upload_form_refuses_column_names_read_as_options(tmp_path, monkeypatch):
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     rows = [
         {"--cache=x": f"a long review text number {i}", "y": "pos" if i % 2 else "neg"}
         for i in range(40)
@@ -475,7 +476,7 @@ def test_study_page_says_when_the_host_has_no_compute_stack(tmp_path, monkeypatc
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.delenv(study.ENV_STUDY_CMD, raising=False)
+    monkeypatch.delenv(jobs.ENV_STUDY_CMD, raising=False)
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
@@ -488,22 +489,22 @@ def test_study_page_says_when_the_host_has_no_compute_stack(tmp_path, monkeypatc
 
 
 def test_noise_sweep_page_starts_a_sweep_in_the_background(tmp_path, monkeypatch):
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     at = open_page("sweep", tmp_path, monkeypatch)
     at.text_input(key="sweep_name").set_value("my-sweep").run()
     shown = texts(at)
     assert "sweep --preset quick --name my-sweep" in shown and "--seeds 3" in shown
     at.button(key="sweep_start").click().run()
     assert not at.exception
-    j = study.job(tmp_path, "my-sweep")
+    j = jobs.job(tmp_path, "my-sweep")
     try:
         assert j.alive() and j.kind() == "sweep"
         again = open_page("sweep", tmp_path, monkeypatch)  # a new session finds it on disk
         assert again.selectbox(key="sweep_job").value == "my-sweep"
         assert "running" in [m.value for m in again.metric]
-        assert "fake core sweep" in study.tail(j.log_file) or j.alive()
+        assert "fake core sweep" in jobs.tail(j.log_file) or j.alive()
     finally:
-        study.cancel(j)
+        jobs.cancel(j)
 
 
 def test_sweep_progress_counts_the_trained_cells(tmp_path):
@@ -519,10 +520,10 @@ def test_sweep_progress_counts_the_trained_cells(tmp_path):
     from core import locks
 
     with locks.hold(sweep):  # 'running' only while a live process holds its lock (issue 24)
-        prog = study.sweep_progress(sweep)
+        prog = jobs.sweep_progress(sweep)
     assert (prog["cells_done"], prog["cells_total"], prog["status"]) == (1, 4, "running")
-    assert study.sweep_progress(sweep)["status"] == "interrupted"
-    assert study.sweep_progress(tmp_path / "absent") == {}
+    assert jobs.sweep_progress(sweep)["status"] == "interrupted"
+    assert jobs.sweep_progress(tmp_path / "absent") == {}
 
 
 def test_study_command_for_an_uploaded_file():
@@ -695,7 +696,7 @@ def test_study_page_shows_task_progress_per_worker(tmp_path, monkeypatch):
     from core import store
     from core.executors import PROGRESS
 
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     j = study.start(tmp_path, study.StudyRequest(name="on-ray"))
     try:
         report = {
@@ -710,8 +711,8 @@ def test_study_page_shows_task_progress_per_worker(tmp_path, monkeypatch):
             ],
         }
         store.write_json(tmp_path / "on-ray" / PROGRESS, report)
-        assert study.task_progress(tmp_path / "on-ray")["done"] == 3
-        assert study.task_progress(tmp_path / "absent") == {}
+        assert jobs.task_progress(tmp_path / "on-ray")["done"] == 3
+        assert jobs.task_progress(tmp_path / "absent") == {}
         at = open_page("study", tmp_path, monkeypatch)
         assert not at.exception
         bars = [el.proto.text for el in at.get("progress")]
@@ -722,7 +723,7 @@ def test_study_page_shows_task_progress_per_worker(tmp_path, monkeypatch):
         assert list(table["worker"]) == ["node-a:11", "node-b:12"]
         assert list(table["tasks per min"]) == [4.0, 2.0]
     finally:
-        study.cancel(j)
+        jobs.cancel(j)
 
 
 def test_study_form_offers_the_executor(tmp_path, monkeypatch):
@@ -890,15 +891,15 @@ def test_score_curves_says_how_its_two_checkpoint_controls_differ(cache, monkeyp
 def test_job_picker_drops_running_once_the_job_has_finished(tmp_path, monkeypatch):
     """The browser keeps the label it last got as the picker's value; the page must send the
     fresh one (with the job's new state) without a reload."""
-    monkeypatch.setenv(study.ENV_STUDY_CMD, FAKE_CLI)
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     at = open_page("study", tmp_path, monkeypatch)
     at.text_input(key="study_name").set_value("finishing").run()
     at.button(key="study_start").click().run()
-    j = study.job(tmp_path, "finishing")
+    j = jobs.job(tmp_path, "finishing")
     try:
         stale = "finishing · run · running"
         assert at.selectbox(key="study_job").options == [stale]
-        study.cancel(j)
+        jobs.cancel(j)
         deadline = time.time() + 10
         while j.alive() and time.time() < deadline:
             time.sleep(0.1)
@@ -910,7 +911,7 @@ def test_job_picker_drops_running_once_the_job_has_finished(tmp_path, monkeypatc
         assert picker.proto.set_value and picker.proto.raw_value == "finishing · run · cancelled"
         assert "running" not in [m.value for m in at.metric]
     finally:
-        study.cancel(j)
+        jobs.cancel(j)
 
 
 def test_a_one_epoch_run_is_told_it_has_one_checkpoint(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ exit status 2, exactly one line on stderr, no usage block, no traceback and no f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,7 @@ def test_the_packages_import_from_any_folder_without_path_patches(tmp_path: Path
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    assert Path(proc.stdout.strip()).parent == REPO / "core"
+    assert Path(proc.stdout.strip()).parent == REPO / "core" / "cli"
 
 
 def test_show_into_a_closed_pipe_ends_quietly():
@@ -200,9 +201,10 @@ def test_show_into_a_closed_pipe_ends_quietly():
 
 def test_atlas_app_builds_the_streamlit_command_on_loopback(tmp_path: Path, monkeypatch, capsys):
     """`atlas app` is checked through its dry path and a stubbed exec; no server starts."""
+    import core
     from core import cli
 
-    repo = Path(cli.__file__).resolve().parents[1]
+    repo = Path(core.__file__).resolve().parents[1]
     argv, env = cli.app_command(str(tmp_path), 8600)
     assert argv == [
         sys.executable,
@@ -223,7 +225,7 @@ def test_atlas_app_builds_the_streamlit_command_on_loopback(tmp_path: Path, monk
     assert "streamlit run" in printed and "--server.address localhost" in printed
 
     calls = []
-    monkeypatch.setattr(cli.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
     assert main(["app", "--cache", str(tmp_path)]) == 0
     ((path, run_argv, run_env),) = calls
     assert path == sys.executable and run_argv[-3:] == ["8501", "--server.address", "localhost"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import commands, locks, store
+from core import commands, jobs, locks, store
 from core.cli import check_study_argv, main
 from core.errors import AtlasError
 from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
@@ -278,10 +278,10 @@ def test_row5_locks_are_reentrant_and_leave_no_folder_behind(tmp_path: Path) -> 
 def test_row5_the_app_refuses_a_run_whose_lock_is_held(tmp_path: Path, monkeypatch) -> None:
     from ui import study
 
-    monkeypatch.setenv(study.ENV_STUDY_CMD, f"{sys.executable} -c pass")
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, f"{sys.executable} -c pass")
     with locks.hold(tmp_path / "busy"), pytest.raises(AtlasError, match="already running"):
         study.start(tmp_path, study.StudyRequest(name="busy"))
-    assert not study.job(tmp_path, "busy").pid_file.exists()
+    assert not jobs.job(tmp_path, "busy").pid_file.exists()
 
 
 # -- row 7 (core side): column names that look like options -------------------------------------
@@ -295,13 +295,13 @@ def test_row7_a_column_name_like_an_option_is_refused_by_the_shared_check(
         check_study_argv([*argv, "--cache", str(tmp_path / "c")])
     from ui import study
 
-    monkeypatch.setenv(study.ENV_STUDY_CMD, f"{sys.executable} -c pass")
+    monkeypatch.setenv(jobs.ENV_STUDY_CMD, f"{sys.executable} -c pass")
     req = study.StudyRequest(
         name="cols", dataset=None, data_file=str(reviews_csv), text_col="--cache=x", label_col="y"
     )
     with pytest.raises(AtlasError, match="starts with '-'"):
         study.start(tmp_path, req)
-    assert not study.job(tmp_path, "cols").pid_file.exists()
+    assert not jobs.job(tmp_path, "cols").pid_file.exists()
 
 
 # -- row 8: late failures ----------------------------------------------------------------------------
@@ -496,11 +496,11 @@ def test_i24_a_failed_run_names_its_error_and_resume_command(tmp_path: Path, cap
 
 
 def test_i24_the_app_reads_cores_status(tmp_path: Path) -> None:
-    from ui import data, study, widgets
+    from ui import data, widgets
 
     run = _bare_run(tmp_path, "running", command="python -m core run --name r", config={})
-    assert study.progress(run)["status"] == store.STATUS_INTERRUPTED
-    assert "python -m core run --name r" in study.progress(run)["note"]
+    assert jobs.progress(run)["status"] == store.STATUS_INTERRUPTED
+    assert "python -m core run --name r" in jobs.progress(run)["note"]
     assert "status **interrupted**" in widgets._run_caption(data.Run(run))
     with pytest.raises(data.MissingData, match="interrupted"):
         data.Run(run).require(store.TRACIN, "tracin")

@@ -8,7 +8,7 @@ import time
 
 import streamlit as st
 
-from core import validation
+from core import jobs, validation
 from core.config import PRESETS
 from core.datasets import BUILTINS
 from core.errors import AtlasError
@@ -31,7 +31,7 @@ def render() -> None:
         "the run carries on and appears in the run picker when it is done."
     )
     cache = data.cache_dir()
-    if study.readonly():
+    if jobs.readonly():
         st.info(
             "This is a read-only demo: it shows the stored runs, and studies cannot be started or "
             "files uploaded here. To run your own, clone the project and use `make app` (README).",
@@ -42,7 +42,7 @@ def render() -> None:
     if missing:
         st.warning(missing, icon=":material/memory:")
         st.caption("The form is shown so you can see what a study needs; it cannot start here.")
-    study.dispatch(cache)
+    jobs.dispatch(cache)
     jobs_panel(cache)
     st.divider()
     form(cache, can_start=missing is None)
@@ -158,8 +158,8 @@ def form(cache, can_start: bool = True) -> None:
 
 def slots_note(cache) -> None:
     """How many jobs run and wait, against the host's cap ($ATLAS_MAX_JOBS)."""
-    running, queued = study.running_jobs(cache), study.queued_jobs(cache)
-    cap = study.max_jobs()
+    running, queued = jobs.running_jobs(cache), jobs.queued_jobs(cache)
+    cap = jobs.max_jobs()
     if len(running) >= cap or queued:
         st.info(
             f"{len(running)} of at most {cap} job(s) running on this host"
@@ -246,18 +246,18 @@ def jobs_panel(
     cache, kind: str | None = None, title: str = "Studies started here", key: str = "study_job"
 ) -> None:
     """Jobs started from the app (all, or one ``kind``): state, progress, log, cancel."""
-    jobs = [j for j in study.list_jobs(cache) if kind is None or j.kind() == kind]
-    if not jobs:
+    shown = [j for j in jobs.list_jobs(cache) if kind is None or j.kind() == kind]
+    if not shown:
         return
     st.header(title)
-    names = [j.name for j in jobs]
-    labels = {j.name: f"{j.name} · {j.kind()} · {j.state()}" for j in jobs}
+    names = [j.name for j in shown]
+    labels = {j.name: f"{j.name} · {j.kind()} · {j.state()}" for j in shown}
     st.session_state[key] = job_choice(
         st.session_state.get(key), names, st.query_params.get(QP_JOB)
     )
     name = st.selectbox("Job", names, key=key, format_func=labels.__getitem__)
     st.query_params[QP_JOB] = name
-    running = study.job(cache, name).state() in ("running", "queued")
+    running = jobs.job(cache, name).state() in ("running", "queued")
     # Only a running or queued job refreshes itself; a finished one is drawn once.
     st.fragment(run_every=2 if running else None)(job_status)(cache, name, running)
 
@@ -278,28 +278,28 @@ def job_choice(current: object, names: list[str], wanted: str | None) -> str:
 
 def job_status(cache, name: str, was_running: bool) -> None:
     """Live view of one job (re-run every two seconds by its fragment while it runs)."""
-    study.dispatch(cache)  # a queued job starts here when a slot frees
-    j = study.job(cache, name)
+    jobs.dispatch(cache)  # a queued job starts here when a slot frees
+    j = jobs.job(cache, name)
     state = j.state()
     if was_running and state not in ("running", "queued"):
         st.rerun(scope="app")  # finished: redraw the page without the timer
     info = j.info()
     if state == "queued":
-        waiting = [q.name for q in study.queued_jobs(cache)]
+        waiting = [q.name for q in jobs.queued_jobs(cache)]
         place = waiting.index(name) + 1 if name in waiting else "?"
         st.metric("state", "queued")
         st.info(
             f"Waiting for a free slot: place {place} of {len(waiting)} in the queue; at most "
-            f"{study.max_jobs()} job(s) run at once on this host."
+            f"{jobs.max_jobs()} job(s) run at once on this host."
         )
         if st.button("Remove from the queue", key=f"cancel_{name}"):
-            study.cancel(j)
+            jobs.cancel(j)
             st.rerun()
         return
     if info.get("kind") == "sweep":
         sweep_status(cache, j, state)
         return
-    prog = study.progress(cache / name)
+    prog = jobs.progress(cache / name)
     cols = st.columns([1, 3, 1])
     cols[0].metric("state", state)
     with cols[1]:
@@ -321,7 +321,7 @@ def job_status(cache, name: str, was_running: bool) -> None:
 
 def tasks_view(folder) -> None:
     """One bar over the tasks of the running stage, and each worker's throughput."""
-    tasks = study.task_progress(folder)
+    tasks = jobs.task_progress(folder)
     total = tasks.get("total") or 0
     if not total:
         return
@@ -350,11 +350,11 @@ def tasks_view(folder) -> None:
         )
 
 
-def job_actions(j: study.Job, state: str, page: str, label: str, param: str) -> None:
+def job_actions(j: jobs.Job, state: str, page: str, label: str, param: str) -> None:
     """Cancel while the job runs; once finished, a link to what it made on ``page``."""
     if state == "running":
         if st.button("Cancel", key=f"cancel_{j.name}"):
-            study.cancel(j)
+            jobs.cancel(j)
             st.rerun()
     elif state == "finished":
         st.page_link(
@@ -365,18 +365,18 @@ def job_actions(j: study.Job, state: str, page: str, label: str, param: str) -> 
         )
 
 
-def log_view(j: study.Job, info: dict) -> None:
+def log_view(j: jobs.Job, info: dict) -> None:
     """When and how the job started, and the end of its log (as text)."""
     st.caption(
         f"started {widgets.md_escape(info.get('started', '?'))} · pid {info.get('pid', '?')} · "
         f"log {widgets.md_escape(data.display_path(j.log_file))}"
     )
-    st.code(study.tail(j.log_file) or "(no output yet)", language="text", height=360)
+    st.code(jobs.tail(j.log_file) or "(no output yet)", language="text", height=360)
 
 
-def sweep_status(cache, j: study.Job, state: str) -> None:
+def sweep_status(cache, j: jobs.Job, state: str) -> None:
     """Live view of a sweep job: cells trained of all, cancel, link to the Noise sweep page."""
-    prog = study.sweep_progress(cache / j.name)
+    prog = jobs.sweep_progress(cache / j.name)
     cols = st.columns([1, 3, 1])
     cols[0].metric("state", state)
     with cols[1]:

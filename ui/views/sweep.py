@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core import store
+from core import jobs, store
 from core.config import PRESETS
 from core.datasets import BUILTINS
 from core.errors import AtlasError
@@ -38,9 +38,9 @@ def render() -> None:
 
 def start_section(cache) -> None:
     """Start a sweep in the background (as Run a study does for a run) and follow it."""
-    if study.readonly():
+    if jobs.readonly():
         return
-    study.dispatch(cache)
+    jobs.dispatch(cache)
     st.divider()
     study_view.jobs_panel(cache, kind="sweep", title="Sweeps started here", key="sweep_job")
     with st.expander("Start a new sweep", expanded=False):
