@@ -98,8 +98,8 @@ def test_abbreviated_options_are_refused_in_process(capsys) -> None:
         (["--params", "last-0"], "scope", ""),
         (["--name", "../escape"], "run name", ""),
         (["--text-col", "review"], "--dataset", ""),
-        # the table of built-in datasets lives in core.datasets, which loads scikit-learn
-        (["--dataset", "no-such-builtin"], "built-in dataset", " sklearn"),
+        # the table of built-in datasets lives in core.datasets, which loads no model library
+        (["--dataset", "no-such-builtin"], "built-in dataset", ""),
     ],
 )
 def test_bad_requests_are_refused_before_torch_is_imported(
