@@ -55,11 +55,11 @@ def render() -> None:
     if run is not None:
         with widgets.guard():
             summary(run)
+    # A short label: a page link does not wrap, and the long one was cut off on a phone.
     st.page_link(
-        pages.link_target("replication"),
-        label="Does the paper hold? Each claim tested across conditions and seeds",
-        icon=":material/fact_check:",
+        pages.link_target("replication"), label="Does the paper hold?", icon=":material/fact_check:"
     )
+    st.caption("Each claim of the paper tested across conditions and seeds.")
     teaching()
 
 
