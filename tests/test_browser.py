@@ -258,6 +258,25 @@ PAGE_HEIGHT = """() => {
 }"""
 
 
+# Every chart on view as wide as its frame: Vega has re-laid out the charts after a resize
+# (each is sized by its column, and redraws when a ResizeObserver fires).
+RELAID_OUT = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
+  .filter((el) => el.checkVisibility())
+  .every((el) => {
+    const svg = el.querySelector('svg');
+    return svg && Math.abs(svg.getBoundingClientRect().width - el.getBoundingClientRect().width) <= 2;
+  })"""
+
+
+def relaid_out(tab) -> None:
+    """Wait (3 s at most) until Vega has redrawn the charts at the new width. A chart that
+    stays wider than its frame is not waited for: LAYOUT_REPORT reports it."""
+    timeout = pytest.importorskip("playwright.sync_api").TimeoutError
+    tab.wait_for_timeout(150)  # the ResizeObserver's first callback
+    with contextlib.suppress(timeout):
+        tab.wait_for_function(RELAID_OUT, timeout=3_000, polling=100)
+
+
 def open_expanders(tab) -> None:
     """Open every expander (a browser-side toggle, no rerun), so what is in them is checked too."""
     for _ in range(tab.locator(CLOSED_EXPANDERS).count()):
@@ -286,7 +305,7 @@ def walk(tab, url: str, widths: tuple[int, ...], has_chart: bool, shots: Path, n
     open_expanders(tab)
     for width in widths:
         tab.set_viewport_size({"width": width, "height": HEIGHT})
-        tab.wait_for_timeout(700)  # Vega re-lays out charts sized by their column
+        relaid_out(tab)
         settle(tab, has_chart)
         where = f"{name} at {width} px"
         if tab.locator('[data-testid="stException"]').count():

@@ -27,7 +27,7 @@ TEXT_CHARS = 160  # tooltips show at most this much training text
 # Room above the drawing for a title's full line box. Streamlit's theme sets no top padding,
 # and Vega places a title by its font size: the browser's line box (ascent above the cap
 # height) then starts a few pixels above the svg, which clips it.
-PADDING = {"top": 8, "left": 0, "right": 4}
+PADDING = {"top": 8}  # the other sides stay 0 (Streamlit adds its bottom padding)
 
 
 def _tag(chart: alt.TopLevelMixin, name: str) -> alt.TopLevelMixin:
