@@ -13,8 +13,8 @@ import pytest
 import runstore_factory as factory
 from streamlit.testing.v1 import AppTest
 
+from core import shape_references, store, views
 from core import shapes as core_shapes
-from core import store, views
 from tests.test_app import charts_named, frame_with, one_chart
 from ui import charts
 
@@ -203,7 +203,11 @@ def test_learn_page_examples_are_real_and_the_guess_reveals(real, study_run, mon
     missing = [c for c, v in analysis["examples"].items() if not v["ids"]]
     for cls in missing:
         assert f"No test instance of this run shows a {cls} curve" in all_text(at)
-    one_chart(at, "reference_curves")
+    # One panel per synthetic reference, each its own chart so the grid reflows on a phone.
+    references = charts_named(at, "reference_curves")
+    assert len(references) == len(shape_references.reference_curves(0))
+    titles = {spec["title"]["text"] for spec, _ in references}
+    assert titles == {f"{n} ({s})" for n, (_, s) in shape_references.reference_curves(0).items()}
     at.radio(key="learn_choice").set_value("S").run()  # Reveal waits for a guess
     at.button(key="learn_reveal").click().run()
     assert "this curve is" in all_text(at)

@@ -24,9 +24,25 @@ POINT_RANGE = [BLUE, RED, YELLOW, GREEN]
 TEXT_CHARS = 160  # tooltips show at most this much training text
 
 
+# Room above the drawing for a title's full line box. Streamlit's theme sets no top padding,
+# and Vega places a title by its font size: the browser's line box (ascent above the cap
+# height) then starts a few pixels above the svg, which clips it.
+PADDING = {"top": 8}  # the other sides stay 0 (Streamlit adds its bottom padding)
+
+
 def _tag(chart: alt.TopLevelMixin, name: str) -> alt.TopLevelMixin:
-    """Name a chart in its spec (usermeta) so tests can find it."""
-    return chart.properties(usermeta={"atlas": name})
+    """Name a chart in its spec (usermeta) so tests can find it, and give its title room."""
+    return chart.properties(usermeta={"atlas": name}, padding=PADDING)
+
+
+def _small(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+    """A small panel's axis text one size down and its gaps narrower than Streamlit's theme
+    (14 px titles 16 px from the labels, chart title 26 px above the plot). Vega shrinks a
+    plot until its rotated y title fits beside it; in a 140-170 px panel the theme's sizes
+    left a plot a few pixels high and pushed the chart's title out of its frame."""
+    return chart.configure_axis(
+        titleFontSize=11, labelFontSize=10, titlePadding=4, labelPadding=2
+    ).configure_title(offset=6)
 
 
 def _shape_scale() -> alt.Scale:
@@ -71,8 +87,10 @@ def _curve_layers(
             clipped=np.where(df["score"] > hi, "above", np.where(df["score"] < lo, "below", "")),
         )
         y_field, scale = "shown", alt.Scale(domain=[lo, hi], nice=False, zero=False)
-        score_title = f"{score_title} (axis clipped)"
-    y = alt.Y(f"{y_field}:Q", title=score_title, scale=scale)
+    # Two lines when clipped: a rotated axis title longer than a small panel's plot makes Vega
+    # shrink the plot to fit it, down to a sliver that pushes the chart title out of the frame.
+    y_title = score_title if clip is None else [score_title, "(axis clipped)"]
+    y = alt.Y(f"{y_field}:Q", title=y_title, scale=scale)
     points = (
         alt.Chart(df)
         .mark_circle(opacity=0.85, clip=True)
@@ -561,7 +579,7 @@ def panel_chart(
         p, lines, tooltip, "rank", score_title, sizes=(36, 10), stroke=1.5, legend=False, clip=clip
     )
     chart = alt.layer(*layers).properties(height=height, title=alt.TitleParams(title, fontSize=12))
-    return _tag(chart, "curve_panel")
+    return _tag(_small(chart), "curve_panel")
 
 
 def index_over_training(series: pd.DataFrame, rule: ShapeRule) -> alt.LayerChart:
@@ -598,7 +616,7 @@ def flip_ranks_over_training(traces: pd.DataFrame, n_train: int, mode: str) -> a
             x=alt.X("checkpoint:O", title="checkpoint (epoch order)"),
             y=alt.Y(
                 "rank:Q",
-                title=f"rank of each flip (0 … {n_train - 1})",
+                title=["rank of each flip", f"(0 … {n_train - 1})"],  # two lines: see _curve_layers
                 scale=alt.Scale(domain=[0, n_train - 1], reverse=True),
             ),
             detail="train_id:N",
@@ -644,20 +662,20 @@ def sensitivity_chart(rows: pd.DataFrame, threshold: str) -> alt.LayerChart:
     return _tag(alt.layer(bars, mark).properties(height=160), f"sensitivity_{threshold}")
 
 
-def reference_curves_chart(curves: pd.DataFrame) -> alt.FacetChart:
-    """The synthetic calibration references, standardised, one small panel each."""
+def reference_curve_chart(curve: pd.DataFrame, title: str) -> alt.Chart:
+    """One synthetic calibration reference, standardised, as a small panel sized by its column
+    (one chart per panel in st.columns: a faceted grid does not reflow on a phone)."""
     chart = (
-        alt.Chart(curves)
+        alt.Chart(curve[["rank", "score"]])
         .mark_line(color=BLUE)
         .encode(
             x=alt.X("rank:Q", title="rank"),
-            y=alt.Y("score:Q", title="standardised score"),
+            # no y title: the text above the panels says the scores are standardised
+            y=alt.Y("score:Q", title=None),
         )
-        .properties(width=140, height=80)
-        .facet(facet=alt.Facet("reference:N", title=None), columns=3)
-        .resolve_scale(y="independent")
+        .properties(height=140, title=alt.TitleParams(title, fontSize=12))
     )
-    return _tag(chart, "reference_curves")
+    return _tag(_small(chart), "reference_curves")
 
 
 VERDICT_COLORS = {

@@ -55,11 +55,11 @@ def render() -> None:
     if run is not None:
         with widgets.guard():
             summary(run)
+    # A short label: a page link does not wrap, and the long one was cut off on a phone.
     st.page_link(
-        pages.link_target("replication"),
-        label="Does the paper hold? Each claim tested across conditions and seeds",
-        icon=":material/fact_check:",
+        pages.link_target("replication"), label="Does the paper hold?", icon=":material/fact_check:"
     )
+    st.caption("Each claim of the paper tested across conditions and seeds.")
     teaching()
 
 
@@ -128,7 +128,25 @@ def summary(run: data.Run) -> None:
         if run.has(store.SHAPES):
             shapes = run.shapes()
             counts = _shape_counts(shapes)
-            st.dataframe(counts, hide_index=True, width="stretch")
+            # Short headers: the column is two fifths of a laptop's window, and the last
+            # column was cut off under "mean end ratio %".
+            st.dataframe(
+                counts,
+                hide_index=True,
+                width="stretch",
+                column_config={
+                    "all test": st.column_config.NumberColumn("test", help="test instances"),
+                    "misclassified": st.column_config.NumberColumn(
+                        "wrong", help="misclassified test instances"
+                    ),
+                    "mean end ratio %": st.column_config.NumberColumn(
+                        "end ratio %",
+                        help="mean end ratio of the flipped instances on these curves "
+                        "(0 % centre, 100 % ends)",
+                        format="%.1f",
+                    ),
+                },
+            )
             rule = run.rule()
             st.caption(
                 f"Classes from S: S if S ≥ {rule.s_min:g}, Z if S ≤ {rule.z_max:g}, "
@@ -314,13 +332,15 @@ def _shape_counts(shapes: pd.DataFrame) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False)
-def _teaching_spec(kind: str, title: str) -> dict:
-    """The Vega-Lite dict of one synthetic teaching curve, built once per process: the home
-    page is every visitor's first page, and Altair's spec building is most of its time."""
+def _teaching_spec(kind: str, title: str) -> tuple[dict, str]:
+    """The Vega-Lite dict of one synthetic teaching curve and its caption (class and bulk S),
+    built once per process: the home page is every visitor's first page, and Altair's spec
+    building is most of its time. The numbers go in the caption, which wraps; in the chart's
+    title they were cut off in a third of a laptop's window."""
     df = compute.synthetic_curve(kind)
     cls = core_shapes.classify(df["score"].to_numpy())
-    label = f"{title}: class {cls['shape'][0]}, bulk S = {cls['s_bulk'][0]:+.2f}"
-    return charts.teaching_curve(df, label).to_dict()
+    caption = f"class {cls['shape'][0]}, bulk S = {cls['s_bulk'][0]:+.2f}"
+    return charts.teaching_curve(df, title).to_dict(), caption
 
 
 def teaching() -> None:
@@ -340,7 +360,9 @@ def teaching() -> None:
     for col, kind, title in zip(
         cols, ("S", "backslash", "Z"), ("S-shaped", "backslash-shaped", "Z-shaped"), strict=True
     ):
-        col.vega_lite_chart(_teaching_spec(kind, title), width="stretch")
+        spec, caption = _teaching_spec(kind, title)
+        col.vega_lite_chart(spec, width="stretch")
+        col.caption(f"{title}: {caption}")
     st.caption("Synthetic curves of 200 training instances with 8 flipped, for illustration.")
     st.subheader("The pages")
     st.markdown(pages.pages_markdown())

@@ -245,10 +245,16 @@ def references() -> None:
         "synthetic score distributions, halfway between the classes (docs/shapes.md): "
         "uniform and Gaussian scores are backslash, Laplace and Student-t(3) are S, two plateaus "
         "(50/50 to 70/30) are Z, each with and without 2.5 % extreme points. They were never "
-        "tuned on a run's data."
+        "tuned on a run's data. Each panel shows one reference's scores standardised (mean 0, "
+        "standard deviation 1) against their rank."
     )
     curves_df, table = _reference_data()
-    st.altair_chart(charts.reference_curves_chart(curves_df), width="stretch")
+    names = list(dict.fromkeys(curves_df["reference"]))
+    # Rows of three columns, one chart each: Streamlit stacks columns on a phone.
+    for start in range(0, len(names), 3):
+        for col, name in zip(st.columns(3), names[start : start + 3], strict=False):
+            part = curves_df[curves_df["reference"] == name]
+            col.altair_chart(charts.reference_curve_chart(part, name), width="stretch")
     st.dataframe(
         table,
         hide_index=True,
