@@ -106,3 +106,19 @@ def test_the_lesson_on_the_shipped_store_teaches_from_the_teaching_run(monkeypat
     for cls, ex in lesson.class_examples(table_).items():
         assert ex is not None, cls  # the teaching run shows all three shapes
         assert lesson.placement_sentence(cls, ex["end_ratio"]) in text
+
+
+def test_step_one_sums_the_checkpoints_of_its_view(monkeypatch):
+    """The per-checkpoint terms add up to the score in the table (the view's range, not all)."""
+    import re
+    from pathlib import Path
+
+    cache = Path(__file__).resolve().parents[1] / "cache"
+    at = open_page("lesson", cache, monkeypatch, {"step": "1"})
+    assert not at.exception
+    score = float(at.dataframe[0].value["TracIn"].iloc[0])
+    text = texts(at)
+    assert f"{score:.4g}, the TracIn in the table" in text
+    summed_all = re.search(r"all (\d+) add up to ([-0-9.e]+)\)", text)
+    assert summed_all is not None  # the teaching view sums only part of the checkpoints
+    assert float(summed_all.group(2)) != pytest.approx(score)

@@ -804,7 +804,7 @@ def regime_chart(rows: pd.DataFrame) -> alt.Chart:
 
 
 def checkpoint_terms_chart(terms: pd.DataFrame) -> alt.Chart:
-    """One training instance's TracIn terms per checkpoint (bars): the score is their sum."""
+    """One training instance's TracIn terms per checkpoint (bars); those ``in view`` are summed."""
     chart = (
         alt.Chart(terms)
         .mark_bar()
@@ -812,7 +812,13 @@ def checkpoint_terms_chart(terms: pd.DataFrame) -> alt.Chart:
             x=alt.X("checkpoint:O", title="checkpoint (epoch)"),
             y=alt.Y("term:Q", title="η · gradient dot product"),
             color=alt.condition(alt.datum.term >= 0, alt.value(BLUE), alt.value(RED)),
-            tooltip=["checkpoint:O", alt.Tooltip("term:Q", format=".4g")],
+            # Checkpoints outside the view stay visible but faded: the score leaves them out.
+            opacity=alt.condition(alt.datum["in view"], alt.value(1.0), alt.value(0.3)),
+            tooltip=[
+                "checkpoint:O",
+                alt.Tooltip("term:Q", format=".4g"),
+                alt.Tooltip("in view:N", title="summed in this view"),
+            ],
         )
         .properties(height=220)
     )

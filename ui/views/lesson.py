@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -195,15 +196,29 @@ def step_one(run: data.Run, view: views.View) -> None:
     )
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     if run.has(store.TRACIN_PER_CHECKPOINT):
-        terms = pd.DataFrame(
-            {
-                "checkpoint": range(1, run.per_checkpoint().shape[0] + 1),
-                "term": run.per_checkpoint()[:, run.test_row(first["id"]), int(top[0])],
-            }
+        raw_terms = run.per_checkpoint()[:, run.test_row(first["id"]), int(top[0])]
+        k = int(raw_terms.shape[0])
+        checkpoint = np.arange(1, k + 1)
+        in_view = (checkpoint >= view.first) & (checkpoint <= view.last)
+        terms = pd.DataFrame({"checkpoint": checkpoint, "term": raw_terms, "in view": in_view})
+        summed = float(raw_terms[in_view].sum())
+        whole = float(raw_terms.sum())
+        span = f"checkpoints {view.first}–{view.last}"
+        if view.normalisation == views.RAW:
+            what = f"the view sums {span}: {summed:.4g}, the TracIn in the table."
+        else:
+            what = (
+                f"the view sums {span}, each term divided by gradient norms "
+                f"({view.normalisation}); in raw units those terms add up to {summed:.4g}."
+            )
+        left_out = (
+            f" Faded bars are checkpoints the view leaves out (all {k} add up to {whole:.4g})."
+            if not in_view.all()
+            else ""
         )
         st.markdown(
-            "The strongest proponent's score is the sum of one term per checkpoint "
-            f"(raw; they add up to {float(terms['term'].sum()):.4g}):"
+            "The strongest proponent's score is a sum of one term per checkpoint (raw terms "
+            f"below); {what}{left_out}"
         )
         st.altair_chart(charts.checkpoint_terms_chart(terms), width="stretch")
 
