@@ -139,11 +139,10 @@ def summary(run: data.Run) -> None:
                     "misclassified": st.column_config.NumberColumn(
                         "wrong", help="misclassified test instances"
                     ),
-                    "mean end ratio %": st.column_config.NumberColumn(
+                    "mean end ratio %": st.column_config.TextColumn(
                         "end ratio %",
                         help="mean end ratio of the flipped instances on these curves "
-                        "(0 % centre, 100 % ends)",
-                        format="%.1f",
+                        "(0 % centre, 100 % ends; — where no curve has this shape)",
                     ),
                 },
             )
@@ -323,9 +322,10 @@ def _shape_counts(shapes: pd.DataFrame) -> pd.DataFrame:
                 "shape": shape,
                 "all test": int(sel.sum()),
                 "misclassified": int((sel & wrong).sum()),
-                "mean end ratio %": round(float(shapes.loc[sel, "end_ratio"].mean()), 1)
+                # Text, so a class without curves reads "—" rather than "None".
+                "mean end ratio %": f"{float(shapes.loc[sel, 'end_ratio'].mean()):.1f}"
                 if sel.any()
-                else None,
+                else "—",
             }
         )
     return pd.DataFrame(rows)
