@@ -369,10 +369,27 @@ def _set_threads(resources: Resources) -> None:
     torch.set_num_threads(max(1, int(resources.cpus)))
 
 
+def _sync_environ(env: dict[str, str]) -> None:
+    """Make this worker's environment the driver's (a forked worker has its server's)."""
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+
+
 def _call(
-    work: Work, task: Any, kwargs: dict[str, Any], resources: Resources | None, hook: Any
+    work: Work,
+    task: Any,
+    kwargs: dict[str, Any],
+    resources: Resources | None,
+    hook: Any,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run one task in this process: its result, where and how long (the record the driver counts)."""
+    """Run one task in this process: its result, where and how long (the record the driver counts).
+
+    ``env`` (process pools): the driver's environment, made this worker's first.
+    """
+    if env is not None:
+        _sync_environ(env)
     if resources is not None:
         _set_threads(resources)
     t0 = time.perf_counter()
@@ -416,10 +433,49 @@ def _run_local(work, tasks, kwargs, resources, prog, hook) -> list[Any]:
     return out
 
 
+# What the fork server imports once, before it forks any worker: torch, transformers and the
+# BERT classes every task loads checkpoints with (a missing one is skipped by multiprocessing).
+PRELOAD = ("core.executors", "core.models", "transformers.models.bert.modeling_bert")
+
+
+def _mp_context(work: Work | None = None) -> Any:
+    """Where pool workers come from: a fork server where the platform has one, else spawn.
+
+    Never a fork of this process: it has run torch with live OpenMP threads, and a forked
+    OpenMP runtime can deadlock. The fork server is a fresh interpreter that imports
+    :data:`PRELOAD` (and the work's module) once and runs no arithmetic; every worker is a
+    fork of it, so a pool of N workers pays one import instead of N, and a later pool in
+    the same process (``core run``'s next stage, a benchmark's next cut) none. The server's
+    imports are fixed when it starts: a later kind of work imports its module in each worker.
+    """
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    modules = list(PRELOAD)
+    if work is not None and work.compute.__module__ not in modules:
+        modules.append(work.compute.__module__)
+    ctx.set_forkserver_preload(modules)  # no effect once the server runs
+    return ctx
+
+
+def warm_pool(work: Work | None = None) -> None:
+    """Start the fork server now, in a background thread, so its imports overlap the driver's
+    own work (planning) instead of delaying the first task. Harmless where there is none."""
+    import threading
+
+    ctx = _mp_context(work)
+    if ctx.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    threading.Thread(target=forkserver.ensure_running, daemon=True).start()
+
+
 def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any]:
-    """A pool of spawned processes on this machine (fork + live OpenMP threads can deadlock)."""
+    """A pool of worker processes on this machine, forked from a fork server (:func:`_mp_context`)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from multiprocessing import get_context
 
     workers = spec.workers or max(1, (os.cpu_count() or 1) // 2)
     workers = max(1, min(workers, len(tasks)))
@@ -427,9 +483,10 @@ def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any
     per_task = Resources(threads, resources.gpus, resources.memory_mb)
     out: list[Any] = [None] * len(tasks)
     failure: BaseException | None = None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    env = dict(os.environ)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(work)) as pool:
         futures = {
-            pool.submit(_call, work, t, kwargs, per_task, hook): i for i, t in enumerate(tasks)
+            pool.submit(_call, work, t, kwargs, per_task, hook, env): i for i, t in enumerate(tasks)
         }
         pending = set(futures)
         try:
@@ -650,14 +707,21 @@ def _check_cluster_gpus(ray: Any, gpus: float) -> None:
 
 
 @contextmanager
-def session(spec: ExecutorSpec, resources: Resources = Resources()) -> Iterator[None]:  # noqa: B008
+def session(
+    spec: ExecutorSpec,
+    resources: Resources = Resources(),  # noqa: B008 (frozen)
+    work: Work | None = None,
+) -> Iterator[None]:
     """The executor opened before a stage writes anything, closed after its tasks.
 
     For Ray: the cluster is joined (or a local instance started) and a cluster without the
     GPUs each task asks for is refused here, so a refused command leaves the run as it was;
-    :func:`run_tasks` inside the block reuses the connection. Other executors need nothing.
+    :func:`run_tasks` inside the block reuses the connection. For a process pool the fork
+    server starts importing (:func:`warm_pool`, ``work``'s module too) while the stage plans.
     """
     if spec.kind != "ray":
+        if spec.kind == "processes":
+            warm_pool(work)
         yield
         return
     ray = _import_ray()
