@@ -175,6 +175,7 @@ class Work:
 class _Worker:
     tasks: int = 0
     busy_s: float = 0.0
+    cpu_s: float = 0.0
     first: float = 0.0
     last: float = 0.0
     peak_rss_mb: float | None = None
@@ -193,15 +194,23 @@ class Report:
     shared: bool | None = None
     resources: Resources = field(default_factory=Resources)
 
-    def add(self, worker: str, seconds: float, peak_rss_mb: float | None = None) -> None:
+    def add(
+        self,
+        worker: str,
+        seconds: float,
+        peak_rss_mb: float | None = None,
+        cpu_seconds: float | None = None,
+    ) -> None:
         """Count one finished task of ``worker`` that took ``seconds``.
 
-        ``peak_rss_mb`` is the worker process's peak resident memory after the task.
+        ``peak_rss_mb`` is the worker process's peak resident memory after the task;
+        ``cpu_seconds`` the CPU time the worker process spent on it (all its threads).
         """
         now = time.time()
         w = self.workers.setdefault(worker, _Worker(first=now - seconds))
         w.tasks += 1
         w.busy_s += seconds
+        w.cpu_s += cpu_seconds or 0.0
         w.last = now
         if peak_rss_mb is not None:
             w.peak_rss_mb = max(w.peak_rss_mb or 0.0, float(peak_rss_mb))
@@ -213,13 +222,16 @@ class Report:
         return max(peaks) if peaks else None
 
     def rows(self) -> list[dict[str, Any]]:
-        """Per worker: tasks, seconds per task, tasks per minute of wall time, peak memory."""
+        """Per worker: tasks, seconds (and CPU seconds) per task, tasks per minute of wall time,
+        peak memory."""
         elapsed = max(time.time() - self.started, 1e-9)
         return [
             {
                 "worker": name,
                 "tasks": w.tasks,
                 "seconds_per_task": round(w.busy_s / w.tasks, 3),
+                # Below seconds_per_task when the machine's cores are shared with other work.
+                "cpu_seconds_per_task": round(w.cpu_s / w.tasks, 3),
                 "tasks_per_min": round(60 * w.tasks / elapsed, 2),
                 "peak_rss_mb": w.peak_rss_mb,
             }
@@ -260,7 +272,9 @@ class _Progress:
         self.write("running", force=True)
 
     def done(self, rec: dict[str, Any]) -> None:
-        self.report.add(rec["worker"], rec["seconds"], rec.get("peak_rss_mb"))
+        self.report.add(
+            rec["worker"], rec["seconds"], rec.get("peak_rss_mb"), rec.get("cpu_seconds")
+        )
         self.bar.update(1)
         rows = self.report.rows()
         shown = " ".join(f"{r['worker']}={r['tasks_per_min']:g}/min" for r in rows[:4])
@@ -392,13 +406,14 @@ def _call(
         _sync_environ(env)
     if resources is not None:
         _set_threads(resources)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _maybe_fail(work.name(task), hook)
     result = work.compute(task, **kwargs)
     return {
         "result": result,
         "worker": _worker_name(),
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -438,13 +453,13 @@ def _run_local(work, tasks, kwargs, resources, prog, hook) -> list[Any]:
 PRELOAD = ("core.executors", "core.models", "transformers.models.bert.modeling_bert")
 
 
-def _mp_context(work: Work | None = None) -> Any:
+def _mp_context(*modules: str) -> Any:
     """Where pool workers come from: a fork server where the platform has one, else spawn.
 
     Never a fork of this process: it has run torch with live OpenMP threads, and a forked
     OpenMP runtime can deadlock. The fork server is a fresh interpreter that imports
-    :data:`PRELOAD` (and the work's module) once and runs no arithmetic; every worker is a
-    fork of it, so a pool of N workers pays one import instead of N, and a later pool in
+    :data:`PRELOAD` and ``modules`` (a work's module) once and runs no arithmetic; every worker
+    is a fork of it, so a pool of N workers pays one import instead of N, and a later pool in
     the same process (``core run``'s next stage, a benchmark's next cut) none. The server's
     imports are fixed when it starts: a later kind of work imports its module in each worker.
     """
@@ -453,24 +468,19 @@ def _mp_context(work: Work | None = None) -> Any:
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    modules = list(PRELOAD)
-    if work is not None and work.compute.__module__ not in modules:
-        modules.append(work.compute.__module__)
-    ctx.set_forkserver_preload(modules)  # no effect once the server runs
-    return ctx
+    ctx.set_forkserver_preload([*PRELOAD, *(m for m in modules if m not in PRELOAD)])
+    return ctx  # (the preload list has no effect once the server runs)
 
 
-def warm_pool(work: Work | None = None) -> None:
-    """Start the fork server now, in a background thread, so its imports overlap the driver's
-    own work (planning) instead of delaying the first task. Harmless where there is none."""
-    import threading
+def warm_pool(*modules: str) -> None:
+    """Start the fork server now (and ``modules`` in its imports) so that its imports overlap the
+    driver's own (a command's torch import, a stage's planning) instead of delaying the first
+    task. Returns at once: the server imports in its own process. Nothing where there is none."""
+    ctx = _mp_context(*modules)
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
 
-    ctx = _mp_context(work)
-    if ctx.get_start_method() != "forkserver":
-        return
-    from multiprocessing import forkserver
-
-    threading.Thread(target=forkserver.ensure_running, daemon=True).start()
+        forkserver.ensure_running()
 
 
 def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any]:
@@ -484,7 +494,9 @@ def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any
     out: list[Any] = [None] * len(tasks)
     failure: BaseException | None = None
     env = dict(os.environ)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(work)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=_mp_context(work.compute.__module__)
+    ) as pool:
         futures = {
             pool.submit(_call, work, t, kwargs, per_task, hook, env): i for i, t in enumerate(tasks)
         }
@@ -721,7 +733,7 @@ def session(
     """
     if spec.kind != "ray":
         if spec.kind == "processes":
-            warm_pool(work)
+            warm_pool(*([work.compute.__module__] if work is not None else []))
         yield
         return
     ray = _import_ray()

@@ -169,6 +169,7 @@ def test_process_pool_gives_the_local_files_and_reports_workers(ckpts, local_run
     # Each worker process reports its own peak; the manifest keeps the largest.
     peaks = [w["peak_rss_mb"] for w in report["workers"]]
     assert all(p > 0 for p in peaks) and report["worker_peak_rss_mb"] == max(peaks)
+    assert all(w["cpu_seconds_per_task"] > 0 for w in report["workers"])
     assert tracin["worker_peak_rss_mb"] == max(peaks)
 
 
