@@ -465,22 +465,25 @@ def _mp_context(*modules: str) -> Any:
     """
     import multiprocessing as mp
 
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([*PRELOAD, *(m for m in modules if m not in PRELOAD)])
-    return ctx  # (the preload list has no effect once the server runs)
+    if "forkserver" in mp.get_all_start_methods():
+        from multiprocessing import forkserver
+
+        ctx = mp.get_context("forkserver")
+        # No effect once the server runs (it started with an earlier pool or warm_pool).
+        ctx.set_forkserver_preload([*PRELOAD, *(m for m in modules if m not in PRELOAD)])
+        try:
+            forkserver.ensure_running()  # returns at once: the server imports on its own
+            return ctx
+        except OSError:  # no Unix sockets here (a sandbox): spawned workers, as before
+            pass
+    return mp.get_context("spawn")
 
 
 def warm_pool(*modules: str) -> None:
-    """Start the fork server now (and ``modules`` in its imports) so that its imports overlap the
+    """Start the fork server now (``modules`` among its imports) so that its imports overlap the
     driver's own (a command's torch import, a stage's planning) instead of delaying the first
-    task. Returns at once: the server imports in its own process. Nothing where there is none."""
-    ctx = _mp_context(*modules)
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
+    task. Returns at once; nothing where there is no fork server."""
+    _mp_context(*modules)
 
 
 def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any]:
