@@ -175,6 +175,7 @@ class Work:
 class _Worker:
     tasks: int = 0
     busy_s: float = 0.0
+    cpu_s: float = 0.0
     first: float = 0.0
     last: float = 0.0
     peak_rss_mb: float | None = None
@@ -193,15 +194,23 @@ class Report:
     shared: bool | None = None
     resources: Resources = field(default_factory=Resources)
 
-    def add(self, worker: str, seconds: float, peak_rss_mb: float | None = None) -> None:
+    def add(
+        self,
+        worker: str,
+        seconds: float,
+        peak_rss_mb: float | None = None,
+        cpu_seconds: float | None = None,
+    ) -> None:
         """Count one finished task of ``worker`` that took ``seconds``.
 
-        ``peak_rss_mb`` is the worker process's peak resident memory after the task.
+        ``peak_rss_mb`` is the worker process's peak resident memory after the task;
+        ``cpu_seconds`` the CPU time the worker process spent on it (all its threads).
         """
         now = time.time()
         w = self.workers.setdefault(worker, _Worker(first=now - seconds))
         w.tasks += 1
         w.busy_s += seconds
+        w.cpu_s += cpu_seconds or 0.0
         w.last = now
         if peak_rss_mb is not None:
             w.peak_rss_mb = max(w.peak_rss_mb or 0.0, float(peak_rss_mb))
@@ -213,13 +222,16 @@ class Report:
         return max(peaks) if peaks else None
 
     def rows(self) -> list[dict[str, Any]]:
-        """Per worker: tasks, seconds per task, tasks per minute of wall time, peak memory."""
+        """Per worker: tasks, seconds (and CPU seconds) per task, tasks per minute of wall time,
+        peak memory."""
         elapsed = max(time.time() - self.started, 1e-9)
         return [
             {
                 "worker": name,
                 "tasks": w.tasks,
                 "seconds_per_task": round(w.busy_s / w.tasks, 3),
+                # Below seconds_per_task when the machine's cores are shared with other work.
+                "cpu_seconds_per_task": round(w.cpu_s / w.tasks, 3),
                 "tasks_per_min": round(60 * w.tasks / elapsed, 2),
                 "peak_rss_mb": w.peak_rss_mb,
             }
@@ -260,7 +272,9 @@ class _Progress:
         self.write("running", force=True)
 
     def done(self, rec: dict[str, Any]) -> None:
-        self.report.add(rec["worker"], rec["seconds"], rec.get("peak_rss_mb"))
+        self.report.add(
+            rec["worker"], rec["seconds"], rec.get("peak_rss_mb"), rec.get("cpu_seconds")
+        )
         self.bar.update(1)
         rows = self.report.rows()
         shown = " ".join(f"{r['worker']}={r['tasks_per_min']:g}/min" for r in rows[:4])
@@ -369,19 +383,37 @@ def _set_threads(resources: Resources) -> None:
     torch.set_num_threads(max(1, int(resources.cpus)))
 
 
+def _sync_environ(env: dict[str, str]) -> None:
+    """Make this worker's environment the driver's (a forked worker has its server's)."""
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+
+
 def _call(
-    work: Work, task: Any, kwargs: dict[str, Any], resources: Resources | None, hook: Any
+    work: Work,
+    task: Any,
+    kwargs: dict[str, Any],
+    resources: Resources | None,
+    hook: Any,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run one task in this process: its result, where and how long (the record the driver counts)."""
+    """Run one task in this process: its result, where and how long (the record the driver counts).
+
+    ``env`` (process pools): the driver's environment, made this worker's first.
+    """
+    if env is not None:
+        _sync_environ(env)
     if resources is not None:
         _set_threads(resources)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _maybe_fail(work.name(task), hook)
     result = work.compute(task, **kwargs)
     return {
         "result": result,
         "worker": _worker_name(),
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -416,10 +448,47 @@ def _run_local(work, tasks, kwargs, resources, prog, hook) -> list[Any]:
     return out
 
 
+# What the fork server imports once, before it forks any worker: torch, transformers and the
+# BERT classes every task loads checkpoints with (a missing one is skipped by multiprocessing).
+PRELOAD = ("core.executors", "core.models", "transformers.models.bert.modeling_bert")
+
+
+def _mp_context(*modules: str) -> Any:
+    """Where pool workers come from: a fork server where the platform has one, else spawn.
+
+    Never a fork of this process: it has run torch with live OpenMP threads, and a forked
+    OpenMP runtime can deadlock. The fork server is a fresh interpreter that imports
+    :data:`PRELOAD` and ``modules`` (a work's module) once and runs no arithmetic; every worker
+    is a fork of it, so a pool of N workers pays one import instead of N, and a later pool in
+    the same process (``core run``'s next stage, a benchmark's next cut) none. The server's
+    imports are fixed when it starts: a later kind of work imports its module in each worker.
+    """
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        from multiprocessing import forkserver
+
+        ctx = mp.get_context("forkserver")
+        # No effect once the server runs (it started with an earlier pool or warm_pool).
+        ctx.set_forkserver_preload([*PRELOAD, *(m for m in modules if m not in PRELOAD)])
+        try:
+            forkserver.ensure_running()  # returns at once: the server imports on its own
+            return ctx
+        except OSError:  # no Unix sockets here (a sandbox): spawned workers, as before
+            pass
+    return mp.get_context("spawn")
+
+
+def warm_pool(*modules: str) -> None:
+    """Start the fork server now (``modules`` among its imports) so that its imports overlap the
+    driver's own (a command's torch import, a stage's planning) instead of delaying the first
+    task. Returns at once; nothing where there is no fork server."""
+    _mp_context(*modules)
+
+
 def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any]:
-    """A pool of spawned processes on this machine (fork + live OpenMP threads can deadlock)."""
+    """A pool of worker processes on this machine, forked from a fork server (:func:`_mp_context`)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from multiprocessing import get_context
 
     workers = spec.workers or max(1, (os.cpu_count() or 1) // 2)
     workers = max(1, min(workers, len(tasks)))
@@ -427,9 +496,12 @@ def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any
     per_task = Resources(threads, resources.gpus, resources.memory_mb)
     out: list[Any] = [None] * len(tasks)
     failure: BaseException | None = None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    env = dict(os.environ)
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=_mp_context(work.compute.__module__)
+    ) as pool:
         futures = {
-            pool.submit(_call, work, t, kwargs, per_task, hook): i for i, t in enumerate(tasks)
+            pool.submit(_call, work, t, kwargs, per_task, hook, env): i for i, t in enumerate(tasks)
         }
         pending = set(futures)
         try:
@@ -650,14 +722,21 @@ def _check_cluster_gpus(ray: Any, gpus: float) -> None:
 
 
 @contextmanager
-def session(spec: ExecutorSpec, resources: Resources = Resources()) -> Iterator[None]:  # noqa: B008
+def session(
+    spec: ExecutorSpec,
+    resources: Resources = Resources(),  # noqa: B008 (frozen)
+    work: Work | None = None,
+) -> Iterator[None]:
     """The executor opened before a stage writes anything, closed after its tasks.
 
     For Ray: the cluster is joined (or a local instance started) and a cluster without the
     GPUs each task asks for is refused here, so a refused command leaves the run as it was;
-    :func:`run_tasks` inside the block reuses the connection. Other executors need nothing.
+    :func:`run_tasks` inside the block reuses the connection. For a process pool the fork
+    server starts importing (:func:`warm_pool`, ``work``'s module too) while the stage plans.
     """
     if spec.kind != "ray":
+        if spec.kind == "processes":
+            warm_pool(*([work.compute.__module__] if work is not None else []))
         yield
         return
     ray = _import_ray()

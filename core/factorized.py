@@ -72,7 +72,7 @@ from core.tracin import (
     _resolve_dtype,
     _Sink,
 )
-from core.tracin.engine import compute_all
+from core.tracin.engine import compute_all, fixed_threads
 
 # A batched forward+backward holds activations (not per-example gradients), which grow with
 # the padded tokens of the batch: batches hold at most TOKENS_PER_BATCH of them (32 rows of
@@ -456,18 +456,19 @@ class FactorizedTracIn:
                 on_block()
         if not missing and not need_test:
             return 0
-        grads = self._grads(self._load(where))
-        self.n_params, self.width = grads.n_params, grads.width
-        test_feats = None
-        if te is not None:
-            # Held for the whole checkpoint: (n_test, width), in test order.
-            test_feats = self._all_features(grads, te, np.arange(te.n)).to(self.dtype)
-            if need_test:
-                sink.put_test(ci, _sq_norms(test_feats))
-        for c in missing:
-            sink.put(ci, c, lr * self._block(grads, tr, chunks[c], test_feats))
-            if on_block is not None:
-                on_block()
+        with fixed_threads():  # the bits must not depend on where the block runs
+            grads = self._grads(self._load(where))
+            self.n_params, self.width = grads.n_params, grads.width
+            test_feats = None
+            if te is not None:
+                # Held for the whole checkpoint: (n_test, width), in test order.
+                test_feats = self._all_features(grads, te, np.arange(te.n)).to(self.dtype)
+                if need_test:
+                    sink.put_test(ci, _sq_norms(test_feats))
+            for c in missing:
+                sink.put(ci, c, lr * self._block(grads, tr, chunks[c], test_feats))
+                if on_block is not None:
+                    on_block()
         return len(missing)
 
     def identity(self) -> list[dict[str, Any] | str]:

@@ -20,7 +20,7 @@ import pytest
 from core import store
 from core.cli import main
 from core.errors import AtlasError
-from core.executors import PROGRESS, check_executor
+from core.executors import PROGRESS, Work, check_executor, run_tasks
 from core.sweep import SWEEP_TABLE
 from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
 from tests.test_tracin import _make_run, saved_checkpoints
@@ -169,7 +169,52 @@ def test_process_pool_gives_the_local_files_and_reports_workers(ckpts, local_run
     # Each worker process reports its own peak; the manifest keeps the largest.
     peaks = [w["peak_rss_mb"] for w in report["workers"]]
     assert all(p > 0 for p in peaks) and report["worker_peak_rss_mb"] == max(peaks)
+    assert all(w["cpu_seconds_per_task"] > 0 for w in report["workers"])
     assert tracin["worker_peak_rss_mb"] == max(peaks)
+
+
+def _probe(task: int) -> tuple[str | None, int]:
+    """A pool task: the variable the test sets, and the process that forked this worker."""
+    return os.environ.get("ATLAS_TEST_PROBE"), os.getppid()
+
+
+def _probe_name(task: int) -> str:
+    return f"probe-{task}"
+
+
+def _probe_root(task: int) -> str:
+    return "."
+
+
+def _probe_retarget(task: int, folder: str) -> int:
+    return task
+
+
+def _probe_files(task: int) -> list[str]:
+    return []
+
+
+PROBE = Work("probe", _probe, _probe_name, _probe_root, _probe_retarget, _probe_files, _probe_files)
+
+
+def test_pool_workers_fork_from_one_server_and_see_the_drivers_environment(monkeypatch):
+    """Two pools in one process: their workers are forks of the same fork server (which imported
+    torch and the engine once), and each task sees the driver's environment of its call, not
+    the server's of when it started."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork server on this platform: workers are spawned")
+    spec = check_executor("processes", 2)
+    monkeypatch.setenv("ATLAS_TEST_PROBE", "first")
+    first = run_tasks(PROBE, [0, 1, 2], spec, progress=False)
+    monkeypatch.setenv("ATLAS_TEST_PROBE", "second")
+    second = run_tasks(PROBE, [0, 1, 2], spec, progress=False)
+    monkeypatch.delenv("ATLAS_TEST_PROBE")
+    third = run_tasks(PROBE, [0, 1, 2], spec, progress=False)
+    assert [v for v, _ in first + second + third] == ["first"] * 3 + ["second"] * 3 + [None] * 3
+    parents = {ppid for _, ppid in first + second + third}
+    assert len(parents) == 1 and os.getpid() not in parents
 
 
 def test_a_failing_local_task_is_named(ckpts, tmp_path, monkeypatch, capsys):
@@ -182,6 +227,88 @@ def test_a_failing_local_task_is_named(ckpts, tmp_path, monkeypatch, capsys):
     assert err[0].startswith("error: Task ckpt-01_chunks-0000-0000 (tracin) failed: RuntimeError")
     # Checkpoint 0's shards (finished before) stay for the rerun.
     assert (run / store.TRACIN_SHARDS_DIR / "ckpt-00_chunk-0000.npy").exists()
+
+
+# ------------------------------------------------------------------ the same bits whatever the cut
+
+# Texts up to 24 words in chunks of 32: batches large enough that ATen's CPU kernels cut the
+# attention's softmax backward among threads. Before every block ran on a fixed thread count
+# (core.tracin.THREADS), the local run on 2 torch threads and the 1-thread workers of a pool
+# gave other last bits with these instances, in both engines (checked on that code).
+# 128 training instances: 4 chunks per checkpoint.
+WIDE = {"n_train": 128, "n_test": 8, "max_words": 24, "max_length": 32}
+WIDE_CHUNK = 32
+ENGINES = [None, "factorized:4"]  # the exact engine and the factorized projection
+
+
+def _wide_run(root: Path, ckpts, project, executor="local", workers=0, per_task=None) -> Path:
+    """A wide run's TracIn computed with one cut of the work: executor, workers, chunks per task."""
+    from core.tracin import run_tracin
+
+    run = _make_run(root, ckpts, **WIDE)
+    spec = check_executor(executor, workers)
+    run_tracin(
+        run,
+        project=project,
+        device="cpu",
+        progress=False,
+        chunk_size=WIDE_CHUNK,
+        executor=spec,
+        chunks_per_task=per_task,
+    )
+    return run
+
+
+def _differing(reference: Path, run: Path) -> list[str]:
+    """The output files of ``run`` that are not bit for bit those of ``reference``."""
+    out = []
+    for name in OUTPUTS:
+        a, b = np.load(reference / name), np.load(run / name)
+        if not (a.dtype == b.dtype == np.float32 and np.array_equal(a, b)):
+            out.append(name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wide_local(ckpts, tmp_path_factory) -> dict[str | None, Path]:
+    """The reference per engine: the tracin stage here, torch on 2 threads (a laptop's default)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return {
+            project: _wide_run(tmp_path_factory.mktemp("wide-local"), ckpts, project)
+            for project in ENGINES
+        }
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("project", ENGINES)
+def test_the_bits_do_not_depend_on_how_the_work_is_cut(ckpts, wide_local, tmp_path, project):
+    """Matrix, per-checkpoint stack, self-influence and both gradient norms are identical
+    (np.array_equal) whatever the executor, the worker count, the chunks per task and the
+    driver's torch threads."""
+    import torch
+
+    cuts = {
+        # (executor, workers, chunks per task, the driver's torch threads)
+        "local, 1 thread, a chunk per task": ("local", 0, 1, 1),
+        "processes, 1 worker (all the cores)": ("processes", 1, None, 2),
+        "processes, 2 workers, a chunk per task": ("processes", 2, 1, 2),
+        "processes, 2 workers, 2 chunks per task": ("processes", 2, 2, 2),
+    }
+    before = torch.get_num_threads()
+    differing = {}
+    try:
+        for i, (name, (executor, workers, per_task, threads)) in enumerate(cuts.items()):
+            torch.set_num_threads(threads)
+            run = _wide_run(tmp_path / str(i), ckpts, project, executor, workers, per_task)
+            differing[name] = _differing(wide_local[project], run)
+    finally:
+        torch.set_num_threads(before)
+    assert differing == {name: [] for name in cuts}
 
 
 # ------------------------------------------------------------------ Ray
@@ -319,6 +446,17 @@ def test_ray_gives_the_local_matrix_bitwise(ray_session, ckpts, local_run, tmp_p
     assert report["task_resources"]["cpus"] == 1 and report["task_resources"]["memory_mb"] > 0
     assert all(w["tasks_per_min"] > 0 and w["peak_rss_mb"] > 0 for w in report["workers"])
     assert store.load_manifest(run)["tracin"]["worker_peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("project", ENGINES)
+def test_ray_gives_the_bits_of_every_other_cut(ray_session, ckpts, wide_local, tmp_path, project):
+    """Ray with 2 workers, a chunk per task (and in one worker 2 chunks) as the local run."""
+    cuts = {"ray, 2 workers, a chunk per task": 1, "ray, 2 workers, 2 chunks per task": 2}
+    differing = {}
+    for i, (name, per_task) in enumerate(cuts.items()):
+        run = _wide_run(tmp_path / str(i), ckpts, project, "ray", 2, per_task)
+        differing[name] = _differing(wide_local[project], run)
+    assert differing == {name: [] for name in cuts}
 
 
 def test_ray_through_the_cli(ray_session, ckpts, local_run, tmp_path, capsys):

@@ -325,8 +325,13 @@ def test_bad_inputs_raise(checkpoints, train, tmp_path):
 WORDS = [f"w{i}" for i in range(30)]
 
 
-def _make_run(root: Path, checkpoints, n_train=12, n_test=5, complete=True) -> Path:
-    """A run folder with a word-level tokenizer, instances and the fixture's checkpoints."""
+def _make_run(
+    root: Path, checkpoints, n_train=12, n_test=5, complete=True, max_words=8, max_length=16
+) -> Path:
+    """A run folder with a word-level tokenizer, instances and the fixture's checkpoints.
+
+    Texts have 2 to ``max_words`` words; the run encodes them to ``max_length`` tokens.
+    """
     from transformers import BertTokenizer
 
     run = root / "run"
@@ -338,7 +343,7 @@ def _make_run(root: Path, checkpoints, n_train=12, n_test=5, complete=True) -> P
     rng = np.random.default_rng(0)
     n_val = 2
     n = n_train + n_val + n_test
-    texts = [" ".join(rng.choice(WORDS, rng.integers(2, 9))) for _ in range(n)]
+    texts = [" ".join(rng.choice(WORDS, rng.integers(2, max_words + 1))) for _ in range(n)]
     labels = rng.integers(0, 2, n)
     observed = labels.copy()
     observed[:2] = 1 - observed[:2]
@@ -364,7 +369,7 @@ def _make_run(root: Path, checkpoints, n_train=12, n_test=5, complete=True) -> P
         )
     from core.config import PRESETS
 
-    config = PRESETS["quick"].replace(max_length=16).to_dict()
+    config = PRESETS["quick"].replace(max_length=max_length).to_dict()
     store.write_json(
         run / store.MANIFEST,
         {"kind": "run", "name": "run", "status": "running", "config": config, "checkpoints": ckpts},

@@ -12,7 +12,7 @@ from typing import Any
 from core import locks, shapes, store
 from core.cli.common import _MAX_COUNT, _MAX_SEED, _command_line, _existing_run
 from core.errors import AtlasError
-from core.executors import LOCAL
+from core.executors import LOCAL, warm_pool
 from core.run_options import executor_from_args
 from core.validation import check_device, check_number
 
@@ -34,6 +34,8 @@ def cmd_tracin(args: argparse.Namespace) -> str:
     check_device(args.device, on_cluster=executor.kind == "ray")
     if args.compare and executor.kind != "local":
         raise AtlasError("--compare runs in this process; drop --executor.")
+    if executor.kind == "processes":  # the pool's fork server imports torch while we do
+        warm_pool("core.tracin.stage")
     from core.error_study_options import parse_dtype
 
     dtype = parse_dtype(args.dtype)

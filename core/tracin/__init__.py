@@ -32,7 +32,10 @@ Work is split into shards (checkpoint × chunk of training instances), each writ
 hold ``η_i`` × the gradient dot products, the last row ``η_i`` × the squared gradient norms
 (self-influence). Present shards are skipped, so a killed run resumes, and the result is
 aggregated only when all exist. ``tracin_shards/options.json`` records what the shards were
-computed with; shards of other options are refused (never deleted).
+computed with; shards of other options are refused (never deleted). Every shard is computed on
+``THREADS`` (1) torch threads (:func:`fixed_threads`), whatever the process's own count, because
+some ATen CPU kernels cut their rows among the threads: the files are then the same bits whatever
+executor, worker count or ``chunks_per_task`` made them.
 
 Parameter scopes (``select_parameters``):
 
@@ -77,6 +80,7 @@ from core.tracin.engine import (
     MAX_BUFFER_ROWS,
     MAX_TEST_BYTES,
     SEQ_BUDGET,
+    THREADS,
     TopK,
     TracInCP,
     TracInResult,
@@ -84,6 +88,7 @@ from core.tracin.engine import (
     _resolve_dtype,
     bf16_native,
     check_dtype,
+    fixed_threads,
 )
 from core.tracin.gradients import _CheckpointGrads, _Features
 from core.tracin.inputs import _Data, _vocab_of
@@ -129,6 +134,7 @@ __all__ = [
     "PROJECTION_CACHE_BYTES",
     "SEQ_BUDGET",
     "SHARD_OPTIONS",
+    "THREADS",
     "Task",
     "TaskOptions",
     "TopK",
@@ -157,6 +163,7 @@ __all__ = [
     "compare_to_exact",
     "compute",
     "default_chunks_per_task",
+    "fixed_threads",
     "norm_shard_name",
     "parse_scope",
     "peak_rss_mb",

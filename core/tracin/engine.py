@@ -6,6 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +34,12 @@ SEQ_BUDGET = 64  # tokens assumed per instance when sizing batches
 BUFFER_BYTES = 384 << 20
 MAX_BUFFER_ROWS = 512
 CHUNK_SIZE = 512
+# Every block is computed on this many torch threads, whatever the executor, the worker count
+# or the machine's cores: some of ATen's CPU kernels cut their rows among the threads (measured:
+# the softmax backward of attention, in both engines), so another thread count gives other last
+# bits (~1e-9), and a near-tie could flip between a laptop and a cluster. More cores are used by
+# running tasks side by side (``--executor processes`` or ``ray``), never inside one block.
+THREADS = 1
 
 
 class TopK(NamedTuple):
@@ -57,6 +64,19 @@ class TracInResult:
     # a projection is on): what relative-influence and cosine normalisations divide by.
     train_grad_norms: np.ndarray | None = None  # float32 (k, n_train)
     test_grad_norms: np.ndarray | None = None  # float32 (k, n_test); None without test
+
+
+@contextmanager
+def fixed_threads(n: int = THREADS) -> Iterator[None]:
+    """Run the enclosed arithmetic on ``n`` torch threads; the caller's count is restored after."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -262,20 +282,22 @@ class TracInCP:
                 on_block()
         if not missing and not need_test_norms:
             return 0
-        model = self._load(where)
-        grads = _CheckpointGrads(model, self.scope, self.device, self._projector, self.dtype)
-        self.n_params = grads.n_params
-        n_test = te.n if te is not None else 0
-        test_sq = np.full(n_test, np.nan, dtype=np.float32)
-        for c, block in self._checkpoint_blocks(grads, tr, te, list(chunks), missing, test_sq):
-            sink.put(ci, c, lr * block)
-            if on_block is not None:
-                on_block()
-        if need_test_norms:
-            if np.isnan(test_sq).any():  # every training chunk was already there
-                test_sq = self._test_sq_norms(grads, te)
-            sink.put_test(ci, test_sq)
-        del grads, model
+        with fixed_threads():  # the bits must not depend on where the block runs
+            model = self._load(where)
+            grads = _CheckpointGrads(model, self.scope, self.device, self._projector, self.dtype)
+            self.n_params = grads.n_params
+            n_test = te.n if te is not None else 0
+            test_sq = np.full(n_test, np.nan, dtype=np.float32)
+            blocks = self._checkpoint_blocks(grads, tr, te, list(chunks), missing, test_sq)
+            for c, block in blocks:
+                sink.put(ci, c, lr * block)
+                if on_block is not None:
+                    on_block()
+            if need_test_norms:
+                if np.isnan(test_sq).any():  # every training chunk was already there
+                    test_sq = self._test_sq_norms(grads, te)
+                sink.put_test(ci, test_sq)
+            del grads, model
         return len(missing)
 
     def identity(self) -> list[dict[str, Any] | str]:

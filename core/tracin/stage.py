@@ -570,7 +570,7 @@ def run_tracin(
     wants_gpu = remote_gpu or dev.type == "cuda"
     # Ray is joined and its GPUs checked before anything is written: a refusal leaves the run
     # (its shards' options, the stage's status) as it was.
-    with session(executor, Resources(gpus=1.0 if wants_gpu else 0.0)):
+    with session(executor, Resources(gpus=1.0 if wants_gpu else 0.0), WORK):
         # Before the stage is marked: shards of other options are refused here, untouched.
         tasks = plan(
             run,
