@@ -24,7 +24,13 @@ import re
 from dataclasses import dataclass
 
 from core.errors import AtlasError
-from core.tracin_options import PROJECTIONS, Projection, method_spellings, parse_scope, positive_int
+from core.tracin_options import (
+    Projection,
+    method_projection,
+    method_spellings,
+    parse_scope,
+    positive_int,
+)
 
 DEFAULT_METHODS = "last-2,head,dense:256,factorized:16,factorized:64"
 DEFAULT_SUBSET = "misclassified+random:20"
@@ -58,9 +64,9 @@ def parse_method(text: str) -> Method:
             "'all' is the exact reference of the error study, not a method; list approximations "
             "(e.g. last-2, head, dense:256, factorized:16)."
         )
-    for entry in PROJECTIONS:
-        if text.startswith(entry.method_prefix.rstrip(":")):
-            return _projection_method(entry, text)
+    entry = method_projection(text)
+    if entry is not None:
+        return _projection_method(entry, text)
     try:
         parse_scope(text)
     except AtlasError:

@@ -155,6 +155,12 @@ def project_help_short() -> str:
     )
 
 
+def method_projection(text: str) -> Projection | None:
+    """The projection an error-study method's spelling names (``dense…``, ``factorized…``),
+    or None (a parameter scope, or nothing)."""
+    return next((p for p in PROJECTIONS if text.startswith(p.method_prefix.rstrip(":"))), None)
+
+
 def method_spellings() -> list[str]:
     """Every projection's error-study spellings (``dense:D``, ``dense:D@SCOPE``, ...)."""
     return [s for p in PROJECTIONS for s in p.method_spellings]

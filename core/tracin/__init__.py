@@ -59,9 +59,9 @@ public names only; what a module keeps to itself starts with an underscore and i
 imported by another):
 
 - ``base``: the engine family's :class:`Engine` protocol (``options()``, ``shard_options()``,
-  ``check()``, ``compute()``, ``compute_checkpoint()``) and :class:`CheckpointEngine`, what
-  its members share (checkpoints, loading, the block loop on :data:`THREADS` torch threads,
-  :class:`TracInResult`);
+  ``check()``, ``compute()``, ``compute_checkpoint()``), whose default implementations are
+  what its members share (checkpoints, loading, the block loop on :data:`THREADS` torch
+  threads, :class:`TracInResult`); a member fills one :class:`CheckpointJob` at a time;
 - ``engine``: :class:`TracInCP`, exact gradients of a scope or their dense projection;
 - ``factorized``: :class:`FactorizedTracIn`, the Kronecker-factored projection of every
   parameter (LoGra-style);
@@ -86,7 +86,7 @@ from __future__ import annotations
 from core.tracin.base import (
     CHUNK_SIZE,
     THREADS,
-    CheckpointEngine,
+    CheckpointJob,
     Engine,
     TracInResult,
     default_loader,
@@ -153,7 +153,7 @@ __all__ = [
     "SEQ_BUDGET",
     "SHARD_OPTIONS",
     "THREADS",
-    "CheckpointEngine",
+    "CheckpointJob",
     "CheckpointGrads",
     "EncodedData",
     "Engine",

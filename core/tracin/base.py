@@ -5,12 +5,12 @@ a time. The stage (:mod:`core.tracin.stage`), every executor (through the stage'
 the approximation study and the error study call only what :class:`Engine` declares; which
 class serves a ``--project`` spec is decided by :mod:`core.tracin.registry`.
 
-:class:`CheckpointEngine` holds what every member does the same way: the checkpoint list and
-its identity by content, loading a checkpoint, the skip-present-blocks loop of
-:meth:`~CheckpointEngine.compute_checkpoint` on :data:`THREADS` torch threads, the in-memory
-or sharded :meth:`~CheckpointEngine.compute`, and the shard options. A member supplies its
-own settings (:meth:`~Engine.options`) and one checkpoint's blocks
-(:meth:`~CheckpointEngine.fill_checkpoint`).
+:class:`Engine` is a protocol with default implementations (PEP 544): what every member does
+the same way lives there once (the checkpoint list and its identity by content, loading a
+checkpoint, the skip-present-blocks loop of :meth:`~Engine.compute_checkpoint` on
+:data:`THREADS` torch threads, the in-memory or sharded :meth:`~Engine.compute`, the shard
+options). A member supplies its own settings (:meth:`~Engine.options`) and one checkpoint's
+blocks (:meth:`~Engine.fill_checkpoint`, given a :class:`CheckpointJob`).
 """
 
 from __future__ import annotations
@@ -58,63 +58,6 @@ class TracInResult:
     # a projection is on): what relative-influence and cosine normalisations divide by.
     train_grad_norms: np.ndarray | None = None  # float32 (k, n_train)
     test_grad_norms: np.ndarray | None = None  # float32 (k, n_test); None without test
-
-
-class Engine(Protocol):
-    """What the stage, the executors' tasks and the studies use of a TracIn engine."""
-
-    checkpoints: list[tuple[Any, float]]  # (path or model, learning rate)
-    chunk_size: int  # training instances per block
-    device: torch.device
-    n_params: int | None  # parameters covered; None until a checkpoint was loaded
-
-    @classmethod
-    def from_projection(
-        cls, checkpoints: Checkpoints, scope: str, dim: int | None, seed: int, **options: Any
-    ) -> Engine:
-        """The engine of a parsed ``--project`` spec (``dim`` None: no projection)."""
-        ...
-
-    def options(self) -> dict[str, Any]:
-        """What the scores depend on besides data and checkpoints: ``scope``, ``project`` (as
-        the manifest records it), ``seed``, ``dtype``, ``chunk_size`` (and any setting of the
-        member's own), as ``tracin_shards/options.json`` records them."""
-        ...
-
-    def shard_options(
-        self, tr: EncodedData, te: EncodedData | None, n_chunks: int
-    ) -> dict[str, Any]:
-        """:meth:`options` with the data and checkpoints: what a shard depends on."""
-        ...
-
-    def check(self) -> int:
-        """Load the first checkpoint, check the engine covers it; return the parameter count."""
-        ...
-
-    def compute(
-        self,
-        train: dict[str, torch.Tensor],
-        test: dict[str, torch.Tensor] | None = None,
-        *,
-        per_checkpoint: bool = False,
-        shard_dir: str | os.PathLike | None = None,
-        progress: bool = False,
-    ) -> TracInResult:
-        """The matrix (if ``test``), self-influence, gradient norms, optionally the stack."""
-        ...
-
-    def compute_checkpoint(
-        self,
-        ci: int,
-        tr: EncodedData,
-        te: EncodedData | None,
-        chunks: Sequence[tuple[int, int]],
-        wanted: Iterable[int],
-        sink: Sink,
-        on_block: Callable[[], None] | None = None,
-    ) -> int:
-        """Put checkpoint ``ci``'s missing blocks of the ``wanted`` chunks in ``sink``."""
-        ...
 
 
 @contextmanager
@@ -185,44 +128,74 @@ def check_sizes(batch_size: int | None, chunk_size: int) -> None:
         raise AtlasError(f"chunk_size must be positive (got {chunk_size}).")
 
 
-class CheckpointEngine:
-    """What every engine of the family shares; a member sets the attributes below in its
-    ``__init__`` and implements ``from_projection``, ``options``, ``check`` and
-    :meth:`fill_checkpoint`."""
+@dataclass
+class CheckpointJob:
+    """One checkpoint's missing blocks, as :meth:`Engine.fill_checkpoint` computes them.
 
-    checkpoints: list[tuple[Any, float]]
-    chunk_size: int
+    ``chunks`` are every training chunk's [lo, hi) rows, ``missing`` the chunk numbers to
+    compute; ``need_test``: the test instances' squared norms are to be stored too.
+    """
+
+    ci: int
+    lr: float
+    tr: EncodedData
+    te: EncodedData | None
+    chunks: Sequence[tuple[int, int]]
+    missing: list[int]
+    need_test: bool
+    sink: Sink
+    on_block: Callable[[], None] | None
+
+    def put(self, chunk: int, block: np.ndarray) -> None:
+        """Store ``η_ci`` × an unweighted (n_test + 1, chunk) block; count it for progress."""
+        self.sink.put(self.ci, chunk, self.lr * block)
+        if self.on_block is not None:
+            self.on_block()
+
+    def put_test(self, sq_norms: np.ndarray) -> None:
+        """Store the test instances' (unweighted) squared gradient norms."""
+        self.sink.put_test(self.ci, sq_norms)
+
+
+class Engine(Protocol):
+    """A TracIn engine: what the stage, the executors' tasks and the studies call.
+
+    A member subclasses this protocol explicitly and inherits the shared implementations
+    below (PEP 544: a protocol's methods are defaults for its explicit subclasses); it sets the
+    attributes in its ``__init__`` and supplies :meth:`from_projection`, :meth:`options`,
+    :meth:`check` and :meth:`fill_checkpoint`.
+    """
+
+    checkpoints: list[tuple[Any, float]]  # (path or model, learning rate)
+    chunk_size: int  # training instances per block
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the dot products
     loader: Loader
-    n_params: int | None
-    progress_label = "tracin"  # the progress bar's name
+    n_params: int | None  # parameters covered; None until a checkpoint was loaded
+    progress_label: str = "tracin"  # the progress bar's name
 
     # ---- what a member supplies
 
+    @classmethod
+    def from_projection(
+        cls, checkpoints: Checkpoints, scope: str, dim: int | None, seed: int, **options: Any
+    ) -> Engine:
+        """The engine of a parsed ``--project`` spec (``dim`` None: no projection)."""
+        raise NotImplementedError
+
     def options(self) -> dict[str, Any]:
-        """The member's settings, in the order ``options.json`` records them."""
+        """What the scores depend on besides data and checkpoints: ``scope``, ``project`` (as
+        the manifest records it), ``seed``, ``dtype``, ``chunk_size`` (and any setting of the
+        member's own), in the order ``tracin_shards/options.json`` records them."""
         raise NotImplementedError
 
     def check(self) -> int:
         """Load the first checkpoint and check the engine covers it; return its parameter count."""
         raise NotImplementedError
 
-    def fill_checkpoint(
-        self,
-        model: nn.Module,
-        ci: int,
-        lr: float,
-        tr: EncodedData,
-        te: EncodedData | None,
-        chunks: Sequence[tuple[int, int]],
-        missing: list[int],
-        need_test: bool,
-        sink: Sink,
-        on_block: Callable[[], None] | None,
-    ) -> None:
-        """Put ``lr`` × the blocks of the ``missing`` chunks in ``sink`` (calling ``on_block``
-        after each), and the test instances' squared norms when ``need_test``."""
+    def fill_checkpoint(self, model: nn.Module, job: CheckpointJob) -> None:
+        """Put the blocks of ``job.missing`` (:meth:`CheckpointJob.put`) and, when
+        ``job.need_test``, the test norms (:meth:`CheckpointJob.put_test`) of ``model``."""
         raise NotImplementedError
 
     # ---- shared
@@ -288,10 +261,9 @@ class CheckpointEngine:
                 on_block()
         if not missing and not need_test:
             return 0
+        job = CheckpointJob(ci, lr, tr, te, chunks, missing, need_test, sink, on_block)
         with fixed_threads():  # the bits must not depend on where the block runs
-            model = self.load(where)
-            self.fill_checkpoint(model, ci, lr, tr, te, chunks, missing, need_test, sink, on_block)
-            del model
+            self.fill_checkpoint(self.load(where), job)
         return len(missing)
 
     def compute(

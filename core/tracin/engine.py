@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -13,8 +13,9 @@ from torch import nn
 from core.errors import AtlasError
 from core.tracin.base import (
     CHUNK_SIZE,
-    CheckpointEngine,
+    CheckpointJob,
     Checkpoints,
+    Engine,
     check_sizes,
     checked_checkpoints,
     default_loader,
@@ -25,7 +26,6 @@ from core.tracin.gradients import CheckpointGrads
 from core.tracin.inputs import EncodedData, vocab_of
 from core.tracin.projection import Projector
 from core.tracin.scopes import select_parameters
-from core.tracin.shards import Sink
 from core.tracin_options import DENSE, parse_scope
 
 # Test gradients per checkpoint are held up to this many bytes; beyond, test is chunked.
@@ -89,7 +89,7 @@ def check_dtype(dtype: torch.dtype | str, device: torch.device | str) -> None:
         raise AtlasError("float16 dot products are not offered; use --dtype fp32 or bf16.")
 
 
-class TracInCP(CheckpointEngine):
+class TracInCP(Engine):
     """TracIn over saved checkpoints, in the spirit of captum's ``TracInCP``.
 
     ``checkpoints`` is a list of (path or model, learning rate). ``influence`` gives the
@@ -185,35 +185,20 @@ class TracInCP(CheckpointEngine):
 
     # ---- internals
 
-    def fill_checkpoint(
-        self,
-        model: nn.Module,
-        ci: int,
-        lr: float,
-        tr: EncodedData,
-        te: EncodedData | None,
-        chunks: Sequence[tuple[int, int]],
-        missing: list[int],
-        need_test: bool,
-        sink: Sink,
-        on_block: Callable[[], None] | None,
-    ) -> None:
+    def fill_checkpoint(self, model: nn.Module, job: CheckpointJob) -> None:
         """Blocks from the scope's (projected) per-example gradients; the test norms are a
         by-product of the test features, computed alone when no chunk was missing."""
         grads = CheckpointGrads(model, self.scope, self.device, self._projector, self.dtype)
         self.n_params = grads.n_params
-        n_test = te.n if te is not None else 0
-        test_sq = np.full(n_test, np.nan, dtype=np.float32)
-        blocks = self._checkpoint_blocks(grads, tr, te, list(chunks), missing, test_sq)
+        te = job.te
+        test_sq = np.full(te.n if te is not None else 0, np.nan, dtype=np.float32)
+        blocks = self._checkpoint_blocks(grads, job.tr, te, list(job.chunks), job.missing, test_sq)
         for c, block in blocks:
-            sink.put(ci, c, lr * block)
-            if on_block is not None:
-                on_block()
-        if need_test:
+            job.put(c, block)
+        if job.need_test:
             if np.isnan(test_sq).any():  # every training chunk was already there
                 test_sq = self._test_sq_norms(grads, te)
-            sink.put_test(ci, test_sq)
-        del grads
+            job.put_test(test_sq)
 
     def _batch_size(self, grads: CheckpointGrads) -> int:
         """Rows per vmap batch: bounded by the bytes of per-example gradients."""

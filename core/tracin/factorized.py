@@ -42,7 +42,7 @@ same ones. ``identity=True`` (for tests) replaces every projection by the identi
 feature is then the exact per-example gradient of all parameters (huge for real models).
 
 Work is organised like :class:`core.tracin.TracInCP`'s: both are members of the engine family
-(:class:`core.tracin.base.CheckpointEngine`), so per checkpoint the test features are computed
+(:class:`core.tracin.base.Engine`), so per checkpoint the test features are computed
 once and held, training instances stream through in batches, and the results land in the
 family's (checkpoint × training chunk) shards, so ``shard_dir`` resumes a killed run. The run
 stage and its task API (``core tracin RUN --project factorized:K``, ``core run --project
@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,8 +66,9 @@ from torch import nn
 from core.errors import AtlasError
 from core.tracin.base import (
     CHUNK_SIZE,
-    CheckpointEngine,
+    CheckpointJob,
     Checkpoints,
+    Engine,
     Loader,
     TracInResult,
     check_sizes,
@@ -77,7 +78,6 @@ from core.tracin.base import (
     resolve_engine_device,
 )
 from core.tracin.inputs import EncodedData
-from core.tracin.shards import Sink
 from core.tracin_options import FACTORIZED
 
 # A batched forward+backward holds activations (not per-example gradients), which grow with
@@ -350,7 +350,7 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-class FactorizedTracIn(CheckpointEngine):
+class FactorizedTracIn(Engine):
     """TracIn with factorized projected gradients of every parameter, over saved checkpoints.
 
     ``checkpoints`` is a list of (path or model, learning rate); ``k`` the per-side
@@ -419,32 +419,18 @@ class FactorizedTracIn(CheckpointEngine):
 
     # ---- internals
 
-    def fill_checkpoint(
-        self,
-        model: nn.Module,
-        ci: int,
-        lr: float,
-        tr: EncodedData,
-        te: EncodedData | None,
-        chunks: Sequence[tuple[int, int]],
-        missing: list[int],
-        need_test: bool,
-        sink: Sink,
-        on_block: Callable[[], None] | None,
-    ) -> None:
+    def fill_checkpoint(self, model: nn.Module, job: CheckpointJob) -> None:
         """Blocks from the projected features; the test features are held for the whole
         checkpoint, (n_test, width) in test order, and give the test norms."""
         grads = self._grads(model)
         self.n_params, self.width = grads.n_params, grads.width
         test_feats = None
-        if te is not None:
-            test_feats = self._all_features(grads, te, np.arange(te.n)).to(self.dtype)
-            if need_test:
-                sink.put_test(ci, _sq_norms(test_feats))
-        for c in missing:
-            sink.put(ci, c, lr * self._block(grads, tr, chunks[c], test_feats))
-            if on_block is not None:
-                on_block()
+        if job.te is not None:
+            test_feats = self._all_features(grads, job.te, np.arange(job.te.n)).to(self.dtype)
+            if job.need_test:
+                job.put_test(_sq_norms(test_feats))
+        for c in job.missing:
+            job.put(c, self._block(grads, job.tr, job.chunks[c], test_feats))
 
     def _grads(self, model: nn.Module) -> FactorizedGrads:
         """The projected-gradient computer of one checkpoint."""
