@@ -110,20 +110,20 @@ def floor_pass(ckpts: list[tuple[str, float]], train: dict, test: dict) -> None:
     hook, no projection) over the test and training instances, batched as ours are."""
     import torch.nn.functional as F
 
-    from core.factorized import MAX_ROWS, TOKENS_PER_BATCH
-    from core.tracin import _Data
-    from core.tracin.engine import _default_loader
+    from core.tracin import EncodedData
+    from core.tracin.engine import default_loader
+    from core.tracin.factorized import MAX_ROWS, TOKENS_PER_BATCH
 
     cpu = torch.device("cpu")
     held: list[torch.Tensor] = []  # the embedding output of the current batch
     for path, _ in ckpts:
-        model = _default_loader(path, cpu)
+        model = default_loader(path, cpu)
         for p in model.parameters():
             p.requires_grad_(False)
         handle = model.get_input_embeddings().register_forward_hook(
             lambda _m, _a, out: held.append(out.requires_grad_(True)) or out
         )
-        for data in (_Data(test, "test"), _Data(train, "train")):
+        for data in (EncodedData(test, "test"), EncodedData(train, "train")):
             for rows in data.token_batches(np.arange(data.n), TOKENS_PER_BATCH, MAX_ROWS):
                 batch = data.take(rows, cpu)
                 add = (1.0 - batch["attention_mask"].float()) * torch.finfo(torch.float32).min
@@ -140,8 +140,8 @@ def floor_pass(ckpts: list[tuple[str, float]], train: dict, test: dict) -> None:
 
 def ours(folder: Path, ks: list[int]) -> dict:
     """Our exact all-parameter TracIn and factorized:K; scores saved as .npy."""
-    from core.factorized import FactorizedTracIn
     from core.tracin import TracInCP
+    from core.tracin.factorized import FactorizedTracIn
 
     ckpts, train, test = _inputs(folder)
     rows = {}

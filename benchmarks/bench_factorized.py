@@ -7,7 +7,7 @@ checkpoint per epoch) on random Zipf-token sentences whose label is carried by a
 tokens, 2.5 % of training labels flipped; ``--random`` uses random weights drifting between
 checkpoints instead (no learnt structure, a harder case for any approximation):
 
-- exact all-parameter TracInCP (core.tracin, scope 'all') against core.factorized at each K:
+- exact all-parameter TracInCP (core.tracin, scope 'all') against core.tracin.factorized at each K:
   wall time and its ratio, feature width, per-test-row Spearman (median, min) and top-10
   overlap of proponents (median, mean), Spearman of self-influence;
 - every method's time against the training time it accompanies (one epoch per checkpoint);
@@ -39,8 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_tracin import VOCAB, synthetic_data, tiny_checkpoints  # noqa: E402
 
-from core.factorized import FactorizedTracIn  # noqa: E402
 from core.tracin import TracInCP, peak_rss_mb, scope_error  # noqa: E402
+from core.tracin.factorized import FactorizedTracIn  # noqa: E402
 
 LR = 1e-3  # the quick preset's learning rate
 SCOPES = ("last-1", "head")  # the cheap exact scopes, as reference points

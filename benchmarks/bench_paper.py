@@ -10,7 +10,7 @@ does) and the run's first checkpoint:
   train/val/test after the epoch; the checkpoint is written to a temporary folder, untimed
   writes excluded only insofar as train_model does not time them: it is included);
 - each method: TracIn of one checkpoint over all training × all test instances, as the tracin
-  stage computes it (``core.factorized.engine_for(...).compute``), no shards.
+  stage computes it (``core.tracin.registry.engine_for(...).compute``), no shards.
 
 The ratio printed per method is (one checkpoint's TracIn) / (one epoch's training), which is
 the full run's ratio when every epoch and checkpoint costs the same. Device and dtype are
@@ -49,9 +49,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-train", action="store_true", help="use the manifest's train time")
     args = ap.parse_args()
-    from core.factorized import engine_for
     from core.models import load_classifier, load_tokenizer, resolve_device
-    from core.tracin import _run_checkpoints, _run_data, check_dtype
+    from core.tracin import check_dtype, encode_run_data, run_checkpoints
+    from core.tracin.registry import engine_for
     from core.training import train_model
 
     run = Path(args.run)
@@ -61,7 +61,7 @@ def main() -> int:
     dtype = parse_dtype(args.dtype)
     check_dtype(dtype, dev)
     methods = parse_methods(args.methods)
-    checkpoints = _run_checkpoints(run, manifest)
+    checkpoints = run_checkpoints(run, manifest)
     k = len(checkpoints)
     out: dict = {
         "run": str(run),
@@ -101,7 +101,7 @@ def main() -> int:
     out["train_epoch_s"] = round(t_epoch, 1)
     print(f"train: one epoch {t_epoch:.1f} s", flush=True)
 
-    train, test, _ = _run_data(run, config.max_length)
+    train, test, _ = encode_run_data(run, config.max_length)
     out["methods"] = {}
     for method in methods:
         dt = dtype if method.project is not None else "float32"

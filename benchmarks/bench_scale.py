@@ -13,7 +13,7 @@ padded, ``max_length`` = ``--len-max``; labels are random.
 
 What runs, each part in its own fresh subprocess (so each peak RSS is that part's own):
 
-1. ``full``: the project's factorized engine (``core.factorized.FactorizedTracIn``, the engine
+1. ``full``: the project's factorized engine (``core.tracin.factorized.FactorizedTracIn``, the engine
    behind ``--project factorized:K``) computes the whole n_train × n_test × checkpoints job
    through its public ``compute`` with a shard folder, exactly as the run stage's tasks do.
    Printed: wall and CPU seconds, seconds per instance-gradient, peak RSS, peak CUDA memory.
@@ -51,8 +51,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.factorized import FactorizedTracIn  # noqa: E402
-from core.tracin import _Data, _peak_memory_mb, _ShardSink  # noqa: E402
+from core.tracin import EncodedData, ShardSink, peak_memory_mb  # noqa: E402
+from core.tracin.factorized import FactorizedTracIn  # noqa: E402
 
 VOCAB = 30522  # the BERT-uncased / MiniLM WordPiece vocabulary the paper preset's model uses
 BERT_BASE = {
@@ -152,11 +152,11 @@ def worker(folder: Path, what: str, n_train: int, args: argparse.Namespace) -> d
         assert result.matrix is not None and np.isfinite(result.matrix).all()
         n_ckpt, n_rows = len(ckpts), n_train
     else:
-        tr, te = _Data(train, "training"), _Data(test, "test")
+        tr, te = EncodedData(train, "training"), EncodedData(test, "test")
         size = engine.chunk_size
         chunks = [(lo, min(lo + size, tr.n)) for lo in range(0, tr.n, size)]
         wanted = range(min(args.mem_chunks, len(chunks)))
-        sink = _ShardSink(shard_dir, engine._options(tr, te, len(chunks)))
+        sink = ShardSink(shard_dir, engine.shard_options(tr, te, len(chunks)))
         engine.compute_checkpoint(0, tr, te, chunks, wanted, sink)
         n_ckpt, n_rows = 1, chunks[wanted[-1]][1]
     seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
@@ -173,7 +173,7 @@ def worker(folder: Path, what: str, n_train: int, args: argparse.Namespace) -> d
         "threads": torch.get_num_threads(),
         "device": str(dev),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        **_peak_memory_mb(dev),
+        **peak_memory_mb(dev),
     }
 
 

@@ -95,12 +95,12 @@ def run_data(run: Path, k: int, n_train: int, n_test: int):
     """First k checkpoints and first n_train / n_test instances of a trained run."""
     from core import store
     from core.config import config_from_dict
-    from core.tracin import _run_checkpoints, _run_data
+    from core.tracin import encode_run_data, run_checkpoints
 
     manifest = store.load_manifest(run)
     config = config_from_dict(manifest["config"])
-    ckpts = _run_checkpoints(run, manifest)[:k]
-    train, test, _ = _run_data(run, config.max_length)
+    ckpts = run_checkpoints(run, manifest)[:k]
+    train, test, _ = encode_run_data(run, config.max_length)
 
     def head(d, n):
         d = {key: v[:n] for key, v in d.items()}

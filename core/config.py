@@ -74,7 +74,7 @@ PRESETS: dict[str, StudyConfig] = {
     "quick": StudyConfig(preset="quick", model="tiny", lr=1e-3, tracin_params="all"),
     # The paper's hyper-parameters (§III–IV) with a pretrained encoder. Exact gradients of
     # all 22.7 M MiniLM parameters for 1,800 instances × 10 checkpoints cost hours on a 2-core
-    # CPU, so TracIn uses the factorized projection over every parameter (core.factorized,
+    # CPU, so TracIn uses the factorized projection over every parameter (core.tracin.factorized,
     # K = 64 per side of each layer). Chosen by the error study (`python -m core error-study`,
     # README): against exact all-parameter scores summed over all 10 checkpoints of the demo
     # run, on 20 misclassified + 20 random test rows, it reached median per-row Spearman 0.999

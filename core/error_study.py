@@ -281,9 +281,10 @@ def _seed(manifest: dict[str, Any]) -> int:
 def _engine(
     checkpoints: list[tuple[Path, float]], method: Method, seed: int, dtype: str, device: Any
 ) -> Any:
-    """The TracIn engine of one method (TracInCP, or core.factorized's for factorized:K)."""
-    from core.factorized import engine_for
+    """The TracIn engine of one method (core.tracin.registry: TracInCP, or the factorized
+    engine for factorized:K)."""
     from core.models import load_classifier
+    from core.tracin.registry import engine_for  # torch: imported when a study runs
 
     return engine_for(
         checkpoints,
@@ -311,14 +312,14 @@ def _compute(
     the run, so a study over some checkpoints can later be completed to all); the seconds
     spent on each checkpoint are accumulated in ``seconds.json``.
     """
-    from core.tracin.shards import _ShardSink
+    from core.tracin.shards import ShardSink
 
     checkpoints = engine.checkpoints
     result_file = folder / "result.npz"
     time_file = folder / "seconds.json"
     size = engine.chunk_size
     chunks = [(lo, min(lo + size, tr.n)) for lo in range(0, tr.n, size)]
-    options = engine._options(tr, te, len(chunks))
+    options = engine.shard_options(tr, te, len(chunks))
     key = json.dumps({**options, "used": used}, sort_keys=True)
     if result_file.exists():
         saved = np.load(result_file, allow_pickle=False)
@@ -331,7 +332,7 @@ def _compute(
                 "n_params": int(saved["n_params"]),
                 "source": "computed (error_study_work, reused)",
             }
-    sink = _ShardSink(folder / "shards", options)  # refuses shards of other options
+    sink = ShardSink(folder / "shards", options)  # refuses shards of other options
     per_ckpt: dict[str, float] = {}
     if time_file.exists():
         per_ckpt = {str(k): float(v) for k, v in store.read_json(time_file).items()}
@@ -397,14 +398,14 @@ def error_study(
     written; see the module docstring for what is computed.
     """
     from core.models import resolve_device
-    from core.tracin.inputs import _Data
-    from core.tracin.stage import _run_checkpoints, _run_data
+    from core.tracin.inputs import EncodedData
+    from core.tracin.stage import encode_run_data, run_checkpoints
 
     run = Path(run_dir)
     wanted = parse_methods(methods)
     dtype_name = parse_dtype(dtype)
     manifest = store.load_manifest(run)
-    ckpts = _run_checkpoints(run, manifest)
+    ckpts = run_checkpoints(run, manifest)
     used = parse_checkpoints(checkpoints, len(ckpts))
     dev = resolve_device(device)
     check_dtype_supported(dtype_name, dev)
@@ -422,8 +423,8 @@ def error_study(
         if progress:
             print(message, flush=True)
 
-    train, test, test_ids = _run_data(run, config.max_length, rows)
-    tr, te = _Data(train, "training"), _Data(test, "test")
+    train, test, test_ids = encode_run_data(run, config.max_length, rows)
+    tr, te = EncodedData(train, "training"), EncodedData(test, "test")
     work = run / WORK_DIR
     # Every engine is built and checked on the first checkpoint (a factorized method on a
     # model without linear layers, a scope that selects nothing) before anything is written.

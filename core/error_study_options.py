@@ -9,7 +9,8 @@ Method spellings (``--methods``, comma-separated):
   gradients of that scope;
 - ``dense:D``: the dense seeded projection of every parameter's gradient to D values;
   ``dense:D@SCOPE`` the same projection of one scope's gradient (``dense:256@last-2``);
-- ``factorized:K``: the Kronecker-factored projection of every parameter (core.factorized).
+- ``factorized:K``: the Kronecker-factored projection of every parameter
+  (core.tracin.factorized).
 
 The reference is always exact TracIn over all parameters (the definition), so ``all`` is not
 a method. Test subsets (``--test-subset``): ``all``, ``random:N``, ``misclassified`` or
@@ -23,7 +24,13 @@ import re
 from dataclasses import dataclass
 
 from core.errors import AtlasError
-from core.tracin_options import _positive_int, parse_project, parse_scope
+from core.tracin_options import (
+    Projection,
+    method_projection,
+    method_spellings,
+    parse_scope,
+    positive_int,
+)
 
 DEFAULT_METHODS = "last-2,head,dense:256,factorized:16,factorized:64"
 DEFAULT_SUBSET = "misclassified+random:20"
@@ -44,48 +51,46 @@ class Method:
         return re.sub(r"[^A-Za-z0-9_-]+", "_", self.name.replace(":", "-"))
 
 
-_DENSE_RE = re.compile(r"^dense:([^@]+)(?:@(.+))?$")
-
-
 def parse_method(text: str) -> Method:
-    """One method spelling as a :class:`Method`; :class:`AtlasError` if it is not one."""
+    """One method spelling as a :class:`Method`; :class:`AtlasError` if it is not one.
+
+    A projection is spelled ``PREFIX:DIM`` (its ``method_prefix`` in
+    :data:`core.tracin_options.PROJECTIONS`), followed by ``@SCOPE`` unless it covers every
+    parameter; anything else must be a parameter scope.
+    """
     text = str(text).strip()
     if text == "all":
         raise AtlasError(
             "'all' is the exact reference of the error study, not a method; list approximations "
             "(e.g. last-2, head, dense:256, factorized:16)."
         )
-    if text.startswith("factorized:"):
-        try:
-            mode, dim = parse_project(text)
-        except AtlasError:
-            raise AtlasError(
-                f"'{text}' is not a factorized projection; use factorized:K with K ≥ 1."
-            ) from None
-        return Method(f"factorized:{dim}", "all", f"factorized:{dim}")
-    match = _DENSE_RE.match(text)
-    if match:
-        dim = _positive_int(match.group(1))
-        if dim is None:
-            raise AtlasError(
-                f"'{text}' is not a dense projection; use dense:D with a positive dimension D."
-            )
-        scope = match.group(2) or "all"
-        parse_scope(scope)
-        name = f"dense:{dim}" if scope == "all" else f"dense:{dim}@{scope}"
-        return Method(name, scope, dim)
-    if text.startswith("dense"):
-        raise AtlasError(
-            f"'{text}' is not a dense projection; use dense:D with a positive dimension D."
-        )
+    entry = method_projection(text)
+    if entry is not None:
+        return _projection_method(entry, text)
     try:
         parse_scope(text)
     except AtlasError:
         raise AtlasError(
             f"'{text}' is not an error-study method; use a scope (no-word-embeddings, last-N, "
-            "head), dense:D, dense:D@SCOPE or factorized:K."
+            f"head), {', '.join(method_spellings()[:-1])} or {method_spellings()[-1]}."
         ) from None
     return Method(text, text, None)
+
+
+def _projection_method(entry: Projection, text: str) -> Method:
+    """``PREFIX:DIM[@SCOPE]`` of one projection as a :class:`Method`."""
+    spec, _, scope = text.partition("@")
+    dim = (
+        positive_int(spec[len(entry.method_prefix) :])
+        if spec.startswith(entry.method_prefix)
+        else None
+    )
+    if dim is None or (scope and entry.every_parameter) or ("@" in text and not scope):
+        raise AtlasError(f"'{text}' is not a {entry.mode} projection; {entry.method_usage}.")
+    scope = scope or "all"
+    parse_scope(scope)
+    name = f"{entry.method_prefix}{dim}" + ("" if scope == "all" else f"@{scope}")
+    return Method(name, scope, entry.record(dim))
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -114,7 +119,7 @@ def parse_subset(text: str) -> tuple[bool, int | None]:
         return True, 0
     match = _SUBSET_RE.match(text)
     if match:
-        n = _positive_int(match.group(2))
+        n = positive_int(match.group(2))
         if n is not None:
             return bool(match.group(1)), n
     raise AtlasError(

@@ -15,6 +15,7 @@ from typing import Any
 from core.config import PRESETS, StudyConfig, preset_config
 from core.errors import AtlasError
 from core.executors import EXECUTORS, SHARED_MODES, ExecutorSpec, check_executor
+from core.tracin_options import covers_every_parameter, project_help_short, record_project
 from core.validation import DATA_SUFFIXES, check_number
 
 DEFAULT_CACHE = os.environ.get("ATLAS_CACHE", "cache")
@@ -127,7 +128,7 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--project",
         dest="tracin_project",
-        help="TracIn random projection: a dimension D or factorized:K (see `tracin`)",
+        help=project_help_short(),
     )
     p.add_argument("--cache", default=DEFAULT_CACHE, help="run store folder (default: cache)")
     p.add_argument("--name", help="run folder name (default: derived from the configuration)")
@@ -206,16 +207,13 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         )
     params, project = args.tracin_params, args.tracin_project
     if project is not None:
-        from core.tracin_options import parse_project
-
-        mode, dim = parse_project(project)
-        project = dim if mode == "dense" else f"factorized:{dim}"
-        if mode == "factorized" and params is None:
-            params = "all"  # the factorized projection covers every parameter
-    elif params is not None and str(base.tracin_project or "").startswith("factorized"):
-        # A preset whose default is factorized (over every parameter) with an explicit scope
-        # and no --project: the scope asks for exact gradients (`--params all`: the
-        # definition), so the preset's projection goes.
+        if covers_every_parameter(project) and params is None:
+            params = "all"  # the projection covers every parameter (factorized:K)
+        project = record_project(project)
+    elif params is not None and covers_every_parameter(base.tracin_project):
+        # A preset whose default projection covers every parameter (factorized:K) with an
+        # explicit scope and no --project: the scope asks for exact gradients (`--params all`:
+        # the definition), so the preset's projection goes.
         import dataclasses
 
         base = dataclasses.replace(base, tracin_project=None)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.config import StudyConfig
 from core.errors import AtlasError
-from core.tracin_options import parse_project, parse_scope
+from core.tracin_options import parse_scope, projection
 
 # A run or sweep name: one plain folder name (no separators, no '..', not hidden, not absolute).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -133,11 +133,11 @@ def check_config(config: StudyConfig) -> None:
     if config.lr <= 0:
         raise AtlasError(f"--lr must be positive (got {config.lr}).")
     if config.tracin_project is not None:
-        mode, dim = parse_project(config.tracin_project)
+        entry, dim = projection(config.tracin_project)
         check_number("--project", dim, 1, 1_000_000)
-        if mode == "factorized" and config.tracin_params != "all":
+        if entry.every_parameter and config.tracin_params != "all":
             raise AtlasError(
-                f"--project factorized:{dim} covers every parameter; use --params all "
+                f"--project {entry.record(dim)} covers every parameter; use --params all "
                 f"(got '{config.tracin_params}')."
             )
     check_number("--pos-min", config.pos_min, -1e12, 1e12)

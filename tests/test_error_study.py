@@ -26,9 +26,9 @@ from core.error_study import (
 )
 from core.error_study_options import parse_dtype, parse_method, parse_methods, parse_subset
 from core.errors import AtlasError
-from core.factorized import FactorizedTracIn
 from core.shapes import ShapeRule
-from core.tracin import TracInCP, _run_data, run_tracin
+from core.tracin import TracInCP, encode_run_data, run_tracin
+from core.tracin.factorized import FactorizedTracIn
 from tests.test_tracin import _brute_tracin, _data, _make_run, _rel, _rows, saved_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -196,7 +196,7 @@ def test_error_study_writes_its_files(checkpoints, tmp_path):
         assert m["seconds"] >= 0 and m["n_params"] > 0
         assert set(m["self_influence"]) >= {"recall_at_10pct", "average_precision"}
     # The reference is exact all-parameter TracIn of the selected rows (brute force).
-    train, test, _ = _run_data(run, 16, np.array(summary["test_positions"]))
+    train, test, _ = encode_run_data(run, 16, np.array(summary["test_positions"]))
     ref, ref_self = _brute_tracin(checkpoints, train, test, "all")
     saved = np.load(run / WORK_DIR / "all" / "result.npz")
     assert _rel(saved["matrix"], ref) < 1e-5 and _rel(saved["self_influence"], ref_self) < 1e-5

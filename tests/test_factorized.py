@@ -12,8 +12,8 @@ from transformers import BertForSequenceClassification
 
 from core import store
 from core.errors import AtlasError
-from core.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
 from core.tracin import TracInCP, compare_to_exact, shard_name
+from core.tracin.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
 from core.tracin_options import parse_project
 from tests.test_tracin import (
     LRS,
@@ -123,14 +123,14 @@ def test_token_budget_batches_score_as_one_instance_at_a_time(modules, train, te
 
 
 def test_token_batches_respect_both_limits_and_keep_every_row() -> None:
-    from core.tracin import _Data
+    from core.tracin import EncodedData
 
     widths = [3, 9, 1, 4, 4, 12, 2, 7, 5, 30]
     ids = torch.zeros(len(widths), 40, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, w in enumerate(widths):
         mask[i, :w] = 1
-    data = _Data({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(10)}, "x")
+    data = EncodedData({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(10)}, "x")
     index = np.array([0, 2, 3, 5, 6, 7, 8, 9])
     batches = list(data.token_batches(index, max_tokens=16, max_rows=3))
     assert sorted(np.concatenate(batches).tolist()) == index.tolist()
@@ -256,10 +256,10 @@ RUN_OUTPUTS = (store.TRACIN, store.TRACIN_PER_CHECKPOINT, store.SELF_INFLUENCE)
 def test_run_stage_and_cli_take_factorized_k(checkpoints, tmp_path, monkeypatch):
     import core.models
     from core.cli import main
-    from core.tracin import _run_data, compute, plan, run_tracin
+    from core.tracin import compute, encode_run_data, plan, run_tracin
 
     run = _make_run(tmp_path, checkpoints)
-    train, test = _run_data(run, 16)[:2]
+    train, test = encode_run_data(run, 16)[:2]
     ref = FactorizedTracIn(checkpoints, k=4, seed=3).compute(train, test)
     # Interrupted after the first checkpoint's task: the stage resumes from its shards.
     tasks = plan(run, project="factorized:4", seed=3)

@@ -15,8 +15,8 @@ from transformers import BertForSequenceClassification
 from core import store
 from core.errors import AtlasError
 from core.tracin import (
+    Projector,
     TracInCP,
-    _Projector,
     compare_to_exact,
     norm_shard_name,
     run_tracin,
@@ -232,7 +232,7 @@ def test_projection_is_seeded_and_preserves_dot_products(checkpoints, train, tes
 
 
 def test_projection_of_sparse_rows_equals_dense_projection():
-    proj = _Projector(dim=8, seed=3, device=torch.device("cpu"))
+    proj = Projector(dim=8, seed=3, device=torch.device("cpu"))
     shape = (50, 6)
     dense = torch.zeros(2, 50, 6)
     rows = torch.tensor([1, 7, 33, 49])
@@ -241,7 +241,7 @@ def test_projection_of_sparse_rows_equals_dense_projection():
     full = proj.project("w", shape, dense.reshape(2, -1))
     assert torch.allclose(proj.project_rows("w", shape, rows, vals), full, atol=1e-5)
     # A fresh projector with the same seed reproduces it (no hidden global state).
-    again = _Projector(dim=8, seed=3, device=torch.device("cpu"))
+    again = Projector(dim=8, seed=3, device=torch.device("cpu"))
     assert torch.equal(again.project("w", shape, dense.reshape(2, -1)), full)
 
 
@@ -382,9 +382,9 @@ def _make_run(
 
 def _run_inputs(run: Path) -> tuple[dict, dict]:
     """The run's train/test tensors, encoded as the stage does."""
-    from core.tracin import _run_data
+    from core.tracin import encode_run_data
 
-    train, test, _ = _run_data(run, 16)
+    train, test, _ = encode_run_data(run, 16)
     return train, test
 
 

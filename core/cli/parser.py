@@ -34,6 +34,7 @@ from core.run_options import (
     config_from_args,
     executor_from_args,
 )
+from core.tracin_options import method_spellings, project_help
 from core.validation import check_number, validate_study
 
 
@@ -68,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="all | no-word-embeddings | last-N | head (default: the run's)")
     p.add_argument(
         "--project",
-        help="random projection (approximation): a dimension D (dense) or factorized:K "
-        "(K per side of every layer, all parameters; core/factorized.py)",
+        help=project_help(),
     )
     p.add_argument("--seed", type=int, help="projection seed")
     p.add_argument("--device", default="auto")
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
-        help="comma-separated: scopes (last-N, head, no-word-embeddings), dense:D, "
-        f"dense:D@SCOPE, factorized:K (default {DEFAULT_METHODS})",
+        help="comma-separated: scopes (last-N, head, no-word-embeddings), "
+        f"{', '.join(method_spellings())} (default {DEFAULT_METHODS})",
     )
     p.add_argument(
         "--test-subset",

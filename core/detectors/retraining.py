@@ -104,8 +104,8 @@ def misclassified_influence_matrix(
     """
     import torch
 
-    from core.factorized import engine_for
     from core.models import encode, load_classifier, load_tokenizer, resolve_device
+    from core.tracin.registry import engine_for
     from core.training import train_model
 
     run = Path(run_dir)

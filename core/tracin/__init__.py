@@ -48,20 +48,31 @@ Parameter scopes (``select_parameters``):
 
 Default per preset (core/config.py): ``quick`` uses ``all`` (exact; the tiny model's word
 part is small because only test-vocabulary rows count); ``paper`` uses ``all`` with the
-factorized projection ``factorized:64`` (core.factorized), chosen by the error study
+factorized projection ``factorized:64`` (core.tracin.factorized), chosen by the error study
 (core.error_study), which measures every cheap method against exact all-parameter scores.
 
 The engine assumes BERT-like Hugging Face classifiers: ``get_input_embeddings()``, an
 ``inputs_embeds`` argument, right padding, and no weight tying of the word embeddings.
 
-The package (``core.tracin``) re-exports every public name of its modules:
+The package (``core.tracin``) re-exports the public names of its modules (``__all__`` holds
+public names only; what a module keeps to itself starts with an underscore and is never
+imported by another):
 
+- ``base``: the engine family's :class:`Engine` protocol (``options()``, ``shard_options()``,
+  ``check()``, ``compute()``, ``compute_checkpoint()``), whose default implementations are
+  what its members share (checkpoints, loading, the block loop on :data:`THREADS` torch
+  threads, :class:`TracInResult`); a member fills one :class:`CheckpointJob` at a time;
+- ``engine``: :class:`TracInCP`, exact gradients of a scope or their dense projection;
+- ``factorized``: :class:`FactorizedTracIn`, the Kronecker-factored projection of every
+  parameter (LoGra-style);
+- ``registry``: :func:`engine_for`, the engine of a ``--project`` spec
+  (:data:`core.tracin_options.PROJECTIONS` lists the spellings, torch-free);
 - ``scopes``: :func:`select_parameters` (the torch-free :func:`core.tracin_options.parse_scope`
   checks a scope's spelling before torch is imported);
-- ``projection``: the seeded projector; ``inputs``: encoded instances and batches;
+- ``projection``: the seeded :class:`Projector`; ``inputs``: :class:`EncodedData`, encoded
+  instances and batches;
 - ``gradients``: per-example gradient features of one checkpoint;
-- ``engine``: :class:`TracInCP` (in-memory tensors, any checkpoints);
-- ``shards``: shard files and their aggregation;
+- ``shards``: where blocks go (:class:`MemorySink`, :class:`ShardSink`) and their sum;
 - ``stage``: the run stage (:func:`run_tracin`) and the public task API every executor
   uses: :func:`plan` (run → list of :class:`Task`), :func:`compute` (task → its shards,
   written atomically, skipped when present) and :func:`aggregate` (shards → the run's
@@ -72,51 +83,57 @@ The package (``core.tracin``) re-exports every public name of its modules:
 
 from __future__ import annotations
 
+from core.tracin.base import (
+    CHUNK_SIZE,
+    THREADS,
+    CheckpointJob,
+    Engine,
+    TracInResult,
+    default_loader,
+    fixed_threads,
+    resolve_dtype,
+)
 from core.tracin.engine import (
     BATCH_BYTES,
     BUFFER_BYTES,
-    CHUNK_SIZE,
     MAX_BATCH,
     MAX_BUFFER_ROWS,
     MAX_TEST_BYTES,
     SEQ_BUDGET,
-    THREADS,
     TopK,
     TracInCP,
-    TracInResult,
-    _default_loader,
-    _resolve_dtype,
     bf16_native,
     check_dtype,
-    fixed_threads,
 )
-from core.tracin.gradients import _CheckpointGrads, _Features
-from core.tracin.inputs import _Data, _vocab_of
-from core.tracin.projection import PROJECTION_BLOCK_ELEMS, PROJECTION_CACHE_BYTES, _Projector
-from core.tracin.scopes import _word_embedding_name, select_parameters
+from core.tracin.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
+from core.tracin.gradients import CheckpointGrads, Features
+from core.tracin.inputs import EncodedData, vocab_of
+from core.tracin.projection import PROJECTION_BLOCK_ELEMS, PROJECTION_CACHE_BYTES, Projector
+from core.tracin.registry import ENGINES, engine_class, engine_for
+from core.tracin.scopes import select_parameters, word_embedding_name
 from core.tracin.shards import (
     SHARD_OPTIONS,
-    _aggregate,
-    _MemorySink,
-    _ShardSink,
-    _Sink,
-    _unweighted_norms,
+    MemorySink,
+    ShardSink,
+    Sink,
     norm_shard_name,
     shard_name,
+    sum_blocks,
+    unweighted_norms,
     write_per_checkpoint,
 )
 from core.tracin.stage import (
     Task,
     TaskOptions,
-    _peak_memory_mb,
-    _run_checkpoints,
-    _run_data,
-    _run_options,
     aggregate,
     compute,
     default_chunks_per_task,
+    encode_run_data,
+    peak_memory_mb,
     peak_rss_mb,
     plan,
+    resolve_options,
+    run_checkpoints,
     run_tracin,
     tasks_use_remote_gpu,
 )
@@ -127,6 +144,7 @@ __all__ = [
     "BATCH_BYTES",
     "BUFFER_BYTES",
     "CHUNK_SIZE",
+    "ENGINES",
     "MAX_BATCH",
     "MAX_BUFFER_ROWS",
     "MAX_TEST_BYTES",
@@ -135,43 +153,50 @@ __all__ = [
     "SEQ_BUDGET",
     "SHARD_OPTIONS",
     "THREADS",
+    "CheckpointJob",
+    "CheckpointGrads",
+    "EncodedData",
+    "Engine",
+    "FactorizedGrads",
+    "FactorizedTracIn",
+    "Features",
+    "MemorySink",
+    "Projector",
+    "ShardSink",
+    "Sink",
     "Task",
     "TaskOptions",
     "TopK",
     "TracInCP",
     "TracInResult",
-    "_CheckpointGrads",
-    "_Data",
-    "_Features",
-    "_MemorySink",
-    "_Projector",
-    "_ShardSink",
-    "_Sink",
-    "_aggregate",
-    "_default_loader",
-    "_peak_memory_mb",
-    "_resolve_dtype",
-    "_run_checkpoints",
-    "_run_data",
-    "_run_options",
-    "_unweighted_norms",
-    "_vocab_of",
-    "_word_embedding_name",
     "aggregate",
     "bf16_native",
     "check_dtype",
     "compare_to_exact",
     "compute",
     "default_chunks_per_task",
+    "default_loader",
+    "encode_run_data",
+    "engine_class",
+    "engine_for",
+    "factorized_tracin",
     "fixed_threads",
     "norm_shard_name",
     "parse_scope",
+    "peak_memory_mb",
     "peak_rss_mb",
     "plan",
+    "resolve_dtype",
+    "resolve_options",
+    "run_checkpoints",
     "run_tracin",
-    "tasks_use_remote_gpu",
     "scope_error",
     "select_parameters",
     "shard_name",
+    "sum_blocks",
+    "tasks_use_remote_gpu",
+    "unweighted_norms",
+    "vocab_of",
+    "word_embedding_name",
     "write_per_checkpoint",
 ]

@@ -9,17 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.tracin.projection import _Projector
-from core.tracin.scopes import _word_embedding_name, select_parameters
+from core.tracin.projection import Projector
+from core.tracin.scopes import select_parameters, word_embedding_name
 
 
-class _Features(NamedTuple):
+class Features(NamedTuple):
     """Gradient features of a set of instances at one checkpoint, one tensor per slot."""
 
     slots: list[torch.Tensor]  # each (n, d_slot), in the engine's dot-product dtype
 
 
-class _CheckpointGrads:
+class CheckpointGrads:
     """Per-example gradients of one checkpoint's scope, as dot-product features."""
 
     def __init__(
@@ -27,7 +27,7 @@ class _CheckpointGrads:
         model: nn.Module,
         scope: str,
         device: torch.device,
-        projector: _Projector | None,
+        projector: Projector | None,
         dtype: torch.dtype,
     ) -> None:
         """Select the scope's parameters and build the vmapped gradient function."""
@@ -45,7 +45,7 @@ class _CheckpointGrads:
         self.dtype = dtype
         chosen = select_parameters(model, scope)
         self.n_params = int(sum(p.numel() for _, p in chosen))
-        self.word_name = _word_embedding_name(model)
+        self.word_name = word_embedding_name(model)
         names = [n for n, _ in chosen]
         self.word_in_scope = self.word_name in names
         self.dense_names = [n for n in names if n != self.word_name]

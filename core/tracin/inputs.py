@@ -11,7 +11,7 @@ import torch
 from core.errors import AtlasError
 
 
-class _Data:
+class EncodedData:
     """Encoded instances on the CPU, handed out as trimmed, length-sorted device batches."""
 
     def __init__(self, data: dict[str, torch.Tensor], what: str) -> None:
@@ -86,7 +86,7 @@ class _Data:
         return h.hexdigest()[:16]
 
 
-def _vocab_of(data: _Data, rows: np.ndarray) -> torch.Tensor:
+def vocab_of(data: EncodedData, rows: np.ndarray) -> torch.Tensor:
     """Sorted word ids that occur (unmasked) in ``rows``."""
     sel = torch.as_tensor(rows, dtype=torch.long)
     return torch.unique(data.ids[sel][data.mask[sel] > 0])

@@ -15,7 +15,7 @@ PROJECTION_BLOCK_ELEMS = 1 << 22
 PROJECTION_CACHE_BYTES = 1 << 30
 
 
-class _Projector:
+class Projector:
     """Seeded Gaussian projection to ``dim``, generated in row blocks per parameter."""
 
     def __init__(self, dim: int, seed: int, device: torch.device) -> None:

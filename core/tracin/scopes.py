@@ -12,7 +12,7 @@ from core.tracin_options import parse_scope
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
-def _word_embedding_name(model: nn.Module) -> str | None:
+def word_embedding_name(model: nn.Module) -> str | None:
     """Name of the word-embedding matrix parameter (None if the model has none)."""
     try:
         weight = model.get_input_embeddings().weight
@@ -31,7 +31,7 @@ def select_parameters(model: nn.Module, scope: str) -> list[tuple[str, nn.Parame
     """
     kind, n_last = parse_scope(scope)
     named = [(n, p) for n, p in model.named_parameters()]
-    word = _word_embedding_name(model)
+    word = word_embedding_name(model)
     embed_prefix = word.rsplit(".", 2)[0] + "." if word and word.count(".") >= 2 else None
     base = getattr(model, "base_model_prefix", "") or ""
     if kind == "all":

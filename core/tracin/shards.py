@@ -15,7 +15,7 @@ from core.errors import AtlasError
 SHARD_OPTIONS = "options.json"
 
 
-class _Sink:
+class Sink:
     """Where (checkpoint, chunk) blocks go: memory or shard files."""
 
     def has(self, ckpt: int, chunk: int) -> bool:
@@ -43,7 +43,7 @@ class _Sink:
         raise NotImplementedError
 
 
-class _MemorySink(_Sink):
+class MemorySink(Sink):
     """Blocks kept in a dict (the in-memory API)."""
 
     def __init__(self) -> None:
@@ -85,7 +85,7 @@ def norm_shard_name(ckpt: int) -> str:
     return f"ckpt-{ckpt:02d}_test-norms.npy"
 
 
-class _ShardSink(_Sink):
+class ShardSink(Sink):
     """Blocks as ``.npy`` shards in a folder, with the options they were computed with."""
 
     def __init__(self, folder: Path, options: dict[str, Any]) -> None:
@@ -201,8 +201,8 @@ def _describe(ckpt: Any) -> str:
     return f"recorded as {ckpt!r}"
 
 
-def _aggregate(
-    sink: _Sink,
+def sum_blocks(
+    sink: Sink,
     k: int,
     chunks: list[tuple[int, int]],
     n_test: int,
@@ -228,7 +228,7 @@ def _aggregate(
     return matrix, stack, self_inf, self_per
 
 
-def _unweighted_norms(weighted_sq: np.ndarray, lrs: np.ndarray) -> np.ndarray:
+def unweighted_norms(weighted_sq: np.ndarray, lrs: np.ndarray) -> np.ndarray:
     """‖g_i‖ from the η_i-weighted squared norms (k, n) and the learning rates (k,)."""
     lr = np.where(lrs != 0, lrs, 1.0)[:, None]
     return np.sqrt(np.maximum(weighted_sq / lr, 0.0)).astype(np.float32)

@@ -43,28 +43,23 @@ from core.executors import (
     run_tasks,
     session,
 )
-from core.tracin.engine import (
-    BATCH_BYTES,
-    BUFFER_BYTES,
-    CHUNK_SIZE,
-    MAX_TEST_BYTES,
-    TracInCP,
-    check_dtype,
-)
-from core.tracin.inputs import _Data
+from core.tracin.base import CHUNK_SIZE, Engine
+from core.tracin.engine import BATCH_BYTES, BUFFER_BYTES, MAX_TEST_BYTES, check_dtype
+from core.tracin.inputs import EncodedData
+from core.tracin.registry import engine_for
 from core.tracin.shards import (
     SHARD_OPTIONS,
-    _aggregate,
-    _ShardSink,
-    _unweighted_norms,
+    ShardSink,
     norm_shard_name,
     shard_name,
+    sum_blocks,
+    unweighted_norms,
     write_per_checkpoint,
 )
-from core.tracin_options import parse_project, parse_scope
+from core.tracin_options import covers_every_parameter, parse_scope, record_project
 
 
-def _run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, float]]:
+def run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, float]]:
     """The run's (checkpoint folder, lr) list, or :class:`AtlasError` if training is incomplete."""
     entries = manifest.get("checkpoints") or []
     if not store.stage_done(run, "train") or not entries:
@@ -86,14 +81,15 @@ def _run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, fl
     return out
 
 
-def _run_options(
+def resolve_options(
     run: Path, scope: str | None, project: int | str | None, seed: int | None
 ) -> tuple[dict[str, Any], Any]:
     """Resolve and validate scope/projection against the run's config defaults.
 
-    ``project`` is a dense dimension D or ``factorized:K`` (core.factorized); the recorded
-    option is the int D or the string ``factorized:K``. The factorized projection covers
-    every parameter, so it takes scope 'all' unless another scope was asked for explicitly.
+    ``project`` is any spec of :data:`core.tracin_options.PROJECTIONS` (a dense dimension D
+    or ``factorized:K``); the recorded option is its recorded form (the int D or the string
+    ``factorized:K``). A projection that covers every parameter takes scope 'all' unless
+    another scope was asked for explicitly (refused).
     """
     from core.config import config_from_dict
 
@@ -104,23 +100,22 @@ def _run_options(
     project = project if project is not None else config.tracin_project
     seed = seed if seed is not None else config.tracin_seed
     parse_scope(scope)
-    mode, dim = parse_project(project) if project is not None else (None, None)
-    if mode == "factorized":
+    if covers_every_parameter(project):
         if asked_scope not in (None, "all"):
             raise AtlasError(
-                f"--project factorized:{dim} covers every parameter; drop --params or use "
-                f"--params all (got '{asked_scope}')."
+                f"--project {record_project(project)} covers every parameter; drop --params or "
+                f"use --params all (got '{asked_scope}')."
             )
         scope = "all"
     options = {
         "params": scope,
-        "project": None if mode is None else (dim if mode == "dense" else f"factorized:{dim}"),
+        "project": record_project(project),
         "seed": int(seed) if project is not None else None,
     }
     return options, (manifest, config)
 
 
-def _run_data(
+def encode_run_data(
     run: Path, max_length: int, test_rows: np.ndarray | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, np.ndarray]:
     """Encode the run's train (observed labels) and test (true labels) instances."""
@@ -145,7 +140,7 @@ def _run_data(
     return train, test, test_df["id"].to_numpy()
 
 
-def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
     """Process peak RSS (and CUDA peak allocation) in MiB."""
     out = {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
@@ -205,9 +200,9 @@ class _Context:
 
         manifest = store.load_manifest(run)
         config = config_from_dict(manifest.get("config") or {})
-        checkpoints = _run_checkpoints(run, manifest)
+        checkpoints = run_checkpoints(run, manifest)
         self.epochs = [e.get("epoch") for e in manifest.get("checkpoints") or []]
-        self.engine = _engine(
+        self.engine: Engine = engine_for(
             checkpoints,
             scope=options.params,
             project=options.project,
@@ -217,26 +212,19 @@ class _Context:
             chunk_size=options.chunk_size,
             loader=_load_classifier,
         )
-        train, test, _ = _run_data(run, config.max_length)
-        self.tr = _Data(train, "training")
-        self.te = _Data(test, "test") if test is not None else None
+        train, test, _ = encode_run_data(run, config.max_length)
+        self.tr = EncodedData(train, "training")
+        self.te = EncodedData(test, "test") if test is not None else None
         n, size = self.tr.n, options.chunk_size
         self.chunks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
         self.folder = run / store.TRACIN_SHARDS_DIR
 
     def shard_options(self) -> dict[str, Any]:
         """The shard folder's options: scope, projection, sizes, data and checkpoint identity."""
-        options = self.engine._options(self.tr, self.te, len(self.chunks))
+        options = self.engine.shard_options(self.tr, self.te, len(self.chunks))
         for ident, epoch in zip(options["checkpoints"], self.epochs, strict=False):
             ident["epoch"] = epoch  # the manifest knows the epoch; the engine only the content
         return options
-
-
-def _engine(checkpoints: list[tuple[Path, float]], **options: Any) -> TracInCP:
-    """TracInCP, or core.factorized's engine (same task interface) for ``factorized:K``."""
-    from core.factorized import engine_for  # lazy: core.factorized imports core.tracin
-
-    return engine_for(checkpoints, **options)
 
 
 def _load_classifier(path: Any, device: torch.device) -> Any:
@@ -330,13 +318,13 @@ def plan(
     option; nothing is deleted).
     """
     run = Path(run_dir)
-    opts, (manifest, _) = _run_options(run, scope, project, seed)
-    _run_checkpoints(run, manifest)
+    opts, (manifest, _) = resolve_options(run, scope, project, seed)
+    run_checkpoints(run, manifest)
     if chunks_per_task is not None and int(chunks_per_task) <= 0:
         raise AtlasError(f"chunks_per_task must be positive (got {chunks_per_task}).")
     options = TaskOptions(opts["params"], opts["project"], opts["seed"], dtype, int(chunk_size))
     ctx = _context(run, options, "cpu")
-    sink = _ShardSink(ctx.folder, ctx.shard_options())  # writes options.json, or refuses
+    sink = ShardSink(ctx.folder, ctx.shard_options())  # writes options.json, or refuses
     digest = _options_sha1(sink.options)
     step = int(
         chunks_per_task
@@ -382,7 +370,7 @@ def compute(task: Task, device: str | torch.device = "auto", on_block: Any = Non
             f"Task {task.name} was planned with other options or checkpoints than "
             f"{task.run} now has; plan the run's TracIn again."
         )
-    sink = _ShardSink(ctx.folder, options)
+    sink = ShardSink(ctx.folder, options)
     ctx.engine.compute_checkpoint(
         task.checkpoint, ctx.tr, ctx.te, ctx.chunks, range(*task.chunks), sink, on_block
     )
@@ -473,7 +461,7 @@ def aggregate(run_dir: str | os.PathLike) -> dict[str, Any]:
     run = Path(run_dir)
     folder = run / store.TRACIN_SHARDS_DIR
     options = store.read_json(folder / SHARD_OPTIONS)
-    sink = _ShardSink(folder, options)
+    sink = ShardSink(folder, options)
     k, n_train, n_test = len(options["checkpoints"]), options["n_train"], options["n_test"]
     size = options["chunk_size"]
     chunks = [(lo, min(lo + size, n_train)) for lo in range(0, n_train, size)]
@@ -486,12 +474,12 @@ def aggregate(run_dir: str | os.PathLike) -> dict[str, Any]:
                 f"{folder} lacks {names[0]} (and {len(names) - 1} more of checkpoint {ci + 1}); "
                 "compute the remaining tasks first."
             )
-    matrix, _, self_inf, train_sq = _aggregate(sink, k, chunks, n_test, n_train, False)
+    matrix, _, self_inf, train_sq = sum_blocks(sink, k, chunks, n_test, n_train, False)
     lrs = np.array([c["lr"] for c in options["checkpoints"]], dtype=np.float64)
     store.write_npy(run / store.TRACIN, matrix.astype(np.float32))
     write_per_checkpoint(folder, k, n_train, n_test, size, run / store.TRACIN_PER_CHECKPOINT)
     store.write_npy(run / store.SELF_INFLUENCE, self_inf.astype(np.float32))
-    store.write_npy(run / store.GRAD_NORMS_TRAIN, _unweighted_norms(train_sq, lrs))
+    store.write_npy(run / store.GRAD_NORMS_TRAIN, unweighted_norms(train_sq, lrs))
     if n_test:
         test_sq = np.stack([sink.get_test(ci) for ci in range(k)])
         store.write_npy(
@@ -525,8 +513,8 @@ def run_tracin(
     from core.models import resolve_device
 
     run = Path(run_dir)
-    options, (manifest, config) = _run_options(run, scope, project, seed)
-    checkpoints = _run_checkpoints(run, manifest)
+    options, (manifest, config) = resolve_options(run, scope, project, seed)
+    checkpoints = run_checkpoints(run, manifest)
     provenance.check_upstream(run, "tracin")  # checkpoints of other data: never a mix
     previous = manifest.get("tracin") or {}
     outputs = [
@@ -551,7 +539,7 @@ def run_tracin(
     # A driver without the cluster's GPU checks the options and the first checkpoint on its CPU.
     dev = torch.device("cpu") if remote_gpu else resolve_device(device)
     task_device = str(device) if remote_gpu else str(dev)
-    engine = _engine(
+    engine = engine_for(
         checkpoints,
         scope=options["params"],
         project=options["project"],
@@ -612,7 +600,7 @@ def run_tracin(
         "n_tasks": len(tasks),
         "task_memory_mb": resources.memory_mb,
         "seconds": round(seconds, 2),
-        **_peak_memory_mb(dev),
+        **peak_memory_mb(dev),
     }
     if executor.kind != "local":
         # The driver's own peak says little when tasks ran elsewhere: the largest worker's.

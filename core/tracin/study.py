@@ -11,7 +11,8 @@ import numpy as np
 
 from core import store
 from core.errors import AtlasError
-from core.tracin.stage import _run_checkpoints, _run_data, _run_options
+from core.tracin.registry import engine_for
+from core.tracin.stage import encode_run_data, resolve_options, run_checkpoints
 
 
 def scope_error(
@@ -72,22 +73,20 @@ def compare_to_exact(
     from core.models import load_classifier, resolve_device
 
     run = Path(run_dir)
-    options, (manifest, config) = _run_options(run, scope, project, seed)
-    checkpoints = _run_checkpoints(run, manifest)
+    options, (manifest, config) = resolve_options(run, scope, project, seed)
+    checkpoints = run_checkpoints(run, manifest)
     if n_test <= 0:
         raise AtlasError(f"--compare-n must be positive (got {n_test}).")
     n_test_all = int((store.load_instances(run)["split"] == "test").sum())
     if n_test_all == 0:
         raise AtlasError(f"{run} has no test instances to compare on.")
     rows = np.unique(np.linspace(0, n_test_all - 1, min(n_test, n_test_all)).round().astype(int))
-    train, test, test_ids = _run_data(run, config.max_length, rows)
+    train, test, test_ids = encode_run_data(run, config.max_length, rows)
     dev = resolve_device(device)
 
     def scores(
         scope_: str, project_: int | str | None, seed_: int
     ) -> tuple[np.ndarray, float, int]:
-        from core.factorized import engine_for  # TracInCP, or factorized:K's engine
-
         engine = engine_for(
             checkpoints,
             scope=scope_,

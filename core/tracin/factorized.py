@@ -41,12 +41,13 @@ matrices depend only on (seed, module name, side), so every checkpoint and batch
 same ones. ``identity=True`` (for tests) replaces every projection by the identity: the
 feature is then the exact per-example gradient of all parameters (huge for real models).
 
-Work is organised like :class:`core.tracin.TracInCP`: per checkpoint the test features are
-computed once and held, training instances stream through in batches, and the results land
-in the engine's (checkpoint × training chunk) shards, so ``shard_dir`` resumes a killed run.
-:meth:`FactorizedTracIn.compute_checkpoint` is the same unit of work as TracInCP's, so the run
+Work is organised like :class:`core.tracin.TracInCP`'s: both are members of the engine family
+(:class:`core.tracin.base.Engine`), so per checkpoint the test features are computed
+once and held, training instances stream through in batches, and the results land in the
+family's (checkpoint × training chunk) shards, so ``shard_dir`` resumes a killed run. The run
 stage and its task API (``core tracin RUN --project factorized:K``, ``core run --project
-factorized:K``) drive either engine; :func:`engine_for` picks one from a projection spec.
+factorized:K``) drive either engine; :func:`core.tracin.registry.engine_for` picks one from a
+projection spec.
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,15 +64,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import AtlasError
-from core.tracin import (
+from core.tracin.base import (
     CHUNK_SIZE,
+    CheckpointJob,
+    Checkpoints,
+    Engine,
+    Loader,
     TracInResult,
-    _Data,
-    _default_loader,
-    _resolve_dtype,
-    _Sink,
+    check_sizes,
+    checked_checkpoints,
+    default_loader,
+    resolve_dtype,
+    resolve_engine_device,
 )
-from core.tracin.engine import compute_all, fixed_threads
+from core.tracin.inputs import EncodedData
+from core.tracin_options import FACTORIZED
 
 # A batched forward+backward holds activations (not per-example gradients), which grow with
 # the padded tokens of the batch: batches hold at most TOKENS_PER_BATCH of them (32 rows of
@@ -344,181 +350,101 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-class FactorizedTracIn:
+class FactorizedTracIn(Engine):
     """TracIn with factorized projected gradients of every parameter, over saved checkpoints.
 
     ``checkpoints`` is a list of (path or model, learning rate); ``k`` the per-side
     projection dimension. ``batch_size`` fixes the rows per forward+backward (default: up
     to ``MAX_ROWS`` rows and ``TOKENS_PER_BATCH`` padded tokens). ``identity=True`` is a
-    test switch: exact gradients, no projection.
+    test switch: exact gradients, no projection. A member of the engine family
+    (:class:`core.tracin.base.Engine`); its scores have the layout and semantics of
+    :class:`core.tracin.TracInCP`'s, and its norms are those of the projected features.
     """
+
+    progress_label = "tracin (factorized)"
 
     def __init__(
         self,
-        checkpoints: Sequence[tuple[str | os.PathLike | nn.Module, float]],
+        checkpoints: Checkpoints,
         k: int,
         seed: int = 0,
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
         chunk_size: int = CHUNK_SIZE,
         identity: bool = False,
-        loader: Callable[[Any, torch.device], nn.Module] | None = None,
+        loader: Loader | None = None,
         dtype: torch.dtype | str = torch.float32,
     ) -> None:
         """Validate the options; checkpoints are loaded one at a time when needed."""
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise AtlasError(
                 f"The factorized projection's dot products are float32 or bfloat16 (got {dtype})."
             )
-        if not checkpoints:
-            raise AtlasError("TracIn needs at least one checkpoint.")
-        self.checkpoints: list[tuple[Any, float]] = []
-        for entry in checkpoints:
-            try:
-                where, lr = entry
-                lr = float(lr)
-            except (TypeError, ValueError):
-                raise AtlasError(
-                    f"A checkpoint must be (path, learning rate), got {entry!r}."
-                ) from None
-            if not math.isfinite(lr):
-                raise AtlasError(f"The learning rate of checkpoint {where} is not finite.")
-            self.checkpoints.append((where, lr))
+        self.checkpoints = checked_checkpoints(checkpoints)
         self.k = _check_k(k)
-        if batch_size is not None and batch_size <= 0:
-            raise AtlasError(f"batch_size must be positive (got {batch_size}).")
-        if chunk_size <= 0:
-            raise AtlasError(f"chunk_size must be positive (got {chunk_size}).")
+        check_sizes(batch_size, chunk_size)
         self.seed = int(seed)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_engine_device(device)
         self.batch_size = None if batch_size is None else int(batch_size)
         self.chunk_size = int(chunk_size)
         self.identity_projections = bool(identity)
-        self.loader = loader or _default_loader
+        self.loader = loader or default_loader
         self.n_params: int | None = None
         self.width: int | None = None
 
+    @classmethod
+    def from_projection(
+        cls, checkpoints: Checkpoints, scope: str, dim: int | None, seed: int, **options: Any
+    ) -> FactorizedTracIn:
+        """``factorized:dim`` over every parameter (the registry has checked ``scope``)."""
+        return cls(checkpoints, dim, seed=seed, **options)
+
+    def options(self) -> dict[str, Any]:
+        """Scope ``all``, ``factorized:K``, seed, the identity test switch, dtype, chunk size."""
+        return {
+            "scope": "all",
+            "project": FACTORIZED.record(self.k),
+            "seed": self.seed,
+            "identity": self.identity_projections,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "chunk_size": self.chunk_size,
+        }
+
     def check(self) -> int:
         """Load the first checkpoint and check the method covers it; return its parameter count."""
-        grads = self._grads(self._load(self.checkpoints[0][0]))
+        grads = self._grads(self.load(self.checkpoints[0][0]))
         self.n_params, self.width = grads.n_params, grads.width
         return self.n_params
 
-    def compute(
-        self,
-        train: dict[str, torch.Tensor],
-        test: dict[str, torch.Tensor] | None = None,
-        *,
-        per_checkpoint: bool = False,
-        shard_dir: str | os.PathLike | None = None,
-        progress: bool = False,
-    ) -> TracInResult:
-        """The matrix (if ``test``), self-influence, gradient norms, optionally the stack.
-
-        Same layout and semantics as :meth:`core.tracin.TracInCP.compute`; norms are those
-        of the projected features.
-        """
-        return compute_all(
-            self,
-            train,
-            test,
-            per_checkpoint=per_checkpoint,
-            shard_dir=shard_dir,
-            progress=progress,
-            desc="tracin (factorized)",
-        )
-
-    def compute_checkpoint(
-        self,
-        ci: int,
-        tr: _Data,
-        te: _Data | None,
-        chunks: Sequence[tuple[int, int]],
-        wanted: Iterable[int],
-        sink: _Sink,
-        on_block: Callable[[], None] | None = None,
-    ) -> int:
-        """Put checkpoint ``ci``'s blocks of the ``wanted`` chunks (and its test norms) in ``sink``.
-
-        Blocks already in ``sink`` are skipped; each block is ``η_ci`` × the (n_test + 1,
-        chunk) dot products and depends only on its checkpoint and chunk. ``on_block`` is
-        called once per chunk (present or computed). Returns the number of blocks computed.
-        """
-        where, lr = self.checkpoints[ci]
-        wanted = list(wanted)
-        missing = [c for c in wanted if not sink.has(ci, c)]
-        need_test = te is not None and not sink.has_test(ci)
-        for _ in range(len(wanted) - len(missing)):
-            if on_block is not None:
-                on_block()
-        if not missing and not need_test:
-            return 0
-        with fixed_threads():  # the bits must not depend on where the block runs
-            grads = self._grads(self._load(where))
-            self.n_params, self.width = grads.n_params, grads.width
-            test_feats = None
-            if te is not None:
-                # Held for the whole checkpoint: (n_test, width), in test order.
-                test_feats = self._all_features(grads, te, np.arange(te.n)).to(self.dtype)
-                if need_test:
-                    sink.put_test(ci, _sq_norms(test_feats))
-            for c in missing:
-                sink.put(ci, c, lr * self._block(grads, tr, chunks[c], test_feats))
-                if on_block is not None:
-                    on_block()
-        return len(missing)
-
-    def identity(self) -> list[dict[str, Any] | str]:
-        """Each checkpoint by content (learning rate and SHA-1), never by path string."""
-        from core.provenance import checkpoint_identity
-
-        return [
-            "<module>" if isinstance(w, nn.Module) else checkpoint_identity(w, lr)
-            for w, lr in self.checkpoints
-        ]
-
     # ---- internals
 
-    def _load(self, where: Any) -> nn.Module:
-        """A checkpoint's model on the engine's device, in eval mode."""
-        if isinstance(where, nn.Module):
-            return where.to(self.device).eval()
-        if not Path(where).exists():
-            raise AtlasError(f"The checkpoint {where} does not exist.")
-        return self.loader(where, self.device)
+    def fill_checkpoint(self, model: nn.Module, job: CheckpointJob) -> None:
+        """Blocks from the projected features; the test features are held for the whole
+        checkpoint, (n_test, width) in test order, and give the test norms."""
+        grads = self._grads(model)
+        self.n_params, self.width = grads.n_params, grads.width
+        test_feats = None
+        if job.te is not None:
+            test_feats = self._all_features(grads, job.te, np.arange(job.te.n)).to(self.dtype)
+            if job.need_test:
+                job.put_test(_sq_norms(test_feats))
+        for c in job.missing:
+            job.put(c, self._block(grads, job.tr, job.chunks[c], test_feats))
 
     def _grads(self, model: nn.Module) -> FactorizedGrads:
         """The projected-gradient computer of one checkpoint."""
         return FactorizedGrads(model, self.k, self.seed, self.identity_projections, self.device)
 
-    def _options(self, tr: _Data, te: _Data | None, n_chunks: int) -> dict[str, Any]:
-        """What a shard depends on; shards computed with other options are not reused."""
-        return {
-            "scope": "all",
-            "project": f"factorized:{self.k}",
-            "seed": self.seed,
-            "identity": self.identity_projections,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "chunk_size": self.chunk_size,
-            "n_chunks": n_chunks,
-            "n_train": tr.n,
-            "n_test": te.n if te is not None else 0,
-            # By content, as TracInCP records them (the run stage's plan reads lr and sha1).
-            "checkpoints": self.identity(),
-            "train_data": tr.fingerprint(),
-            "test_data": te.fingerprint() if te is not None else None,
-        }
-
-    def _batches(self, data: _Data, rows: np.ndarray) -> Iterable[np.ndarray]:
+    def _batches(self, data: EncodedData, rows: np.ndarray) -> Iterable[np.ndarray]:
         """Rows of ``data`` in forward+backward batches (width-sorted)."""
         if self.batch_size is not None:
             return data.batches(rows, self.batch_size)
         return data.token_batches(rows, TOKENS_PER_BATCH, MAX_ROWS)
 
-    def _all_features(self, grads: FactorizedGrads, data: _Data, rows: np.ndarray) -> torch.Tensor:
+    def _all_features(
+        self, grads: FactorizedGrads, data: EncodedData, rows: np.ndarray
+    ) -> torch.Tensor:
         """(len(rows), width) features of ``rows``, in the order of ``rows``."""
         out = torch.empty(len(rows), grads.width, device=self.device)
         where = {int(r): i for i, r in enumerate(rows)}
@@ -530,7 +456,7 @@ class FactorizedTracIn:
     def _block(
         self,
         grads: FactorizedGrads,
-        tr: _Data,
+        tr: EncodedData,
         chunk: tuple[int, int],
         test_feats: torch.Tensor | None,
     ) -> np.ndarray:
@@ -571,29 +497,3 @@ def factorized_tracin(
     run_opts = {key: options.pop(key) for key in list(options) if key in compute_keys}
     engine = FactorizedTracIn(checkpoints, k, seed=seed, **options)
     return engine.compute(train, test, **run_opts)
-
-
-def engine_for(
-    checkpoints: Sequence[tuple[str | os.PathLike | nn.Module, float]],
-    scope: str,
-    project: int | str | None,
-    seed: int = 0,
-    **options: Any,
-) -> Any:
-    """The TracIn engine of a projection spec: :class:`core.tracin.TracInCP` for none or a
-    dense dimension, :class:`FactorizedTracIn` for ``factorized:K`` (scope 'all' only).
-
-    ``options`` (device, dtype, chunk_size, loader, ...) go to the engine. Both engines
-    offer ``check``, ``compute``, ``compute_checkpoint`` and ``chunk_size``.
-    """
-    from core.tracin import TracInCP
-    from core.tracin_options import parse_project
-
-    mode, dim = parse_project(project) if project is not None else ("dense", None)
-    if mode == "dense":
-        return TracInCP(checkpoints, scope=scope, project=dim, seed=seed, **options)
-    if scope != "all":
-        raise AtlasError(
-            f"--project factorized:{dim} covers every parameter; use --params all (got '{scope}')."
-        )
-    return FactorizedTracIn(checkpoints, dim, seed=seed, **options)
