@@ -25,6 +25,7 @@ from streamlit.testing.v1 import AppTest
 from core import jobs
 from core.errors import AtlasError
 from ui import study, widgets
+from ui.pages import BY_KEY
 from ui.pages import PAGES as PAGE_SPECS
 from ui.views import cleaning as cleaning_view
 from ui.views import home as home_view
@@ -113,9 +114,11 @@ def texts(at: AppTest) -> str:
 
 
 @pytest.mark.parametrize("page", list(PAGES))
-def test_every_page_renders_with_charts(page, cache, monkeypatch):
+def test_every_page_renders_under_its_registry_title_with_charts(page, cache, monkeypatch):
     at = open_page(page, cache, monkeypatch)
     assert not at.error, [e.value for e in at.error]
+    title = "Influence Atlas" if page == "home" else BY_KEY[page].title
+    assert [t.value for t in at.title] == [title]
     if page != "study":
         assert at.get("vega_lite_chart"), f"{page} drew no chart"
 
@@ -177,6 +180,22 @@ def test_page_registry_is_the_one_page_list():
 
 
 # -- score curves --------------------------------------------------------------------------------
+
+
+def test_page_links_take_their_target_title_and_icon_from_the_registry(cache, monkeypatch):
+    at = open_page("shape", cache, monkeypatch)
+    curves = BY_KEY["curves"]
+    (link,) = [el.proto for el in at.get("page_link")]
+    assert (link.page, link.icon, link.label) == (
+        curves.url_path,
+        curves.icon,
+        f"Open in {curves.title}",
+    )
+    assert link.query_string == f"run=demo&test={qp(at, 'test')}"
+    at = open_page("home", cache, monkeypatch)
+    paper = BY_KEY["replication"]
+    shown = {(el.proto.page, el.proto.icon, el.proto.label) for el in at.get("page_link")}
+    assert (paper.url_path, paper.icon, paper.title) in shown
 
 
 def test_selected_point_reads_streamlit_selection_events():

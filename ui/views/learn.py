@@ -40,8 +40,7 @@ GUESS_KEY = "learn_guess"
 def render() -> None:
     """Draw the Learn-the-shapes page."""
     widgets.run_page(
-        "Learn the shapes",
-        ":material/school:",
+        "learn",
         (
             "The paper sorts every training instance's TracIn score for one test instance and finds "
             "three curve shapes: S, backslash and Z. Here they are, from this run's own data."

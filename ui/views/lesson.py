@@ -93,7 +93,7 @@ QUESTIONS = (
 
 def render() -> None:
     """Draw the lesson."""
-    widgets.setup_page("Lesson: the three shapes", ":material/co_present:")
+    widgets.setup_page("lesson")
     target = teaching_target()
     if target is None:
         st.info(

@@ -21,7 +21,7 @@ SWEEP_COMMAND = "python -m core sweep --preset quick"
 
 def render() -> None:
     """Draw the Noise sweep page."""
-    widgets.setup_page("Noise sweep", ":material/stacked_line_chart:")
+    widgets.setup_page("sweep")
     st.caption(
         "Paper Fig. 4–5: a few flipped labels barely hurt; beyond a threshold, accuracy falls and the "
         "training loss climbs. One model per (flip rate, seed); thin lines are seeds, the bold line "
