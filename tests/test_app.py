@@ -27,8 +27,8 @@ from core.errors import AtlasError
 from ui import study, widgets
 from ui.pages import BY_KEY
 from ui.pages import PAGES as PAGE_SPECS
-from ui.views import cleaning as cleaning_view
-from ui.views import home as home_view
+from ui.screens import cleaning as cleaning_screen
+from ui.screens import home as home_screen
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = {p.key: p.script for p in PAGE_SPECS}  # the app's one page list (ui/pages.py)
@@ -160,9 +160,9 @@ def test_unknown_link_values_show_a_notice(cache, monkeypatch):
 
 
 def test_home_names_epochs_in_good_grammar_and_credits_the_data(cache, monkeypatch):
-    assert home_view.plural(1, "epoch") == "1 epoch"
-    assert home_view.plural(10, "epoch") == "10 epochs"
-    assert home_view.plural(None, "epoch") == "? epochs"
+    assert home_screen.plural(1, "epoch") == "1 epoch"
+    assert home_screen.plural(10, "epoch") == "10 epochs"
+    assert home_screen.plural(None, "epoch") == "? epochs"
     at = open_page("home", cache, monkeypatch)
     assert "1 epochs" not in texts(at)
     assert "vaderSentiment" in texts(at) and "C.J. Hutto" in texts(at)
@@ -641,7 +641,7 @@ def test_the_upload_form_says_what_core_run_would_say(tmp_path):
 def test_recall_curve_and_review_queue():
     flipped = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], bool)
     perfect = flipped.astype(float)
-    rc = cleaning_view.recall_frame(perfect, flipped, "d")  # core.metrics.recall_curve
+    rc = cleaning_screen.recall_frame(perfect, flipped, "d")  # core.metrics.recall_curve
     assert rc.recall.iloc[-1] == 1.0 and rc.recall.iloc[0] == 0.0
     assert rc.loc[rc.fraction >= 0.2, "recall"].min() == 1.0
     train = pd.DataFrame(
@@ -654,7 +654,7 @@ def test_recall_curve_and_review_queue():
         }
     )
     det = pd.DataFrame({"id": range(10), "d": perfect})
-    q = cleaning_view.review_queue(det, "d", train, 2, ["neg", "pos"])
+    q = cleaning_screen.review_queue(det, "d", train, 2, ["neg", "pos"])
     assert q.flipped.all() and list(q.suggested_label) == ["neg", "neg"]
     assert list(q.columns[:3]) == ["rank", "flipped", "id"]
 
@@ -670,7 +670,7 @@ def test_app_code_never_imports_heavy_libraries():
                 names = [node.module]
             bad = {n.split(".")[0] for n in names} & FORBIDDEN
             assert not bad, f"{path.name} imports {bad}"
-    code = "import sys; import ui.views.home, ui.views.curves, ui.views.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi', 'ray'}))"
+    code = "import sys; import ui.screens.home, ui.screens.curves, ui.screens.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi', 'ray'}))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )

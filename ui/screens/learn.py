@@ -14,7 +14,7 @@ import streamlit as st
 from core import shape_references, views
 from core import shapes as core_shapes
 from ui import charts, compute, data, influence, widgets
-from ui.views import curves
+from ui.screens import curves
 
 EXPLAIN = {
     core_shapes.SHAPE_S: (

@@ -9,7 +9,7 @@ import streamlit as st
 from core import shapes as core_shapes
 from core import stats
 from ui import charts, data, influence, pages, widgets
-from ui.views import curves
+from ui.screens import curves
 
 Y_CHOICES = {
     "end_ratio": "flips' end ratio (Fig. 3)",

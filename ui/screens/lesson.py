@@ -17,7 +17,7 @@ from core import replication as core_replication
 from core import shapes as core_shapes
 from core import store, views
 from ui import charts, compute, data, widgets
-from ui.views import curves
+from ui.screens import curves
 
 QP_STEP = "step"
 STEPS = (
