@@ -297,7 +297,7 @@ def default_test(run: data.Run) -> int:
     with the lowest id (the paper studies misclassified instances), else the lowest id.
 
     One rule for all pages, read from shapes.parquet and not from the order a page sorts its
-    picker in (Score curves and Neighbourhoods used to open on different instances).
+    picker in, so that every page opens on the same instance.
     """
     shapes = run.shapes()
     ids = shapes["id"].astype(int)

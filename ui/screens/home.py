@@ -55,7 +55,7 @@ def render() -> None:
     if run is not None:
         with widgets.guard():
             summary(run)
-    # A short label: a page link does not wrap, and the long one was cut off on a phone.
+    # A short label: a page link does not wrap, and a longer one is cut off on a phone.
     widgets.page_link("replication")
     st.caption("Each claim of the paper tested across conditions and seeds.")
     teaching()
@@ -126,8 +126,8 @@ def summary(run: data.Run) -> None:
         if run.has(store.SHAPES):
             shapes = run.shapes()
             counts = _shape_counts(shapes)
-            # Short headers: the column is two fifths of a laptop's window, and the last
-            # column was cut off under "mean end ratio %".
+            # Short headers: the column is two fifths of a laptop's window, and a header as
+            # long as "mean end ratio %" cuts off the last column.
             st.dataframe(
                 counts,
                 hide_index=True,

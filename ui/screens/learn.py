@@ -186,7 +186,7 @@ def guess(run: data.Run) -> None:
 
 CHOICE_KEY = "learn_choice"
 # The last first curve of each run in this server process, so a new session never opens on
-# the curve the previous one opened on (the exercise used to open on the same one every time).
+# the curve the previous one opened on (a deterministic pick would open on the same one every time).
 _LAST_FIRST: dict[str, tuple[str, int]] = {}
 
 
