@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_detectors import make_tiny_run
+import runstore_factory as factory
 
 from core import cleaning, detectors, store
 from core.errors import AtlasError
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture
 def scored_run(tmp_path):
-    run = make_tiny_run(tmp_path)
+    run = factory.make_model_run(tmp_path)
     detectors.run_detect(run, detectors=["loss", "aum", "random"], progress=False)
     return run
 
