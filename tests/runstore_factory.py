@@ -669,7 +669,7 @@ def _metrics(score: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
 
 
 def _detection(det: pd.DataFrame, flipped: np.ndarray) -> dict[str, Any]:
-    """detection.json as documented for issue 7."""
+    """detection.json as docs/run-store.md documents it."""
     n, k = len(flipped), int(flipped.sum())
     rate = k / n
     random = {

@@ -480,7 +480,7 @@ def test_sweep_progress_counts_the_trained_cells(tmp_path):
     )
     from core import locks
 
-    with locks.hold(sweep):  # 'running' only while a live process holds its lock (issue 24)
+    with locks.hold(sweep):  # 'running' only while a live process holds its lock
         prog = jobs.sweep_progress(sweep)
     assert (prog["cells_done"], prog["cells_total"], prog["status"]) == (1, 4, "running")
     assert jobs.sweep_progress(sweep)["status"] == "interrupted"
