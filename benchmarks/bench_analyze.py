@@ -11,7 +11,7 @@ random TracIn matrix mixing S, Z and straight curves. Each call runs in a fresh
 process, so UMAP's one-off compilation is included, as it is in a real
 ``python -m core analyze``. The synthetic run also stores a 10-checkpoint stack and gradient
 norms, so every per-checkpoint view in every normalisation is classified, as on the demo.
-Target (issue 10): ≤ 60 s on a 2-core CPU, all views included.
+Target: ≤ 60 s on a 2-core CPU, all views included.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_detect.py RUN [--force] [--json OUT]
 
 Runs the detect stage first when the run has none (or with ``--force``), then prints
-one line per detector and the issue-7 goal check: some detector finds ≥ 90 % of the
+one line per detector and the goal check: some detector finds ≥ 90 % of the
 flips within the top 10 % and beats the ``loss`` and ``cleanlab`` baselines on
 average precision. It also prints ablations that the stored detectors do not show:
 

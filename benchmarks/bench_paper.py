@@ -1,6 +1,6 @@
 """TracIn time against training time on a paper-preset run, measured side by side in one process.
 
-The issue's budget is "TracIn wall time ≤ 1.0 × the training time of the same run on the same
+The budget is "TracIn wall time ≤ 1.0 × the training time of the same run on the same
 machine". Training the paper preset takes 10 epochs and TracIn sums 10 checkpoints, so one
 epoch and one checkpoint are measured, one after the other in this process, on the run's own
 data (1,600 training instances, evaluation of every instance after the epoch as the train stage
@@ -14,8 +14,8 @@ does) and the run's first checkpoint:
 
 The ratio printed per method is (one checkpoint's TracIn) / (one epoch's training), which is
 the full run's ratio when every epoch and checkpoint costs the same. Device and dtype are
-printed with the figures; ``--device cuda`` uses a GPU where there is one (no GPU was available
-when this was written: the CUDA path is the same code with tensors on the device).
+printed with the figures; ``--device cuda`` uses a GPU where there is one (the CUDA path is
+the same code with tensors on the device).
 
     python benchmarks/bench_paper.py cache/demo-es --methods factorized:16,factorized:64,last-2
 """

@@ -4,7 +4,7 @@
     python benchmarks/bench_study.py --padding-only  # only the padding comparison
     python benchmarks/bench_study.py --paper-run cache/demo   # report a finished paper run's timings
 
-Targets (issue 2): quick preset (data, tokenizer, 10 epochs, checkpoints) ≤ 120 s on a 2-core
+Targets: quick preset (data, tokenizer, 10 epochs, checkpoints) ≤ 120 s on a 2-core
 CPU; the paper preset's time is reported. Padding is measured side by side in one process:
 one epoch of forward+backward with length-bucketed batches vs batches padded to max_length.
 """

@@ -41,7 +41,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--full", action="store_true", help="the issue's 7 rates × 3 seeds quick sweep"
+        "--full", action="store_true", help="the full quick sweep: 7 rates × 3 seeds"
     )
     args = parser.parse_args()
     from core.cli import _quiet_libraries

@@ -301,16 +301,6 @@ OUTPUTS = (
 )
 
 
-def available_normalisations(inputs: dict[str, Any]) -> tuple[str, ...]:
-    """Normalisations the stored arrays allow: raw always, relative / cosine with the norms."""
-    if inputs.get("norms") is None:
-        return (views.RAW,)
-    train_norms, test_norms = inputs["norms"]
-    if test_norms is None:
-        return (views.RAW, views.RELATIVE)
-    return views.NORMALISATIONS
-
-
 def _view_shapes(
     inputs: dict[str, Any],
     test_ids: np.ndarray,
@@ -332,7 +322,8 @@ def _view_shapes(
         )
         return empty, np.zeros((0, len(test_ids), n_flip), np.int32), []
     norms = inputs.get("norms") or (None, None)
-    todo = views.standard_views(stack.shape[0], available_normalisations(inputs))
+    allowed = views.allowed_normalisations(True, norms[0] is not None, norms[1] is not None)
+    todo = views.standard_views(stack.shape[0], allowed)
     _say(progress, f"analyze: shapes of {len(todo)} per-checkpoint views")
     rank_dtype = np.int16 if flipped.size <= np.iinfo(np.int16).max else np.int32
     ranks = np.zeros((len(todo), len(test_ids), n_flip), dtype=rank_dtype)

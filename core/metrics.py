@@ -19,7 +19,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from core.errors import AtlasError
 
-# Fractions of the training set inspected, as in issue 7 and docs/run-store.md.
+# Fractions of the training set inspected, as documented in docs/run-store.md.
 FRACTIONS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.2)
 
 METRIC_NAMES: tuple[str, ...] = (

@@ -34,6 +34,31 @@ NORMALISATION_HELP = {
 }
 
 
+def allowed_normalisations(
+    has_stack: bool, has_train_norms: bool, has_test_norms: bool
+) -> tuple[str, ...]:
+    """The normalisations a run's stored arrays allow, the one rule the analyzer and the app share.
+
+    ``raw`` always (with no per-checkpoint stack it is the one full view, ``tracin.npy``);
+    ``relative`` needs the stack and the training gradient norms; ``cosine`` needs the test
+    gradient norms as well. Norms without the stack are of no use: every view is built from it.
+    """
+    if not (has_stack and has_train_norms):
+        return (RAW,)
+    if not has_test_norms:
+        return (RAW, RELATIVE)
+    return NORMALISATIONS
+
+
+def missing_normalisations_note(allowed: tuple[str, ...]) -> str:
+    """One sentence saying why the normalisations outside ``allowed`` are missing ("" if none are)."""
+    if set(allowed) >= set(NORMALISATIONS):
+        return ""
+    if RELATIVE in allowed:
+        return "This run stores no test gradient norms, so cosine scores do not exist."
+    return "This run stores no per-checkpoint gradient norms, so only raw scores exist."
+
+
 @dataclass(frozen=True)
 class View:
     """Checkpoints ``first``..``last`` (1-based, inclusive), each term normalised by ``normalisation``."""

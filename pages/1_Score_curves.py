@@ -1,5 +1,5 @@
 """Score curves (paper Fig. 1): sorted TracIn curves of test instances."""
 
-from ui.views import curves
+from ui.screens import curves
 
 curves.render()

@@ -1,5 +1,5 @@
 """Shape vs position (paper Fig. 3): S-shapedness against where the flips sit."""
 
-from ui.views import shape
+from ui.screens import shape
 
 shape.render()

@@ -1,5 +1,5 @@
 """Neighbourhoods (paper Fig. 2): [CLS] distances and a map of all instances."""
 
-from ui.views import neighbourhoods
+from ui.screens import neighbourhoods
 
 neighbourhoods.render()

@@ -1,5 +1,5 @@
 """Noise sweep (paper Fig. 4-5): accuracy and loss against the flip rate."""
 
-from ui.views import sweep
+from ui.screens import sweep
 
 sweep.render()

@@ -1,5 +1,5 @@
 """Cleaning lab: detectors against the known flips, review queue, interventions."""
 
-from ui.views import cleaning
+from ui.screens import cleaning
 
 cleaning.render()

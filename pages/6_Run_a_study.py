@@ -1,5 +1,5 @@
 """Run a study: start python -m core run in the background and follow it."""
 
-from ui.views import study
+from ui.screens import study
 
 study.render()

@@ -1,5 +1,5 @@
 """Does the paper hold? The claims × conditions grid of the replication study."""
 
-from ui.views import replication
+from ui.screens import replication
 
 replication.render()

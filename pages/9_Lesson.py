@@ -1,5 +1,5 @@
 """The lesson: the three shapes in five steps, on the teaching run."""
 
-from ui.views import lesson
+from ui.screens import lesson
 
 lesson.render()

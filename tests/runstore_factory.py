@@ -1,7 +1,10 @@
-"""A small, internally consistent fake run store, built with NumPy and pandas only.
+"""The tests' one builder of runs: a small, internally consistent fake run store.
 
 The app's tests need a run that looks exactly like what the pipeline writes
-(docs/run-store.md) without training anything. Scores are synthetic curves of
+(docs/run-store.md) without training anything: :func:`make_run`, :func:`make_store` and the
+rest are built with NumPy and pandas only. The engine, detector and cleaning tests need real
+model files too: :func:`make_model_run` and :func:`make_checkpoint_run` add a tokenizer and tiny
+BERT checkpoints (transformers is imported inside them). Scores are synthetic curves of
 known shape (S, Z, backslash) with the flipped instances placed where the paper
 finds them, so shape classes, end ratios and detector metrics are meaningful.
 Everything is written with the atomic helpers of ``core.store``.
@@ -18,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from core import analysis, store
-from core.config import PRESETS
+from core.config import PRESETS, StudyConfig
 from core.detectors import DETECTORS
 from core.metrics import FRACTIONS
 from core.shapes import S_MIN, TRIM, Z_MAX
@@ -340,6 +343,189 @@ def corrupt_run(cache: str | Path, name: str = "broken", how: str = "instances")
 
 
 # ---------------------------------------------------------------------------------------------
+# runs with a real tokenizer and tiny BERT checkpoints (the engine, detector and cleaning tests);
+# transformers is imported inside each, so the torch-free app tests can import this module
+
+
+_MODEL_POSITIVE = ["good", "great", "nice", "love", "fine", "happy"]
+_MODEL_NEGATIVE = ["bad", "awful", "poor", "hate", "sad", "broken"]
+_MODEL_FILLER = ["the", "item", "was", "really", "this", "very", "product", "it"]
+_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _model_sentence(rng: np.random.Generator, label: int) -> str:
+    words = list(rng.choice(_MODEL_POSITIVE if label else _MODEL_NEGATIVE, size=2)) + list(
+        rng.choice(_MODEL_FILLER, size=3)
+    )
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def make_model_run(
+    root: Path, n_train: int = 48, n_val: int = 8, n_test: int = 12, flips: int = 4, epochs: int = 2
+) -> Path:
+    """A run at ``root/tiny-run`` with every file the detectors read, made of a toy two-word-class
+    dataset, with a real tokenizer and random tiny BERT checkpoints.
+
+    Texts are made of sentiment words plus filler, so a model learns them in a few
+    steps; the influence files are synthetic but put the flips where real ones go
+    (high self-influence, high final loss).
+    """
+    from transformers import BertTokenizer
+
+    from tests.conftest import tiny_bert
+
+    rng = np.random.default_rng(0)
+    run = root / "tiny-run"
+    run.mkdir(parents=True)
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    labels = np.array([i % 2 for i in range(len(splits))])
+    texts = [_model_sentence(rng, int(y)) for y in labels]
+    flipped = np.zeros(len(splits), bool)
+    flipped[rng.choice(n_train, size=flips, replace=False)] = True
+    observed = np.where(flipped, 1 - labels, labels)
+    instances = pd.DataFrame(
+        {
+            "id": np.arange(len(splits)),
+            "split": splits,
+            "text": texts,
+            "label": labels,
+            "observed_label": observed,
+            "flipped": flipped,
+            "source_row": np.arange(len(splits)) + 100,
+        }
+    )
+    store.write_parquet(run / store.INSTANCES, instances)
+
+    vocab = root / "vocab.txt"
+    vocab.write_text(
+        "\n".join(_SPECIALS + _MODEL_POSITIVE + _MODEL_NEGATIVE + _MODEL_FILLER) + "\n", "utf-8"
+    )
+    tokenizer = BertTokenizer(str(vocab), do_lower_case=True)
+    tokenizer.save_pretrained(str(run / store.TOKENIZER_DIR))
+    config = StudyConfig(
+        preset="test",
+        n_train=n_train,
+        flip_count=flips,
+        model="tiny",
+        epochs=epochs,
+        lr=3e-3,
+        batch_size=16,
+        max_length=16,
+        device="cpu",
+    )
+    checkpoints = []
+    for epoch in range(1, epochs + 1):
+        model = tiny_bert(len(tokenizer), seed=None, layers=1)
+        path = run / store.CHECKPOINTS_DIR / f"epoch-{epoch:02d}"
+        model.save_pretrained(str(path))
+        checkpoints.append({"epoch": epoch, "path": str(path.relative_to(run)), "lr": config.lr})
+
+    # Logits: confident on the observed label for clean instances, torn on flips.
+    margin = np.where(flipped, -0.5, 2.0) + rng.normal(0, 0.3, len(splits))
+    sign = np.where(observed == 1, 1.0, -1.0)
+    final = np.stack([-sign * margin / 2, sign * margin / 2], axis=1)
+    logits = np.stack([final * 0.5, final]).astype(np.float32)
+    store.write_npy(run / store.LOGITS, logits)
+    self_inf = rng.gamma(2.0, 1.0, n_train) + 4.0 * flipped[:n_train]
+    store.write_npy(run / store.SELF_INFLUENCE, self_inf.astype(np.float32))
+    tracin = rng.normal(0, 1, (n_test, n_train)).astype(np.float32)
+    store.write_npy(run / store.TRACIN, tracin)
+    test_ids = np.arange(n_train + n_val, len(splits))
+    shapes_df = pd.DataFrame(
+        {
+            "id": test_ids,
+            "correct": np.arange(n_test) % 3 != 0,
+            "s": np.linspace(-0.4, 0.6, n_test),
+            "shape": ["Z"] * 4 + ["backslash"] * 4 + ["S"] * 4,
+        }
+    )
+    store.write_parquet(run / store.SHAPES, shapes_df)
+    store.write_json(
+        run / store.MANIFEST,
+        {
+            "kind": "run",
+            "name": run.name,
+            "status": "complete",
+            "config": config.to_dict(),
+            "data": {"source": str(root / "input.csv"), "label_names": ["negative", "positive"]},
+            "n_train": n_train,
+            "n_val": n_val,
+            "n_test": n_test,
+            "n_flipped": flips,
+            "checkpoints": checkpoints,
+            "stages": {},
+        },
+    )
+    return run
+
+
+_CHECKPOINT_WORDS = [f"w{i}" for i in range(30)]
+
+
+def make_checkpoint_run(
+    root: Path,
+    checkpoints: Sequence[tuple[Path, float]],
+    n_train: int = 12,
+    n_test: int = 5,
+    complete: bool = True,
+    max_words: int = 8,
+    max_length: int = 16,
+) -> Path:
+    """A run ready for TracIn at ``root/run``: a word-level tokenizer, instances and copies of
+    ``checkpoints`` ((saved model folder, learning rate) pairs), data and train marked complete.
+
+    Texts have 2 to ``max_words`` words; the run encodes them to ``max_length`` tokens.
+    """
+    from transformers import BertForSequenceClassification, BertTokenizer
+
+    run = root / "run"
+    (run / store.TOKENIZER_DIR).mkdir(parents=True)
+    vocab_file = root / "vocab.txt"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab_file.write_text("\n".join(specials + _CHECKPOINT_WORDS) + "\n")
+    BertTokenizer(str(vocab_file), do_lower_case=True).save_pretrained(run / store.TOKENIZER_DIR)
+    rng = np.random.default_rng(0)
+    n_val = 2
+    n = n_train + n_val + n_test
+    texts = [
+        " ".join(rng.choice(_CHECKPOINT_WORDS, rng.integers(2, max_words + 1))) for _ in range(n)
+    ]
+    labels = rng.integers(0, 2, n)
+    observed = labels.copy()
+    observed[:2] = 1 - observed[:2]
+    split = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    df = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "split": split,
+            "text": texts,
+            "label": labels,
+            "observed_label": observed,
+            "flipped": observed != labels,
+            "source_row": np.arange(n),
+        }
+    )
+    store.write_parquet(run / store.INSTANCES, df)
+    ckpts = []
+    for i, (path, lr) in enumerate(checkpoints):
+        dest = run / store.CHECKPOINTS_DIR / f"epoch-{i + 1:02d}"
+        BertForSequenceClassification.from_pretrained(path).save_pretrained(dest)
+        ckpts.append(
+            {"epoch": i + 1, "path": f"{store.CHECKPOINTS_DIR}/epoch-{i + 1:02d}", "lr": lr}
+        )
+    config = PRESETS["quick"].replace(max_length=max_length).to_dict()
+    store.write_json(
+        run / store.MANIFEST,
+        {"kind": "run", "name": "run", "status": "running", "config": config, "checkpoints": ckpts},
+    )
+    store.mark_stage(run, "data", store.STATUS_COMPLETE)
+    if complete:
+        store.mark_stage(run, "train", store.STATUS_COMPLETE)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -483,7 +669,7 @@ def _metrics(score: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
 
 
 def _detection(det: pd.DataFrame, flipped: np.ndarray) -> dict[str, Any]:
-    """detection.json as documented for issue 7."""
+    """detection.json as docs/run-store.md documents it."""
     n, k = len(flipped), int(flipped.sum())
     rate = k / n
     random = {

@@ -18,6 +18,7 @@ from core import shapes, store, views
 from core.analysis import analyze_run, correlation, correlations, summary_rows
 from core.errors import AtlasError
 from tests.conftest import tiny_bert
+from ui import data, influence
 
 N_TRAIN, N_VAL, N_TEST = 40, 4, 10
 FLIPPED = [3, 10, 25, 33]  # training rows whose labels were flipped
@@ -337,6 +338,23 @@ def test_correlation_is_nan_safe_and_says_when_it_means_nothing():
     assert got["n"] == 9 and got["reason"] is None
     assert got["spearman"] == pytest.approx(stats.spearmanr(x[:9], y[:9]).statistic)
     assert got["pearson_p"] == pytest.approx(stats.pearsonr(x[:9], y[:9]).pvalue)
+
+
+@pytest.mark.parametrize(
+    ("dropped", "allowed"),
+    [
+        ((), views.NORMALISATIONS),
+        ((store.GRAD_NORMS_TEST,), (views.RAW, views.RELATIVE)),
+        ((store.GRAD_NORMS_TRAIN,), (views.RAW,)),
+    ],
+)
+def test_the_analyzer_and_the_app_allow_the_same_normalisations(run, dropped, allowed):
+    for name in dropped:
+        (run / name).unlink()
+    analyze_run(run, progress=False)
+    stored = pd.read_parquet(run / store.SHAPES_BY_VIEW)["normalisation"]
+    assert tuple(dict.fromkeys(stored)) == allowed
+    assert influence.normalisations(data.Run(run)) == allowed
 
 
 def test_views_cumulative_to_the_last_checkpoint_reproduce_the_default_shapes(run):

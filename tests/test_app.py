@@ -17,20 +17,28 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import runstore_factory as factory
+from page_harness import (
+    PAGES,
+    REPO,
+    charts_named,
+    frame_with,
+    one_chart,
+    open_page,
+    qp,
+    texts,
+)
 from streamlit.testing.v1 import AppTest
 
 from core import jobs
 from core.errors import AtlasError
 from ui import study, widgets
+from ui.pages import BY_KEY
 from ui.pages import PAGES as PAGE_SPECS
-from ui.views import cleaning as cleaning_view
-from ui.views import home as home_view
+from ui.screens import cleaning as cleaning_screen
+from ui.screens import home as home_screen
 
-REPO = Path(__file__).resolve().parents[1]
-PAGES = {p.key: p.script for p in PAGE_SPECS}  # the app's one page list (ui/pages.py)
 FORBIDDEN = {"torch", "transformers", "umap", "fugashi", "ray"}
 ROLES = ("training", "held out", "flipped", "proponent", "opponent", "selected")
 
@@ -44,78 +52,15 @@ def cache(tmp_path_factory) -> Path:
     return factory.make_store(tmp_path_factory.mktemp("store"))
 
 
-def open_page(
-    page: str, cache_dir: Path, monkeypatch, query: dict[str, str] | None = None
-) -> AppTest:
-    """Run one page of the app (entry point app.py, as `streamlit run` does) against a store."""
-    monkeypatch.setenv("ATLAS_CACHE", str(cache_dir))
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    if PAGES[page]:
-        at.run()  # st.navigation registers the pages on the first run
-        at.switch_page(PAGES[page])
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def charts_named(at: AppTest, name: str) -> list[tuple[dict, list[pd.DataFrame]]]:
-    """(spec, datasets) of every chart whose usermeta names it ``name``."""
-    out = []
-    for el in at.get("vega_lite_chart"):
-        spec = json.loads(el.proto.spec)
-        if spec.get("usermeta", {}).get("atlas") == name:
-            frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in el.proto.datasets]
-            out.append((spec, frames))
-    return out
-
-
-def one_chart(at: AppTest, name: str) -> tuple[dict, list[pd.DataFrame]]:
-    found = charts_named(at, name)
-    assert len(found) == 1, f"expected one '{name}' chart, found {len(found)}"
-    return found[0]
-
-
-def frame_with(frames: list[pd.DataFrame], *columns: str) -> pd.DataFrame:
-    """The dataset that has all ``columns``."""
-    hits = [f for f in frames if set(columns) <= set(f.columns)]
-    assert hits, f"no dataset with columns {columns}: {[list(f.columns) for f in frames]}"
-    return hits[0]
-
-
-def qp(at: AppTest, key: str) -> str:
-    """A query parameter of the page after its run (AppTest may hold a str or a list)."""
-    value = at.query_params[key]
-    return value[0] if isinstance(value, list) else value
-
-
-def texts(at: AppTest) -> str:
-    """All markdown, captions, headers, info/error/code text of a page, joined."""
-    parts = []
-    for kind in (
-        "markdown",
-        "caption",
-        "header",
-        "subheader",
-        "title",
-        "info",
-        "error",
-        "warning",
-        "code",
-        "success",
-    ):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    return "\n".join(parts)
-
-
 # -- every page ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("page", list(PAGES))
-def test_every_page_renders_with_charts(page, cache, monkeypatch):
+def test_every_page_renders_under_its_registry_title_with_charts(page, cache, monkeypatch):
     at = open_page(page, cache, monkeypatch)
     assert not at.error, [e.value for e in at.error]
+    title = "Influence Atlas" if page == "home" else BY_KEY[page].title
+    assert [t.value for t in at.title] == [title]
     if page != "study":
         assert at.get("vega_lite_chart"), f"{page} drew no chart"
 
@@ -157,9 +102,9 @@ def test_unknown_link_values_show_a_notice(cache, monkeypatch):
 
 
 def test_home_names_epochs_in_good_grammar_and_credits_the_data(cache, monkeypatch):
-    assert home_view.plural(1, "epoch") == "1 epoch"
-    assert home_view.plural(10, "epoch") == "10 epochs"
-    assert home_view.plural(None, "epoch") == "? epochs"
+    assert home_screen.plural(1, "epoch") == "1 epoch"
+    assert home_screen.plural(10, "epoch") == "10 epochs"
+    assert home_screen.plural(None, "epoch") == "? epochs"
     at = open_page("home", cache, monkeypatch)
     assert "1 epochs" not in texts(at)
     assert "vaderSentiment" in texts(at) and "C.J. Hutto" in texts(at)
@@ -177,6 +122,22 @@ def test_page_registry_is_the_one_page_list():
 
 
 # -- score curves --------------------------------------------------------------------------------
+
+
+def test_page_links_take_their_target_title_and_icon_from_the_registry(cache, monkeypatch):
+    at = open_page("shape", cache, monkeypatch)
+    curves = BY_KEY["curves"]
+    (link,) = [el.proto for el in at.get("page_link")]
+    assert (link.page, link.icon, link.label) == (
+        curves.url_path,
+        curves.icon,
+        f"Open in {curves.title}",
+    )
+    assert link.query_string == f"run=demo&test={qp(at, 'test')}"
+    at = open_page("home", cache, monkeypatch)
+    paper = BY_KEY["replication"]
+    shown = {(el.proto.page, el.proto.icon, el.proto.label) for el in at.get("page_link")}
+    assert (paper.url_path, paper.icon, paper.title) in shown
 
 
 def test_selected_point_reads_streamlit_selection_events():
@@ -519,7 +480,7 @@ def test_sweep_progress_counts_the_trained_cells(tmp_path):
     )
     from core import locks
 
-    with locks.hold(sweep):  # 'running' only while a live process holds its lock (issue 24)
+    with locks.hold(sweep):  # 'running' only while a live process holds its lock
         prog = jobs.sweep_progress(sweep)
     assert (prog["cells_done"], prog["cells_total"], prog["status"]) == (1, 4, "running")
     assert jobs.sweep_progress(sweep)["status"] == "interrupted"
@@ -622,7 +583,7 @@ def test_the_upload_form_says_what_core_run_would_say(tmp_path):
 def test_recall_curve_and_review_queue():
     flipped = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], bool)
     perfect = flipped.astype(float)
-    rc = cleaning_view.recall_frame(perfect, flipped, "d")  # core.metrics.recall_curve
+    rc = cleaning_screen.recall_frame(perfect, flipped, "d")  # core.metrics.recall_curve
     assert rc.recall.iloc[-1] == 1.0 and rc.recall.iloc[0] == 0.0
     assert rc.loc[rc.fraction >= 0.2, "recall"].min() == 1.0
     train = pd.DataFrame(
@@ -635,7 +596,7 @@ def test_recall_curve_and_review_queue():
         }
     )
     det = pd.DataFrame({"id": range(10), "d": perfect})
-    q = cleaning_view.review_queue(det, "d", train, 2, ["neg", "pos"])
+    q = cleaning_screen.review_queue(det, "d", train, 2, ["neg", "pos"])
     assert q.flipped.all() and list(q.suggested_label) == ["neg", "neg"]
     assert list(q.columns[:3]) == ["rank", "flipped", "id"]
 
@@ -651,7 +612,7 @@ def test_app_code_never_imports_heavy_libraries():
                 names = [node.module]
             bad = {n.split(".")[0] for n in names} & FORBIDDEN
             assert not bad, f"{path.name} imports {bad}"
-    code = "import sys; import ui.views.home, ui.views.curves, ui.views.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi', 'ray'}))"
+    code = "import sys; import ui.screens.home, ui.screens.curves, ui.screens.study; print(sorted(set(sys.modules) & {'torch', 'transformers', 'umap', 'fugashi', 'ray'}))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import runstore_factory as factory
-from test_app import charts_named, frame_with, one_chart, open_page, texts
+from page_harness import charts_named, frame_with, one_chart, open_page, texts
 
 from core import claims, replication
-from ui.views import replication as view
+from ui.screens import replication as screen
 
 
 def build(cache):
@@ -60,4 +60,4 @@ def test_each_claim_opens_its_evidence(tmp_path, monkeypatch):
 def test_without_a_summary_the_page_says_how_to_make_one(tmp_path, monkeypatch):
     factory.make_run(tmp_path, "r0")
     at = open_page("replication", tmp_path, monkeypatch)
-    assert view.MAKE_COMMAND in texts(at)
+    assert screen.MAKE_COMMAND in texts(at)

@@ -8,22 +8,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import page_harness
 import pandas as pd
 import pytest
 import runstore_factory as factory
+from page_harness import charts_named, frame_with, one_chart
 from streamlit.testing.v1 import AppTest
 
 from core import shape_references, store, views
 from core import shapes as core_shapes
-from tests.test_app import charts_named, frame_with, one_chart
 from ui import charts
 
-REPO = Path(__file__).resolve().parents[1]
-CURVES = "pages/1_Score_curves.py"
-SHAPE = "pages/2_Shape_vs_position.py"
-LEARN = "pages/7_Learn_the_shapes.py"
-NEIGHBOURHOODS = "pages/3_Neighbourhoods.py"
-HOME = "app.py"
+CURVES, SHAPE, LEARN, NEIGHBOURHOODS, HOME = "curves", "shape", "learn", "neighbourhoods", "home"
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +29,8 @@ def cache(tmp_path_factory) -> Path:
 
 
 def open_page(page: str, cache_dir: Path, monkeypatch, query: dict | None = None) -> AppTest:
-    """Run one page through app.py (as `streamlit run` does) against a store."""
-    monkeypatch.setenv("ATLAS_CACHE", str(cache_dir))
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=90)
-    if page != HOME:
-        at.switch_page(page)
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    """A page opened by the shared harness, which must also show no error box."""
+    at = page_harness.open_page(page, cache_dir, monkeypatch, query, timeout=90)
     assert not at.error, [e.value for e in at.error]
     return at
 

@@ -48,7 +48,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 # url path -> does the page draw a chart (every page but Run a study)
-PAGES = {p.url_path: p.script != "pages/6_Run_a_study.py" for p in PAGE_SPECS}
+PAGES = {p.url_path: p.key != "study" for p in PAGE_SPECS}
 CHART = '[data-testid="stVegaLiteChart"] svg'
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"][data-test-connection-state="CONNECTED"]'
 

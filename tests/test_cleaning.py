@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_detectors import make_tiny_run
+import runstore_factory as factory
 
 from core import cleaning, detectors, store
 from core.errors import AtlasError
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture
 def scored_run(tmp_path):
-    run = make_tiny_run(tmp_path)
+    run = factory.make_model_run(tmp_path)
     detectors.run_detect(run, detectors=["loss", "aum", "random"], progress=False)
     return run
 
@@ -213,13 +213,13 @@ def test_cleaning_arms_are_independent_units(scored_run, monkeypatch):
 
 
 def test_the_page_and_the_export_show_one_review_queue(scored_run):
-    from ui.views import cleaning as cleaning_view
+    from ui.screens import cleaning as cleaning_screen
 
     exported = pd.read_csv(cleaning.export_review_queue(scored_run, "loss"), encoding="utf-8-sig")
     assert tuple(exported.columns) == cleaning.REVIEW_COLUMNS
     inst = store.load_instances(scored_run)
     train = inst[inst["split"] == "train"]
-    shown = cleaning_view.review_queue(
+    shown = cleaning_screen.review_queue(
         pd.read_parquet(scored_run / store.DETECTORS), "loss", train, len(exported), ["a", "b"]
     )
     assert shown["id"].tolist() == exported["id"].tolist()

@@ -1,4 +1,4 @@
-"""The command line as a user meets it (issue 12 point 9): one sentence per mistake, fast.
+"""The command line as a user meets it: one sentence per mistake, fast.
 
 Each bad command runs in a fresh interpreter, as typed in a shell, and must end with
 exit status 2, exactly one line on stderr, no usage block, no traceback and no files.

@@ -3,125 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import runstore_factory as factory
 
 from core import detectors, metrics, store
-from core.config import StudyConfig
 from core.errors import AtlasError
 from core.shapes import ShapeRule
-from tests.conftest import tiny_bert
-
-POSITIVE = ["good", "great", "nice", "love", "fine", "happy"]
-NEGATIVE = ["bad", "awful", "poor", "hate", "sad", "broken"]
-FILLER = ["the", "item", "was", "really", "this", "very", "product", "it"]
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def _sentence(rng: np.random.Generator, label: int) -> str:
-    words = list(rng.choice(POSITIVE if label else NEGATIVE, size=2)) + list(
-        rng.choice(FILLER, size=3)
-    )
-    rng.shuffle(words)
-    return " ".join(words)
-
-
-def make_tiny_run(
-    root: Path, n_train: int = 48, n_val: int = 8, n_test: int = 12, flips: int = 4, epochs: int = 2
-) -> Path:
-    """A run folder with every file the detectors read, made of a toy two-word-class dataset.
-
-    Texts are made of sentiment words plus filler, so a model learns them in a few
-    steps; the influence files are synthetic but put the flips where real ones go
-    (high self-influence, high final loss).
-    """
-    from transformers import BertTokenizer
-
-    rng = np.random.default_rng(0)
-    run = root / "tiny-run"
-    run.mkdir(parents=True)
-    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-    labels = np.array([i % 2 for i in range(len(splits))])
-    texts = [_sentence(rng, int(y)) for y in labels]
-    flipped = np.zeros(len(splits), bool)
-    flipped[rng.choice(n_train, size=flips, replace=False)] = True
-    observed = np.where(flipped, 1 - labels, labels)
-    instances = pd.DataFrame(
-        {
-            "id": np.arange(len(splits)),
-            "split": splits,
-            "text": texts,
-            "label": labels,
-            "observed_label": observed,
-            "flipped": flipped,
-            "source_row": np.arange(len(splits)) + 100,
-        }
-    )
-    store.write_parquet(run / store.INSTANCES, instances)
-
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(SPECIALS + POSITIVE + NEGATIVE + FILLER) + "\n", "utf-8")
-    tokenizer = BertTokenizer(str(vocab), do_lower_case=True)
-    tokenizer.save_pretrained(str(run / store.TOKENIZER_DIR))
-    config = StudyConfig(
-        preset="test",
-        n_train=n_train,
-        flip_count=flips,
-        model="tiny",
-        epochs=epochs,
-        lr=3e-3,
-        batch_size=16,
-        max_length=16,
-        device="cpu",
-    )
-    checkpoints = []
-    for epoch in range(1, epochs + 1):
-        model = tiny_bert(len(tokenizer), seed=None, layers=1)
-        path = run / store.CHECKPOINTS_DIR / f"epoch-{epoch:02d}"
-        model.save_pretrained(str(path))
-        checkpoints.append({"epoch": epoch, "path": str(path.relative_to(run)), "lr": config.lr})
-
-    # Logits: confident on the observed label for clean instances, torn on flips.
-    margin = np.where(flipped, -0.5, 2.0) + rng.normal(0, 0.3, len(splits))
-    sign = np.where(observed == 1, 1.0, -1.0)
-    final = np.stack([-sign * margin / 2, sign * margin / 2], axis=1)
-    logits = np.stack([final * 0.5, final]).astype(np.float32)
-    store.write_npy(run / store.LOGITS, logits)
-    self_inf = rng.gamma(2.0, 1.0, n_train) + 4.0 * flipped[:n_train]
-    store.write_npy(run / store.SELF_INFLUENCE, self_inf.astype(np.float32))
-    tracin = rng.normal(0, 1, (n_test, n_train)).astype(np.float32)
-    store.write_npy(run / store.TRACIN, tracin)
-    test_ids = np.arange(n_train + n_val, len(splits))
-    shapes_df = pd.DataFrame(
-        {
-            "id": test_ids,
-            "correct": np.arange(n_test) % 3 != 0,
-            "s": np.linspace(-0.4, 0.6, n_test),
-            "shape": ["Z"] * 4 + ["backslash"] * 4 + ["S"] * 4,
-        }
-    )
-    store.write_parquet(run / store.SHAPES, shapes_df)
-    store.write_json(
-        run / store.MANIFEST,
-        {
-            "kind": "run",
-            "name": run.name,
-            "status": "complete",
-            "config": config.to_dict(),
-            "data": {"source": str(root / "input.csv"), "label_names": ["negative", "positive"]},
-            "n_train": n_train,
-            "n_val": n_val,
-            "n_test": n_test,
-            "n_flipped": flips,
-            "checkpoints": checkpoints,
-            "stages": {},
-        },
-    )
-    return run
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -217,7 +107,7 @@ def test_nested_split_is_seeded_stratified_and_disjoint():
 
 
 def test_run_detect_writes_the_contract_files(tmp_path):
-    run = make_tiny_run(tmp_path)
+    run = factory.make_model_run(tmp_path)
     result = detectors.run_detect(run, detectors=CHEAP, progress=False)
     table = pd.read_parquet(run / store.DETECTORS)
     assert list(table.columns) == ["id", *CHEAP]
@@ -244,7 +134,7 @@ def test_run_detect_writes_the_contract_files(tmp_path):
 
 
 def test_run_detect_skips_detectors_without_inputs_and_merges_subsets(tmp_path):
-    run = make_tiny_run(tmp_path)
+    run = factory.make_model_run(tmp_path)
     (run / store.SELF_INFLUENCE).unlink()
     (run / store.SHAPES).unlink()  # shape_aware falls back to fitting tracin.npy itself
     result = detectors.run_detect(
@@ -270,7 +160,7 @@ def test_run_detect_skips_detectors_without_inputs_and_merges_subsets(tmp_path):
 
 
 def test_run_detect_without_flips_still_ranks(tmp_path):
-    run = make_tiny_run(tmp_path, flips=0)
+    run = factory.make_model_run(tmp_path, flips=0)
     result = detectors.run_detect(run, detectors=["loss", "random"], progress=False)
     assert result["detectors"] == {} and result["random"] is None
     assert "no flipped" in result["notes"]["metrics"]
@@ -278,7 +168,7 @@ def test_run_detect_without_flips_still_ranks(tmp_path):
 
 
 def test_unknown_detector_and_missing_scores_raise(tmp_path):
-    run = make_tiny_run(tmp_path)
+    run = factory.make_model_run(tmp_path)
     with pytest.raises(AtlasError, match="Unknown detector"):
         detectors.run_detect(run, detectors=["nope"], progress=False)
     with pytest.raises(AtlasError, match="no detector scores"):
@@ -286,7 +176,7 @@ def test_unknown_detector_and_missing_scores_raise(tmp_path):
 
 
 def test_misclassified_influence_on_a_tiny_run(tmp_path):
-    run = make_tiny_run(tmp_path, epochs=2)
+    run = factory.make_model_run(tmp_path, epochs=2)
     result = detectors.run_detect(run, detectors=["misclassified_influence"], progress=False)
     assert "misclassified_influence" in result["detectors"], result["notes"]
     scores = pd.read_parquet(run / store.DETECTORS)["misclassified_influence"].to_numpy()
@@ -320,7 +210,7 @@ def test_one_registry_entry_declares_each_detector():
 
 
 def test_a_detector_whose_needs_are_missing_is_skipped_with_the_reason(tmp_path):
-    run = make_tiny_run(tmp_path)
+    run = factory.make_model_run(tmp_path)
     (run / store.SELF_INFLUENCE).unlink()
     result = detectors.run_detect(run, detectors=["self_influence", "loss"], progress=False)
     assert result["notes"]["self_influence"] == f"skipped: {store.SELF_INFLUENCE} is missing"
@@ -328,7 +218,7 @@ def test_a_detector_whose_needs_are_missing_is_skipped_with_the_reason(tmp_path)
 
 
 def test_detect_recomputes_columns_whose_inputs_changed(tmp_path):
-    run = make_tiny_run(tmp_path)
+    run = factory.make_model_run(tmp_path)
     detectors.run_detect(run, detectors=["self_influence"], progress=False)
     before = pd.read_parquet(run / store.DETECTORS)["self_influence"].to_numpy()
     new = np.load(run / store.SELF_INFLUENCE)[::-1].copy()

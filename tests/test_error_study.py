@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from runstore_factory import make_checkpoint_run
 from torch import nn
+from tracin_reference import (
+    batch_rows,
+    brute_tracin,
+    random_batch,
+    relative_error,
+    saved_checkpoints,
+)
 
 from core import store
 from core.cli import main
@@ -29,7 +37,6 @@ from core.errors import AtlasError
 from core.shapes import ShapeRule
 from core.tracin import TracInCP, encode_run_data, run_tracin
 from core.tracin.factorized import FactorizedTracIn
-from tests.test_tracin import _brute_tracin, _data, _make_run, _rel, _rows, saved_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,11 +153,11 @@ def test_subset_rows_match_the_full_run(checkpoints):
     word-embedding vocabulary block (its width is the subset's vocabulary) and the matrix
     product (its blocking depends on the number of test columns) sum in other orders.
     """
-    train, test = _data(10, 2), _data(6, 3)
+    train, test = random_batch(10, 2), random_batch(6, 3)
     rows = [1, 4, 5]
     for engine in (TracInCP(checkpoints, scope="all"), FactorizedTracIn(checkpoints, 4)):
         full = engine.compute(train, test)
-        sub = engine.compute(train, _rows(test, rows))
+        sub = engine.compute(train, batch_rows(test, rows))
         scale = np.abs(full.matrix).max()
         assert np.abs(full.matrix[rows] - sub.matrix).max() <= 1e-5 * scale
         assert np.array_equal(full.self_influence, sub.self_influence)
@@ -161,7 +168,7 @@ def test_subset_rows_match_the_full_run(checkpoints):
 
 
 def test_select_test_rows(checkpoints, tmp_path):
-    run = _with_logits(_make_run(tmp_path, checkpoints, n_train=12, n_test=8), [2, 5])
+    run = _with_logits(make_checkpoint_run(tmp_path, checkpoints, n_train=12, n_test=8), [2, 5])
     rows, wrong = select_test_rows(run, "misclassified+random:3")
     assert len(rows) == 5 and {2, 5} <= set(rows.tolist()) and wrong.sum() == 2
     again, _ = select_test_rows(run, "misclassified+random:3")
@@ -176,7 +183,7 @@ def test_select_test_rows(checkpoints, tmp_path):
 
 
 def test_error_study_writes_its_files(checkpoints, tmp_path):
-    run = _with_logits(_make_run(tmp_path, checkpoints, n_train=12, n_test=6), [0, 3])
+    run = _with_logits(make_checkpoint_run(tmp_path, checkpoints, n_train=12, n_test=6), [0, 3])
     summary = error_study(
         run,
         methods="head,dense:8,factorized:2",
@@ -197,9 +204,12 @@ def test_error_study_writes_its_files(checkpoints, tmp_path):
         assert set(m["self_influence"]) >= {"recall_at_10pct", "average_precision"}
     # The reference is exact all-parameter TracIn of the selected rows (brute force).
     train, test, _ = encode_run_data(run, 16, np.array(summary["test_positions"]))
-    ref, ref_self = _brute_tracin(checkpoints, train, test, "all")
+    ref, ref_self = brute_tracin(checkpoints, train, test, "all")
     saved = np.load(run / WORK_DIR / "all" / "result.npz")
-    assert _rel(saved["matrix"], ref) < 1e-5 and _rel(saved["self_influence"], ref_self) < 1e-5
+    assert (
+        relative_error(saved["matrix"], ref) < 1e-5
+        and relative_error(saved["self_influence"], ref_self) < 1e-5
+    )
     assert load_error_study(run)[1].equals(table)
     # A rerun reuses every method's result (no shard recomputed).
     stamp = (run / WORK_DIR / "head" / "result.npz").stat().st_mtime_ns
@@ -208,7 +218,7 @@ def test_error_study_writes_its_files(checkpoints, tmp_path):
 
 
 def test_error_study_reuses_the_runs_own_exact_scores(checkpoints, tmp_path):
-    run = _with_logits(_make_run(tmp_path, checkpoints, n_train=12, n_test=6), [1])
+    run = _with_logits(make_checkpoint_run(tmp_path, checkpoints, n_train=12, n_test=6), [1])
     run_tracin(run, device="cpu", progress=False)
     summary = error_study(run, methods="head", test_subset="all", progress=False)
     assert summary["reference"]["source"].startswith("run tracin.npy")
@@ -238,7 +248,7 @@ def _snapshot(run: Path) -> dict[str, bytes]:
     ],
 )
 def test_cli_bad_input(checkpoints, tmp_path, capsys, argv):
-    run = _with_logits(_make_run(tmp_path, checkpoints), [0])
+    run = _with_logits(make_checkpoint_run(tmp_path, checkpoints), [0])
     before = _snapshot(run)
     capsys.readouterr()
     assert main([str(run) if a == "RUN" else a for a in argv]) == 2
@@ -252,7 +262,7 @@ def test_cli_bf16_without_native_support(checkpoints, tmp_path, capsys, monkeypa
     import core.tracin.engine as engine
 
     monkeypatch.setattr(engine, "bf16_native", lambda device: False)
-    run = _with_logits(_make_run(tmp_path, checkpoints), [0])
+    run = _with_logits(make_checkpoint_run(tmp_path, checkpoints), [0])
     before = _snapshot(run)
     capsys.readouterr()
     assert main([command, str(run), "--dtype", "bf16", "--device", "cpu"]) == 2
@@ -277,7 +287,7 @@ def test_cli_factorized_without_linear_layers(checkpoints, tmp_path, capsys, mon
     import core.models
 
     monkeypatch.setattr(core.models, "load_classifier", lambda path, device="cpu": _NoLinear())
-    run = _with_logits(_make_run(tmp_path, checkpoints), [0])
+    run = _with_logits(make_checkpoint_run(tmp_path, checkpoints), [0])
     before = _snapshot(run)
     capsys.readouterr()
     argv = (
@@ -292,7 +302,7 @@ def test_cli_factorized_without_linear_layers(checkpoints, tmp_path, capsys, mon
 
 def test_bf16_dot_products_are_close_to_fp32(checkpoints):
     """bf16 (where it runs at all: emulated on this CPU) stays within bf16 rounding."""
-    train, test = _data(10, 2), _data(4, 3)
+    train, test = random_batch(10, 2), random_batch(4, 3)
     fp32 = FactorizedTracIn(checkpoints, 4).compute(train, test).matrix
     bf16 = FactorizedTracIn(checkpoints, 4, dtype="bfloat16").compute(train, test).matrix
     assert np.abs(bf16 - fp32).max() <= 0.05 * np.abs(fp32).max()
@@ -303,7 +313,7 @@ def test_bf16_dot_products_are_close_to_fp32(checkpoints):
 
 
 def test_shards_of_another_dtype_are_refused(checkpoints, tmp_path):
-    train, test = _data(6, 2), _data(2, 3)
+    train, test = random_batch(6, 2), random_batch(2, 3)
     FactorizedTracIn(checkpoints, 2).compute(train, test, shard_dir=tmp_path)
     with pytest.raises(AtlasError, match="dtype"):
         FactorizedTracIn(checkpoints, 2, dtype="bfloat16").compute(train, test, shard_dir=tmp_path)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from runstore_factory import make_checkpoint_run
+from tracin_reference import saved_checkpoints
 
 from core import store
 from core.cli import main
@@ -23,7 +25,6 @@ from core.errors import AtlasError
 from core.executors import PROGRESS, Work, check_executor, run_tasks
 from core.sweep import SWEEP_TABLE
 from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
-from tests.test_tracin import _make_run, saved_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = (
@@ -145,7 +146,7 @@ def local_run(ckpts, tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run = _make_run(tmp_path_factory.mktemp("exec-local"), ckpts)
+        run = make_checkpoint_run(tmp_path_factory.mktemp("exec-local"), ckpts)
         run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK)
     finally:
         torch.set_num_threads(before)
@@ -155,7 +156,7 @@ def local_run(ckpts, tmp_path_factory) -> Path:
 def test_process_pool_gives_the_local_files_and_reports_workers(ckpts, local_run, tmp_path):
     from core.tracin import run_tracin
 
-    run = _make_run(tmp_path, ckpts)
+    run = make_checkpoint_run(tmp_path, ckpts)
     spec = check_executor("processes", 2)
     run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
     _same_files(local_run, run)
@@ -218,7 +219,7 @@ def test_pool_workers_fork_from_one_server_and_see_the_drivers_environment(monke
 
 
 def test_a_failing_local_task_is_named(ckpts, tmp_path, monkeypatch, capsys):
-    run = _make_run(tmp_path, ckpts)
+    run = make_checkpoint_run(tmp_path, ckpts)
     monkeypatch.setenv("ATLAS_TEST_FAIL_TASK", "ckpt-01_chunks-0000-0000")
     capsys.readouterr()
     rc = main(["tracin", str(run), "--device", "cpu", "--chunks-per-task", "1"])
@@ -245,7 +246,7 @@ def _wide_run(root: Path, ckpts, project, executor="local", workers=0, per_task=
     """A wide run's TracIn computed with one cut of the work: executor, workers, chunks per task."""
     from core.tracin import run_tracin
 
-    run = _make_run(root, ckpts, **WIDE)
+    run = make_checkpoint_run(root, ckpts, **WIDE)
     spec = check_executor(executor, workers)
     run_tracin(
         run,
@@ -402,7 +403,7 @@ def test_a_mixed_two_node_cluster_runs_gpu_tasks_on_its_gpu_node(ckpts, tmp_path
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the driver would use it")
     (tmp_path / "manifest.json").write_text("{}")
-    run = _make_run(tmp_path / "tiny", ckpts)
+    run = make_checkpoint_run(tmp_path / "tiny", ckpts)
     env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-c", _TWO_NODES, str(tmp_path), str(run)],
@@ -436,7 +437,7 @@ def test_ray_gives_the_local_matrix_bitwise(ray_session, ckpts, local_run, tmp_p
     """Shared folder (tasks write in place) or not (tasks return shards, the driver writes)."""
     from core.tracin import run_tracin
 
-    run = _make_run(tmp_path, ckpts)
+    run = make_checkpoint_run(tmp_path, ckpts)
     spec = check_executor("ray", 2, shared=shared)
     run_tracin(run, device="cpu", progress=False, chunk_size=CHUNK, executor=spec)
     _same_files(local_run, run)
@@ -460,7 +461,7 @@ def test_ray_gives_the_bits_of_every_other_cut(ray_session, ckpts, wide_local, t
 
 
 def test_ray_through_the_cli(ray_session, ckpts, local_run, tmp_path, capsys):
-    run = _make_run(tmp_path, ckpts)
+    run = make_checkpoint_run(tmp_path, ckpts)
     # The run's own chunk size is 512 (one chunk): this checks the CLI path, not the split.
     args = ["tracin", str(run), "--device", "cpu", "--executor", "ray", "--workers", "2"]
     assert main(args) == 0
@@ -501,7 +502,7 @@ def test_a_failing_ray_task_is_retried_then_named(
 ):
     from core.tracin import plan, run_tracin
 
-    run = _make_run(tmp_path, ckpts)
+    run = make_checkpoint_run(tmp_path, ckpts)
     attempts = tmp_path / "attempts"
     attempts.mkdir()
     name = "ckpt-01_chunks-0001-0001"
@@ -517,7 +518,7 @@ def test_a_failing_ray_task_is_retried_then_named(
     # Fails every attempt: the command ends naming the task; finished shards stay.
     for f in attempts.iterdir():
         f.unlink()
-    run = _make_run(tmp_path / "again", ckpts)
+    run = make_checkpoint_run(tmp_path / "again", ckpts)
     monkeypatch.setenv("ATLAS_TEST_FAIL_TASK", name)
     with pytest.raises(AtlasError) as info:
         run_tracin(run, device="cpu", progress=False, executor=spec, **one)
@@ -545,7 +546,7 @@ def test_a_killed_driver_resumes_with_only_the_missing_shards(
     """The driver is SIGKILLed after 3 finished tasks; the rerun computes only the rest."""
     from core.tracin import plan, run_tracin
 
-    run = _make_run(tmp_path, ckpts)
+    run = make_checkpoint_run(tmp_path, ckpts)
     plan(run, chunk_size=CHUNK)  # the run's shard folder uses chunks of 4
     address = ray_session.get_runtime_context().gcs_address
     code = (

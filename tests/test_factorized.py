@@ -7,7 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runstore_factory import make_checkpoint_run
 from torch import nn
+from tracin_reference import (
+    LRS,
+    batch_rows,
+    brute_tracin,
+    random_batch,
+    relative_error,
+    saved_checkpoints,
+)
 from transformers import BertForSequenceClassification
 
 from core import store
@@ -15,15 +24,6 @@ from core.errors import AtlasError
 from core.tracin import TracInCP, compare_to_exact, shard_name
 from core.tracin.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
 from core.tracin_options import parse_project
-from tests.test_tracin import (
-    LRS,
-    _brute_tracin,
-    _data,
-    _make_run,
-    _rel,
-    _rows,
-    saved_checkpoints,
-)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,19 +45,19 @@ def modules(checkpoints) -> list[tuple[nn.Module, float]]:
 @pytest.fixture(scope="module")
 def train() -> dict[str, torch.Tensor]:
     """Ten training instances of varied length."""
-    return _data(10, seed=2)
+    return random_batch(10, seed=2)
 
 
 @pytest.fixture(scope="module")
 def test_data() -> dict[str, torch.Tensor]:
     """Four test instances."""
-    return _data(4, seed=3)
+    return random_batch(4, seed=3)
 
 
 @pytest.fixture(scope="module")
 def exact(checkpoints, train, test_data) -> tuple[torch.Tensor, torch.Tensor]:
     """Brute-force all-parameter TracIn (one backward per instance, float64)."""
-    return _brute_tracin(checkpoints, train, test_data, "all")
+    return brute_tracin(checkpoints, train, test_data, "all")
 
 
 def _one_sentence(err: pytest.ExceptionInfo) -> None:
@@ -84,14 +84,14 @@ def test_identity_projections_reproduce_exact_all_parameter_tracin(
         per_checkpoint=True,
     )
     assert result.matrix.shape == (4, 10)
-    assert _rel(result.matrix, ref_matrix) < 1e-4
-    assert _rel(result.self_influence, ref_self) < 1e-4
+    assert relative_error(result.matrix, ref_matrix) < 1e-4
+    assert relative_error(result.self_influence, ref_self) < 1e-4
     assert np.allclose(result.per_checkpoint.sum(0), result.matrix, rtol=1e-5, atol=1e-7)
     # The same numbers as the vmap engine's exact scope 'all' (word part, norms included).
     engine = TracInCP(checkpoints, scope="all").compute(train, test_data)
-    assert _rel(result.matrix, engine.matrix) < 1e-4
-    assert _rel(result.train_grad_norms, engine.train_grad_norms) < 1e-4
-    assert _rel(result.test_grad_norms, engine.test_grad_norms) < 1e-4
+    assert relative_error(result.matrix, engine.matrix) < 1e-4
+    assert relative_error(result.train_grad_norms, engine.train_grad_norms) < 1e-4
+    assert relative_error(result.test_grad_norms, engine.test_grad_norms) < 1e-4
     model = BertForSequenceClassification.from_pretrained(checkpoints[0][0])
     # With identities the feature is the whole gradient: one column per parameter.
     grads = FactorizedGrads(model, k=4, identity=True)
@@ -110,7 +110,7 @@ def test_an_instance_scores_the_same_alone_or_in_a_padded_batch(
     padded = {
         key: (torch.nn.functional.pad(v, (0, 5)) if v.ndim == 2 else v) for key, v in train.items()
     }
-    again = full.compute(padded, _rows(test_data, [0, 1, 2, 3])).matrix
+    again = full.compute(padded, batch_rows(test_data, [0, 1, 2, 3])).matrix
     assert np.allclose(again, matrix, rtol=1e-4, atol=1e-7)
 
 
@@ -258,7 +258,7 @@ def test_run_stage_and_cli_take_factorized_k(checkpoints, tmp_path, monkeypatch)
     from core.cli import main
     from core.tracin import compute, encode_run_data, plan, run_tracin
 
-    run = _make_run(tmp_path, checkpoints)
+    run = make_checkpoint_run(tmp_path, checkpoints)
     train, test = encode_run_data(run, 16)[:2]
     ref = FactorizedTracIn(checkpoints, k=4, seed=3).compute(train, test)
     # Interrupted after the first checkpoint's task: the stage resumes from its shards.
@@ -303,7 +303,7 @@ def test_run_stage_and_cli_take_factorized_k(checkpoints, tmp_path, monkeypatch)
 def test_cli_bad_project_exits_2_and_writes_nothing(checkpoints, tmp_path, capsys, argv):
     from core.cli import main
 
-    run = _make_run(tmp_path, checkpoints)
+    run = make_checkpoint_run(tmp_path, checkpoints)
     before = (run / store.MANIFEST).read_text()
     assert main(["tracin", str(run), *argv, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,6 +1,6 @@
-"""Issue 15: bad requests refused before writing, one writer per run, readers that never crash.
+"""Bad requests refused before writing, one writer per run, readers that never crash.
 
-Each test names the row of issue 15's table it covers. The run store tests copy the
+Each test is named for the behaviour it checks. The run store tests copy the
 session's tiny study (``study_run``) and damage the copy, never the shared run.
 """
 
@@ -53,7 +53,7 @@ def _run_args(csv: Path, cache: Path, name: str = "r", *extra: str) -> list[str]
 
 
 @pytest.mark.parametrize("name", ["../../etc/x", "a/b c/d", "/tmp/absolute", "..", ".hidden", ""])
-def test_row1_a_name_that_is_not_one_plain_folder_is_refused(
+def test_a_name_that_is_not_one_plain_folder_is_refused(
     tmp_path: Path, reviews_csv: Path, capsys, name: str
 ) -> None:
     cache = tmp_path / "A" / "sub" / "cache"
@@ -66,7 +66,7 @@ def test_row1_a_name_that_is_not_one_plain_folder_is_refused(
 
 
 @pytest.mark.parametrize("below", ["", "sub"])
-def test_row2_a_cache_that_is_a_file_is_one_sentence(
+def test_a_cache_that_is_a_file_is_one_sentence(
     tmp_path: Path, reviews_csv: Path, capsys, below: str
 ) -> None:
     f = tmp_path / "f"
@@ -81,7 +81,7 @@ def test_row2_a_cache_that_is_a_file_is_one_sentence(
 
 
 @pytest.mark.parametrize("content", ["[1, 2, 3]", '"text"', "{not json", '{"status": 3}'])
-def test_row3_list_survives_a_bad_manifest(
+def test_list_command_survives_a_bad_manifest(
     study_run: Path, tmp_path: Path, capsys, content
 ) -> None:
     cache = tmp_path / "cache"
@@ -98,7 +98,7 @@ def test_row3_list_survives_a_bad_manifest(
     assert {r["name"] for r in json.loads(capsys.readouterr().out)} == {study_run.name, "zzz"}
 
 
-def test_row3_show_of_a_non_object_manifest_is_one_sentence(tmp_path: Path, capsys) -> None:
+def test_show_of_a_non_object_manifest_is_one_sentence(tmp_path: Path, capsys) -> None:
     run = tmp_path / "zzz"
     run.mkdir()
     (run / store.MANIFEST).write_text("[1, 2, 3]")
@@ -109,7 +109,7 @@ def test_row3_show_of_a_non_object_manifest_is_one_sentence(tmp_path: Path, caps
 # -- row 4: damaged files ------------------------------------------------------------------------
 
 
-def test_row4_corrupt_shapes_parquet_is_reported_not_raised(
+def test_corrupt_shapes_parquet_is_reported_not_raised(
     study_run: Path, tmp_path: Path, capsys
 ) -> None:
     run = _copy_run(study_run, tmp_path)
@@ -129,7 +129,7 @@ def test_row4_corrupt_shapes_parquet_is_reported_not_raised(
         store.read_parquet(run / store.SHAPES)
 
 
-def test_row4_truncated_tracin_is_not_complete(study_run: Path, tmp_path: Path, capsys) -> None:
+def test_truncated_tracin_is_not_complete(study_run: Path, tmp_path: Path, capsys) -> None:
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
     raw = (run / store.TRACIN).read_bytes()
     (run / store.TRACIN).write_bytes(raw[: len(raw) // 2])
@@ -144,7 +144,7 @@ def test_row4_truncated_tracin_is_not_complete(study_run: Path, tmp_path: Path, 
         store.read_npy(run / store.TRACIN)
 
 
-def test_row4_loaders_check_shape_and_type(tmp_path: Path) -> None:
+def test_loaders_check_shape_and_type(tmp_path: Path) -> None:
     path = tmp_path / "a.npy"
     store.write_npy(path, np.zeros((3, 4), dtype=np.float32))
     assert store.read_npy(path, shape=(3, None)).shape == (3, 4)
@@ -161,7 +161,7 @@ def test_row4_loaders_check_shape_and_type(tmp_path: Path) -> None:
         store.read_json_object(tmp_path / "j.json")
 
 
-def test_row4_wrong_shape_logits_make_train_damaged(study_run: Path, tmp_path: Path) -> None:
+def test_wrong_shape_logits_make_train_damaged(study_run: Path, tmp_path: Path) -> None:
     run = _copy_run(study_run, tmp_path)
     store.write_npy(run / store.LOGITS, np.zeros((3, 7, 2), dtype=np.float32))
     problems = store.verify_run(run, store.load_manifest(run))
@@ -180,7 +180,7 @@ _HOLDER = (
 )
 
 
-def test_row5_a_second_writer_exits_2_and_a_killed_ones_lock_is_taken_over(
+def test_a_second_writer_exits_2_and_a_killed_ones_lock_is_taken_over(
     tmp_path: Path, reviews_csv: Path, capsys
 ) -> None:
     cache = tmp_path / "cache"
@@ -205,7 +205,7 @@ def test_row5_a_second_writer_exits_2_and_a_killed_ones_lock_is_taken_over(
     assert not (run / locks.LOCK_FILE).exists()  # released at the end
 
 
-def test_row5_two_identical_runs_started_together_never_collide(
+def test_two_identical_runs_started_together_never_collide(
     tmp_path: Path, reviews_csv: Path
 ) -> None:
     cmd = [sys.executable, "-m", "core", *_run_args(reviews_csv, tmp_path / "cache", "r")]
@@ -224,7 +224,7 @@ def test_row5_two_identical_runs_started_together_never_collide(
     assert not (tmp_path / "cache" / "r" / locks.LOCK_FILE).exists()
 
 
-def test_row5_the_lock_guards_the_stage_commands_too(study_run: Path, tmp_path: Path, capsys):
+def test_the_lock_guards_the_stage_commands_too(study_run: Path, tmp_path: Path, capsys):
     run = _copy_run(study_run, tmp_path)
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True
@@ -240,7 +240,7 @@ def test_row5_the_lock_guards_the_stage_commands_too(study_run: Path, tmp_path: 
         holder.wait()
 
 
-def test_row5_a_sweep_being_written_is_not_written_twice(
+def test_a_sweep_being_written_is_not_written_twice(
     tmp_path: Path, reviews_csv: Path, capsys
 ) -> None:
     cache = tmp_path / "cache"
@@ -264,7 +264,7 @@ def test_row5_a_sweep_being_written_is_not_written_twice(
         holder.wait()
 
 
-def test_row5_locks_are_reentrant_and_leave_no_folder_behind(tmp_path: Path) -> None:
+def test_locks_are_reentrant_and_leave_no_folder_behind(tmp_path: Path) -> None:
     folder = tmp_path / "new"
     with locks.hold(folder):
         assert locks.lock_owner(folder) == os.getpid()
@@ -275,7 +275,7 @@ def test_row5_locks_are_reentrant_and_leave_no_folder_behind(tmp_path: Path) -> 
     assert locks.lock_owner(folder) is None
 
 
-def test_row5_the_app_refuses_a_run_whose_lock_is_held(tmp_path: Path, monkeypatch) -> None:
+def test_the_app_refuses_a_run_whose_lock_is_held(tmp_path: Path, monkeypatch) -> None:
     from ui import study
 
     monkeypatch.setenv(jobs.ENV_STUDY_CMD, f"{sys.executable} -c pass")
@@ -287,7 +287,7 @@ def test_row5_the_app_refuses_a_run_whose_lock_is_held(tmp_path: Path, monkeypat
 # -- row 7 (core side): column names that look like options -------------------------------------
 
 
-def test_row7_a_column_name_like_an_option_is_refused_by_the_shared_check(
+def test_a_column_name_like_an_option_is_refused_by_the_shared_check(
     reviews_csv: Path, tmp_path: Path, monkeypatch
 ) -> None:
     argv = ["run", "--dataset", str(reviews_csv), "--text-col=--cache=x", "--label-col", "y"]
@@ -323,7 +323,7 @@ def test_row7_a_column_name_like_an_option_is_refused_by_the_shared_check(
         (["--flip-rate", "-0.1"], "--flip-rate"),
     ],
 )
-def test_row8_bad_settings_fail_before_any_stage(
+def test_bad_settings_fail_before_any_stage(
     tmp_path: Path, reviews_csv: Path, capsys, extra: list[str], needle: str
 ) -> None:
     cache = tmp_path / "cache"
@@ -332,7 +332,7 @@ def test_row8_bad_settings_fail_before_any_stage(
     assert _nothing_in(cache)
 
 
-def test_row8_cuda_without_a_gpu_fails_before_any_stage(
+def test_cuda_without_a_gpu_fails_before_any_stage(
     tmp_path: Path, reviews_csv: Path, capsys
 ) -> None:
     import torch
@@ -348,9 +348,7 @@ def test_row8_cuda_without_a_gpu_fails_before_any_stage(
 # -- row 9: temporary folders of killed processes ------------------------------------------------
 
 
-def test_row9_temporary_folders_of_killed_writers_are_cleaned(
-    tmp_path: Path, reviews_csv: Path
-) -> None:
+def test_temporary_folders_of_killed_writers_are_cleaned(tmp_path: Path, reviews_csv: Path) -> None:
     cache = tmp_path / "cache"
     legacy = cache / ".atlas-k2j4x9"  # what a kill -9 during the data stage used to leave
     (legacy / "tokenizer").mkdir(parents=True)
@@ -372,7 +370,7 @@ def test_row9_temporary_folders_of_killed_writers_are_cleaned(
     assert store.stage_complete(cache / "r", "data")
 
 
-def test_row9_a_failed_data_stage_leaves_no_folder(tmp_path: Path, reviews_csv: Path, capsys):
+def test_a_failed_data_stage_leaves_no_folder(tmp_path: Path, reviews_csv: Path, capsys):
     cache = tmp_path / "cache"
     args = _run_args(reviews_csv, cache, "r", "--until", "data")
     args[args.index("sentiment")] = "no_such_column"
@@ -384,7 +382,7 @@ def test_row9_a_failed_data_stage_leaves_no_folder(tmp_path: Path, reviews_csv: 
 # -- row 10: a stage whose output file is missing --------------------------------------------------
 
 
-def test_row10_a_missing_output_is_not_complete_and_run_remakes_it(
+def test_a_missing_output_is_not_complete_and_run_remakes_it(
     study_run: Path, tmp_path: Path, capsys
 ) -> None:
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
@@ -409,7 +407,7 @@ def test_row10_a_missing_output_is_not_complete_and_run_remakes_it(
     assert json.loads(capsys.readouterr().out)["status"] == "complete"
 
 
-def test_row10_lost_instances_are_made_again(study_run: Path, tmp_path: Path) -> None:
+def test_lost_instances_are_made_again(study_run: Path, tmp_path: Path) -> None:
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
     expected = store.load_instances(run)
     (run / store.INSTANCES).unlink()
@@ -433,7 +431,7 @@ def _bare_run(tmp_path: Path, status: str = "complete", **manifest: object) -> P
 # -- issue 24 item 3: locks that follow nothing ----------------------------------------------------
 
 
-def test_i24_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path: Path, capsys) -> None:
+def test_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path: Path, capsys) -> None:
     run = _bare_run(tmp_path)
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
@@ -451,7 +449,7 @@ def test_i24_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path: Path
     assert locks.lock_owner(run) is None
 
 
-def test_i24_a_lock_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+def test_a_lock_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     run = _bare_run(tmp_path)
     os.mkfifo(run / locks.LOCK_FILE)
     with pytest.raises(AtlasError, match="not a regular file"), locks.hold(run):
@@ -465,7 +463,7 @@ def test_i24_a_lock_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> Non
 # -- issue 24 item 5: a run's state is what is true ------------------------------------------------
 
 
-def test_i24_a_running_manifest_nobody_holds_is_interrupted_with_its_resume_command(
+def test_a_running_manifest_nobody_holds_is_interrupted_with_its_resume_command(
     tmp_path: Path, capsys
 ) -> None:
     command = "python -m core run --preset quick --name r"
@@ -487,7 +485,7 @@ def test_i24_a_running_manifest_nobody_holds_is_interrupted_with_its_resume_comm
         assert {r["name"]: r for r in commands.list_runs(run.parent)}["r"]["note"] is None
 
 
-def test_i24_a_failed_run_names_its_error_and_resume_command(tmp_path: Path, capsys) -> None:
+def test_a_failed_run_names_its_error_and_resume_command(tmp_path: Path, capsys) -> None:
     command = "python -m core run --preset quick --name r"
     run = _bare_run(tmp_path, "failed", command=command, error="tracin: out of memory")
     assert main(["show", str(run)]) == 0
@@ -495,7 +493,7 @@ def test_i24_a_failed_run_names_its_error_and_resume_command(tmp_path: Path, cap
     assert "[failed]" in out and "out of memory" in out and command in out
 
 
-def test_i24_the_app_reads_cores_status(tmp_path: Path) -> None:
+def test_the_app_reads_cores_status(tmp_path: Path) -> None:
     from ui import data, widgets
 
     run = _bare_run(tmp_path, "running", command="python -m core run --name r", config={})
@@ -516,7 +514,7 @@ def _truncate(path: Path) -> bytes:
     return raw
 
 
-def test_i24_the_tracin_command_remakes_a_truncated_matrix(
+def test_the_tracin_command_remakes_a_truncated_matrix(
     study_run: Path, tmp_path: Path, capsys
 ) -> None:
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
@@ -527,7 +525,7 @@ def test_i24_the_tracin_command_remakes_a_truncated_matrix(
     assert store.stage_problem(run, "tracin") is None
 
 
-def test_i24_run_remakes_a_truncated_matrix(study_run: Path, tmp_path: Path, capsys) -> None:
+def test_run_remakes_a_truncated_matrix(study_run: Path, tmp_path: Path, capsys) -> None:
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
     whole = _truncate(run / store.TRACIN)
     csv = study_run.parent.parent / "reviews.csv"  # the session run's data, same config
@@ -539,7 +537,7 @@ def test_i24_run_remakes_a_truncated_matrix(study_run: Path, tmp_path: Path, cap
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_i24_analyze_refuses_scores_that_are_not_finite(
+def test_analyze_refuses_scores_that_are_not_finite(
     study_run: Path, tmp_path: Path, capsys, bad: float
 ) -> None:
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
@@ -556,7 +554,7 @@ def test_i24_analyze_refuses_scores_that_are_not_finite(
 # -- issue 24 item 8: smaller ones -----------------------------------------------------------------
 
 
-def test_i24_show_reports_a_deleted_checkpoint_and_tracin_does_not_blame_shipping(
+def test_show_reports_a_deleted_checkpoint_and_tracin_does_not_blame_shipping(
     study_run: Path, tmp_path: Path, capsys
 ) -> None:
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
@@ -572,7 +570,7 @@ def test_i24_show_reports_a_deleted_checkpoint_and_tracin_does_not_blame_shippin
     assert "epoch-01" in line and "shipped" not in line
 
 
-def test_i24_training_resumes_only_after_an_unbroken_row_of_checkpoints(tmp_path: Path) -> None:
+def test_training_resumes_only_after_an_unbroken_row_of_checkpoints(tmp_path: Path) -> None:
     from core.training import EPOCH_STATE, completed_epochs
 
     for name in ("epoch-02", "epoch-03", "epoch-04.partial"):
@@ -584,7 +582,7 @@ def test_i24_training_resumes_only_after_an_unbroken_row_of_checkpoints(tmp_path
     assert completed_epochs(tmp_path) == [1, 2, 3]  # a killed rename's .partial is no epoch
 
 
-def test_i24_a_shard_refusal_names_the_option_not_an_internal_field() -> None:
+def test_a_shard_refusal_names_the_option_not_an_internal_field() -> None:
     from core.tracin.shards import options_difference
 
     common = {"scope": "all", "dtype": "float32", "chunk_size": 512, "checkpoints": []}
@@ -618,28 +616,28 @@ def _jsonl_rows(n: int, row: str) -> str:
     return "\n".join([row, *lines[1:]]) + "\n"
 
 
-def test_i24_a_csv_naming_a_column_twice_is_refused(tmp_path: Path, capsys) -> None:
+def test_a_csv_naming_a_column_twice_is_refused(tmp_path: Path, capsys) -> None:
     rows = synthetic_reviews(200)
     body = "\n".join(f"{t},other {i},{s}" for i, (t, s) in enumerate(rows.to_numpy()))
     line = _refused_file(tmp_path, capsys, "two.csv", "review,review,sentiment\n" + body + "\n")
     assert "two columns named 'review'" in line and "columns 1 and 2" in line
 
 
-def test_i24_jsonl_with_a_repeated_key_is_refused(tmp_path: Path, capsys) -> None:
+def test_jsonl_with_a_repeated_key_is_refused(tmp_path: Path, capsys) -> None:
     row = '{"review": "great item", "sentiment": "pos", "sentiment": "neg"}'
     line = _refused_file(tmp_path, capsys, "dup.jsonl", _jsonl_rows(200, row))
     assert "line 1" in line and "'sentiment' twice" in line
 
 
 @pytest.mark.parametrize("value", ['["neg"]', '{"v": "neg"}'])
-def test_i24_nested_json_values_are_not_labels(tmp_path: Path, capsys, value: str) -> None:
+def test_nested_json_values_are_not_labels(tmp_path: Path, capsys, value: str) -> None:
     row = '{"review": "great item", "sentiment": ' + value + "}"
     line = _refused_file(tmp_path, capsys, "nested.jsonl", _jsonl_rows(200, row))
     assert "row 1" in line and "column 'sentiment' holds a JSON" in line
 
 
 @pytest.mark.parametrize("flag", ["--pos-min", "--neg-max"])
-def test_i24_rating_cuts_with_a_label_column_are_refused(
+def test_rating_cuts_with_a_label_column_are_refused(
     tmp_path: Path, reviews_csv: Path, capsys, flag: str
 ) -> None:
     cache = tmp_path / "cache"
@@ -659,7 +657,7 @@ def test_i24_rating_cuts_with_a_label_column_are_refused(
         (OSError(28, "No space left on device"), "free some space"),
     ],
 )
-def test_i24_an_os_error_while_writing_is_one_sentence_exit_1(
+def test_an_os_error_while_writing_is_one_sentence_exit_1(
     tmp_path: Path, capsys, monkeypatch, error: OSError, needle: str
 ) -> None:
     import core.analysis
@@ -676,7 +674,7 @@ def test_i24_an_os_error_while_writing_is_one_sentence_exit_1(
     assert str(run / store.ANALYSIS) in line and error.strerror in line and needle in line
 
 
-def test_i24_half_written_checkpoints_are_cleaned_on_the_next_start(tmp_path: Path) -> None:
+def test_half_written_checkpoints_are_cleaned_on_the_next_start(tmp_path: Path) -> None:
     from core.training import EPOCH_STATE, clean_partial, completed_epochs
 
     ckpts = tmp_path / "checkpoints"
@@ -732,7 +730,7 @@ def _consistent(run: Path) -> None:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_i24_an_edited_data_file_is_never_mixed_with_the_old_checkpoints(
+def test_an_edited_data_file_is_never_mixed_with_the_old_checkpoints(
     tmp_path: Path, capsys
 ) -> None:
     from core import provenance
@@ -766,7 +764,7 @@ def test_i24_an_edited_data_file_is_never_mixed_with_the_old_checkpoints(
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_i24_new_instances_retrain_from_the_first_epoch_and_say_so(tmp_path: Path, capsys) -> None:
+def test_new_instances_retrain_from_the_first_epoch_and_say_so(tmp_path: Path, capsys) -> None:
     from core import provenance
 
     argv, csv, run = _chain_run(tmp_path)
@@ -784,7 +782,7 @@ def test_i24_new_instances_retrain_from_the_first_epoch_and_say_so(tmp_path: Pat
     assert store.run_status(run, store.load_manifest(run)) == store.STATUS_COMPLETE
 
 
-def test_i24_tracin_and_analyze_refuse_checkpoints_of_other_instances(
+def test_tracin_and_analyze_refuse_checkpoints_of_other_instances(
     study_run: Path, tmp_path: Path, capsys
 ) -> None:
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
@@ -802,7 +800,7 @@ def test_i24_tracin_and_analyze_refuse_checkpoints_of_other_instances(
     assert "trained on another instances.parquet" in out
 
 
-def test_i24_plain_show_names_a_stale_clean_stage(study_run: Path, tmp_path: Path, capsys) -> None:
+def test_plain_show_names_a_stale_clean_stage(study_run: Path, tmp_path: Path, capsys) -> None:
     from core import provenance
 
     run = _copy_run(study_run, tmp_path)
@@ -828,7 +826,7 @@ def _long_token_csv(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("extra", [[], ["--dry-run"]])
-def test_i24_a_250000_character_word_is_one_sentence_before_any_tokenizer(
+def test_a_250000_character_word_is_one_sentence_before_any_tokenizer(
     tmp_path: Path, capsys, extra: list[str]
 ) -> None:
     csv = _long_token_csv(tmp_path)
@@ -843,7 +841,7 @@ def test_i24_a_250000_character_word_is_one_sentence_before_any_tokenizer(
     assert _nothing_in(cache / "r")  # no folder left 'running', no lock, no temporaries
 
 
-def test_i24_the_upload_check_applies_the_same_text_rule(tmp_path: Path) -> None:
+def test_the_upload_check_applies_the_same_text_rule(tmp_path: Path) -> None:
     from ui import study
 
     df = study.parse_upload(_long_token_csv(tmp_path).read_bytes(), "long.csv")

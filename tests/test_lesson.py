@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import runstore_factory as factory
-from test_app import open_page, texts
+from page_harness import open_page, texts
 
 from core import lesson, replication, shapes, store, views
 from ui import widgets

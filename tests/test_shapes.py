@@ -99,7 +99,7 @@ def test_reference_curves_fall_in_their_documented_class_on_unseen_seeds():
                 assert shape == curves[name][1], (seed, name)
 
 
-def test_the_named_references_get_the_issues_classes():
+def test_uniform_two_plateau_and_heavy_tailed_references_are_backslash_z_and_s():
     curves = refs.reference_curves(7)
     want = {
         "uniform": "backslash",

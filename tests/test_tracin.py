@@ -7,9 +7,19 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from runstore_factory import make_checkpoint_run
+from tracin_reference import (
+    LRS,
+    batch_rows,
+    brute_grads,
+    brute_tracin,
+    random_batch,
+    relative_error,
+    saved_checkpoints,
+    tiny_model,
+)
 from transformers import BertForSequenceClassification
 
 from core import store
@@ -24,35 +34,10 @@ from core.tracin import (
     select_parameters,
     shard_name,
 )
-from tests.conftest import tiny_bert
 
-VOCAB = 50
-LRS = [0.1, 0.05, 0.02]
 SCOPES = ["all", "no-word-embeddings", "last-1", "head"]
 
-
-def _tiny_model(seed: int) -> BertForSequenceClassification:
-    """A random 2-layer BERT (hidden 16); a large init range gives non-trivial gradients."""
-    return tiny_bert(VOCAB, seed, initializer_range=0.3, pad_token_id=0).eval()
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def saved_checkpoints(root: Path) -> list[tuple[Path, float]]:
-    """Three saved checkpoints of one model drifting a little, with their learning rates."""
-    model = _tiny_model(0)
-    out = []
-    gen = torch.Generator().manual_seed(1)
-    for i, lr in enumerate(LRS):
-        if i:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        path = root / f"epoch-{i + 1:02d}"
-        model.save_pretrained(path)
-        out.append((path, lr))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -61,88 +46,26 @@ def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
     return saved_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
-def _data(n: int, seed: int, min_len: int = 3, max_len: int = 12) -> dict[str, torch.Tensor]:
-    """Random right-padded token sequences of varied length with random labels."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen)
-    width = int(lengths.max())
-    ids = torch.zeros(n, width, dtype=torch.long)
-    mask = torch.zeros(n, width, dtype=torch.long)
-    for i, length in enumerate(lengths.tolist()):
-        # Ids from a small range so training and test instances share tokens.
-        ids[i, :length] = torch.randint(1, 20, (length,), generator=gen)
-        mask[i, :length] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "token_type_ids": torch.zeros_like(ids),
-        "labels": torch.randint(0, 2, (n,), generator=gen),
-    }
-
-
-def _rows(data: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
-    """A subset of instances, padded only to their own widest row."""
-    width = int(data["attention_mask"][rows].sum(1).max())
-    return {k: (v[rows, :width] if v.ndim == 2 else v[rows]) for k, v in data.items()}
-
-
-def _brute_grads(model, data: dict[str, torch.Tensor], scope: str) -> torch.Tensor:
-    """One ordinary backward per instance (unpadded, 2-D mask): flattened float64 gradients."""
-    params = [p for _, p in select_parameters(model, scope)]
-    out = []
-    for i in range(len(data["labels"])):
-        n = int(data["attention_mask"][i].sum())
-        logits = model(
-            input_ids=data["input_ids"][i : i + 1, :n],
-            attention_mask=data["attention_mask"][i : i + 1, :n],
-            token_type_ids=data["token_type_ids"][i : i + 1, :n],
-        ).logits
-        loss = torch.nn.functional.cross_entropy(logits, data["labels"][i : i + 1])
-        grads = torch.autograd.grad(loss, params)
-        out.append(torch.cat([g.reshape(-1) for g in grads]).double())
-    return torch.stack(out)
-
-
-def _brute_tracin(checkpoints, train, test, scope):
-    """Reference matrix Σ_i η_i g_test·g_train and self-influence, in float64."""
-    from transformers import AutoModelForSequenceClassification
-
-    matrix, self_inf = 0.0, 0.0
-    for path, lr in checkpoints:
-        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        g_train = _brute_grads(model, train, scope)
-        g_test = _brute_grads(model, test, scope)
-        matrix = matrix + lr * g_test @ g_train.T
-        self_inf = self_inf + lr * (g_train * g_train).sum(1)
-    return matrix, self_inf
-
-
-def _rel(a, b) -> float:
-    """Max absolute difference relative to the reference's largest magnitude."""
-    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b))
-    return float((a - b.double()).abs().max() / b.double().abs().max())
-
-
 @pytest.fixture(scope="module")
 def train() -> dict[str, torch.Tensor]:
     """Ten training instances."""
-    return _data(10, seed=2)
+    return random_batch(10, seed=2)
 
 
 @pytest.fixture(scope="module")
 def test_data() -> dict[str, torch.Tensor]:
     """Four test instances."""
-    return _data(4, seed=3)
+    return random_batch(4, seed=3)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
 def test_matches_brute_force_for_every_scope(checkpoints, train, test_data, scope):
-    ref_matrix, ref_self = _brute_tracin(checkpoints, train, test_data, scope)
+    ref_matrix, ref_self = brute_tracin(checkpoints, train, test_data, scope)
     engine = TracInCP(checkpoints, scope=scope, batch_size=3, chunk_size=4)
     result = engine.compute(train, test_data, per_checkpoint=True)
     assert result.matrix.shape == (4, 10)
-    assert _rel(result.matrix, ref_matrix) < 1e-5
-    assert _rel(result.self_influence, ref_self) < 1e-5
+    assert relative_error(result.matrix, ref_matrix) < 1e-5
+    assert relative_error(result.self_influence, ref_self) < 1e-5
     assert np.allclose(result.per_checkpoint.sum(0), result.matrix, rtol=1e-5, atol=1e-7)
     model = BertForSequenceClassification.from_pretrained(checkpoints[0][0])
     assert result.n_params == sum(p.numel() for _, p in select_parameters(model, scope))
@@ -158,14 +81,14 @@ def test_per_checkpoint_gradient_norms_match_brute_force(checkpoints, train, tes
     assert result.train_grad_norms.shape == (3, 10) and result.test_grad_norms.shape == (3, 4)
     for i, (path, _) in enumerate(checkpoints):
         model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        ref_train = _brute_grads(model, train, scope).norm(dim=1)
-        ref_test = _brute_grads(model, test_data, scope).norm(dim=1)
-        assert _rel(result.train_grad_norms[i], ref_train) < 1e-5
-        assert _rel(result.test_grad_norms[i], ref_test) < 1e-5
+        ref_train = brute_grads(model, train, scope).norm(dim=1)
+        ref_test = brute_grads(model, test_data, scope).norm(dim=1)
+        assert relative_error(result.train_grad_norms[i], ref_train) < 1e-5
+        assert relative_error(result.test_grad_norms[i], ref_test) < 1e-5
 
 
 def test_scopes_select_the_documented_parameters():
-    model = _tiny_model(0)
+    model = tiny_model(0)
     names = lambda scope: [n for n, _ in select_parameters(model, scope)]  # noqa: E731
     assert "bert.embeddings.word_embeddings.weight" in names("all")
     assert "bert.embeddings.word_embeddings.weight" not in names("no-word-embeddings")
@@ -189,11 +112,11 @@ def test_alone_equals_inside_a_padded_batch(checkpoints, train, test_data):
     engine = TracInCP(checkpoints, scope="all", batch_size=5)
     full = engine.influence(train, test_data)
     for j in range(4):
-        alone = engine.influence(train, _rows(test_data, [j]))
+        alone = engine.influence(train, batch_rows(test_data, [j]))
         assert torch.allclose(alone[0], full[j], rtol=1e-5, atol=1e-6 * full.abs().max())
     # A training instance alone versus among longer ones (its batch is padded).
     short = int(train["attention_mask"].sum(1).argmin())
-    alone = engine.influence(_rows(train, [short]), test_data)
+    alone = engine.influence(batch_rows(train, [short]), test_data)
     assert torch.allclose(alone[:, 0], full[:, short], rtol=1e-5, atol=1e-6 * full.abs().max())
     # Extra padding columns beyond every instance's length change nothing either.
     padded = {
@@ -322,63 +245,6 @@ def test_bad_inputs_raise(checkpoints, train, tmp_path):
 
 # ------------------------------------------------------------------------- run stage
 
-WORDS = [f"w{i}" for i in range(30)]
-
-
-def _make_run(
-    root: Path, checkpoints, n_train=12, n_test=5, complete=True, max_words=8, max_length=16
-) -> Path:
-    """A run folder with a word-level tokenizer, instances and the fixture's checkpoints.
-
-    Texts have 2 to ``max_words`` words; the run encodes them to ``max_length`` tokens.
-    """
-    from transformers import BertTokenizer
-
-    run = root / "run"
-    (run / store.TOKENIZER_DIR).mkdir(parents=True)
-    vocab_file = root / "vocab.txt"
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab_file.write_text("\n".join(specials + WORDS) + "\n")
-    BertTokenizer(str(vocab_file), do_lower_case=True).save_pretrained(run / store.TOKENIZER_DIR)
-    rng = np.random.default_rng(0)
-    n_val = 2
-    n = n_train + n_val + n_test
-    texts = [" ".join(rng.choice(WORDS, rng.integers(2, max_words + 1))) for _ in range(n)]
-    labels = rng.integers(0, 2, n)
-    observed = labels.copy()
-    observed[:2] = 1 - observed[:2]
-    split = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-    df = pd.DataFrame(
-        {
-            "id": np.arange(n),
-            "split": split,
-            "text": texts,
-            "label": labels,
-            "observed_label": observed,
-            "flipped": observed != labels,
-            "source_row": np.arange(n),
-        }
-    )
-    store.write_parquet(run / store.INSTANCES, df)
-    ckpts = []
-    for i, (path, lr) in enumerate(checkpoints):
-        dest = run / store.CHECKPOINTS_DIR / f"epoch-{i + 1:02d}"
-        BertForSequenceClassification.from_pretrained(path).save_pretrained(dest)
-        ckpts.append(
-            {"epoch": i + 1, "path": f"{store.CHECKPOINTS_DIR}/epoch-{i + 1:02d}", "lr": lr}
-        )
-    from core.config import PRESETS
-
-    config = PRESETS["quick"].replace(max_length=max_length).to_dict()
-    store.write_json(
-        run / store.MANIFEST,
-        {"kind": "run", "name": "run", "status": "running", "config": config, "checkpoints": ckpts},
-    )
-    store.mark_stage(run, "data", store.STATUS_COMPLETE)
-    if complete:
-        store.mark_stage(run, "train", store.STATUS_COMPLETE)
-    return run
-
 
 def _run_inputs(run: Path) -> tuple[dict, dict]:
     """The run's train/test tensors, encoded as the stage does."""
@@ -392,7 +258,7 @@ OUTPUTS = (store.TRACIN, store.TRACIN_PER_CHECKPOINT, store.SELF_INFLUENCE)
 
 
 def test_run_stage_writes_the_contract_files(checkpoints, tmp_path):
-    run = _make_run(tmp_path, checkpoints)
+    run = make_checkpoint_run(tmp_path, checkpoints)
     info = run_tracin(run, device="cpu", progress=False)
     matrix = np.load(run / store.TRACIN)
     stack = np.load(run / store.TRACIN_PER_CHECKPOINT)
@@ -409,8 +275,8 @@ def test_run_stage_writes_the_contract_files(checkpoints, tmp_path):
     )
     assert np.allclose(stack.sum(0), matrix, rtol=1e-5, atol=1e-6 * abs(matrix).max())
     train, test = _run_inputs(run)
-    ref, ref_self = _brute_tracin(checkpoints, train, test, "all")
-    assert _rel(matrix, ref) < 1e-5 and _rel(self_inf, ref_self) < 1e-5
+    ref, ref_self = brute_tracin(checkpoints, train, test, "all")
+    assert relative_error(matrix, ref) < 1e-5 and relative_error(self_inf, ref_self) < 1e-5
     manifest = store.load_manifest(run)
     assert manifest["stages"]["tracin"]["status"] == "complete"
     assert manifest["tracin"]["params"] == "all" and manifest["tracin"]["n_checkpoints"] == 3
@@ -428,7 +294,7 @@ def test_run_stage_writes_the_contract_files(checkpoints, tmp_path):
 def test_run_stage_resumes_after_an_interruption(checkpoints, tmp_path, monkeypatch):
     import core.models
 
-    run = _make_run(tmp_path, checkpoints)
+    run = make_checkpoint_run(tmp_path, checkpoints)
     real = core.models.load_classifier
     calls = []
 
@@ -446,8 +312,8 @@ def test_run_stage_resumes_after_an_interruption(checkpoints, tmp_path, monkeypa
     monkeypatch.setattr(core.models, "load_classifier", real)
     run_tracin(run, device="cpu", progress=False)
     train, test = _run_inputs(run)
-    ref, _ = _brute_tracin(checkpoints, train, test, "all")
-    assert _rel(np.load(run / store.TRACIN), ref) < 1e-5
+    ref, _ = brute_tracin(checkpoints, train, test, "all")
+    assert relative_error(np.load(run / store.TRACIN), ref) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -455,7 +321,7 @@ def test_run_stage_resumes_after_an_interruption(checkpoints, tmp_path, monkeypa
     [({}, False), ({"scope": "last-9"}, True), ({"project": 0}, True), ({"scope": "x"}, True)],
 )
 def test_run_stage_bad_input_writes_nothing(checkpoints, tmp_path, kwargs, complete):
-    run = _make_run(tmp_path, checkpoints, complete=complete)
+    run = make_checkpoint_run(tmp_path, checkpoints, complete=complete)
     before = json.loads((run / store.MANIFEST).read_text())
     with pytest.raises(AtlasError):
         run_tracin(run, device="cpu", progress=False, **kwargs)
@@ -465,7 +331,7 @@ def test_run_stage_bad_input_writes_nothing(checkpoints, tmp_path, kwargs, compl
 
 
 def test_compare_to_exact(checkpoints, tmp_path):
-    run = _make_run(tmp_path, checkpoints)
+    run = make_checkpoint_run(tmp_path, checkpoints)
     same = compare_to_exact(run, "all", None, None, n_test=3, device="cpu", progress=False)
     assert same["n_test"] == 3 and same["summary"]["spearman"]["min"] == pytest.approx(1.0)
     head = compare_to_exact(run, "head", None, None, n_test=3, device="cpu", progress=False)
@@ -493,7 +359,7 @@ if os.environ.get("TRACIN_TEST_CUDA") and torch.cuda.is_available():  # pragma: 
     def test_cuda_bf16_close_to_cpu(checkpoints, train, test_data):
         cpu = TracInCP(checkpoints).influence(train, test_data)
         gpu = TracInCP(checkpoints, device="cuda", dtype="bfloat16").influence(train, test_data)
-        assert _rel(gpu, cpu) < 2e-2
+        assert relative_error(gpu, cpu) < 2e-2
 
 
 # ----------------------------------------------------------------- public task API
@@ -515,9 +381,9 @@ def test_tasks_in_shuffled_order_in_two_processes_match_the_stage_bitwise(checkp
 
     from core.tracin import Task, aggregate, compute, plan
 
-    single = _make_run(tmp_path / "single", checkpoints)
+    single = make_checkpoint_run(tmp_path / "single", checkpoints)
     run_tracin(single, device="cpu", progress=False, chunk_size=4)
-    spread = _make_run(tmp_path / "spread", checkpoints)
+    spread = make_checkpoint_run(tmp_path / "spread", checkpoints)
     tasks = plan(spread, chunk_size=4, chunks_per_task=1)
     assert len(tasks) == 3 * 3 and all(isinstance(t, Task) for t in tasks)
     assert {t.chunks for t in tasks} == {(0, 1), (1, 2), (2, 3)}
@@ -546,7 +412,7 @@ def test_tasks_in_shuffled_order_in_two_processes_match_the_stage_bitwise(checkp
 def test_aggregate_names_the_missing_shard(checkpoints, tmp_path):
     from core.tracin import aggregate, compute, plan
 
-    run = _make_run(tmp_path, checkpoints)
+    run = make_checkpoint_run(tmp_path, checkpoints)
     tasks = plan(run, chunk_size=4, chunks_per_task=1)
     for task in tasks[1:]:
         compute(task, device="cpu")
@@ -558,7 +424,7 @@ def test_aggregate_names_the_missing_shard(checkpoints, tmp_path):
 def test_a_task_refuses_a_checkpoint_changed_since_the_plan(checkpoints, tmp_path):
     from core.tracin import compute, plan
 
-    run = _make_run(tmp_path, checkpoints)
+    run = make_checkpoint_run(tmp_path, checkpoints)
     task = plan(run)[0]
     model = BertForSequenceClassification.from_pretrained(run / "checkpoints" / "epoch-01")
     with torch.no_grad():

@@ -11,7 +11,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-from test_detectors import make_tiny_run
+import runstore_factory as factory
 
 from core import detectors, store, sweep
 from core.config import PRESETS
@@ -32,7 +32,7 @@ def test_sweep_plan_lists_the_cells_not_trained_yet(tmp_path: Path):
 
 
 def test_retraining_is_planned_until_its_result_is_cached(tmp_path: Path):
-    run = make_tiny_run(tmp_path)
+    run = factory.make_model_run(tmp_path)
     (unit,) = detectors.plan_retraining(run)
     assert unit.run == str(run) and pickle.loads(pickle.dumps(unit)) == unit
     cache = run / detectors.WORK_DIR / detectors.INFLUENCE_CACHE

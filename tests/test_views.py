@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from core.errors import AtlasError
-from core.views import COSINE, RAW, RELATIVE, View, full_view, standard_views, view_scores
+from core.views import (
+    COSINE,
+    RAW,
+    RELATIVE,
+    View,
+    allowed_normalisations,
+    full_view,
+    missing_normalisations_note,
+    standard_views,
+    view_scores,
+)
 from tests.conftest import tiny_bert
 
 LRS = [0.1, 0.05]
@@ -120,3 +130,15 @@ def test_standard_views_are_every_single_and_cumulative_checkpoint():
         ("single", "raw:3-3"),
         ("cumulative", "raw:1-3"),
     ]
+
+
+def test_the_normalisations_a_run_allows_follow_its_stored_arrays():
+    assert allowed_normalisations(True, True, True) == (RAW, RELATIVE, COSINE)
+    assert allowed_normalisations(True, True, False) == (RAW, RELATIVE)
+    # Norms without the per-checkpoint stack, or test norms without training norms, allow raw only.
+    assert allowed_normalisations(False, True, True) == (RAW,)
+    assert allowed_normalisations(True, False, True) == (RAW,)
+    assert allowed_normalisations(False, False, False) == (RAW,)
+    assert missing_normalisations_note((RAW, RELATIVE, COSINE)) == ""
+    assert "no test gradient norms" in missing_normalisations_note((RAW, RELATIVE))
+    assert "only raw" in missing_normalisations_note((RAW,))

@@ -1,4 +1,4 @@
-"""App-side code: run-store loading with Streamlit caching, chart builders, widgets and views.
+"""App-side code: run-store loading with Streamlit caching, chart builders, widgets and the page screens.
 
 Nothing under ``ui`` imports torch, transformers, umap or fugashi: the app only reads
 the run store that ``core`` writes.

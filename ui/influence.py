@@ -31,12 +31,10 @@ def n_checkpoints(run: data.Run) -> int:
 
 
 def normalisations(run: data.Run) -> tuple[str, ...]:
-    """Normalisations the stored arrays allow: raw always, relative / cosine with the norms."""
-    if n_checkpoints(run) == 0 or not run.has(store.GRAD_NORMS_TRAIN):
-        return (views.RAW,)
-    if not run.has(store.GRAD_NORMS_TEST):
-        return (views.RAW, views.RELATIVE)
-    return views.NORMALISATIONS
+    """Normalisations the run's stored arrays allow (core's rule, :func:`core.views.allowed_normalisations`)."""
+    return views.allowed_normalisations(
+        n_checkpoints(run) > 0, run.has(store.GRAD_NORMS_TRAIN), run.has(store.GRAD_NORMS_TEST)
+    )
 
 
 def default_view(run: data.Run) -> views.View:
@@ -112,11 +110,7 @@ def pick_view(run: data.Run, where=st.sidebar, key: str = "") -> views.View:
         key=nkey,
         format_func=lambda n: n,
         help="; ".join(f"{n}: {views.NORMALISATION_HELP[n]}" for n in norms)
-        + (
-            ""
-            if len(norms) == 3
-            else ". This run stores no per-checkpoint gradient norms, so only raw scores exist."
-        ),
+        + (f". {note}" if (note := views.missing_normalisations_note(norms)) else ""),
     )
     first, last = 1, max(k, 1)
     if k > 1:

@@ -18,7 +18,7 @@ class PageSpec:
     title: str  # what the sidebar and the browser tab call it
     icon: str  # drawn with the bundled Material Symbols font (the tab's icon is FAVICON)
     url_path: str  # "" for the home page
-    script: str | None  # path relative to app.py; None: the home page (ui.views.home)
+    script: str | None  # path relative to app.py; None: the home page (ui.screens.home)
     blurb: str = ""  # one line for the home page's list of pages
 
 
@@ -113,7 +113,7 @@ def navigation():
     """The ``st.navigation`` of every page (call once, from app.py); returns the chosen page."""
     import streamlit as st
 
-    from ui.views import home
+    from ui.screens import home
 
     pages = [
         st.Page(
@@ -139,6 +139,6 @@ def link_target(key: str):
     spec = BY_KEY[key]
     if spec.script:
         return spec.script
-    from ui.views import home
+    from ui.screens import home
 
     return st.Page(home.render, title=spec.title, icon=spec.icon, default=True)

@@ -85,8 +85,10 @@ def md_escape(text: Any, limit: int | None = None) -> str:
 FAVICON = pages.FAVICON  # the same tab icon as app.py sets before the navigation
 
 
-def setup_page(title: str, icon: str = ":material/show_chart:") -> None:
-    """Page config and title, the same on every page (``icon`` is the sidebar's, not the tab's)."""
+def setup_page(page: str, title: str | None = None) -> None:
+    """Page config and title, the same on every page: ``page`` is its key in :data:`ui.pages.BY_KEY`,
+    whose title it shows unless ``title`` is given."""
+    title = title or pages.BY_KEY[page].title
     # An emoji favicon is drawn in the browser (a data: URL); a ":material/…" one would be
     # fetched from fonts.gstatic.com, a request leaving the page (and failing offline).
     st.set_page_config(
@@ -96,6 +98,22 @@ def setup_page(title: str, icon: str = ":material/show_chart:") -> None:
         menu_items={"About": ABOUT},
     )
     st.title(title)
+
+
+def page_link(
+    page: str,
+    label: str | None = None,
+    icon: str | None = None,
+    query_params: dict[str, str] | None = None,
+) -> None:
+    """A link to another page of the registry, with its title and icon unless told otherwise."""
+    spec = pages.BY_KEY[page]
+    st.page_link(
+        pages.link_target(page),
+        label=label or spec.title,
+        icon=icon or spec.icon,
+        query_params=query_params,
+    )
 
 
 @contextlib.contextmanager
@@ -120,9 +138,9 @@ def guard() -> Iterator[None]:
             st.code(traceback.format_exc())
 
 
-def run_page(title: str, icon: str, caption: str, body: Callable[[data.Run], None]) -> None:
+def run_page(page: str, caption: str, body: Callable[[data.Run], None]) -> None:
     """The frame of every per-run page: header, caption, run picker, then ``body`` under a guard."""
-    setup_page(title, icon)
+    setup_page(page)
     st.caption(caption)
     run = open_run()
     if run is None:
@@ -279,7 +297,7 @@ def default_test(run: data.Run) -> int:
     with the lowest id (the paper studies misclassified instances), else the lowest id.
 
     One rule for all pages, read from shapes.parquet and not from the order a page sorts its
-    picker in (Score curves and Neighbourhoods used to open on different instances).
+    picker in, so that every page opens on the same instance.
     """
     shapes = run.shapes()
     ids = shapes["id"].astype(int)

@@ -14,7 +14,7 @@ import streamlit as st
 from core import shape_references, views
 from core import shapes as core_shapes
 from ui import charts, compute, data, influence, widgets
-from ui.views import curves
+from ui.screens import curves
 
 EXPLAIN = {
     core_shapes.SHAPE_S: (
@@ -40,8 +40,7 @@ GUESS_KEY = "learn_guess"
 def render() -> None:
     """Draw the Learn-the-shapes page."""
     widgets.run_page(
-        "Learn the shapes",
-        ":material/school:",
+        "learn",
         (
             "The paper sorts every training instance's TracIn score for one test instance and finds "
             "three curve shapes: S, backslash and Z. Here they are, from this run's own data."
@@ -187,7 +186,7 @@ def guess(run: data.Run) -> None:
 
 CHOICE_KEY = "learn_choice"
 # The last first curve of each run in this server process, so a new session never opens on
-# the curve the previous one opened on (the exercise used to open on the same one every time).
+# the curve the previous one opened on (a deterministic pick would open on the same one every time).
 _LAST_FIRST: dict[str, tuple[str, int]] = {}
 
 

@@ -192,8 +192,7 @@ def _with_text(run: data.Run, rank, train_id, score, flipped) -> pd.DataFrame:
 def render() -> None:
     """Draw the Score curves page."""
     widgets.run_page(
-        "Score curves",
-        ":material/show_chart:",
+        "curves",
         (
             "Paper Fig. 1: for each test instance, every training instance's TracIn score sorted from "
             "most helpful to most harmful. Red: flipped labels; blue: clean. Yellow: least-squares line; "

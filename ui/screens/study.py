@@ -12,7 +12,7 @@ from core import jobs, validation
 from core.config import PRESETS
 from core.datasets import BUILTINS
 from core.errors import AtlasError
-from ui import data, pages, study, widgets
+from ui import data, study, widgets
 
 MODELS = {
     "tiny": "tiny BERT trained from scratch (fast)",
@@ -24,7 +24,7 @@ QP_JOB = "job"
 
 def render() -> None:
     """Draw the Run a study page."""
-    widgets.setup_page("Run a study", ":material/science:")
+    widgets.setup_page("study")
     st.caption(
         "Runs the whole experiment — split, flip labels, fine-tune with a checkpoint per epoch, TracIn, "
         "analytics — as `python -m core run` in the background. You can close or reload this page; "
@@ -357,8 +357,8 @@ def job_actions(j: jobs.Job, state: str, page: str, label: str, param: str) -> N
             jobs.cancel(j)
             st.rerun()
     elif state == "finished":
-        st.page_link(
-            pages.link_target(page),
+        widgets.page_link(
+            page,
             label=label,
             icon=":material/open_in_new:",
             query_params={param: j.name},

@@ -14,14 +14,14 @@ from core.config import PRESETS
 from core.datasets import BUILTINS
 from core.errors import AtlasError
 from ui import charts, compute, data, study, widgets
-from ui.views import study as study_view
+from ui.screens import study as study_screen
 
 SWEEP_COMMAND = "python -m core sweep --preset quick"
 
 
 def render() -> None:
     """Draw the Noise sweep page."""
-    widgets.setup_page("Noise sweep", ":material/stacked_line_chart:")
+    widgets.setup_page("sweep")
     st.caption(
         "Paper Fig. 4–5: a few flipped labels barely hurt; beyond a threshold, accuracy falls and the "
         "training loss climbs. One model per (flip rate, seed); thin lines are seeds, the bold line "
@@ -42,7 +42,7 @@ def start_section(cache) -> None:
         return
     jobs.dispatch(cache)
     st.divider()
-    study_view.jobs_panel(cache, kind="sweep", title="Sweeps started here", key="sweep_job")
+    study_screen.jobs_panel(cache, kind="sweep", title="Sweeps started here", key="sweep_job")
     with st.expander("Start a new sweep", expanded=False):
         missing = study.compute_stack()
         if missing:
@@ -86,7 +86,7 @@ def start_section(cache) -> None:
         except AtlasError as exc:
             st.error(widgets.md_escape(exc))
             ready = False
-        study_view.slots_note(cache)
+        study_screen.slots_note(cache)
         st.caption(
             "One model per flip rate and seed (no TracIn): the quick preset's 7 rates × 3 seeds take "
             "a few minutes on a laptop CPU. A cancelled sweep resumes where it stopped."
@@ -102,7 +102,7 @@ def start_section(cache) -> None:
             except AtlasError as exc:
                 st.error(widgets.md_escape(exc))
             else:
-                st.query_params[study_view.QP_JOB] = j.name
+                st.query_params[study_screen.QP_JOB] = j.name
                 st.session_state.pop("sweep_job", None)  # the picker opens on the new sweep
                 time.sleep(0.3)
                 st.rerun()

@@ -9,7 +9,7 @@ import streamlit as st
 from core import shapes as core_shapes
 from core import stats
 from ui import charts, data, influence, pages, widgets
-from ui.views import curves
+from ui.screens import curves
 
 Y_CHOICES = {
     "end_ratio": "flips' end ratio (Fig. 3)",
@@ -27,8 +27,7 @@ PAPER = {
 def render() -> None:
     """Draw the Shape vs position page."""
     widgets.run_page(
-        "Shape vs position",
-        ":material/scatter_plot:",
+        "shape",
         (
             "Paper Fig. 3 (and Fig. 2): one point per test instance, its curve's S-shapedness against "
             "where its flipped training instances sit, or against its distance to the training data. "
@@ -72,10 +71,9 @@ def body(run: data.Run) -> None:
     )
     sensitivity(run, view)
     st.subheader(f"Curve of test instance {test_id}")
-    st.page_link(
-        pages.link_target("curves"),
-        label="Open in Score curves",
-        icon=":material/show_chart:",
+    widgets.page_link(
+        "curves",
+        label=f"Open in {pages.BY_KEY['curves'].title}",
         query_params={
             widgets.QP_RUN: run.name,
             widgets.QP_TEST: str(test_id),

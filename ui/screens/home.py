@@ -49,16 +49,14 @@ the line joining the two ends (green): `S = (b_reg − b_end) / |b_end|` — abo
 
 def render() -> None:
     """Draw the home page."""
-    widgets.setup_page("Influence Atlas", ":material/explore:")
+    widgets.setup_page("home", title="Influence Atlas")
     st.markdown(INTRO)
     run = widgets.open_run()
     if run is not None:
         with widgets.guard():
             summary(run)
-    # A short label: a page link does not wrap, and the long one was cut off on a phone.
-    st.page_link(
-        pages.link_target("replication"), label="Does the paper hold?", icon=":material/fact_check:"
-    )
+    # A short label: a page link does not wrap, and a longer one is cut off on a phone.
+    widgets.page_link("replication")
     st.caption("Each claim of the paper tested across conditions and seeds.")
     teaching()
 
@@ -128,8 +126,8 @@ def summary(run: data.Run) -> None:
         if run.has(store.SHAPES):
             shapes = run.shapes()
             counts = _shape_counts(shapes)
-            # Short headers: the column is two fifths of a laptop's window, and the last
-            # column was cut off under "mean end ratio %".
+            # Short headers: the column is two fifths of a laptop's window, and a header as
+            # long as "mean end ratio %" cuts off the last column.
             st.dataframe(
                 counts,
                 hide_index=True,

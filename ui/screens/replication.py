@@ -21,7 +21,7 @@ EVIDENCE_COLUMNS = 3  # panels per row; Streamlit stacks columns on a phone
 
 def render() -> None:
     """Draw the page."""
-    widgets.setup_page("Does the paper hold?", ":material/fact_check:")
+    widgets.setup_page("replication")
     st.caption(
         "The paper's claims as numbered statements (rules written before the grid was run: "
         "docs/replication.md). Each cell is one claim in one condition, pooled over seeds: "

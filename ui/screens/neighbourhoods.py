@@ -15,8 +15,7 @@ MAX_LINES = 30  # sorted-distance curves drawn at most (Fig. 2b gets unreadable 
 def render() -> None:
     """Draw the Neighbourhoods page."""
     widgets.run_page(
-        "Neighbourhoods",
-        ":material/hub:",
+        "neighbourhoods",
         (
             "The paper's hypothesis (Fig. 2): a test instance with many similar training instances gets a "
             "Z-shaped curve, an unusual one an S-shaped curve. Similarity is the Euclidean distance between "

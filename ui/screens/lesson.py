@@ -17,7 +17,7 @@ from core import replication as core_replication
 from core import shapes as core_shapes
 from core import store, views
 from ui import charts, compute, data, widgets
-from ui.views import curves
+from ui.screens import curves
 
 QP_STEP = "step"
 STEPS = (
@@ -93,7 +93,7 @@ QUESTIONS = (
 
 def render() -> None:
     """Draw the lesson."""
-    widgets.setup_page("Lesson: the three shapes", ":material/co_present:")
+    widgets.setup_page("lesson")
     target = teaching_target()
     if target is None:
         st.info(

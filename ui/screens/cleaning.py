@@ -25,8 +25,7 @@ METRIC_NAMES = {
 def render() -> None:
     """Draw the Cleaning lab page."""
     widgets.run_page(
-        "Cleaning lab",
-        ":material/cleaning_services:",
+        "cleaning",
         (
             "Each detector ranks the training instances by suspicion. Because this lab flipped the labels "
             "itself, every ranking can be scored against the truth: how many flips would you find after "
