@@ -19,6 +19,7 @@ from typing import Any
 
 from core import provenance, store
 from core.errors import AtlasError
+from core.executors import RESUME
 from core.run_options import UsageError, _Parser, add_run_options, config_from_args
 
 # Configuration keys a `run` option sets, in the order they are appended.
@@ -104,7 +105,15 @@ def status_note(run_dir: str | os.PathLike, manifest: dict[str, Any], status: st
             f"`{resume_command(run_dir)}`."
         )
     if status == store.STATUS_FAILED:
-        error = _text(manifest.get("error")).strip().rstrip(".") or "no error was recorded"
+        stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+        failed = [  # a stage command's failure is recorded in its stage's entry
+            f"{name}: {_text(e.get('error'))}"
+            for name, e in stages.items()
+            if isinstance(e, dict) and e.get("status") == store.STATUS_FAILED and e.get("error")
+        ]
+        error = _text(manifest.get("error") or (failed[0] if failed else "")).strip().rstrip(".")
+        error = error or "no error was recorded"
+        error = error.replace(f", {RESUME}", "")  # a task's sentence: the command comes next
         return f"It failed: {error}; resume it with `{resume_command(run_dir)}`."
     return None
 

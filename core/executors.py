@@ -58,7 +58,12 @@ MAX_WORKERS = 100_000
 ENV_FAIL = "ATLAS_TEST_FAIL_TASK"  # "<task name>" fails every attempt, "<task name>:N" the first N
 ENV_FAIL_DIR = "ATLAS_TEST_FAIL_DIR"  # where the hooked task's attempts are counted (files)
 ENV_STOP = "ATLAS_TEST_STOP_AFTER"  # "N": the driver kills itself (SIGKILL) after N finished tasks
+ENV_CRASH = "ATLAS_TEST_CRASH_TASK"  # "<task name>": its worker dies of SIGSEGV (a native crash)
 _STAGE_ROOT = "atlas-ray-stage"  # scratch copies of unshared run folders, under the node's tmp
+
+
+# How a TaskFailed sentence ends; the CLI puts the command it ran in place of "the command".
+RESUME = "rerun the command to resume"
 
 
 class TaskFailed(AtlasError):
@@ -408,6 +413,8 @@ def _call(
         _set_threads(resources)
     t0, c0 = time.perf_counter(), time.process_time()
     _maybe_fail(work.name(task), hook)
+    if os.environ.get(ENV_CRASH) == work.name(task):  # test hook: what MeCab did on issue 24
+        os.kill(os.getpid(), signal.SIGSEGV)
     result = work.compute(task, **kwargs)
     return {
         "result": result,
@@ -425,8 +432,46 @@ def _failed(work: Work, task: Any, exc: BaseException, attempts: int | None = No
     return TaskFailed(
         f"Task {work.name(task)} ({work.stage}) failed{tries}: {type(exc).__name__}"
         + (f": {text}" if text else "")
-        + "; finished tasks are kept, rerun the command to resume."
+        + f"; finished tasks are kept, {RESUME}."
     )
+
+
+def _died(work: Work, processes: Sequence[Any]) -> TaskFailed:
+    """The one sentence for a worker process that died without a word (a native crash, the
+    kernel's OOM killer): the stage, the pid and the signal, from the pool's exit codes.
+
+    The pool terminates its other workers (SIGTERM) once one has died, so a signal other
+    than SIGTERM is the cause when there is one.
+    """
+    dead = []
+    for proc in processes:
+        proc.join(timeout=5)  # the dead one already has its code; the others are being ended
+        if proc.exitcode not in (None, 0):
+            dead.append((proc.exitcode != -signal.SIGTERM, proc.pid, proc.exitcode))
+    how = "died without a word"
+    if dead:
+        _, pid, code = max(dead, key=lambda d: d[0])
+        how = f"(pid {pid}) exited with status {code}"
+        if code < 0:
+            try:
+                sig = signal.Signals(-code)
+                how = f"(pid {pid}) died of {sig.name} ({signal.strsignal(sig) or sig.name})"
+                how += _SIGNAL_CAUSES.get(sig, "")
+            except ValueError:
+                how = f"(pid {pid}) died of signal {-code}"
+    return TaskFailed(
+        f"A worker process of the {work.stage} stage {how}; finished tasks are kept, {RESUME}."
+    )
+
+
+# What a signal that ends a worker usually means, for the sentence of :func:`_died`.
+_SIGNAL_CAUSES = {
+    **dict.fromkeys(
+        (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT),
+        ", a crash in native code",
+    ),
+    signal.SIGKILL: ", killed from outside (the kernel's out-of-memory killer does this)",
+}
 
 
 # --------------------------------------------------------------------------- local and processes
@@ -489,6 +534,7 @@ def warm_pool(*modules: str) -> None:
 def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any]:
     """A pool of worker processes on this machine, forked from a fork server (:func:`_mp_context`)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     workers = spec.workers or max(1, (os.cpu_count() or 1) // 2)
     workers = max(1, min(workers, len(tasks)))
@@ -504,6 +550,9 @@ def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any
             pool.submit(_call, work, t, kwargs, per_task, hook, env): i for i, t in enumerate(tasks)
         }
         pending = set(futures)
+        # The workers as started (the pool forgets them once broken): their exit codes name
+        # the signal of a worker that crashed in native code.
+        processes = list((getattr(pool, "_processes", None) or {}).values())
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -513,6 +562,9 @@ def _run_processes(work, tasks, spec, kwargs, resources, prog, hook) -> list[Any
                         rec = fut.result()
                     except AtlasError as exc:
                         failure = failure or exc
+                        continue
+                    except BrokenProcessPool:
+                        failure = failure or _died(work, processes)
                         continue
                     except Exception as exc:
                         failure = failure or _failed(work, tasks[i], exc)

@@ -276,10 +276,24 @@ def predict_logits(
 
 
 def _save_dir_atomically(obj, out_dir: Path) -> None:
-    """save_pretrained into a temporary sibling folder, then rename it into place."""
+    """save_pretrained into a temporary sibling folder, then rename it into place.
+
+    A failed save removes its temporary folder (on a full disk it holds the space that
+    would let the rerun succeed) and a write error is raised as an :class:`OSError` naming
+    ``out_dir`` (:func:`disk_error`), whichever library's wording it came in.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    obj.save_pretrained(str(tmp))
+    try:
+        obj.save_pretrained(str(tmp))
+    except Exception as exc:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = disk_error(exc, out_dir)
+        if error is None:
+            raise
+        raise error from exc
     if out_dir.exists():
         import shutil
 
@@ -290,6 +304,30 @@ def _save_dir_atomically(obj, out_dir: Path) -> None:
 def save_pretrained_atomically(obj, out_dir: Path) -> None:
     """Public form of the atomic save, for checkpoints."""
     _save_dir_atomically(obj, Path(out_dir))
+
+
+def disk_error(exc: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The operating-system error behind a failed write, as an :class:`OSError` naming ``path``.
+
+    Libraries wrap it: safetensors raises ``SafetensorError("... No space left on device
+    (os error 28)")`` (a plain Exception), torch's writer a ``RuntimeError`` whose context
+    is the :class:`OSError` of the file it wrote to. The CLI turns the result into one
+    sentence with the path, the cause and what to do (exit 1); None when no OS error is
+    behind ``exc`` (a bug, raised as it is).
+    """
+    import errno as errno_codes
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return OSError(seen.errno, seen.strerror or os.strerror(seen.errno), str(path))
+        found = re.search(r"\(os error (\d+)\)", str(seen))
+        if found and int(found.group(1)) in errno_codes.errorcode:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code), str(path))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -60,6 +60,15 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     ),
     "clean": (run_files.INSTANCES, run_files.DETECTORS),
 }
+# Outputs a stage's record fingerprints too, beyond the files ``store.stage_problem`` reads:
+# the tokenizer (training and TracIn read it), the gradient norms (analyze reads them) and
+# analyze's per-view tables (the app and claims read them).
+# One changed or lost since makes its stage due again (:func:`output_problem`).
+STAGE_OUTPUTS_KEPT: dict[str, tuple[str, ...]] = {
+    "data": (run_files.TOKENIZER_DIR,),
+    "tracin": (run_files.GRAD_NORMS_TRAIN, run_files.GRAD_NORMS_TEST),
+    "analyze": (run_files.SHAPES_BY_VIEW, run_files.FLIP_RANKS),
+}
 # The stages whose outputs each stage reads beyond the data (checked by check_upstream).
 UPSTREAM: dict[str, tuple[str, ...]] = {"tracin": ("train",), "analyze": ("train", "tracin")}
 # Keys of a stage's recorded info that describe the machine, not the result.
@@ -221,8 +230,32 @@ def record_stage_inputs(
         "args": {k: v for k, v in dict(args).items() if k not in _VOLATILE},
         "inputs": {name: fingerprint(run / name) for name in names},
     }
+    if STAGE_OUTPUTS_KEPT.get(stage):
+        record["outputs"] = {name: fingerprint(run / name) for name in STAGE_OUTPUTS_KEPT[stage]}
     run_files.write_json(_record_path(run, stage), record)
     return record
+
+
+def output_problem(run_dir: str | os.PathLike, stage: str) -> str | None:
+    """Which output of ``stage`` (:data:`STAGE_OUTPUTS_KEPT`) changed or went missing since
+    the stage made it, or None.
+
+    A missing tokenizer counts only while the run keeps its checkpoints: a shipped run has
+    neither (``store.missing_heavy_tier``), and nothing needs them there.
+    """
+    run = Path(run_dir)
+    record = read_record(run, stage)
+    outputs = record.get("outputs") if record is not None else None
+    for name, recorded in outputs.items() if isinstance(outputs, dict) else ():
+        if recorded is None:
+            continue
+        same = same_content(recorded, run / name)
+        if same is False:
+            return f"{run / name} changed after the {stage} stage made it"
+        heavy = name == run_files.TOKENIZER_DIR
+        if same is None and (not heavy or (run / run_files.CHECKPOINTS_DIR).is_dir()):
+            return f"{run / name} is missing"
+    return None
 
 
 def read_record(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:

@@ -78,12 +78,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:  # a read-only or full folder: name the file asked for, not our temp
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        except OSError as exc:
+            # A full disk while writing, an immutable or read-only target while renaming:
+            # the sentence names the file asked for, not our temporary (removed below).
+            if exc.errno is not None and exc.filename in (None, str(tmp)):
+                raise OSError(exc.errno, exc.strerror, str(target)) from exc
+            raise
     finally:
         if tmp.exists():
             tmp.unlink()

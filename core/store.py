@@ -9,6 +9,7 @@ place, so a reader never sees half a file and a killed process leaves only
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -262,8 +263,10 @@ def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
 
     'running' only while a live process holds the folder's lock: a writer killed with
     ``kill -9`` (or one that crashed in native code) cannot update its manifest, so a
-    'running' manifest without a holder is reported 'interrupted'. A complete run whose
-    stage lost a file is 'incomplete'; anything else is the manifest's status.
+    'running' manifest without a holder is reported 'interrupted'; so is a complete one whose
+    stage is marked running (a stage command that died), and one whose stage is marked failed
+    is 'failed'. A complete run whose stage lost a file is 'incomplete'; anything else is the
+    manifest's status.
     """
     status = _text(manifest.get("status", "unknown"))
     if status == STATUS_RUNNING:
@@ -272,7 +275,15 @@ def run_status(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
         return status
     run = Path(run_dir)
     stages = manifest.get("stages")
-    for stage, entry in (stages if isinstance(stages, dict) else {}).items():
+    stages = stages if isinstance(stages, dict) else {}
+    halted = {e.get("status") for e in stages.values() if isinstance(e, dict)}
+    if STATUS_RUNNING in halted:
+        # A stage command (`tracin`, `analyze --force`) on a complete run that died part-way:
+        # its files are half remade, so the run is not complete.
+        return STATUS_RUNNING if locks.is_locked(run_dir) else STATUS_INTERRUPTED
+    if STATUS_FAILED in halted:  # one that failed (its stage entry holds the error)
+        return STATUS_FAILED
+    for stage, entry in stages.items():
         complete = isinstance(entry, dict) and entry.get("status") == STATUS_COMPLETE
         if complete and not all((run / n).exists() for n in STAGE_OUTPUTS.get(stage, ())):
             return "incomplete"
@@ -376,7 +387,10 @@ def _check_stage(run: Path, manifest: dict[str, Any], stage: str) -> str | None:
     epochs = manifest.get("epochs")
     n_epochs = len(epochs) if isinstance(epochs, list) and epochs else None
     checks: dict[str, list] = {
-        "data": [lambda: read_parquet(run / INSTANCES, INSTANCE_COLUMNS, n_all)],
+        "data": [
+            lambda: read_parquet(run / INSTANCES, INSTANCE_COLUMNS, n_all),
+            lambda: _check_outputs(run, "data"),
+        ],
         "train": [
             lambda: read_npy(run / LOGITS, shape=(n_epochs, n_all, 2)),
             lambda: _check_checkpoints(run, manifest),
@@ -385,6 +399,7 @@ def _check_stage(run: Path, manifest: dict[str, Any], stage: str) -> str | None:
             lambda: read_npy(run / TRACIN, shape=(n_test, n_train)),
             lambda: read_npy(run / TRACIN_PER_CHECKPOINT, shape=(None, n_test, n_train)),
             lambda: read_npy(run / SELF_INFLUENCE, shape=(n_train,)),
+            lambda: _check_outputs(run, "tracin"),
         ],
         "analyze": [
             lambda: read_parquet(run / SHAPES, ("id", "s", "shape"), n_test),
@@ -393,6 +408,7 @@ def _check_stage(run: Path, manifest: dict[str, Any], stage: str) -> str | None:
             lambda: read_npy(run / EMBEDDINGS, shape=(n_all, None)),
             lambda: _parquet_footer(run / CURVES),
             lambda: _parquet_footer(run / COORDS),
+            lambda: _check_outputs(run, "analyze"),
         ],
         "detect": [
             lambda: read_parquet(run / DETECTORS, ("id",), n_train),
@@ -423,6 +439,78 @@ def _check_checkpoints(run: Path, manifest: dict[str, Any]) -> None:
                 f"{where}, a checkpoint listed in the manifest, is missing; TracIn needs every "
                 f"checkpoint: retrain from it with `{rebuild_phrase(run, 'train')}`."
             )
+        if manifest.get("epochs") and not (path / _EPOCH_STATE).is_file():
+            # Training wrote it (metrics, the data trained on); without it no resume trusts it.
+            problem = f"{path / _EPOCH_STATE} is missing"
+        else:
+            problem = checkpoint_problem(path)
+        if problem:
+            raise AtlasError(
+                f"{problem}; training makes it again from the last whole checkpoint before "
+                f"it: `{rebuild_phrase(run, 'train')}`."
+            )
+
+
+def _check_outputs(run: Path, stage: str) -> None:
+    """Raise when a file the stage's provenance fingerprints as its output (the tokenizer, the
+    gradient norms) changed or went missing since the stage made it."""
+    if problem := provenance.output_problem(run, stage):
+        raise AtlasError(
+            f"{problem}; the {stage} stage makes it again: `{rebuild_phrase(run, stage)}`."
+        )
+
+
+# core.training's file names (that module imports torch; this one must not).
+_EPOCH_STATE, _EPOCH_LOGITS = "epoch_state.json", "eval_logits.npz"
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder's files are not whole (cut short, unreadable), or None.
+
+    Cheap and torch-free, nothing large is read: a safetensors file's size must be the
+    one its header declares, a zip (``.npz``, torch's ``optimizer.pt``) must have its
+    central directory (at its end), a JSON file must parse. Files that are absent are not
+    this check's business (:func:`core.training.completed_epochs` requires the state file).
+    """
+    import zipfile
+
+    folder = Path(folder)
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    weights = any(n.endswith(".safetensors") or n.startswith("pytorch_model") for n in names)
+    if "config.json" not in names:
+        return f"{folder / 'config.json'} is missing"
+    if not weights:
+        return f"{folder} has no weights file"
+    if _EPOCH_STATE in names and _EPOCH_LOGITS not in names:  # a training epoch's own files
+        return f"{folder / _EPOCH_LOGITS} is missing"
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                _check_safetensors(path)
+            elif path.suffix in (".npz", ".pt"):
+                with zipfile.ZipFile(path):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            return f"{path} is damaged ({_first_line(exc)})"
+    return None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Raise ValueError unless a safetensors file is as long as its header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{size} bytes, shorter than its header")
+        header = json.loads(fh.read(n))
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if size != 8 + n + max(ends, default=0):
+        raise ValueError(f"{size} of {8 + n + max(ends, default=0)} bytes")
 
 
 def _parquet_footer(path: Path) -> None:

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from core import store
 from core.config import StudyConfig
 from core.models import (
     build_model,
     collate,
+    disk_error,
     length_batches,
     load_classifier,
     predict_logits,
@@ -67,13 +69,15 @@ def completed_epochs(checkpoint_dir: Path, trained_on: Mapping | None = None) ->
     first checkpoint, so training starts again at the gap and rewrites the later ones. With
     ``trained_on`` (the fingerprint of the data being trained on), a checkpoint whose state
     names other data, or none, is not counted either: resuming from it would mix two
-    datasets in one model.
+    datasets in one model. Nor is one whose files are not whole (:func:`store.checkpoint_problem`).
     """
     if not checkpoint_dir.is_dir():
         return []
     found = set()
     for child in checkpoint_dir.iterdir():
         complete = re.fullmatch(r"epoch-\d+", child.name) and (child / EPOCH_STATE).exists()
+        # A file cut short (a full disk, a bad copy) is no checkpoint: trained again.
+        complete = complete and store.checkpoint_problem(child) is None
         if complete and (trained_on is None or _trained_on(child) == dict(trained_on)):
             found.add(int(child.name.split("-")[1]))
     done = []
@@ -154,6 +158,19 @@ def train_model(
         print(
             f"note: {ckpt_dir / checkpoint_name(len(done) + 1)} was trained on other data; "
             f"training again from epoch {len(done) + 1}.",
+            file=sys.stderr,
+        )
+    # Resuming is exact only with the optimizer state of the epoch resumed from (older ones
+    # are deleted as training goes): without it, AdamW's moments would start again at zero.
+    kept = len(done)
+    while done and done[-1] < config.epochs:
+        if (ckpt_dir / checkpoint_name(done[-1]) / OPTIMIZER_STATE).exists():
+            break
+        done.pop()
+    if len(done) < kept:
+        print(
+            f"note: {ckpt_dir / checkpoint_name(kept)} has no optimizer state to resume from "
+            f"exactly; training again from epoch {len(done) + 1}.",
             file=sys.stderr,
         )
     result = TrainResult()
@@ -241,15 +258,28 @@ def _save_epoch(
     """Write one checkpoint folder atomically: weights, optimizer, metrics, logits, state last.
 
     The state names the data trained on (``trained_on``), so the checkpoint says it itself.
+    A write that fails (a full disk) removes the half-written folder and is raised as an
+    :class:`OSError` naming ``folder`` (:func:`core.models.disk_error`): the CLI says it in
+    one sentence, and the rerun resumes after the last whole epoch.
     """
     tmp = folder.with_name(folder.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_pretrained_atomically(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
-    np.savez(tmp / EPOCH_LOGITS, **logits)
-    state = entry if trained_on is None else {**entry, "trained_on": dict(trained_on)}
-    (tmp / EPOCH_STATE).write_text(json.dumps(state, indent=2), "utf-8")
+    try:
+        save_pretrained_atomically(model, tmp)
+        # Through a Python file: torch's own writer reports a full disk as an opaque
+        # RuntimeError, a file object's OSError stays in its context.
+        with open(tmp / OPTIMIZER_STATE, "wb") as f:
+            torch.save(optimizer.state_dict(), f)
+        np.savez(tmp / EPOCH_LOGITS, **logits)
+        state = entry if trained_on is None else {**entry, "trained_on": dict(trained_on)}
+        (tmp / EPOCH_STATE).write_text(json.dumps(state, indent=2), "utf-8")
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = disk_error(exc, folder)
+        if error is None:
+            raise
+        raise error from exc
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

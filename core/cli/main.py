@@ -6,20 +6,25 @@ import errno
 import os
 import sys
 
+from core.cli.common import _command_line
 from core.cli.parser import build_parser
 from core.errors import AtlasError
-from core.executors import TaskFailed
+from core.executors import RESUME, TaskFailed
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     _quiet_libraries()
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
         out = args.func(args)
     except TaskFailed as exc:  # the input was fine; a task's computation failed
-        print(f"error: {exc}", file=sys.stderr)
+        text = str(exc)
+        if args is not None:  # the command that resumes, as typed, in place of "the command"
+            text = text.replace(RESUME, f"rerun `{_command_line(args)}` to resume")
+        print(f"error: {text}", file=sys.stderr)
         return 1
     except AtlasError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -59,13 +59,17 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
     # Stages the manifest calls complete are reported complete only when their files are whole.
     problems = store.verify_run(run_dir, manifest)
     stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+    status = store.run_status(run_dir, manifest)
+    # A stage marked running while nobody holds the lock was killed or crashed part-way.
+    halted = store.STATUS_INTERRUPTED if status != store.STATUS_RUNNING else None
     stages = {
         stage: {**entry, "status": "damaged", "problem": problems[stage]}
         if stage in problems and isinstance(entry, dict)
+        else {**entry, "status": halted}
+        if halted and isinstance(entry, dict) and entry.get("status") == store.STATUS_RUNNING
         else entry
         for stage, entry in stages.items()
     }
-    status = store.run_status(run_dir, manifest)
     out = {
         "name": manifest.get("name", run_dir.name),
         "path": str(run_dir),
