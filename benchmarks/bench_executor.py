@@ -14,8 +14,8 @@ the command). It prints whether the five output files are bit for bit those of l
 (``np.array_equal``), the wall times side by side with their ratios to local, and the process
 pool's overhead: its wall minus the stage's own work outside tasks (the local wall minus the
 local task seconds) minus the task seconds spread over the 2 workers. Every TracIn block runs
-on two torch threads (core.tracin.THREADS) whatever the executor, so a pool of 2 workers on 2
-cores runs four threads on two cores.
+on one torch thread (core.tracin.THREADS) whatever the executor, so local uses one core and
+a pool of 2 workers two.
 
 ``--ray-cuts`` (Part 2, the former default) runs TracIn in this process: local, then Ray with
 one and two workers at the default chunk size (``default_chunks_per_task``) and at one chunk of

@@ -33,7 +33,7 @@ hold ``η_i`` × the gradient dot products, the last row ``η_i`` × the squared
 (self-influence). Present shards are skipped, so a killed run resumes, and the result is
 aggregated only when all exist. ``tracin_shards/options.json`` records what the shards were
 computed with; shards of other options are refused (never deleted). Every shard is computed on
-``THREADS`` (2) torch threads (:func:`fixed_threads`), whatever the process's own count, because
+``THREADS`` (1) torch threads (:func:`fixed_threads`), whatever the process's own count, because
 some ATen CPU kernels cut their rows among the threads: the files are then the same bits whatever
 executor, worker count or ``chunks_per_task`` made them.
 

@@ -37,12 +37,9 @@ CHUNK_SIZE = 512
 # Every block is computed on this many torch threads, whatever the executor, the worker count
 # or the machine's cores: some of ATen's CPU kernels cut their rows among the threads (measured:
 # the softmax backward of attention, in both engines), so another thread count gives other last
-# bits (~1e-9), and a near-tie could flip between a laptop and a cluster. Two, because the
-# shipped runs were computed on torch's default of two threads on 2-core machines: with 2 the
-# teaching run's five TracIn arrays recompute bit for bit from its checkpoints, with 1 they
-# differ by up to 1.5e-8 (measured on paper-s2). More cores are used by running tasks side by
-# side (``--executor processes`` or ``ray``), never by more threads inside one block.
-THREADS = 2
+# bits (~1e-9), and a near-tie could flip between a laptop and a cluster. More cores are used by
+# running tasks side by side (``--executor processes`` or ``ray``), never inside one block.
+THREADS = 1
 
 Checkpoints = Sequence[tuple[str | os.PathLike | nn.Module, float]]
 Loader = Callable[[Any, torch.device], nn.Module]
