@@ -39,6 +39,9 @@ CHUNK_SIZE = 512
 # the softmax backward of attention, in both engines), so another thread count gives other last
 # bits (~1e-9), and a near-tie could flip between a laptop and a cluster. More cores are used by
 # running tasks side by side (``--executor processes`` or ``ray``), never inside one block.
+# Not two: two threads is torch's default on a 2-core machine and reproduced the shipped runs'
+# arrays, but under load its splits varied from run to run (the per-checkpoint stack of a quick
+# run differed between two runs of the same command), and one thread has no split at all.
 THREADS = 1
 
 Checkpoints = Sequence[tuple[str | os.PathLike | nn.Module, float]]
