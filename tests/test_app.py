@@ -260,6 +260,17 @@ def test_cleaning_lab_without_detect_stage_shows_the_command(tmp_path, monkeypat
     assert not at.error
 
 
+def test_cleaning_lab_without_interventions_points_to_a_run_that_ships_them(tmp_path, monkeypatch):
+    factory.make_run(tmp_path, "demo", cleaning=False)
+    factory.make_run(tmp_path, "teach", cleaning=True)
+    at = open_page("cleaning", tmp_path, monkeypatch, {"run": "demo"})
+    assert "No intervention has been run on this run yet" in texts(at)
+    links = [el for el in at.get("page_link") if "teach" in el.proto.label]
+    assert links and "run=teach" in links[0].proto.query_string
+    at = open_page("cleaning", tmp_path, monkeypatch, {"run": "teach"})
+    assert "No intervention has been run" not in texts(at)
+
+
 # -- empty, incomplete and corrupted stores ------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import streamlit as st
 
 from core import cleaning as core_cleaning
 from core import metrics as core_metrics
+from core import store
 from ui import charts, data, widgets
 
 METRIC_NAMES = {
@@ -162,6 +163,23 @@ def interventions(run: data.Run) -> None:
         widgets.command_needing_checkpoints(
             run, "python -m core clean {run} --detector self_influence --action exclude --k 40"
         )
+        # Retraining takes minutes per arm, so point a class to a run that ships its results.
+        shown = [
+            r["name"]
+            for r in data.list_runs(str(data.cache_dir()))
+            if r["name"] != run.name
+            and (
+                data.cache_dir() / r["name"] / store.CLEANING_DIR / store.CLEANING_RESULTS
+            ).exists()
+        ]
+        if shown:
+            st.caption(
+                f"Run {widgets.md_escape(shown[0])} ships its interventions' results, "
+                "so they show without retraining:"
+            )
+            widgets.page_link(
+                "cleaning", label=f"Cleaning lab on {shown[0]}", query_params={"run": shown[0]}
+            )
     else:
         results = pd.DataFrame(rows)
         needed = {
