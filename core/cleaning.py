@@ -352,14 +352,17 @@ def run_clean(
     its accuracy, so the rows below read them back.
     """
     run = Path(run_dir)
-    commands.require_heavy_tier(run, "retraining")  # before anything is planned or written
-    plan = _Plan(run, detector, action, k, seeds)
+    plan = _Plan(run, detector, action, k, seeds)  # reads only
     todo: dict[str, Arm] = {}
     for seed in plan.seeds:
         reused = plan.reused(seed)
         for kind, arm in plan.arms(seed).items():
             if kind not in reused and not arm.path().exists():
                 todo.setdefault(arm.key, arm)  # one training for arms that train the same
+    if todo:
+        # Only retraining needs the checkpoints and tokenizer: a shipped run asked for the
+        # arms it ships is answered from its files. Checked before anything is written.
+        commands.require_heavy_tier(run, "retraining")
     config = config_from_dict(store.load_manifest(run).get("config", {}))
     run_tasks(
         WORK,

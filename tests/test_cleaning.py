@@ -227,3 +227,19 @@ def test_the_page_and_the_export_show_one_review_queue(scored_run):
     assert shown["reason"].tolist() == exported["reason"].tolist()
     assert np.allclose(shown["score"], exported["score"])
     assert shown["suggested_label"].tolist() == [["a", "b"][v] for v in exported["suggested_label"]]
+
+
+def test_a_shipped_run_answers_the_interventions_it_ships_without_its_checkpoints(tmp_path):
+    """The teaching run ships its arms but no checkpoints: its own request needs no retraining,
+    one more seed does, and that is refused in one sentence naming the full copy."""
+    import json
+    import shutil
+
+    shipped = Path(__file__).resolve().parents[1] / "cache" / "paper-s2"
+    run = tmp_path / "paper-s2"
+    shutil.copytree(shipped, run)
+    stored = json.loads((run / store.CLEANING_DIR / cleaning.RESULTS).read_text())["rows"]
+    got = cleaning.run_clean(run, "self_influence", "exclude", 40, seeds=1, progress=False)
+    assert got["rows"] == [r for r in stored if r["action"] == "exclude"]
+    with pytest.raises(AtlasError, match="retraining needs them: make a full copy"):
+        cleaning.run_clean(run, "self_influence", "exclude", 40, seeds=2, progress=False)
