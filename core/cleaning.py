@@ -419,6 +419,141 @@ def load_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return _read_rows(Path(run_dir) / store.CLEANING_DIR / RESULTS)
 
 
+# --------------------------------------------------------------------------- effects
+
+# The reading of an intervention over seeds, written before any multi-seed result was seen:
+# it helps (or hurts) only when it beats (or trails) no change on every seed, and even then
+# the two-sided sign test says how often that happens by chance; fewer than this many seeds
+# is read as "too few seeds to tell", since two coin flips agree half the time.
+MIN_SEEDS_TO_READ = 3
+REFERENCE_ARMS = (
+    ("no change", "no_change_accuracy"),
+    ("random", "random_accuracy"),
+    ("oracle", "oracle_accuracy"),
+)
+MEAN_KEYS = tuple(key for _, key in REFERENCE_ARMS)
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """Two-sided sign test: the chance of a split at least this lopsided if each seed were a coin.
+
+    Ties are dropped (the usual convention); with no untied seed the answer is 1.
+    """
+    from scipy import stats
+
+    n = better + worse
+    if n == 0:
+        return 1.0
+    return float(stats.binomtest(better, n, 0.5).pvalue)
+
+
+def intervention_effects(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (detector, action, k): means over its seeds, the paired gain, and a reading.
+
+    Every arm of a seed is trained with the same seed, so the gain is paired: the mean over
+    seeds of (detector arm − no change) and of (detector arm − random choice), in accuracy.
+    ``seeds_better`` / ``seeds_equal`` / ``seeds_worse`` count seeds against no change,
+    ``sign_test_p`` is :func:`sign_test_p` of that split, and ``reading`` is one sentence
+    by the rule above (:data:`MIN_SEEDS_TO_READ`).
+    """
+    columns = [
+        "detector", "action", "k", "seeds", "test_accuracy", "no_change_accuracy",
+        "oracle_accuracy", "random_accuracy", "gain_vs_no_change", "gain_vs_random",
+        "seeds_better", "seeds_equal", "seeds_worse", "sign_test_p", "reading",
+    ]  # fmt: skip
+    frame = _result_frame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    out = []
+    for (detector, action, k), g in frame.groupby(["detector", "action", "k"], sort=True):
+        gain = (g["test_accuracy"] - g["no_change_accuracy"]).to_numpy(np.float64)
+        # Accuracies are fractions of one test set: round away float noise before comparing.
+        step = np.round(gain, 9)
+        better, worse = int((step > 0).sum()), int((step < 0).sum())
+        row = {
+            "detector": detector,
+            "action": action,
+            "k": int(k),
+            "seeds": len(g),
+            **{key: float(g[key].mean()) for key in ("test_accuracy", *MEAN_KEYS)},
+            "gain_vs_no_change": float(gain.mean()),
+            "gain_vs_random": float((g["test_accuracy"] - g["random_accuracy"]).mean()),
+            "seeds_better": better,
+            "seeds_equal": len(g) - better - worse,
+            "seeds_worse": worse,
+            "sign_test_p": sign_test_p(better, worse),
+        }
+        row["reading"] = _effect_reading(row)
+        out.append(row)
+    return pd.DataFrame(out, columns=columns)
+
+
+def intervention_arms(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Long form for a chart: per action and k, each arm's mean, min and max test accuracy.
+
+    ``arm`` is "no change", "random", "oracle" or the detector's name; the three reference
+    arms depend only on (action, k, seed), so each seed counts once however many detectors
+    share it.
+    """
+    frame = _result_frame(rows)
+    columns = ["action", "k", "arm", "seeds", "mean", "min", "max"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    parts = [
+        frame.assign(arm=frame["detector"], accuracy=frame["test_accuracy"])[
+            ["action", "k", "seed", "arm", "accuracy"]
+        ]
+    ]
+    for arm, key in REFERENCE_ARMS:
+        ref = frame.drop_duplicates(["action", "k", "seed"])
+        parts.append(
+            ref.assign(arm=arm, accuracy=ref[key])[["action", "k", "seed", "arm", "accuracy"]]
+        )
+    long = pd.concat(parts, ignore_index=True)
+    g = long.groupby(["action", "k", "arm"], sort=False)["accuracy"]
+    out = g.agg(seeds="count", mean="mean", min="min", max="max").reset_index()
+    return out[columns]
+
+
+def _result_frame(rows: Sequence[Any]) -> pd.DataFrame:
+    """The well-formed rows of results.json as a frame: a hand-edited or damaged row is left out
+    rather than breaking the summary of the others."""
+
+    def ok(row: Any) -> bool:
+        if not isinstance(row, dict) or not all(key in row for key in ROW_KEYS[:8]):
+            return False
+        numbers = [row[key] for key in ROW_KEYS[2:8]]
+        return (
+            isinstance(row["detector"], str)
+            and isinstance(row["action"], str)
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
+            and all(math.isfinite(v) for v in numbers)
+        )
+
+    return pd.DataFrame([row for row in rows if ok(row)], columns=list(ROW_KEYS))
+
+
+def _effect_reading(row: dict[str, Any]) -> str:
+    """One sentence for a row of :func:`intervention_effects`."""
+    n, better, worse = row["seeds"], row["seeds_better"], row["seeds_worse"]
+    what = f"{row['action'].capitalize()} on the top {row['k']} of {row['detector']}"
+    gain = 100 * row["gain_vs_no_change"]
+    split = f"better on {better}, equal on {row['seeds_equal']}, worse on {worse} of {n} seed{'s' * (n != 1)}"
+    head = (
+        f"{what} moved test accuracy by {gain:+.1f} points on average against no change ({split})"
+    )
+    if n < MIN_SEEDS_TO_READ:
+        return f"{head}: too few seeds to tell (the reading needs {MIN_SEEDS_TO_READ})."
+    p = row["sign_test_p"]
+    if better == n:
+        verdict = "it helped on every seed"
+    elif worse == n:
+        verdict = "it hurt on every seed"
+    else:
+        return f"{head}: no consistent effect."
+    return f"{head}: {verdict}, a split that chance alone gives with p = {p:.2g} (sign test)."
+
+
 # --------------------------------------------------------------------------- exports
 
 

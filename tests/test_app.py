@@ -31,6 +31,7 @@ from page_harness import (
 )
 from streamlit.testing.v1 import AppTest
 
+from core import cleaning as core_cleaning
 from core import jobs
 from core.errors import AtlasError
 from ui import study, widgets
@@ -245,7 +246,13 @@ def test_cleaning_lab_compares_detectors_and_hides_flips(cache, monkeypatch):
     revealed = at.dataframe[1].value
     # the answer is the second column, beside the rank, not off-screen behind the reason
     assert list(revealed.columns[:2]) == ["rank", "flipped"]
-    assert one_chart(at, "cleaning")
+    _, frames = one_chart(at, "cleaning")
+    rows = json.loads((cache / "demo" / "cleaning" / "results.json").read_text())["rows"]
+    shown = frame_with(frames, "arm", "mean").set_index(["action", "arm"])["mean"]
+    expected = core_cleaning.intervention_arms(rows).set_index(["action", "arm"])["mean"]
+    assert shown.sort_index().to_dict() == expected.sort_index().to_dict()
+    for reading in core_cleaning.intervention_effects(rows)["reading"]:
+        assert reading in texts(at).replace("\\", "")  # shown escaped as Markdown
     # labels are Markdown: file names are shown escaped (backslashes before punctuation)
     names = {b.proto.label.replace("\\", "") for b in at.get("download_button")}
     assert (

@@ -243,3 +243,76 @@ def test_a_shipped_run_answers_the_interventions_it_ships_without_its_checkpoint
     assert got["rows"] == [r for r in stored if r["action"] == "exclude"]
     with pytest.raises(AtlasError, match="retraining needs them: make a full copy"):
         cleaning.run_clean(run, "self_influence", "exclude", 40, seeds=2, progress=False)
+
+
+def _row(action: str, seed: int, test: float, no_change: float, detector: str = "d") -> dict:
+    return {
+        "detector": detector,
+        "action": action,
+        "k": 4,
+        "seed": seed,
+        "test_accuracy": test,
+        "no_change_accuracy": no_change,
+        "oracle_accuracy": 0.9,
+        "random_accuracy": no_change - 0.01 * seed,
+        "n_flips_caught": 1,
+    }
+
+
+def test_intervention_effects_pair_each_seed_with_its_own_no_change():
+    rows = [
+        _row("exclude", s, t, n)
+        for s, (t, n) in enumerate([(0.80, 0.75), (0.86, 0.85), (0.70, 0.65)])
+    ]
+    rows += [
+        _row("relabel", s, t, n)
+        for s, (t, n) in enumerate([(0.80, 0.85), (0.85, 0.85), (0.90, 0.85)])
+    ]
+    effects = cleaning.intervention_effects(rows).set_index("action")
+    ex, re = effects.loc["exclude"], effects.loc["relabel"]
+    assert ex["seeds"] == 3 and ex["seeds_better"] == 3 and ex["seeds_worse"] == 0
+    assert ex["gain_vs_no_change"] == pytest.approx((0.05 + 0.01 + 0.05) / 3)
+    assert ex["gain_vs_random"] == pytest.approx(np.mean([0.05, 0.02, 0.07]))
+    assert ex["sign_test_p"] == pytest.approx(0.25)  # 2 * 0.5**3
+    assert "helped on every seed" in ex["reading"] and "p = 0.25" in ex["reading"]
+    assert (re["seeds_better"], re["seeds_equal"], re["seeds_worse"]) == (1, 1, 1)
+    assert re["sign_test_p"] == pytest.approx(1.0)
+    assert re["reading"].endswith("no consistent effect.")
+    assert "+0.0 points" in re["reading"]
+
+
+def test_intervention_effects_need_three_seeds_to_read_anything():
+    effects = cleaning.intervention_effects(
+        [_row("exclude", 0, 0.9, 0.8), _row("exclude", 1, 0.9, 0.8)]
+    )
+    assert effects["seeds_better"].item() == 2
+    assert "too few seeds to tell" in effects["reading"].item()
+    hurt = cleaning.intervention_effects([_row("exclude", s, 0.7, 0.8) for s in range(6)])
+    assert "hurt on every seed" in hurt["reading"].item()
+    assert hurt["sign_test_p"].item() == pytest.approx(2 * 0.5**6)
+    assert cleaning.intervention_effects([]).empty
+
+
+def test_intervention_arms_count_each_shared_reference_arm_once_per_seed():
+    rows = [
+        _row("exclude", s, 0.8 + 0.01 * s, 0.75, detector=d) for s in range(3) for d in ("a", "b")
+    ]
+    arms = cleaning.intervention_arms(rows).set_index("arm")
+    assert set(arms.index) == {"a", "b", "no change", "random", "oracle"}
+    assert (arms["seeds"] == 3).all()
+    assert arms.loc["a", "mean"] == pytest.approx(0.81)
+    assert (arms.loc["a", "min"], arms.loc["a", "max"]) == pytest.approx((0.80, 0.82))
+    assert arms.loc["random", "min"] == pytest.approx(0.73)
+
+
+def test_intervention_summaries_leave_out_damaged_rows():
+    good = [_row("exclude", s, 0.8, 0.75) for s in range(3)]
+    bad = [
+        "x",
+        {"detector": "d"},
+        {**good[0], "seed": 9, "test_accuracy": "high"},
+        {**good[0], "k": float("nan")},
+    ]
+    effects = cleaning.intervention_effects(good + bad)
+    assert effects["seeds"].tolist() == [3]
+    assert set(cleaning.intervention_arms(good + bad)["seeds"]) == {3}

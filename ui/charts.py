@@ -502,58 +502,48 @@ def recall_chart(curves: pd.DataFrame, max_fraction: float = 0.3) -> alt.Chart:
     return _tag(chart, "recall")
 
 
-def cleaning_chart(results: pd.DataFrame) -> alt.LayerChart:
-    """Intervention results: test accuracy per detector and action beside the reference runs."""
-    g = (
-        results.groupby(["detector", "action"])["test_accuracy"]
-        .agg(["mean", "min", "max"])
-        .reset_index()
-    )
-    g["setting"] = g["detector"] + " · " + g["action"]
-    refs = pd.DataFrame(
-        {
-            "reference": ["no change", "oracle", "random"],
-            "accuracy": [
-                results["no_change_accuracy"].mean(),
-                results["oracle_accuracy"].mean(),
-                results["random_accuracy"].mean(),
-            ],
-        }
-    )
+def cleaning_chart(arms: pd.DataFrame) -> alt.LayerChart:
+    """Intervention results (:func:`core.cleaning.intervention_arms`): each arm's test accuracy
+    per action, its mean over seeds as a point and its range as a line."""
+    g = arms.copy()
+    refs = ["no change", "random", "oracle"]
+    detectors = sorted(set(g["arm"]) - set(refs))
+    order = {arm: i for i, arm in enumerate([*refs, *detectors])}
+    g["setting"] = g["action"] + " (k " + g["k"].astype(str) + ") · " + g["arm"]
+    g = g.iloc[np.lexsort((g["arm"].map(order), g["k"], g["action"]))]
+    colours = [GREY, RED, GREEN, *[BLUE] * len(detectors)]
     # Points with a min–max range, not bars: accuracies differ by a few points near 0.8-0.9.
-    enc_y = alt.Y("setting:N", title=None, axis=alt.Axis(labelLimit=260))
+    enc_y = alt.Y("setting:N", title=None, sort=list(g["setting"]), axis=alt.Axis(labelLimit=260))
+    enc_color = alt.Color(
+        "arm:N",
+        title="arm",
+        scale=alt.Scale(domain=[*refs, *detectors], range=colours),
+        legend=alt.Legend(orient="bottom"),
+    )
     scale = alt.Scale(zero=False)
     spread = (
         alt.Chart(g)
         .mark_rule(strokeWidth=2)
-        .encode(y=enc_y, x=alt.X("min:Q", scale=scale), x2="max:Q", color="action:N")
+        .encode(y=enc_y, x=alt.X("min:Q", scale=scale), x2="max:Q", color=enc_color)
     )
-    bars = (
+    points = (
         alt.Chart(g)
-        .mark_point(filled=True, size=120)
+        .mark_point(filled=True, size=110)
         .encode(
             y=enc_y,
             x=alt.X("mean:Q", title="test accuracy (mean over seeds, range)", scale=scale),
-            color=alt.Color("action:N"),
+            color=enc_color,
             tooltip=[
-                "detector:N",
                 "action:N",
+                "arm:N",
+                alt.Tooltip("seeds:Q"),
                 alt.Tooltip("mean:Q", format=".4f"),
                 alt.Tooltip("min:Q", format=".4f"),
                 alt.Tooltip("max:Q", format=".4f"),
             ],
         )
     )
-    rules = (
-        alt.Chart(refs)
-        .mark_rule(strokeDash=[4, 3], strokeWidth=2)
-        .encode(
-            x="accuracy:Q",
-            stroke=alt.Stroke("reference:N", scale=alt.Scale(range=[GREY, GREEN, RED])),
-            tooltip=["reference:N", alt.Tooltip("accuracy:Q", format=".4f")],
-        )
-    )
-    chart = alt.layer(spread, bars, rules).properties(height=max(160, 44 * len(g)))
+    chart = alt.layer(spread, points).properties(height=max(160, 26 * len(g)))
     return _tag(chart, "cleaning")
 
 

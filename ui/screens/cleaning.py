@@ -182,19 +182,25 @@ def interventions(run: data.Run) -> None:
             )
     else:
         results = pd.DataFrame(rows)
-        needed = {
-            "detector",
-            "action",
-            "test_accuracy",
-            "no_change_accuracy",
-            "oracle_accuracy",
-            "random_accuracy",
-        }
-        if needed <= set(results.columns):
-            st.altair_chart(charts.cleaning_chart(results), width="stretch")
-            st.caption(
-                "Lines: no change (grey), the oracle that fixes exactly the flips (green), a random choice of the same size (red)."
-            )
+        st.altair_chart(
+            charts.cleaning_chart(core_cleaning.intervention_arms(rows)), width="stretch"
+        )
+        st.caption(
+            "Every arm of a seed is trained with that seed: no change (grey), a random choice of "
+            "the same size (red), the oracle that acts on exactly the flips (green), and the "
+            "detector's top k (blue). Points are means over seeds, lines their range."
+        )
+        effects = core_cleaning.intervention_effects(rows)
+        for reading in effects["reading"]:
+            st.markdown(f"- {widgets.md_escape(reading)}")
+        st.caption(
+            "The reading rule, written before the results: an intervention helps (or hurts) only "
+            f"if it beats (or trails) no change on every one of at least "
+            f"{core_cleaning.MIN_SEEDS_TO_READ} seeds; the sign test's p says how often chance "
+            "alone gives that split."
+        )
+        with st.expander("Effects per detector and action"):
+            st.dataframe(effects.drop(columns="reading"), hide_index=True, width="stretch")
         st.dataframe(results, hide_index=True, width="stretch")
         st.download_button(
             "Download intervention results (CSV)",
