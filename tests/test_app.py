@@ -163,6 +163,26 @@ def test_a_class_that_changes_with_the_view_is_said_and_linked_to_the_lesson(pag
     assert link.label == "Lesson step 4: Why one instance changes shape with the view"
 
 
+def test_the_exercise_says_the_class_changes_with_the_view_only_after_reveal(monkeypatch):
+    """The guess on instance 1978 of the shipped demo, all checkpoints raw: no word on its other
+    classes before Reveal (it would give the answer away), core's sentence after."""
+    stored = pd.read_parquet(SHIPPED / "demo" / run_store.SHAPES_BY_VIEW)
+    shape = stored.loc[(stored["view"] == "raw:1-10") & (stored["id"] == 1978), "shape"].item()
+    others = core_lesson.other_view_classes(stored, 1978, views.View(1, 10), shape)
+    sentence = widgets.md_escape(core_lesson.other_view_sentence(shape, others, 10))
+    at = open_page("learn", SHIPPED, monkeypatch, {"run": "demo"})
+    at.session_state["learn_guess"] = {
+        **at.session_state["learn_guess"],
+        **{"view": "raw:1-10", "id": 1978, "locked": None, "answer": None},
+    }
+    at.run()
+    assert sentence not in [c.value for c in at.caption]
+    at.radio(key="learn_choice").set_value("Z").run()
+    at.button(key="learn_reveal").click().run()
+    assert f"this curve is {shape}" in texts(at)
+    assert sentence in [c.value for c in at.caption]
+
+
 def test_no_sentence_when_every_stored_view_agrees(cache, monkeypatch):
     """The fake demo's classes are the same in every stored view: no sentence, no lesson link."""
     at = open_page("curves", cache, monkeypatch)
