@@ -199,13 +199,25 @@ def other_view_classes(
 
 
 def other_view_sentence(
-    shape: str, others: list[tuple[views.View, str]], n_checkpoints: int | None = None
+    shape: str,
+    view: views.View,
+    others: list[tuple[views.View, str]],
+    n_checkpoints: int | None = None,
 ) -> str:
-    """One sentence: this instance's class here and under the other views (``""`` if none)."""
+    """One sentence: this instance's class under ``view`` and under the ``others``
+    (:func:`other_view_classes`); ``""`` if there are none. Views over the same checkpoints
+    are named by their normalisation alone, views of one class together."""
     if not others:
         return ""
-    there = " and ".join(f"{cls} under {v.label(n_checkpoints)}" for v, cls in others)
+    parts = []
+    for cls in dict.fromkeys(c for _, c in others):
+        of_cls = [v for v, c in others if c == cls]
+        if all((v.first, v.last) == (view.first, view.last) for v in of_cls):
+            where = " and ".join(v.normalisation for v in of_cls) + " scores"
+        else:
+            where = " and ".join(v.label(n_checkpoints) for v in of_cls)
+        parts.append(f"{cls} under {where}")
     return (
-        f"This test instance is {shape} here but {there}: "
-        "its shape depends on the view, not only on the data."
+        f"This test instance is {shape} under {view.label(n_checkpoints)} but "
+        f"{' and '.join(parts)}: its shape depends on the view, not only on the data."
     )

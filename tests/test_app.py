@@ -154,13 +154,13 @@ def test_a_class_that_changes_with_the_view_is_said_and_linked_to_the_lesson(pag
     shape = stored.loc[(stored["view"] == "raw:1-10") & (stored["id"] == 1978), "shape"].item()
     others = core_lesson.other_view_classes(stored, 1978, views.View(1, 10), shape)
     assert others  # the example: the class changes with the normalisation
-    sentence = core_lesson.other_view_sentence(shape, others, 10)
+    sentence = core_lesson.other_view_sentence(shape, views.View(1, 10), others, 10)
     at = open_page(page, SHIPPED, monkeypatch, {"run": "demo", "test": "1978"})
     assert widgets.md_escape(sentence) in [c.value for c in at.caption]
     lesson_page = BY_KEY["lesson"]
     (link,) = [el.proto for el in at.get("page_link") if el.proto.page == lesson_page.url_path]
     assert link.query_string == "step=4"
-    assert link.label == "Lesson step 4: Why one instance changes shape with the view"
+    assert link.label == "Why? Lesson step 4"
 
 
 def test_the_exercise_says_the_class_changes_with_the_view_only_after_reveal(monkeypatch):
@@ -169,7 +169,9 @@ def test_the_exercise_says_the_class_changes_with_the_view_only_after_reveal(mon
     stored = pd.read_parquet(SHIPPED / "demo" / run_store.SHAPES_BY_VIEW)
     shape = stored.loc[(stored["view"] == "raw:1-10") & (stored["id"] == 1978), "shape"].item()
     others = core_lesson.other_view_classes(stored, 1978, views.View(1, 10), shape)
-    sentence = widgets.md_escape(core_lesson.other_view_sentence(shape, others, 10))
+    sentence = widgets.md_escape(
+        core_lesson.other_view_sentence(shape, views.View(1, 10), others, 10)
+    )
     at = open_page("learn", SHIPPED, monkeypatch, {"run": "demo"})
     at.session_state["learn_guess"] = {
         **at.session_state["learn_guess"],

@@ -152,18 +152,27 @@ def test_other_view_classes_names_the_nearest_stored_views_that_disagree():
         (views.View(1, 3, views.RELATIVE), "backslash"),
         (views.View(1, 3, views.COSINE), "Z"),
     ]
-    sentence = lesson.other_view_sentence("S", others, 3)
-    assert sentence.startswith("This test instance is S here but backslash under checkpoints")
-    assert "Z under checkpoints 1–3 (all) · cosine" in sentence
+    assert lesson.other_view_sentence("S", full, others, 3) == (
+        "This test instance is S under checkpoints 1–3 (all) · raw but backslash under "
+        "relative scores and Z under cosine scores: its shape depends on the view, not only "
+        "on the data."
+    )
+    both_z = [(v, "Z") for v, _ in others]
+    assert "but Z under relative and cosine scores:" in lesson.other_view_sentence(
+        "S", full, both_z, 3
+    )
     # Every normalisation agrees on the same checkpoints: the latest other cumulative sum.
     agreeing = stored.assign(
         shape=np.where(stored["view"].str.endswith("1-3"), "S", stored["shape"])
     )
     assert lesson.other_view_classes(agreeing, 7, full, "S") == [(views.View(1, 2), "Z")]
+    assert "S under checkpoints 1–3 (all) · raw but Z under checkpoints 1–2 · raw:" in (
+        lesson.other_view_sentence("S", full, [(views.View(1, 2), "Z")], 3)
+    )
     # Nothing disagrees, or nothing is stored for the instance: no sentence.
     assert lesson.other_view_classes(stored, 8, full, "S") == []
     assert lesson.other_view_classes(stored, 99, full, "S") == []
-    assert lesson.other_view_sentence("S", []) == ""
+    assert lesson.other_view_sentence("S", full, []) == ""
     # A view the run does not store (checkpoints 2-3) is compared with the stored sums.
     assert lesson.other_view_classes(stored, 7, views.View(2, 3), "backslash") == [
         (views.View(1, 3), "S")

@@ -318,7 +318,7 @@ def view_note(run: data.Run, test_id: int, view: views.View, shape: str) -> None
     others = core_lesson.other_view_classes(stored, test_id, view, shape)
     if not others:
         return
-    sentence = core_lesson.other_view_sentence(shape, others, influence.n_checkpoints(run))
+    sentence = core_lesson.other_view_sentence(shape, view, others, influence.n_checkpoints(run))
     st.caption(widgets.md_escape(sentence))
     # Imported here: the lesson page draws its curves with this module.
     from ui.screens import lesson
@@ -326,7 +326,7 @@ def view_note(run: data.Run, test_id: int, view: views.View, shape: str) -> None
     step = lesson.STEPS.index(lesson.VIEW_STEP) + 1
     widgets.page_link(
         "lesson",
-        label=f"Lesson step {step}: {lesson.VIEW_STEP}",
+        label=f"Why? Lesson step {step}",  # short: a page link does not wrap on a phone
         query_params={lesson.QP_STEP: str(step)},
     )
 
