@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from core import shapes, views
+from core.errors import AtlasError
 
 EXAMPLE_RULE = (
     "for each class, the misclassified test instance whose bulk S is closest to the median bulk "
@@ -162,3 +163,61 @@ def trace_sentence(trace: pd.DataFrame) -> str:
             "large gradients, the ones still unfitted."
         )
     return out
+
+
+def other_view_classes(
+    stored: pd.DataFrame, test_id: int, view: views.View, shape: str
+) -> list[tuple[views.View, str]]:
+    """The stored views nearest to ``view`` in which ``test_id`` has another class than ``shape``
+    (its class under ``view``), read from ``shapes_by_view.parquet``; nothing is reclassified.
+
+    Nearest first: the same checkpoints under each other normalisation; if every normalisation
+    agrees there, the same normalisation summed over checkpoints 1..c, the latest c that gives
+    another class (the view closest to the end of training). Empty when every stored view
+    agrees or none is stored.
+    """
+    mine: dict[views.View, str] = {}
+    for key, cls in stored.loc[stored["id"] == int(test_id), ["view", "shape"]].itertuples(
+        index=False
+    ):
+        try:
+            mine.setdefault(views.View.parse(str(key)), str(cls))
+        except AtlasError:  # a key no view has: nothing to compare with
+            continue
+    same_range = [
+        (other, mine[other])
+        for other in (views.View(view.first, view.last, n) for n in views.NORMALISATIONS)
+        if other != view and other in mine and mine[other] != shape
+    ]
+    if same_range:
+        return same_range
+    sums = [v for v in mine if v.first == 1 and v.normalisation == view.normalisation]
+    for other in sorted(sums, key=lambda v: -v.last):
+        if other != view and mine[other] != shape:
+            return [(other, mine[other])]
+    return []
+
+
+def other_view_sentence(
+    shape: str,
+    view: views.View,
+    others: list[tuple[views.View, str]],
+    n_checkpoints: int | None = None,
+) -> str:
+    """One sentence: this instance's class under ``view`` and under the ``others``
+    (:func:`other_view_classes`); ``""`` if there are none. Views over the same checkpoints
+    are named by their normalisation alone, views of one class together."""
+    if not others:
+        return ""
+    parts = []
+    for cls in dict.fromkeys(c for _, c in others):
+        of_cls = [v for v, c in others if c == cls]
+        if all((v.first, v.last) == (view.first, view.last) for v in of_cls):
+            where = " and ".join(v.normalisation for v in of_cls) + " scores"
+        else:
+            where = " and ".join(v.label(n_checkpoints) for v in of_cls)
+        parts.append(f"{cls} under {where}")
+    return (
+        f"This test instance is {shape} under {view.label(n_checkpoints)} but "
+        f"{' and '.join(parts)}: its shape depends on the view, not only on the data."
+    )

@@ -32,7 +32,9 @@ from page_harness import (
 from streamlit.testing.v1 import AppTest
 
 from core import cleaning as core_cleaning
-from core import jobs
+from core import jobs, views
+from core import lesson as core_lesson
+from core import store as run_store
 from core.errors import AtlasError
 from ui import study, widgets
 from ui.pages import BY_KEY
@@ -128,7 +130,7 @@ def test_page_registry_is_the_one_page_list():
 def test_page_links_take_their_target_title_and_icon_from_the_registry(cache, monkeypatch):
     at = open_page("shape", cache, monkeypatch)
     curves = BY_KEY["curves"]
-    (link,) = [el.proto for el in at.get("page_link")]
+    (link,) = [el.proto for el in at.get("page_link") if el.proto.page == curves.url_path]
     assert (link.page, link.icon, link.label) == (
         curves.url_path,
         curves.icon,
@@ -139,6 +141,56 @@ def test_page_links_take_their_target_title_and_icon_from_the_registry(cache, mo
     paper = BY_KEY["replication"]
     shown = {(el.proto.page, el.proto.icon, el.proto.label) for el in at.get("page_link")}
     assert (paper.url_path, paper.icon, paper.title) in shown
+
+
+SHIPPED = REPO / "cache"
+
+
+@pytest.mark.parametrize("page", ["curves", "shape"])
+def test_a_class_that_changes_with_the_view_is_said_and_linked_to_the_lesson(page, monkeypatch):
+    """Instance 1978 of the shipped demo is S with all checkpoints raw, another class under
+    relative and cosine scores: the page showing its curve says so in core's sentence (the
+    classes stored in shapes_by_view.parquet) and links to the lesson's step on why."""
+    stored = pd.read_parquet(SHIPPED / "demo" / run_store.SHAPES_BY_VIEW)
+    shape = stored.loc[(stored["view"] == "raw:1-10") & (stored["id"] == 1978), "shape"].item()
+    others = core_lesson.other_view_classes(stored, 1978, views.View(1, 10), shape)
+    assert others  # the issue's example: the class changes with the normalisation
+    sentence = core_lesson.other_view_sentence(shape, views.View(1, 10), others, 10)
+    at = open_page(page, SHIPPED, monkeypatch, {"run": "demo", "test": "1978"})
+    assert widgets.md_escape(sentence) in [c.value for c in at.caption]
+    lesson_page = BY_KEY["lesson"]
+    (link,) = [el.proto for el in at.get("page_link") if el.proto.page == lesson_page.url_path]
+    assert link.query_string == "step=4"
+    assert link.label == "Why? Lesson step 4"
+
+
+def test_the_exercise_says_the_class_changes_with_the_view_only_after_reveal(monkeypatch):
+    """The guess on instance 1978 of the shipped demo, all checkpoints raw: no word on its other
+    classes before Reveal (it would give the answer away), core's sentence after."""
+    stored = pd.read_parquet(SHIPPED / "demo" / run_store.SHAPES_BY_VIEW)
+    shape = stored.loc[(stored["view"] == "raw:1-10") & (stored["id"] == 1978), "shape"].item()
+    others = core_lesson.other_view_classes(stored, 1978, views.View(1, 10), shape)
+    sentence = widgets.md_escape(
+        core_lesson.other_view_sentence(shape, views.View(1, 10), others, 10)
+    )
+    at = open_page("learn", SHIPPED, monkeypatch, {"run": "demo"})
+    at.session_state["learn_guess"] = {
+        **at.session_state["learn_guess"],
+        **{"view": "raw:1-10", "id": 1978, "locked": None, "answer": None},
+    }
+    at.run()
+    assert sentence not in [c.value for c in at.caption]
+    at.radio(key="learn_choice").set_value("Z").run()
+    at.button(key="learn_reveal").click().run()
+    assert f"this curve is {shape}" in texts(at)
+    assert sentence in [c.value for c in at.caption]
+
+
+def test_no_sentence_when_every_stored_view_agrees(cache, monkeypatch):
+    """The fake demo's classes are the same in every stored view: no sentence, no lesson link."""
+    at = open_page("curves", cache, monkeypatch)
+    assert "its shape depends on the view" not in texts(at)
+    assert not [el for el in at.get("page_link") if el.proto.page == BY_KEY["lesson"].url_path]
 
 
 def test_selected_point_reads_streamlit_selection_events():

@@ -558,3 +558,133 @@ def test_hostile_run_names_links_and_uploads_stay_text(server, page):
 
     assert outside_requests(page, server, visit) == []
     assert_inert(page)
+
+
+# -- the guess-the-shape exercise ----------------------------------------------------------------
+#
+# On the shipped English demo: its default view (all checkpoints, raw) holds no Z curve, the
+# stored per-checkpoint views do, so a Z only ever comes up if the exercise draws from them.
+
+EXERCISE = "Learn_the_shapes?run=demo"
+SHAPE_CLASSES = ("S", "backslash", "Z")
+VERDICT = re.compile(r"(Right|Not quite): you said (\w+); this curve is (\w+)\.")
+SCORE = re.compile(r"Score this session: (\d+) of (\d+)\.")
+HIDDEN_TITLE = re.compile(r"^test instance \d+$")  # the guess's panel title until Reveal
+
+
+def open_exercise(tab, base: str):
+    """Open the Learn page with its charts drawn; the exercise's radio group."""
+    tab.goto(f"{base}/{EXERCISE}")
+    settle(tab, True)
+    return tab.locator('[data-testid="stRadio"]').filter(has_text="Your guess")
+
+
+def guess_radios(group) -> dict[str, object]:
+    """Each answer's radio input, by its label."""
+    return {cls: group.get_by_role("radio", name=cls, exact=True) for cls in SHAPE_CLASSES}
+
+
+def verdict(tab) -> tuple[str, str, str] | None:
+    """(Right / Not quite, the guess, the curve's class) from the revealed answer, or None."""
+    alert = tab.locator('[data-testid="stAlert"]').filter(has_text=VERDICT)
+    if not alert.count():
+        return None
+    return VERDICT.search(alert.first.inner_text()).groups()
+
+
+def score(tab) -> tuple[int, int]:
+    """(right, answered) from the page's score line."""
+    found = SCORE.search(tab.get_by_text(SCORE).first.inner_text())
+    return int(found.group(1)), int(found.group(2))
+
+
+def first_curve(tab) -> tuple[str, str]:
+    """What identifies the curve on show: its panel title (the test id) and its view caption."""
+    title = tab.locator(f"{CHART}").get_by_text(HIDDEN_TITLE).first.text_content()
+    caption = tab.get_by_text(re.compile(r"^This curve is shown under ")).first.inner_text()
+    return title, caption
+
+
+def choose_and_reveal(tab, group, cls: str) -> tuple[str, str, str]:
+    """Pick ``cls``, press Reveal (enabled only once a guess is picked); the verdict."""
+    group.get_by_text(cls, exact=True).click()
+    reveal = tab.get_by_role("button", name="Reveal")
+    tab.wait_for_function(
+        "() => [...document.querySelectorAll('button')].some("
+        "(b) => b.innerText.trim() === 'Reveal' && !b.disabled)"
+    )
+    reveal.click()
+    tab.locator('[data-testid="stAlert"]').filter(has_text=VERDICT).wait_for()
+    wait_idle(tab)
+    found = verdict(tab)
+    assert found is not None
+    return found
+
+
+def test_exercise_starts_unanswered_and_locks_at_reveal(shipped_server, page):
+    """A fresh session: no answer picked and Reveal disabled. After Reveal, the verdict shows,
+    every answer is disabled, a click on another answer changes neither the choice nor the
+    verdict, and the session's score counts the one answer."""
+    group = open_exercise(page, shipped_server)
+    radios = guess_radios(group)
+    assert all(r.count() == 1 for r in radios.values())
+    assert [cls for cls, r in radios.items() if r.is_checked()] == []  # nothing preselected
+    assert page.get_by_role("button", name="Reveal").is_disabled()
+    assert verdict(page) is None and score(page) == (0, 0)
+    assert page.locator(CHART).get_by_text(HIDDEN_TITLE).count() == 1  # class not in the title
+    said = verdict_before = choose_and_reveal(page, group, "S")
+    assert said[1] == "S" and said[2] in SHAPE_CLASSES
+    assert said[0] == ("Right" if said[2] == "S" else "Not quite")
+    assert score(page) == (int(said[0] == "Right"), 1)
+    assert all(r.is_disabled() for r in radios.values())
+    assert page.get_by_role("button", name="Reveal").is_disabled()
+    # Try to change the guess (to the right answer when S was wrong): nothing may change.
+    other = said[2] if said[2] != "S" else "Z"
+    group.get_by_text(other, exact=True).click(force=True)
+    page.wait_for_timeout(500)  # a rerun, if the click started one
+    wait_idle(page)
+    assert radios["S"].is_checked() and not radios[other].is_checked()
+    assert verdict(page) == verdict_before
+    assert score(page) == (int(said[0] == "Right"), 1)
+
+
+DRAWS = 30
+
+
+def test_exercise_draws_all_three_classes_and_keeps_score(shipped_server, page):
+    """Over 30 curves drawn with 'Another curve' in one session, S, backslash and Z each come
+    up (classes read from the revealed answers); every new curve starts unanswered and the
+    score counts every answer and every right one."""
+    group = open_exercise(page, shipped_server)
+    radios = guess_radios(group)
+    seen: list[str] = []
+    right = 0
+    for n in range(1, DRAWS + 1):
+        assert not any(r.is_checked() for r in radios.values()), f"draw {n} starts answered"
+        guess = SHAPE_CLASSES[n % 3]
+        outcome, said, cls = choose_and_reveal(page, group, guess)
+        assert said == guess and outcome == ("Right" if cls == guess else "Not quite")
+        right += cls == guess
+        seen.append(cls)
+        assert score(page) == (right, n)
+        page.get_by_role("button", name="Another curve").click()
+        page.locator('[data-testid="stAlert"]').filter(has_text=VERDICT).wait_for(state="detached")
+        wait_idle(page)
+    assert set(seen) == set(SHAPE_CLASSES), f"classes drawn: {seen}"
+    assert score(page) == (right, DRAWS)  # a new curve keeps the session's score
+
+
+def test_exercise_never_opens_on_the_same_curve_twice(shipped_server, browser):
+    """Two fresh sessions, one after the other, open the exercise on different curves (test
+    instance or view)."""
+    firsts = []
+    for _ in range(2):
+        context = browser.new_context(viewport={"width": 1400, "height": 2200})
+        try:
+            tab = context.new_page()
+            tab.set_default_timeout(45_000)
+            open_exercise(tab, shipped_server)
+            firsts.append(first_curve(tab))
+        finally:
+            context.close()
+    assert firsts[0] != firsts[1], firsts

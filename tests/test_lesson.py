@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -122,3 +124,70 @@ def test_step_one_sums_the_checkpoints_of_its_view(monkeypatch):
     summed_all = re.search(r"all (\d+) add up to ([-0-9.e]+)\)", text)
     assert summed_all is not None  # the teaching view sums only part of the checkpoints
     assert float(summed_all.group(2)) != pytest.approx(score)
+
+
+def stored_views(rows):
+    """A shapes_by_view-like table: (view key, id, shape) rows."""
+    return pd.DataFrame(rows, columns=["view", "id", "shape"])
+
+
+def test_other_view_classes_names_the_nearest_stored_views_that_disagree():
+    stored = stored_views(
+        [
+            ("raw:1-1", 7, "Z"),
+            ("raw:1-2", 7, "Z"),
+            ("raw:1-3", 7, "S"),
+            ("relative:1-3", 7, "backslash"),
+            ("cosine:1-3", 7, "Z"),
+            ("not a view", 7, "Z"),  # a damaged key is skipped, not an error
+            ("raw:1-3", 8, "S"),  # another instance: never read for 7
+            ("cosine:1-3", 8, "S"),
+            ("relative:1-3", 8, "S"),
+        ]
+    )
+    full = views.View(1, 3)
+    # Same checkpoints, the other normalisations first, in their fixed order.
+    others = lesson.other_view_classes(stored, 7, full, "S")
+    assert others == [
+        (views.View(1, 3, views.RELATIVE), "backslash"),
+        (views.View(1, 3, views.COSINE), "Z"),
+    ]
+    assert lesson.other_view_sentence("S", full, others, 3) == (
+        "This test instance is S under checkpoints 1–3 (all) · raw but backslash under "
+        "relative scores and Z under cosine scores: its shape depends on the view, not only "
+        "on the data."
+    )
+    both_z = [(v, "Z") for v, _ in others]
+    assert "but Z under relative and cosine scores:" in lesson.other_view_sentence(
+        "S", full, both_z, 3
+    )
+    # Every normalisation agrees on the same checkpoints: the latest other cumulative sum.
+    agreeing = stored.assign(
+        shape=np.where(stored["view"].str.endswith("1-3"), "S", stored["shape"])
+    )
+    assert lesson.other_view_classes(agreeing, 7, full, "S") == [(views.View(1, 2), "Z")]
+    assert "S under checkpoints 1–3 (all) · raw but Z under checkpoints 1–2 · raw:" in (
+        lesson.other_view_sentence("S", full, [(views.View(1, 2), "Z")], 3)
+    )
+    # Nothing disagrees, or nothing is stored for the instance: no sentence.
+    assert lesson.other_view_classes(stored, 8, full, "S") == []
+    assert lesson.other_view_classes(stored, 99, full, "S") == []
+    assert lesson.other_view_sentence("S", full, []) == ""
+    # A view the run does not store (checkpoints 2-3) is compared with the stored sums.
+    assert lesson.other_view_classes(stored, 7, views.View(2, 3), "backslash") == [
+        (views.View(1, 3), "S")
+    ]
+
+
+def test_other_view_classes_on_the_shipped_demo_are_its_stored_classes():
+    """Instance 1978 of the shipped demo (the issue's example): S with all checkpoints raw,
+    backslash under relative and Z under cosine scores, as shapes_by_view.parquet stores them."""
+    path = Path(__file__).resolve().parents[1] / "cache" / "demo" / store.SHAPES_BY_VIEW
+    stored = pd.read_parquet(path)
+    full = views.View(1, 10)
+    shape = stored.loc[(stored["view"] == full.key) & (stored["id"] == 1978), "shape"].item()
+    others = lesson.other_view_classes(stored, 1978, full, shape)
+    for v, cls in others:
+        row = stored[(stored["view"] == v.key) & (stored["id"] == 1978)]
+        assert row["shape"].item() == cls != shape
+    assert [v.normalisation for v, _ in others] == [views.RELATIVE, views.COSINE]

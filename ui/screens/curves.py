@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from core import lesson as core_lesson
 from core import shapes as core_shapes
 from core import store, views
 from ui import charts, compute, data, influence, widgets
@@ -299,11 +300,35 @@ def enlarged(run: data.Run, test_id: int, view: views.View) -> None:
         st.caption(
             f"{len(flips)} flipped of {c.n} training instances; {len(c.points)} points drawn."
         )
+    view_note(run, test_id, view, c.shape)
     with st.expander(f"The {len(flips)} flipped training instances on this curve"):
         table = flips[["rank", "train_id", "score", "text"]].copy()
         table["label used"] = [names[int(v)] for v in flips["observed_label"]]
         table["true label"] = [names[int(v)] for v in flips["label"]]
         st.dataframe(table, hide_index=True, width="stretch")
+
+
+def view_note(run: data.Run, test_id: int, view: views.View, shape: str) -> None:
+    """When the run stores another view in which this instance has another class: one sentence
+    naming it (core reads the stored classes) and a link to the lesson's step on why, so a
+    class that changes with the view is not read as an artefact of a setting."""
+    stored = run.shapes_by_view()
+    if stored is None:
+        return
+    others = core_lesson.other_view_classes(stored, test_id, view, shape)
+    if not others:
+        return
+    sentence = core_lesson.other_view_sentence(shape, view, others, influence.n_checkpoints(run))
+    st.caption(widgets.md_escape(sentence))
+    # Imported here: the lesson page draws its curves with this module.
+    from ui.screens import lesson
+
+    step = lesson.STEPS.index(lesson.VIEW_STEP) + 1
+    widgets.page_link(
+        "lesson",
+        label=f"Why? Lesson step {step}",  # short: a page link does not wrap on a phone
+        query_params={lesson.QP_STEP: str(step)},
+    )
 
 
 def one_checkpoint(run: data.Run) -> bool:

@@ -130,7 +130,8 @@ def guess(run: data.Run) -> None:
     """Guess the shape of a real curve, drawn from any class and any stored view, then reveal.
 
     Nothing is preselected; Reveal locks the guess (changing the radio afterwards changes
-    nothing) and counts it in the session's score.
+    nothing) and counts it in the session's score; once revealed, a class that differs in
+    another stored view is said (curves.view_note).
     """
     st.subheader("Guess the shape")
     pool = _exercise_pool(run)
@@ -154,6 +155,8 @@ def guess(run: data.Run) -> None:
         st.caption(f"This curve is shown under {view.label(k)}.")
         if clip is not None:
             st.caption(compute.panels_clip_note(1, 1))
+        if locked is not None:  # before Reveal it would give the answer away
+            curves.view_note(run, state["id"], view, c.shape)
     with right:
         choice = st.radio(
             "Your guess",

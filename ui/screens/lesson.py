@@ -20,11 +20,12 @@ from ui import charts, compute, data, widgets
 from ui.screens import curves
 
 QP_STEP = "step"
+VIEW_STEP = "Why one instance changes shape with the view"  # the pages showing a class link here
 STEPS = (
     "What a TracIn score is",
     "One sorted curve, its two lines and the index",
     "S, backslash and Z from real instances",
-    "Why one instance changes shape with the view",
+    VIEW_STEP,
     "What the shape says about the data",
 )
 

@@ -80,7 +80,8 @@ def body(run: data.Run) -> None:
             **({} if influence.is_default(run, view) else {widgets.QP_VIEW: view.key}),
         },
     )
-    curves.draw_curve(run, test_id, view)
+    c = curves.draw_curve(run, test_id, view)
+    curves.view_note(run, test_id, view, c.shape)
 
 
 def correlation_table(table: pd.DataFrame, x: str, y: str) -> None:
