@@ -195,7 +195,15 @@ def _probe_files(task: int) -> list[str]:
     return []
 
 
-PROBE = Work("probe", _probe, _probe_name, _probe_root, _probe_retarget, _probe_files, _probe_files)
+PROBE = Work(
+    "probe",
+    _probe,
+    _probe_name,
+    _probe_files,
+    _probe_files,
+    root=_probe_root,
+    retarget=_probe_retarget,
+)
 
 
 def test_pool_workers_fork_from_one_server_and_see_the_drivers_environment(monkeypatch):
