@@ -4,6 +4,8 @@ engine tests' tiny-BERT checkpoints and batches."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +15,8 @@ import pytest
 
 if TYPE_CHECKING:
     import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,6 +37,23 @@ def synthetic_reviews(n: int, seed: int = 0) -> pd.DataFrame:
         rng.shuffle(words)
         rows.append({"review": " ".join(words) + f" #{i}", "sentiment": "pos" if label else "neg"})
     return pd.DataFrame(rows)
+
+
+def python_lines(
+    code: str, *args: object, env: dict[str, str], timeout: int, python: str = sys.executable
+) -> list[str]:
+    """Run ``code`` in a fresh ``python`` from the repository root; its output lines. A
+    non-zero exit fails the test with the end of its stderr."""
+    out = subprocess.run(
+        [python, "-c", code, *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
 
 
 def csv_args(csv: Path) -> list[str]:
