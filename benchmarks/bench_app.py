@@ -114,26 +114,17 @@ def browser_side(cache: Path, run: str) -> list[tuple[str, float, float]]:
 
 
 def _load_test_browser():
-    """``tests/test_browser.py`` (its server and browser helpers), loaded by its path."""
+    """``tests/test_browser.py`` (its server and browser helpers), with the factory it imports."""
+    _load_tests_module("runstore_factory")
+    return _load_tests_module("test_browser")
+
+
+def _load_tests_module(name: str):
+    """``tests/<name>.py``, loaded by its path (the tests folder is not a package) and
+    registered as ``name`` so that the test modules importing it find it."""
     import importlib.util
 
-    _load_factory()
-    spec = importlib.util.spec_from_file_location(
-        "test_browser", REPO / "tests" / "test_browser.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load_factory():
-    """``tests/runstore_factory.py``, loaded by its path (the tests folder is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "runstore_factory", REPO / "tests" / "runstore_factory.py"
-    )
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -153,7 +144,7 @@ def main() -> None:
 
     run_dir = Path(args.run)
     if args.synthetic or not (run_dir / "manifest.json").exists():
-        factory = _load_factory()
+        factory = _load_tests_module("runstore_factory")
         if not args.synthetic:
             print(f"{run_dir} not found: using a synthetic run of the paper's size instead.")
         tmp = Path(tempfile.mkdtemp(prefix="atlas-bench-"))

@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_tracin import VOCAB, synthetic_data, tiny_checkpoints  # noqa: E402
+from bench_tracin import VOCAB, batch_loss, synthetic_data, tiny_checkpoints  # noqa: E402
 
 from core.tracin import TracInCP, peak_rss_mb, scope_error  # noqa: E402
 from core.tracin.factorized import FactorizedTracIn  # noqa: E402
@@ -93,14 +93,7 @@ def _train(folder: Path, k: int, save: bool) -> tuple[float, float]:
     for epoch in range(k):
         start, start_cpu = time.perf_counter(), time.process_time()
         for rows in length_batches(widths, 32, rng):
-            rows_t = torch.as_tensor(rows)
-            w = int(widths[rows].max())
-            logits = model(
-                input_ids=train["input_ids"][rows_t, :w],
-                attention_mask=train["attention_mask"][rows_t, :w],
-                token_type_ids=train["token_type_ids"][rows_t, :w],
-            ).logits
-            loss = torch.nn.functional.cross_entropy(logits, train["labels"][rows_t])
+            loss = batch_loss(model, train, torch.as_tensor(rows), widths)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -50,6 +50,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_tracin import synthetic_data  # noqa: E402
 
 from core.tracin import EncodedData, ShardSink, peak_memory_mb  # noqa: E402
 from core.tracin.factorized import FactorizedTracIn  # noqa: E402
@@ -63,25 +64,12 @@ BERT_BASE = {
 }
 
 
-def synthetic_data(n: int, seed: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
-    """Right-padded instances of Zipf-distributed token ids, lengths uniform in [lo, hi]."""
-    rng = np.random.default_rng(seed)
-    ranks = np.arange(1, VOCAB - 1000 + 1)  # ids from 1000 on, as WordPiece words start there
-    p = 1.0 / ranks**1.1
-    p /= p.sum()
-    lengths = rng.integers(lo, hi + 1, n)
-    ids = np.zeros((n, hi), dtype=np.int64)
-    mask = np.zeros((n, hi), dtype=np.int64)
-    for i, length in enumerate(lengths):
-        ids[i, 0], ids[i, length - 1] = 101, 102  # [CLS] … [SEP] in the BERT-uncased vocabulary
-        ids[i, 1 : length - 1] = 1000 + rng.choice(len(ranks), length - 2, p=p)
-        mask[i, :length] = 1
-    return {
-        "input_ids": torch.from_numpy(ids),
-        "attention_mask": torch.from_numpy(mask),
-        "token_type_ids": torch.zeros(n, hi, dtype=torch.long),
-        "labels": torch.from_numpy(rng.integers(0, 2, n)),
-    }
+def bert_data(n: int, seed: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
+    """Synthetic instances in the BERT-uncased vocabulary, padded to ``hi``: WordPiece words
+    start at id 1000, [CLS] and [SEP] are 101 and 102."""
+    return synthetic_data(
+        n, seed, lo, hi, vocab=VOCAB, first_word=1000, cls_sep=(101, 102), width=hi
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -97,8 +85,8 @@ def prepare(folder: Path, args: argparse.Namespace) -> dict:
 
     dev = _device(args.device)
     n_max = max([args.n_train, *args.mem_sizes])
-    train = synthetic_data(n_max, 1, args.len_min, args.len_max)
-    test = synthetic_data(args.n_test, 2, args.len_min, args.len_max)
+    train = bert_data(n_max, 1, args.len_min, args.len_max)
+    test = bert_data(args.n_test, 2, args.len_min, args.len_max)
     # One file per size (prefixes of one draw), so a process holds only its own n_train.
     for n in {args.n_train, *args.mem_sizes}:
         torch.save({key: v[:n].clone() for key, v in train.items()}, folder / f"train-{n}.pt")

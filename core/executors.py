@@ -39,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,23 @@ class Resources:
     memory_mb: int | None = None  # an upper estimate of the task's resident memory
 
 
+def run_root(task: Any) -> str:
+    """The folder of a task that keeps its run folder in a ``run`` field (a TracIn task, an
+    arm of the cleaning lab, detector 2's retraining): :attr:`Work.root`'s default."""
+    return task.run
+
+
+def run_retarget(task: Any, run: str) -> Any:
+    """The same ``run``-field task on another copy of its run folder: :attr:`Work.retarget`'s
+    default."""
+    return replace(task, run=run)
+
+
+def run_inputs(task: Any) -> list[str]:
+    """What every task on a run reads of it: the manifest, the instances and the tokenizer."""
+    return [store.MANIFEST, store.INSTANCES, store.TOKENIZER_DIR]
+
+
 @dataclass(frozen=True)
 class Work:
     """How an executor runs one kind of task. Every field is a module-level function, so a
@@ -161,19 +178,32 @@ class Work:
 
     ``compute(task, **kwargs)`` runs a task and returns its (small) result; ``root(task)``
     is the folder it reads and writes; ``retarget(task, folder)`` the same task on another
-    copy of that folder; ``inputs``/``outputs`` the paths under the root it reads/writes
-    (files or folders; used when the folder is not shared). ``overwrite``: returned files
-    replace present ones (a whole retrained cell) instead of being skipped (shards).
+    copy of that folder (by default the task's ``run`` field); ``inputs``/``outputs`` the
+    paths under the root it reads/writes (files or folders; used when the folder is not
+    shared). ``overwrite``: returned files replace present ones (a whole retrained cell)
+    instead of being skipped (shards).
     """
 
     stage: str
     compute: Callable[..., Any]
     name: Callable[[Any], str]
-    root: Callable[[Any], str]
-    retarget: Callable[[Any, str], Any]
     inputs: Callable[[Any], Sequence[str]]
     outputs: Callable[[Any], Sequence[str]]
+    root: Callable[[Any], str] = run_root
+    retarget: Callable[[Any, str], Any] = run_retarget
     overwrite: bool = False
+
+
+def retraining_work(
+    stage: str,
+    compute: Callable[..., Any],
+    name: Callable[[Any], str],
+    outputs: Callable[[Any], Sequence[str]],
+) -> Work:
+    """How an executor runs a retraining on a run (a cleaning arm, detector 2's nested
+    retrainings): a ``run``-field task that reads :func:`run_inputs` and whose returned
+    result replaces a present one (a retraining is redone whole, never in part)."""
+    return Work(stage, compute, name, run_inputs, outputs, overwrite=True)
 
 
 @dataclass

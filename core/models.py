@@ -13,9 +13,11 @@ Model names understood everywhere (``--model``):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -276,27 +278,31 @@ def predict_logits(
 
 
 def _save_dir_atomically(obj, out_dir: Path) -> None:
-    """save_pretrained into a temporary sibling folder, then rename it into place.
-
-    A failed save removes its temporary folder (on a full disk it holds the space that
-    would let the rerun succeed) and a write error is raised as an :class:`OSError` naming
-    ``out_dir`` (:func:`disk_error`), whichever library's wording it came in.
-    """
+    """save_pretrained into a temporary sibling folder, then rename it into place
+    (:func:`folder_into_place`: a failed save leaves no temporary folder)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with folder_into_place(tmp, out_dir):
         obj.save_pretrained(str(tmp))
-    except Exception as exc:
-        import shutil
 
+
+@contextlib.contextmanager
+def folder_into_place(tmp: Path, out_dir: Path) -> Iterator[None]:
+    """Around the writes that fill the folder ``tmp``: on success ``tmp`` replaces ``out_dir``.
+
+    A failed write removes ``tmp`` (on a full disk it holds the space that would let the
+    rerun succeed) and is raised as an :class:`OSError` naming ``out_dir``
+    (:func:`disk_error`), whichever library's wording it came in; ``out_dir`` is untouched.
+    """
+    try:
+        yield
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         error = disk_error(exc, out_dir)
         if error is None:
             raise
         raise error from exc
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
 

@@ -282,10 +282,10 @@ WORK = Work(
     stage="sweep",
     compute=_compute_cell,
     name=_cell_name,
-    root=_cell_root,
-    retarget=_cell_retarget,
     inputs=_cell_inputs,
     outputs=_cell_outputs,
+    root=_cell_root,
+    retarget=_cell_retarget,
     overwrite=True,
 )
 # Stated bound on a cell's resident memory (the quick preset's training peaks far below).

@@ -31,7 +31,7 @@ from core.config import StudyConfig
 from core.models import (
     build_model,
     collate,
-    disk_error,
+    folder_into_place,
     length_batches,
     load_classifier,
     predict_logits,
@@ -259,13 +259,13 @@ def _save_epoch(
 
     The state names the data trained on (``trained_on``), so the checkpoint says it itself.
     A write that fails (a full disk) removes the half-written folder and is raised as an
-    :class:`OSError` naming ``folder`` (:func:`core.models.disk_error`): the CLI says it in
+    :class:`OSError` naming ``folder`` (:func:`core.models.folder_into_place`): the CLI says it in
     one sentence, and the rerun resumes after the last whole epoch.
     """
     tmp = folder.with_name(folder.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    try:
+    with folder_into_place(tmp, folder):
         save_pretrained_atomically(model, tmp)
         # Through a Python file: torch's own writer reports a full disk as an opaque
         # RuntimeError, a file object's OSError stays in its context.
@@ -274,15 +274,6 @@ def _save_epoch(
         np.savez(tmp / EPOCH_LOGITS, **logits)
         state = entry if trained_on is None else {**entry, "trained_on": dict(trained_on)}
         (tmp / EPOCH_STATE).write_text(json.dumps(state, indent=2), "utf-8")
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = disk_error(exc, folder)
-        if error is None:
-            raise
-        raise error from exc
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
 
 
 def _collect_epoch(result: TrainResult, folder: Path, epoch: int, lr: float) -> None:

@@ -1,13 +1,22 @@
-"""Shared fixtures: small synthetic review files and one tiny real study run per session."""
+"""Shared fixtures: small synthetic review files, one tiny real study run per session, and the
+engine tests' tiny-BERT checkpoints and batches."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pytest
+
+if TYPE_CHECKING:
+    import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +37,23 @@ def synthetic_reviews(n: int, seed: int = 0) -> pd.DataFrame:
         rng.shuffle(words)
         rows.append({"review": " ".join(words) + f" #{i}", "sentiment": "pos" if label else "neg"})
     return pd.DataFrame(rows)
+
+
+def python_lines(
+    code: str, *args: object, env: dict[str, str], timeout: int, python: str = sys.executable
+) -> list[str]:
+    """Run ``code`` in a fresh ``python`` from the repository root; its output lines. A
+    non-zero exit fails the test with the end of its stderr."""
+    out = subprocess.run(
+        [python, "-c", code, *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
 
 
 def csv_args(csv: Path) -> list[str]:
@@ -62,6 +88,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, float]]:
+    """The engine tests' three drifting checkpoints of a tiny BERT, saved for the module
+    (see ``tracin_reference.saved_checkpoints``)."""
+    from tracin_reference import saved_checkpoints
+
+    return saved_checkpoints(tmp_path_factory.mktemp("ckpts"))
+
+
+@pytest.fixture(scope="module")
+def train() -> dict[str, torch.Tensor]:
+    """The engine tests' ten training instances, of varied length."""
+    from tracin_reference import random_batch
+
+    return random_batch(10, seed=2)
+
+
+@pytest.fixture(scope="module")
+def test_data() -> dict[str, torch.Tensor]:
+    """The engine tests' four test instances."""
+    from tracin_reference import random_batch
+
+    return random_batch(4, seed=3)
 
 
 @pytest.fixture

@@ -609,7 +609,9 @@ def test_the_upload_form_says_what_core_run_would_say(tmp_path):
     """One definition (core.datasets): the form and `core run` agree on every file."""
     from core.datasets import load_user_file
 
-    def both(raw: bytes, name: str, **cols):
+    def both(header: str, rows: list[str], name: str, encoding: str = "utf-8", **cols):
+        """Whether core and the form accept the CSV file ``header`` + ``rows``."""
+        raw = "\n".join([header, *rows]).encode(encoding)
         path = tmp_path / name
         path.write_bytes(raw)
         try:
@@ -627,24 +629,14 @@ def test_the_upload_form_says_what_core_run_would_say(tmp_path):
 
     # A 15/5 split: too few of one class for the stratified split, in both.
     rows = [f"review {i},{'pos' if i < 15 else 'neg'}" for i in range(20)]
-    assert both(
-        ("text,y\n" + "\n".join(rows)).encode(), "a.csv", text_col="text", label_col="y"
-    ) == (
-        False,
-        False,
-    )
+    assert both("text,y", rows, "a.csv", text_col="text", label_col="y") == (False, False)
     # "NA" is a label value like any other (a third class), in both.
     rows = [f"review {i},{['pos', 'neg', 'NA'][i % 3]}" for i in range(90)]
-    assert both(
-        ("text,y\n" + "\n".join(rows)).encode(), "b.csv", text_col="text", label_col="y"
-    ) == (
-        False,
-        False,
-    )
+    assert both("text,y", rows, "b.csv", text_col="text", label_col="y") == (False, False)
     # Japanese cp932 text is read by both.
     rows = [f"レビュー{i}です,{'良い' if i % 2 else '悪い'}" for i in range(60)]
-    raw = ("本文,評価\n" + "\n".join(rows)).encode("cp932")
-    assert both(raw, "c.csv", text_col="本文", label_col="評価") == (True, True)
+    japanese = both("本文,評価", rows, "c.csv", "cp932", text_col="本文", label_col="評価")
+    assert japanese == (True, True)
 
 
 # -- chart builders and helpers, without Streamlit ----------------------------------------------

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from core import datasets
-from core.config import StudyConfig
+from core.config import StudyConfig, preset_config
 from core.datasets import (
     BUILTINS,
     load_builtin,
@@ -300,6 +300,18 @@ def test_unknown_builtin(tmp_path):
         AtlasError, match=r"Unknown built-in dataset 'imdb'; choose one of: amazon-reviews"
     ):
         load_dataset(StudyConfig(dataset="imdb"), data_dir=tmp_path)
+
+
+def test_unknown_names_are_refused_listing_the_valid_ones():
+    listed = "amazon-reviews, rt-snippets, ja-polarity"
+    with pytest.raises(AtlasError) as err:
+        datasets.fetch_builtin("imdb")
+    assert str(err.value) == (
+        f"Unknown built-in dataset 'imdb'; choose one of: {listed} (or give your own file)."
+    )
+    with pytest.raises(AtlasError) as err:
+        preset_config("huge")
+    assert str(err.value) == "Unknown preset 'huge'; choose one of: paper, quick."
 
 
 # --------------------------------------------------------------------------- built-ins, offline

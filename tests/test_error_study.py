@@ -16,7 +16,6 @@ from tracin_reference import (
     brute_tracin,
     random_batch,
     relative_error,
-    saved_checkpoints,
 )
 
 from core import store
@@ -39,11 +38,6 @@ from core.tracin import TracInCP, encode_run_data, run_tracin
 from core.tracin.factorized import FactorizedTracIn
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
-    return saved_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
 def _with_logits(run: Path, wrong: list[int]) -> Path:

@@ -24,7 +24,7 @@ from core.cli import main
 from core.errors import AtlasError
 from core.executors import PROGRESS, Work, check_executor, run_tasks
 from core.sweep import SWEEP_TABLE
-from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
+from tests.conftest import TINY_ARGS, csv_args, python_lines, synthetic_reviews
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = (
@@ -195,7 +195,15 @@ def _probe_files(task: int) -> list[str]:
     return []
 
 
-PROBE = Work("probe", _probe, _probe_name, _probe_root, _probe_retarget, _probe_files, _probe_files)
+PROBE = Work(
+    "probe",
+    _probe,
+    _probe_name,
+    _probe_files,
+    _probe_files,
+    root=_probe_root,
+    retarget=_probe_retarget,
+)
 
 
 def test_pool_workers_fork_from_one_server_and_see_the_drivers_environment(monkeypatch):
@@ -405,16 +413,7 @@ def test_a_mixed_two_node_cluster_runs_gpu_tasks_on_its_gpu_node(ckpts, tmp_path
     (tmp_path / "manifest.json").write_text("{}")
     run = make_checkpoint_run(tmp_path / "tiny", ckpts)
     env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-c", _TWO_NODES, str(tmp_path), str(run)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    *_, line, refused = out.stdout.strip().splitlines()
+    *_, line, refused = python_lines(_TWO_NODES, tmp_path, run, env=env, timeout=300)
     got = json.loads(line)
     assert got["nodes"] == 2 and got["shared"] is True  # both nodes see this folder
     assert len(got["cpu_nodes"]) == 2  # one CPU each: two tasks at once need both nodes

@@ -13,25 +13,17 @@ from tracin_reference import (
     LRS,
     batch_rows,
     brute_tracin,
-    random_batch,
     relative_error,
-    saved_checkpoints,
 )
 from transformers import BertForSequenceClassification
 
 from core import store
 from core.errors import AtlasError
-from core.tracin import TracInCP, compare_to_exact, shard_name
+from core.tracin import TracInCP, compare_to_exact
 from core.tracin.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
 from core.tracin_options import parse_project
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
-    """The TracIn tests' three drifting checkpoints, saved for this module."""
-    return saved_checkpoints(tmp_path_factory.mktemp("fz_ckpts"))
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +32,6 @@ def modules(checkpoints) -> list[tuple[nn.Module, float]]:
     return [
         (BertForSequenceClassification.from_pretrained(path).eval(), lr) for path, lr in checkpoints
     ]
-
-
-@pytest.fixture(scope="module")
-def train() -> dict[str, torch.Tensor]:
-    """Ten training instances of varied length."""
-    return random_batch(10, seed=2)
-
-
-@pytest.fixture(scope="module")
-def test_data() -> dict[str, torch.Tensor]:
-    """Four test instances."""
-    return random_batch(4, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -209,34 +189,6 @@ def test_scores_averaged_over_seeds_converge_to_the_exact_ones(modules, train, t
 
 
 # --------------------------------------------------------------------- shards, options
-
-
-def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_path):
-    loads = []
-
-    def loader(path, device):
-        loads.append(Path(path).name)
-        return BertForSequenceClassification.from_pretrained(path).to(device).eval()
-
-    shard_dir = tmp_path / "shards"
-    engine = FactorizedTracIn(checkpoints, k=4, seed=1, chunk_size=4, loader=loader)
-    first = engine.compute(train, test_data, shard_dir=shard_dir)
-    files = sorted(p.name for p in shard_dir.glob("ckpt-*_chunk-*.npy"))
-    assert files == [shard_name(i, c) for i in range(3) for c in range(3)]
-    (shard_dir / shard_name(1, 2)).unlink()
-    loads.clear()
-    again = engine.compute(train, test_data, shard_dir=shard_dir)
-    assert loads == ["epoch-02"]  # only the checkpoint with a missing shard is loaded
-    assert np.array_equal(first.matrix, again.matrix)
-    assert np.array_equal(first.self_influence, again.self_influence)
-    # Shards of another seed are never mixed in: the folder refuses them, untouched.
-    other = FactorizedTracIn(checkpoints, k=4, seed=2, chunk_size=4, loader=loader)
-    with pytest.raises(AtlasError, match="seed") as err:
-        other.compute(train, test_data, shard_dir=shard_dir)
-    _one_sentence(err)
-    assert np.array_equal(
-        engine.compute(train, test_data, shard_dir=shard_dir).matrix, first.matrix
-    )
 
 
 def test_self_influence_only(modules, train):

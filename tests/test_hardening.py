@@ -504,6 +504,28 @@ def test_the_app_reads_cores_status(tmp_path: Path) -> None:
         data.Run(run).require(store.TRACIN, "tracin")
 
 
+def test_the_app_refuses_stage_arrays_of_the_wrong_shape_in_one_sentence(tmp_path: Path) -> None:
+    from tests.runstore_factory import make_run
+    from ui import data
+
+    run_dir = make_run(tmp_path / "cache", epochs=2)
+    run = data.Run(run_dir)
+    n, te, tr = len(run.instances), len(run.test), len(run.train)
+    assert run.logits().shape[1] == n and run.per_checkpoint().shape[1:] == (te, tr)
+    assert run.tracin().shape == run.distances().shape == (te, tr)
+    wrong = {
+        store.LOGITS: (run.logits, (2, n + 1, 2), f"(epochs, {n}, 2)"),
+        store.TRACIN_PER_CHECKPOINT: (run.per_checkpoint, (2, te), f"(k, {te}, {tr})"),
+        store.TRACIN: (run.tracin, (tr, te), f"({te}, {tr}) (test × train)"),
+        store.DISTANCES: (run.distances, (te, tr, 1), f"({te}, {tr}) (test × train)"),
+    }
+    for name, (read, shape, expected) in wrong.items():
+        np.save(run_dir / name, np.zeros(shape, dtype=np.float32))
+        with pytest.raises(AtlasError) as err:
+            read()
+        assert str(err.value) == f"{run_dir / name} has shape {shape}, expected {expected}."
+
+
 # -- issue 24 item 4: damage is rebuilt or refused -------------------------------------------------
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.conftest import python_lines
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "transformers")
@@ -74,16 +75,7 @@ print(json.dumps(report))
 def check_pages(cache: Path, python: str = sys.executable) -> dict:
     """Run every page with torch and transformers refused; the per-page report."""
     env = {k: v for k, v in os.environ.items() if k not in ("ATLAS_STUDY_CMD", "ATLAS_READONLY")}
-    out = subprocess.run(
-        [python, "-c", CHECK, str(REPO), str(cache)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(python_lines(CHECK, REPO, cache, env=env, timeout=600, python=python)[-1])
 
 
 def problems(report: dict) -> list[str]:

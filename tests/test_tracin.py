@@ -15,9 +15,7 @@ from tracin_reference import (
     batch_rows,
     brute_grads,
     brute_tracin,
-    random_batch,
     relative_error,
-    saved_checkpoints,
     tiny_model,
 )
 from transformers import BertForSequenceClassification
@@ -25,6 +23,7 @@ from transformers import BertForSequenceClassification
 from core import store
 from core.errors import AtlasError
 from core.tracin import (
+    FactorizedTracIn,
     Projector,
     TracInCP,
     compare_to_exact,
@@ -38,24 +37,6 @@ from core.tracin import (
 SCOPES = ["all", "no-word-embeddings", "last-1", "head"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> list[tuple[Path, float]]:
-    """The module's saved checkpoints (see :func:`saved_checkpoints`)."""
-    return saved_checkpoints(tmp_path_factory.mktemp("ckpts"))
-
-
-@pytest.fixture(scope="module")
-def train() -> dict[str, torch.Tensor]:
-    """Ten training instances."""
-    return random_batch(10, seed=2)
-
-
-@pytest.fixture(scope="module")
-def test_data() -> dict[str, torch.Tensor]:
-    """Four test instances."""
-    return random_batch(4, seed=3)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -168,7 +149,22 @@ def test_projection_of_sparse_rows_equals_dense_projection():
     assert torch.equal(again.project("w", shape, dense.reshape(2, -1)), full)
 
 
-def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_path):
+@pytest.mark.parametrize(
+    ("engine_class", "options", "other", "refusal"),
+    [
+        (
+            TracInCP,
+            {"scope": "all"},
+            {"scope": "head"},
+            "--params all \\(this request: --params head\\)",
+        ),
+        (FactorizedTracIn, {"k": 4, "seed": 1}, {"k": 4, "seed": 2}, "seed"),
+    ],
+    ids=["exact", "factorized"],
+)
+def test_shards_resume_without_recomputing(
+    engine_class, options, other, refusal, checkpoints, train, test_data, tmp_path
+):
     loads = []
 
     def loader(path, device):
@@ -176,7 +172,7 @@ def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_pa
         return BertForSequenceClassification.from_pretrained(path).to(device).eval()
 
     shard_dir = tmp_path / "shards"
-    engine = TracInCP(checkpoints, scope="all", chunk_size=4, loader=loader)
+    engine = engine_class(checkpoints, chunk_size=4, loader=loader, **options)
     first = engine.compute(train, test_data, shard_dir=shard_dir)
     files = sorted(p.name for p in shard_dir.glob("ckpt-*_chunk-*.npy"))
     assert files == [shard_name(i, c) for i in range(3) for c in range(3)]
@@ -199,11 +195,14 @@ def test_shards_resume_without_recomputing(checkpoints, train, test_data, tmp_pa
     (shard_dir / norm_shard_name(0)).unlink()
     third = engine.compute(train, test_data, shard_dir=shard_dir)
     assert np.allclose(third.test_grad_norms, first.test_grad_norms, rtol=1e-6)
-    # Other options are refused, naming the option, instead of mixing or deleting shards.
+    # Other options are refused in one sentence, naming the option, instead of mixing or
+    # deleting shards.
     before = {p.name: p.read_bytes() for p in shard_dir.iterdir()}
-    other = TracInCP(checkpoints, scope="head", chunk_size=4, loader=loader)
-    with pytest.raises(AtlasError, match="--params all \\(this request: --params head\\)"):
-        other.compute(train, test_data, shard_dir=shard_dir)
+    with pytest.raises(AtlasError, match=refusal) as err:
+        engine_class(checkpoints, chunk_size=4, loader=loader, **other).compute(
+            train, test_data, shard_dir=shard_dir
+        )
+    assert str(err.value).endswith(".") and "\n" not in str(err.value), err.value
     assert {p.name: p.read_bytes() for p in shard_dir.iterdir()} == before
 
 

@@ -121,12 +121,16 @@ def _need_columns(df: pd.DataFrame, columns: tuple[str, ...], path: Path) -> pd.
     return df
 
 
-class Run:
-    """A lazily loaded view of one run folder; every file goes through the process-wide caches."""
+class StoreFolder:
+    """A folder of the run store (a run, a sweep, a replication grid), named by its last part."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.name = self.path.name
+
+
+class Run(StoreFolder):
+    """A lazily loaded view of one run folder; every file goes through the process-wide caches."""
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -224,12 +228,8 @@ class Run:
 
     def logits(self) -> np.ndarray:
         """(n_epochs, n_instances, 2) logits."""
-        arr = self._npy(store.LOGITS, "run")
-        if arr.ndim != 3 or arr.shape[1] != len(self.instances):
-            raise AtlasError(
-                f"{self.file(store.LOGITS)} has shape {arr.shape}, expected (epochs, {len(self.instances)}, 2)."
-            )
-        return arr
+        n = len(self.instances)
+        return self._shaped(store.LOGITS, "run", (None, n, None), f"(epochs, {n}, 2)")
 
     def tracin(self) -> np.ndarray:
         """(n_test, n_train) summed TracIn."""
@@ -237,12 +237,11 @@ class Run:
 
     def per_checkpoint(self) -> np.ndarray:
         """(k, n_test, n_train) per-checkpoint contributions (float32)."""
-        arr = self._npy(store.TRACIN_PER_CHECKPOINT, "tracin")
-        if arr.ndim != 3 or arr.shape[1:] != (len(self.test), len(self.train)):
-            raise AtlasError(
-                f"{self.file(store.TRACIN_PER_CHECKPOINT)} has shape {arr.shape}, expected (k, {len(self.test)}, {len(self.train)})."
-            )
-        return arr
+        n_test, n_train = len(self.test), len(self.train)
+        want = (None, n_test, n_train)
+        return self._shaped(
+            store.TRACIN_PER_CHECKPOINT, "tracin", want, f"(k, {n_test}, {n_train})"
+        )
 
     def self_influence(self) -> np.ndarray:
         """(n_train,) self-influence."""
@@ -253,12 +252,19 @@ class Run:
         return self._matrix(store.DISTANCES, "analyze")
 
     def _matrix(self, name: str, stage: str) -> np.ndarray:
-        arr = self._npy(name, stage)
         want = (len(self.test), len(self.train))
-        if arr.shape != want:
-            raise AtlasError(
-                f"{self.file(name)} has shape {arr.shape}, expected {want} (test × train)."
-            )
+        return self._shaped(name, stage, want, f"{want} (test × train)")
+
+    def _shaped(
+        self, name: str, stage: str, want: tuple[int | None, ...], expected: str
+    ) -> np.ndarray:
+        """The array ``name``, refused in one sentence unless its shape is ``want`` (None:
+        any length on that axis); ``expected`` says the shape in the words of the error."""
+        arr = self._npy(name, stage)
+        if arr.ndim != len(want) or any(
+            w not in (None, n) for n, w in zip(arr.shape, want, strict=True)
+        ):
+            raise AtlasError(f"{self.file(name)} has shape {arr.shape}, expected {expected}.")
         return arr
 
     def shapes(self) -> pd.DataFrame:
@@ -351,12 +357,8 @@ class Run:
         return sorted(folder.glob("*.csv")) if folder.is_dir() else []
 
 
-class Sweep:
+class Sweep(StoreFolder):
     """A noise sweep folder (manifest kind 'sweep')."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.name = self.path.name
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
@@ -382,12 +384,8 @@ class Sweep:
         return _parquet(str(path), stamp(path)) if path.exists() else None
 
 
-class Replication:
+class Replication(StoreFolder):
     """A replication-grid summary folder (manifest kind 'replication', core.replication)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.name = self.path.name
 
     @cached_property
     def summary(self) -> dict[str, Any]:

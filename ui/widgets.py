@@ -12,7 +12,7 @@ import contextlib
 import re
 import shlex
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +345,17 @@ def selected_point(event: Any, name: str = "pick", field: str = "id") -> int | N
         if isinstance(p, dict) and field in p:
             return int(p[field])
     return None
+
+
+def number_table(frame: Any, number_format: str, columns: Iterable[str], where: Any = st) -> None:
+    """``frame`` as a full-width table without its index, ``columns`` in ``number_format``
+    (printf style, e.g. ``%.3f``), in the container ``where`` (the page by default)."""
+    where.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        column_config={c: st.column_config.NumberColumn(format=number_format) for c in columns},
+    )
 
 
 def fmt(value: Any, spec: str = ".3f") -> str:

@@ -9,7 +9,6 @@ model misclassifies. The retraining is the detect stage's one heavy unit: it is 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from core import store
 from core.config import StudyConfig, config_from_dict
 from core.detectors.cheap import loss_scores
 from core.errors import AtlasError
-from core.executors import ExecutorSpec, Resources, Work, run_tasks
+from core.executors import ExecutorSpec, Resources, retraining_work, run_tasks
 
 WORK_DIR = "detect_work"  # train-in-train checkpoints and the influence matrix of detector 2
 INFLUENCE_CACHE = "misclassified_influence.npz"
@@ -245,18 +244,6 @@ def _retraining_name(unit: Retraining) -> str:
     return f"retraining-{unit.key[:10]}"
 
 
-def _retraining_root(unit: Retraining) -> str:
-    return unit.run
-
-
-def _retraining_retarget(unit: Retraining, run: str) -> Retraining:
-    return dataclasses.replace(unit, run=run)
-
-
-def _retraining_inputs(unit: Retraining) -> list[str]:
-    return [store.MANIFEST, store.INSTANCES, store.TOKENIZER_DIR]
-
-
 def _retraining_outputs(unit: Retraining) -> list[str]:
     return [f"{WORK_DIR}/{INFLUENCE_CACHE}"]
 
@@ -267,16 +254,7 @@ def _compute_retraining(unit: Retraining, force: bool = False) -> None:
 
 
 # Detector 2's retraining as every executor (core.executors) runs it.
-WORK = Work(
-    stage="detect",
-    compute=_compute_retraining,
-    name=_retraining_name,
-    root=_retraining_root,
-    retarget=_retraining_retarget,
-    inputs=_retraining_inputs,
-    outputs=_retraining_outputs,
-    overwrite=True,
-)
+WORK = retraining_work("detect", _compute_retraining, _retraining_name, _retraining_outputs)
 
 
 # Declared to Ray for scheduling (an upper estimate, not a measurement).

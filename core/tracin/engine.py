@@ -39,6 +39,14 @@ BUFFER_BYTES = 384 << 20
 MAX_BUFFER_ROWS = 512
 
 
+class _TestPart(NamedTuple):
+    """One part of the test rows as the exact engine scores training chunks against it."""
+
+    feats: torch.Tensor  # (width, n) gradient features, one column per test row
+    vocab_pos: torch.Tensor | None  # vocabulary → feature row, for a word-embedding scope
+    rows: np.ndarray  # the test row of each of the n columns
+
+
 class TopK(NamedTuple):
     """Top-k proponents (largest scores) and opponents (most negative) per test instance."""
 
@@ -237,29 +245,27 @@ class TracInCP(Engine):
         if te is None:
             for c in missing:
                 block = empty(c)
-                self._score_chunk(grads, tr, chunks[c], None, None, block, None)
+                self._score_chunk(grads, tr, chunks[c], None, block)
                 yield c, block
             return
         if not missing:
             return
         test_parts = self._test_parts(grads, te)
         if len(test_parts) == 1:
-            feats, vocab_pos, test_rows = self._test_features(grads, te, test_parts[0], test_sq)
+            test = self._test_features(grads, te, test_parts[0], test_sq)
             for c in missing:
                 block = empty(c)
-                self._score_chunk(grads, tr, chunks[c], feats, vocab_pos, block, test_rows)
+                self._score_chunk(grads, tr, chunks[c], test, block)
                 yield c, block
             return
         # Test gradients too big to hold at once: every test part revisits the training
         # chunks (recomputing their gradients), and blocks are yielded when complete.
         blocks = {c: empty(c) for c in missing}
         for part_no, part in enumerate(test_parts):
-            feats, vocab_pos, test_rows = self._test_features(grads, te, part, test_sq)
+            test = self._test_features(grads, te, part, test_sq)
             for c in missing:
-                self._score_chunk(
-                    grads, tr, chunks[c], feats, vocab_pos, blocks[c], test_rows, part_no == 0
-                )
-            del feats
+                self._score_chunk(grads, tr, chunks[c], test, blocks[c], part_no == 0)
+            del test  # frees this part's features before the next part's are computed
         yield from blocks.items()
 
     def _test_parts(self, grads: CheckpointGrads, te: EncodedData) -> list[np.ndarray]:
@@ -287,10 +293,9 @@ class TracInCP(Engine):
         te: EncodedData,
         part: np.ndarray,
         test_sq: np.ndarray | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
-        """Features of the test rows ``part`` as (width, n), the vocabulary map, and the
-        test indices of the n feature columns (length-sorted ``part``); squared norms go
-        into ``test_sq`` when given."""
+    ) -> _TestPart:
+        """The features of the test rows ``part`` (columns in length-sorted ``part`` order);
+        squared norms go into ``test_sq`` when given."""
         vocab_pos = None
         if grads.word_in_scope and self.project is None:
             vocab = vocab_of(te, part).to(self.device)
@@ -313,20 +318,20 @@ class TracInCP(Engine):
             order.append(rows)
             filled += len(rows)
         # Returned transposed (a view): the products below are (rows × width) @ (width × n).
-        return feats.T, vocab_pos, np.concatenate(order)
+        return _TestPart(feats.T, vocab_pos, np.concatenate(order))
 
     def _score_chunk(
         self,
         grads: CheckpointGrads,
         tr: EncodedData,
         chunk: tuple[int, int],
-        feats: torch.Tensor | None,
-        vocab_pos: torch.Tensor | None,
+        test: _TestPart | None,
         block: np.ndarray,
-        test_rows: np.ndarray | None,
         with_self: bool = True,
     ) -> None:
-        """Fill ``block`` (rows: test, last row: self-influence) for one training chunk."""
+        """Fill ``block`` (rows: test, last row: self-influence) for one training chunk;
+        without ``test`` only the self-influence row."""
+        feats, vocab_pos, test_rows = test if test is not None else (None, None, None)
         lo, hi = chunk
         bs = self._batch_size(grads)
         buf = None

@@ -15,7 +15,6 @@ and gets bitwise the same files: a shard depends only on its checkpoint and chun
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -40,6 +39,7 @@ from core.executors import (
     Work,
     expected_workers,
     peak_rss_mb,
+    run_inputs,
     run_tasks,
     session,
 )
@@ -387,9 +387,7 @@ def _task_inputs(task: Task) -> list[str]:
     (all: a task checks every checkpoint's identity) and the shard folder's options."""
     entries = store.load_manifest(task.run).get("checkpoints") or []
     return [
-        store.MANIFEST,
-        store.INSTANCES,
-        store.TOKENIZER_DIR,
+        *run_inputs(task),
         *(str(e["path"]) for e in entries if isinstance(e, dict) and e.get("path")),
         f"{store.TRACIN_SHARDS_DIR}/{SHARD_OPTIONS}",
     ]
@@ -407,21 +405,11 @@ def _task_name(task: Task) -> str:
     return task.name
 
 
-def _task_root(task: Task) -> str:
-    return task.run
-
-
-def _task_retarget(task: Task, run: str) -> Task:
-    return dataclasses.replace(task, run=run)
-
-
 # The TracIn task as every executor (core.executors) runs it.
 WORK = Work(
     stage="tracin",
     compute=_compute_task,
     name=_task_name,
-    root=_task_root,
-    retarget=_task_retarget,
     inputs=_task_inputs,
     outputs=_task_outputs,
 )

@@ -263,22 +263,18 @@ def scores_exactness(run: data.Run) -> None:
             "on these rows. Seconds are wall time on the machine that ran the study (a method "
             "read from the run's own TracIn files shows that stage's time, for all test rows)."
         )
-        st.dataframe(
+        widgets.number_table(
             exactness_table(summary),
-            hide_index=True,
-            width="stretch",
-            column_config={
-                c: st.column_config.NumberColumn(format="%.3f")
-                for c in (
-                    "median Spearman",
-                    "min Spearman",
-                    "top-10 overlap",
-                    "top-1 % overlap",
-                    "same shape class",
-                    "self-infl. recall@10 %",
-                    "self-infl. AP",
-                )
-            },
+            "%.3f",
+            (
+                "median Spearman",
+                "min Spearman",
+                "top-10 overlap",
+                "top-1 % overlap",
+                "same shape class",
+                "self-infl. recall@10 %",
+                "self-infl. AP",
+            ),
         )
         worst = table.sort_values("spearman").head(5)
         st.caption(

@@ -257,12 +257,4 @@ def references() -> None:
         for col, name in zip(st.columns(3), names[start : start + 3], strict=False):
             part = curves_df[curves_df["reference"] == name]
             col.altair_chart(charts.reference_curve_chart(part, name), width="stretch")
-    st.dataframe(
-        table,
-        hide_index=True,
-        width="stretch",
-        column_config={
-            c: st.column_config.NumberColumn(format="%.3f")
-            for c in ("s_bulk_mean", "s_bulk_min", "s_bulk_max", "s_mean")
-        },
-    )
+    widgets.number_table(table, "%.3f", ("s_bulk_mean", "s_bulk_min", "s_bulk_max", "s_mean"))

@@ -114,15 +114,8 @@ def correlation_table(table: pd.DataFrame, x: str, y: str) -> None:
         delta_color="off",
         delta_arrow="off",
     )
-    right.dataframe(
-        frame,
-        hide_index=True,
-        width="stretch",
-        column_config={
-            c: st.column_config.NumberColumn(format="%.3g")
-            for c in ("Spearman ρ", "p (Spearman)", "Pearson r", "p (Pearson)")
-        },
-    )
+    columns = ("Spearman ρ", "p (Spearman)", "Pearson r", "p (Pearson)")
+    widgets.number_table(frame, "%.3g", columns, where=right)
     st.caption(verdict(main, y))
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import streamlit as st
 
@@ -300,22 +303,38 @@ def job_status(cache, name: str, was_running: bool) -> None:
         sweep_status(cache, j, state)
         return
     prog = jobs.progress(cache / name)
-    cols = st.columns([1, 3, 1])
-    cols[0].metric("state", state)
-    with cols[1]:
+    with job_panel(cache / name, j, state, info, prog, ("home", "Open the run", widgets.QP_RUN)):
         stages = prog.get("stages") or {}
         if prog.get("epochs_total"):
             done, total = prog["epochs_done"], prog["epochs_total"]
             st.progress(min(done / total, 1.0), text=f"training: epoch {done} of {total}")
         if stages:
             st.caption(" → ".join(f"{k}: {v}" for k, v in stages.items()))
-        tasks_view(cache / name)
+
+
+@contextmanager
+def job_panel(
+    folder: Path,
+    j: jobs.Job,
+    state: str,
+    info: dict,
+    prog: dict,
+    link: tuple[str, str, str],
+) -> Iterator[None]:
+    """A job's live view around its own progress lines (the ``with`` body): its state, then
+    the running stage's tasks and why it stopped short, its actions (``link``: page, label,
+    query parameter of what it made) and its log."""
+    cols = st.columns([1, 3, 1])
+    cols[0].metric("state", state)
+    with cols[1]:
+        yield
+        tasks_view(folder)
         if prog.get("note"):  # interrupted or failed: core's sentence with the resume command
             st.warning(widgets.md_escape(prog["note"]))
         elif prog.get("error"):
             st.error(widgets.md_escape(prog["error"]))
     with cols[2]:
-        job_actions(j, state, "home", "Open the run", widgets.QP_RUN)
+        job_actions(j, state, *link)
     log_view(j, info)
 
 
@@ -377,18 +396,9 @@ def log_view(j: jobs.Job, info: dict) -> None:
 def sweep_status(cache, j: jobs.Job, state: str) -> None:
     """Live view of a sweep job: cells trained of all, cancel, link to the Noise sweep page."""
     prog = jobs.sweep_progress(cache / j.name)
-    cols = st.columns([1, 3, 1])
-    cols[0].metric("state", state)
-    with cols[1]:
+    link = ("sweep", "Open the sweep", widgets.QP_SWEEP)
+    with job_panel(cache / j.name, j, state, j.info(), prog, link):
         total = prog.get("cells_total") or 0
         if total:
             done = prog["cells_done"]
             st.progress(min(done / total, 1.0), text=f"cells trained: {done} of {total}")
-        tasks_view(cache / j.name)
-        if prog.get("note"):  # interrupted or failed: core's sentence with the resume command
-            st.warning(widgets.md_escape(prog["note"]))
-        elif prog.get("error"):
-            st.error(widgets.md_escape(prog["error"]))
-    with cols[2]:
-        job_actions(j, state, "sweep", "Open the sweep", widgets.QP_SWEEP)
-    log_view(j, j.info())
