@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # Viewers can look, not start jobs or upload files (core/jobs.py reads it).
+    # Viewers can look, not start jobs or upload files (core/orchestration/jobs.py reads it).
     ATLAS_READONLY=1 \
     ATLAS_CACHE=/app/cache
 

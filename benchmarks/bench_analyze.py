@@ -30,7 +30,7 @@ T_START = time.perf_counter()
 import numpy as np  # noqa: E402  (imports are timed from T_START)
 import pandas as pd  # noqa: E402
 
-from core import store  # noqa: E402
+from core.storage import store  # noqa: E402
 
 TARGET_S = 60.0
 
@@ -42,7 +42,7 @@ def build_synthetic_run(
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    from core.models import TINY_ARCH
+    from core.learning.models import TINY_ARCH
 
     rng = np.random.default_rng(0)
     run.mkdir(parents=True, exist_ok=True)
@@ -137,9 +137,9 @@ def main() -> int:
 
     run = Path(args.run)
     t_imports = time.perf_counter()
-    import core.geometry  # noqa: F401  (torch: paid by every CLI call)
-    import core.models  # noqa: F401  (transformers)
-    from core.analysis import analyze_run
+    import core.analysis.geometry  # noqa: F401  (torch: paid by every CLI call)
+    import core.learning.models  # noqa: F401  (transformers)
+    from core.analysis.analyze import analyze_run
 
     t0 = time.perf_counter()
     result = analyze_run(run, force=True, progress=False)

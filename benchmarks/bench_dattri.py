@@ -110,9 +110,9 @@ def floor_pass(ckpts: list[tuple[str, float]], train: dict, test: dict) -> None:
     hook, no projection) over the test and training instances, batched as ours are."""
     import torch.nn.functional as F
 
-    from core.tracin import EncodedData
-    from core.tracin.engine import default_loader
-    from core.tracin.factorized import MAX_ROWS, TOKENS_PER_BATCH
+    from core.influence import EncodedData
+    from core.influence.engine import default_loader
+    from core.influence.factorized import MAX_ROWS, TOKENS_PER_BATCH
 
     cpu = torch.device("cpu")
     held: list[torch.Tensor] = []  # the embedding output of the current batch
@@ -140,8 +140,8 @@ def floor_pass(ckpts: list[tuple[str, float]], train: dict, test: dict) -> None:
 
 def ours(folder: Path, ks: list[int]) -> dict:
     """Our exact all-parameter TracIn and factorized:K; scores saved as .npy."""
-    from core.tracin import TracInCP
-    from core.tracin.factorized import FactorizedTracIn
+    from core.influence import TracInCP
+    from core.influence.factorized import FactorizedTracIn
 
     ckpts, train, test = _inputs(folder)
     rows = {}
@@ -301,7 +301,7 @@ def _run(python: Path, role: str, folder: Path, args: argparse.Namespace) -> dic
 
 def _agreement(ref: np.ndarray, other: np.ndarray) -> str:
     """Per-test-row Spearman (median, min) and top-10 proponent overlap (median)."""
-    from core.tracin import scope_error
+    from core.influence import scope_error
 
     s = scope_error(ref, other, ks=(10,))["summary"]
     return (

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import detectors, metrics, store
+from core.analysis import metrics
+from core.cleaning import detectors
+from core.storage import store
 
 SHOWN = ("recall_at_5pct", "recall_at_10pct", "average_precision", "auroc", "precision_at_k")
 

@@ -14,7 +14,7 @@ the command). It prints whether the five output files are bit for bit those of l
 (``np.array_equal``), the wall times side by side with their ratios to local, and the process
 pool's overhead: its wall minus the stage's own work outside tasks (the local wall minus the
 local task seconds) minus the task seconds spread over the 2 workers. Every TracIn block runs
-on one torch thread (core.tracin.THREADS) whatever the executor, so local uses one core and
+on one torch thread (core.influence.THREADS) whatever the executor, so local uses one core and
 a pool of 2 workers two.
 
 ``--ray-cuts`` (Part 2, the former default) runs TracIn in this process: local, then Ray with
@@ -78,7 +78,7 @@ def train_quick(cache: Path) -> Path:
 
 def fresh_copy(run: Path, dest: Path) -> Path:
     """The run without its TracIn outputs (each measurement starts from scratch)."""
-    from core import store
+    from core.storage import store
 
     skip = ("tracin_shards", ".lock", "progress.json", *OUTPUTS)
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns(*skip))
@@ -91,7 +91,7 @@ def fresh_copy(run: Path, dest: Path) -> Path:
 
 
 def timed_tracin(run: Path, spec, chunks_per_task: int | None = None) -> tuple[float, dict]:
-    from core.tracin import run_tracin
+    from core.influence import run_tracin
 
     t0 = time.perf_counter()
     run_tracin(run, device="cpu", progress=False, executor=spec, chunks_per_task=chunks_per_task)
@@ -113,7 +113,7 @@ def task_cpu(report: dict) -> float:
 def _import_engine() -> float:
     """What a fresh worker does before its first task: import torch and the engine."""
     t0 = time.perf_counter()
-    import core.tracin.stage  # noqa: F401
+    import core.influence.stage  # noqa: F401
 
     return time.perf_counter() - t0
 
@@ -157,10 +157,10 @@ def paper_task_seconds(cache: Path) -> tuple[float, int, int]:
     """Seconds of one paper-preset task (MiniLM, scope all, one chunk of 512 × all test)."""
     import torch
 
-    from core import store
     from core.cli import main
-    from core.models import build_model, load_tokenizer
-    from core.tracin import compute, plan
+    from core.influence import compute, plan
+    from core.learning.models import build_model, load_tokenizer
+    from core.storage import store
 
     assert main(["run", "--preset", "paper", "--until", "data", "--cache", str(cache)]) == 0
     (run,) = [p for p in cache.iterdir() if (p / "manifest.json").exists()]
@@ -201,9 +201,9 @@ def import_cost() -> tuple[float, float]:
     """Wall and CPU seconds of what a pool's fork server imports (once per command)."""
     import resource
 
-    from core.executors import PRELOAD
+    from core.execution.executors import PRELOAD
 
-    modules = ", ".join([*PRELOAD, "core.tracin.stage"])
+    modules = ", ".join([*PRELOAD, "core.influence.stage"])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -311,7 +311,7 @@ def ray_cuts(base: Path, tmp: Path, paper_task: bool) -> None:
     import ray
     import torch
 
-    from core.executors import check_executor
+    from core.execution.executors import check_executor
 
     torch.set_num_threads(1)  # local with one thread: the same CPU as one Ray worker
     local_wall, local = timed_tracin(fresh_copy(base, tmp / "cuts-local"), check_executor("local"))

@@ -2,12 +2,12 @@
 
 Side by side in one run, on the same checkpoints and data, sized like the quick preset
 (1,600 train × 200 test × 3 checkpoints): the quick preset's tiny BERT architecture
-(core.models.TINY_ARCH) trained from scratch for 3 epochs (AdamW, lr 1e-3, batch 32, a
+(core.learning.models.TINY_ARCH) trained from scratch for 3 epochs (AdamW, lr 1e-3, batch 32, a
 checkpoint per epoch) on random Zipf-token sentences whose label is carried by a few "polar"
 tokens, 2.5 % of training labels flipped; ``--random`` uses random weights drifting between
 checkpoints instead (no learnt structure, a harder case for any approximation):
 
-- exact all-parameter TracInCP (core.tracin, scope 'all') against core.tracin.factorized at each K:
+- exact all-parameter TracInCP (core.influence, scope 'all') against core.influence.factorized at each K:
   wall time and its ratio, feature width, per-test-row Spearman (median, min) and top-10
   overlap of proponents (median, mean), Spearman of self-influence;
 - every method's time against the training time it accompanies (one epoch per checkpoint);
@@ -39,8 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_tracin import VOCAB, batch_loss, synthetic_data, tiny_checkpoints  # noqa: E402
 
-from core.tracin import TracInCP, peak_rss_mb, scope_error  # noqa: E402
-from core.tracin.factorized import FactorizedTracIn  # noqa: E402
+from core.influence import TracInCP, peak_rss_mb, scope_error  # noqa: E402
+from core.influence.factorized import FactorizedTracIn  # noqa: E402
 
 LR = 1e-3  # the quick preset's learning rate
 SCOPES = ("last-1", "head")  # the cheap exact scopes, as reference points
@@ -78,7 +78,7 @@ def _train(folder: Path, k: int, save: bool) -> tuple[float, float]:
     epoch if ``save`` (saving is not timed)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from core.models import TINY_ARCH, length_batches
+    from core.learning.models import TINY_ARCH, length_batches
 
     train = torch.load(folder / "train.pt")
     torch.manual_seed(0)

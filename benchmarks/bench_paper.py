@@ -6,11 +6,11 @@ epoch and one checkpoint are measured, one after the other in this process, on t
 data (1,600 training instances, evaluation of every instance after the epoch as the train stage
 does) and the run's first checkpoint:
 
-- ``train``: one epoch of ``core.training.train_model`` (fresh MiniLM, the run's config, eval of
+- ``train``: one epoch of ``core.learning.training.train_model`` (fresh MiniLM, the run's config, eval of
   train/val/test after the epoch; the checkpoint is written to a temporary folder, untimed
   writes excluded only insofar as train_model does not time them: it is included);
 - each method: TracIn of one checkpoint over all training × all test instances, as the tracin
-  stage computes it (``core.tracin.registry.engine_for(...).compute``), no shards.
+  stage computes it (``core.influence.registry.engine_for(...).compute``), no shards.
 
 The ratio printed per method is (one checkpoint's TracIn) / (one epoch's training), which is
 the full run's ratio when every epoch and checkpoint costs the same. Device and dtype are
@@ -35,9 +35,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from core import store  # noqa: E402
-from core.config import config_from_dict  # noqa: E402
-from core.error_study_options import parse_dtype, parse_methods  # noqa: E402
+from core.inputs.config import config_from_dict  # noqa: E402
+from core.options.error_study_options import parse_dtype, parse_methods  # noqa: E402
+from core.storage import store  # noqa: E402
 
 
 def main() -> int:
@@ -49,10 +49,10 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-train", action="store_true", help="use the manifest's train time")
     args = ap.parse_args()
-    from core.models import load_classifier, load_tokenizer, resolve_device
-    from core.tracin import check_dtype, encode_run_data, run_checkpoints
-    from core.tracin.registry import engine_for
-    from core.training import train_model
+    from core.influence import check_dtype, encode_run_data, run_checkpoints
+    from core.influence.registry import engine_for
+    from core.learning.models import load_classifier, load_tokenizer, resolve_device
+    from core.learning.training import train_model
 
     run = Path(args.run)
     manifest = store.load_manifest(run)

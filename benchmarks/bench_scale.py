@@ -13,13 +13,13 @@ padded, ``max_length`` = ``--len-max``; labels are random.
 
 What runs, each part in its own fresh subprocess (so each peak RSS is that part's own):
 
-1. ``full``: the project's factorized engine (``core.tracin.factorized.FactorizedTracIn``, the engine
+1. ``full``: the project's factorized engine (``core.influence.factorized.FactorizedTracIn``, the engine
    behind ``--project factorized:K``) computes the whole n_train × n_test × checkpoints job
    through its public ``compute`` with a shard folder, exactly as the run stage's tasks do.
    Printed: wall and CPU seconds, seconds per instance-gradient, peak RSS, peak CUDA memory.
 2. ``memory``: for each size in ``--mem-sizes`` (default 1,600 and 16,000 training
    instances) the engine's unit of work (``FactorizedTracIn.compute_checkpoint``, what
-   ``core.tracin.compute(task)`` runs) computes the first ``--mem-chunks`` training chunks
+   ``core.influence.compute(task)`` runs) computes the first ``--mem-chunks`` training chunks
    (512 instances each) of checkpoint 1 of that size's plan, with all n_test test instances.
    The work is the same for both sizes; only n_train (the data held, the plan, the shard
    options) differs, so equal peaks show memory does not grow with n_train. The full 16,000 ×
@@ -52,8 +52,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_tracin import synthetic_data  # noqa: E402
 
-from core.tracin import EncodedData, ShardSink, peak_memory_mb  # noqa: E402
-from core.tracin.factorized import FactorizedTracIn  # noqa: E402
+from core.influence import EncodedData, ShardSink, peak_memory_mb  # noqa: E402
+from core.influence.factorized import FactorizedTracIn  # noqa: E402
 
 VOCAB = 30522  # the BERT-uncased / MiniLM WordPiece vocabulary the paper preset's model uses
 BERT_BASE = {
@@ -74,7 +74,7 @@ def bert_data(n: int, seed: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
 
 def _device(name: str) -> torch.device:
     """The device of ``--device`` (auto: CUDA when present)."""
-    from core.models import resolve_device
+    from core.learning.models import resolve_device
 
     return resolve_device(name)
 

@@ -44,9 +44,15 @@ def padding_ratio(model_name: str, n: int = 320) -> dict:
     import numpy as np
     import torch
 
-    from core.config import PRESETS
-    from core.datasets import load_builtin
-    from core.models import build_model, build_tokenizer, collate, length_batches, token_ids
+    from core.inputs.config import PRESETS
+    from core.inputs.datasets import load_builtin
+    from core.learning.models import (
+        build_model,
+        build_tokenizer,
+        collate,
+        length_batches,
+        token_ids,
+    )
 
     config = PRESETS["paper" if model_name == "minilm" else "quick"]
     texts = load_builtin("amazon-reviews").frame["text"].tolist()[:n]

@@ -37,10 +37,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-from core.tracin import TracInCP, peak_rss_mb, select_parameters
+from core.influence import TracInCP, peak_rss_mb, select_parameters
 
-try:  # the quick preset's vocabulary size, when core.models says it
-    from core.models import TINY_VOCAB_SIZE as VOCAB
+try:  # the quick preset's vocabulary size, when core.learning.models says it
+    from core.learning.models import TINY_VOCAB_SIZE as VOCAB
 except ImportError:  # pragma: no cover
     VOCAB = 6000
 SEQ_MIN, SEQ_MAX = 8, 40  # tokens incl. [CLS]/[SEP]; the default dataset averages ~22
@@ -50,7 +50,7 @@ def tiny_checkpoints(folder: Path, k: int, seed: int = 0) -> list[tuple[Path, fl
     """k checkpoints of the quick preset's tiny BERT, drifting randomly, lr 1e-3."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from core.models import TINY_ARCH
+    from core.learning.models import TINY_ARCH
 
     torch.manual_seed(seed)
     config = BertConfig(
@@ -119,9 +119,9 @@ def batch_loss(
 
 def run_data(run: Path, k: int, n_train: int, n_test: int):
     """First k checkpoints and first n_train / n_test instances of a trained run."""
-    from core import store
-    from core.config import config_from_dict
-    from core.tracin import encode_run_data, run_checkpoints
+    from core.influence import encode_run_data, run_checkpoints
+    from core.inputs.config import config_from_dict
+    from core.storage import store
 
     manifest = store.load_manifest(run)
     config = config_from_dict(manifest["config"])

@@ -7,7 +7,7 @@ model files too: :func:`make_model_run` and :func:`make_checkpoint_run` add a to
 BERT checkpoints (transformers is imported inside them). Scores are synthetic curves of
 known shape (S, Z, backslash) with the flipped instances placed where the paper
 finds them, so shape classes, end ratios and detector metrics are meaningful.
-Everything is written with the atomic helpers of ``core.store``.
+Everything is written with the atomic helpers of ``core.storage.store``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import analysis, store
-from core.config import PRESETS, StudyConfig
-from core.detectors import DETECTORS
-from core.metrics import FRACTIONS
-from core.shapes import S_MIN, TRIM, Z_MAX
+from core.analysis import analyze as analysis
+from core.analysis.metrics import FRACTIONS
+from core.analysis.shapes import S_MIN, TRIM, Z_MAX
+from core.cleaning.detectors import DETECTORS
+from core.inputs.config import PRESETS, StudyConfig
+from core.storage import store
 
 SHAPE_CYCLE = ("S", "Z", "backslash")
 # One source of truth for names and thresholds: the pure-NumPy core modules the app reads too.
@@ -275,9 +276,9 @@ def make_store(cache: str | Path, *, demo: bool = True) -> Path:
 
 
 def make_error_study(run: Path, seed: int = 0) -> Path:
-    """A stored error study (core.error_study's files) of a fake run: two noisy 'methods'
+    """A stored error study (core.analysis.error_study's files) of a fake run: two noisy 'methods'
     measured against the run's tracin.npy as if it were exact, on every test row."""
-    from core.error_study import detector_metrics, row_metrics, summarize
+    from core.analysis.error_study import detector_metrics, row_metrics, summarize
 
     rng = np.random.default_rng(seed)
     inst = store.load_instances(run)

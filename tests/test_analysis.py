@@ -13,10 +13,11 @@ import torch
 from scipy import stats
 from transformers import BertForSequenceClassification, BertTokenizer
 
-import core.geometry as geometry
-from core import shapes, store, views
-from core.analysis import analyze_run, correlation, correlations, summary_rows
-from core.errors import AtlasError
+import core.analysis.geometry as geometry
+from core.analysis import shapes, views
+from core.analysis.analyze import analyze_run, correlation, correlations, summary_rows
+from core.storage import store
+from core.storage.errors import AtlasError
 from tests.conftest import tiny_bert
 from ui import data, influence
 
@@ -144,7 +145,7 @@ def strict_json(path: Path) -> dict:
 
 @torch.no_grad()
 def direct_cls(run: Path, texts: list[str], checkpoint: str) -> np.ndarray:
-    """[CLS] vectors computed one instance at a time, independently of core.models."""
+    """[CLS] vectors computed one instance at a time, independently of core.learning.models."""
     tok = BertTokenizer.from_pretrained(str(run / store.TOKENIZER_DIR))
     model = BertForSequenceClassification.from_pretrained(str(run / checkpoint)).eval()
     rows = []

@@ -31,11 +31,12 @@ from page_harness import (
 )
 from streamlit.testing.v1 import AppTest
 
-from core import cleaning as core_cleaning
-from core import jobs, views
-from core import lesson as core_lesson
-from core import store as run_store
-from core.errors import AtlasError
+from core.analysis import lesson as core_lesson
+from core.analysis import views
+from core.cleaning import interventions as core_cleaning
+from core.orchestration import jobs
+from core.storage import store as run_store
+from core.storage.errors import AtlasError
 from ui import study, widgets
 from ui.pages import BY_KEY
 from ui.pages import PAGES as PAGE_SPECS
@@ -539,7 +540,7 @@ def test_noise_sweep_page_starts_a_sweep_in_the_background(tmp_path, monkeypatch
 
 
 def test_sweep_progress_counts_the_trained_cells(tmp_path):
-    from core import store
+    from core.storage import store
 
     sweep = tmp_path / "sw"
     store.update_manifest(
@@ -548,7 +549,7 @@ def test_sweep_progress_counts_the_trained_cells(tmp_path):
     factory.make_run(
         sweep / "cells", "rate-0_seed-0", n_train=40, n_test=6, n_flips=2, stages=("data", "train")
     )
-    from core import locks
+    from core.storage import locks
 
     with locks.hold(sweep):  # 'running' only while a live process holds its lock
         prog = jobs.sweep_progress(sweep)
@@ -606,8 +607,8 @@ def test_upload_is_parsed_as_data_and_validated(tmp_path, monkeypatch):
 
 
 def test_the_upload_form_says_what_core_run_would_say(tmp_path):
-    """One definition (core.datasets): the form and `core run` agree on every file."""
-    from core.datasets import load_user_file
+    """One definition (core.inputs.datasets): the form and `core run` agree on every file."""
+    from core.inputs.datasets import load_user_file
 
     def both(header: str, rows: list[str], name: str, encoding: str = "utf-8", **cols):
         """Whether core and the form accept the CSV file ``header`` + ``rows``."""
@@ -645,7 +646,7 @@ def test_the_upload_form_says_what_core_run_would_say(tmp_path):
 def test_recall_curve_and_review_queue():
     flipped = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], bool)
     perfect = flipped.astype(float)
-    rc = cleaning_screen.recall_frame(perfect, flipped, "d")  # core.metrics.recall_curve
+    rc = cleaning_screen.recall_frame(perfect, flipped, "d")  # core.analysis.metrics.recall_curve
     assert rc.recall.iloc[-1] == 1.0 and rc.recall.iloc[0] == 0.0
     assert rc.loc[rc.fraction >= 0.2, "recall"].min() == 1.0
     train = pd.DataFrame(
@@ -716,8 +717,8 @@ def test_neighbourhoods_follow_the_view(cache, monkeypatch):
 
 def test_study_page_shows_task_progress_per_worker(tmp_path, monkeypatch):
     """The bar over a stage's tasks and each worker's throughput, from progress.json."""
-    from core import store
-    from core.executors import PROGRESS
+    from core.execution.executors import PROGRESS
+    from core.storage import store
 
     monkeypatch.setenv(jobs.ENV_STUDY_CMD, FAKE_CLI)
     j = study.start(tmp_path, study.StudyRequest(name="on-ray"))
@@ -1011,7 +1012,7 @@ def test_curves_without_outliers_keep_the_full_axis(cache, monkeypatch):
 
 
 def test_the_app_reads_run_store_names_and_columns_from_core():
-    from core import store
+    from core.storage import store
     from ui import data
 
     names = ("SWEEP_TABLE", "SWEEP_EPOCHS", "CLEANING_RESULTS", "INSTANCE_COLUMNS")

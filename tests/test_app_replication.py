@@ -5,7 +5,7 @@ from __future__ import annotations
 import runstore_factory as factory
 from page_harness import charts_named, frame_with, one_chart, open_page, texts
 
-from core import claims, replication
+from core.analysis import claims, replication
 from ui.screens import replication as screen
 
 

@@ -1,6 +1,6 @@
 """Score curves, Shape vs position, Learn the shapes (and Home, Neighbourhoods) under AppTest: on the fake store for the
 page mechanics, and on a real tiny run (made by the pipeline) for the numbers, which must be
-core's own (core.shapes.classify on core.views.view_scores), never a copy."""
+core's own (core.analysis.shapes.classify on core.analysis.views.view_scores), never a copy."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import runstore_factory as factory
 from page_harness import charts_named, frame_with, one_chart
 from streamlit.testing.v1 import AppTest
 
-from core import shape_references, store, views
-from core import shapes as core_shapes
+from core.analysis import shape_references, views
+from core.analysis import shapes as core_shapes
+from core.storage import store
 from ui import charts
 
 CURVES, SHAPE, LEARN, NEIGHBOURHOODS, HOME = "curves", "shape", "learn", "neighbourhoods", "home"
@@ -216,8 +217,8 @@ def test_a_stale_stage_is_named_with_its_command(study_run, tmp_path, monkeypatc
 
 
 def test_home_and_neighbourhoods_on_a_real_run_show_cores_numbers(real, study_run, monkeypatch):
-    from core.analysis import final_correct
-    from core.stats import correlation
+    from core.analysis.analyze import final_correct
+    from core.analysis.stats import correlation
 
     cache_dir, name = real
     inst = pd.read_parquet(study_run / store.INSTANCES)

@@ -31,7 +31,7 @@ import pandas as pd
 import pytest
 import runstore_factory as factory
 
-from core import store
+from core.storage import store
 from ui.pages import PAGES as PAGE_SPECS
 
 REPO = Path(__file__).resolve().parents[1]

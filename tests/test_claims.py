@@ -1,4 +1,4 @@
-"""The claims' statistics and verdicts (core/claims.py) on samples built to hold and to fail."""
+"""The claims' statistics and verdicts (core/analysis/claims.py) on samples built to hold and to fail."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from core import claims
+from core.analysis import claims
 
 S, Z, BS = "S", "Z", "backslash"
 

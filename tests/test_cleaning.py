@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 import runstore_factory as factory
 
-from core import cleaning, detectors, store
-from core.errors import AtlasError
+from core.cleaning import detectors
+from core.cleaning import interventions as cleaning
+from core.storage import store
+from core.storage.errors import AtlasError
 
 
 def _digest(path: Path) -> str:
@@ -85,10 +87,10 @@ def test_top_k_random_choice_and_validation():
 
 
 def test_run_clean_records_every_arm_and_reuses_shared_ones(scored_run, monkeypatch):
-    import core.training
+    import core.learning.training
 
     calls = []
-    real = core.training.train_model
+    real = core.learning.training.train_model
 
     def counting(config, tokenizer, texts, labels, **kwargs):
         calls.append(
@@ -96,7 +98,7 @@ def test_run_clean_records_every_arm_and_reuses_shared_ones(scored_run, monkeypa
         )
         return real(config, tokenizer, texts, labels, **kwargs)
 
-    monkeypatch.setattr(core.training, "train_model", counting)
+    monkeypatch.setattr(core.learning.training, "train_model", counting)
     out = cleaning.run_clean(scored_run, "loss", "exclude", k=4, seeds=[0], progress=False)
     # no change (48), oracle (48 − 4 flips), random (44), detector (44)
     assert [c[0] for c in calls] == [48, 44, 44, 44]
@@ -187,7 +189,7 @@ def test_exports_never_touch_the_input(scored_run, tmp_path):
 
 
 def test_cleaning_arms_are_independent_units(scored_run, monkeypatch):
-    import core.training
+    import core.learning.training
 
     arms = cleaning.plan_arms(scored_run, "loss", "exclude", k=4, seeds=[0, 1])
     assert [a.kind for a in arms] == ["no_change", "oracle", "random", "detector"] * 2
@@ -198,9 +200,9 @@ def test_cleaning_arms_are_independent_units(scored_run, monkeypatch):
     assert all(a.path().exists() for a in arms)
     assert cleaning.plan_arms(scored_run, "loss", "exclude", k=4, seeds=[0, 1]) == []
     calls = []
-    real = core.training.train_model
+    real = core.learning.training.train_model
     monkeypatch.setattr(
-        core.training, "train_model", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        core.learning.training, "train_model", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
     out = cleaning.run_clean(scored_run, "loss", "exclude", k=4, seeds=[0, 1], progress=False)
     assert calls == []  # the loop runs the same units, all present

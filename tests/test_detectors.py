@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import runstore_factory as factory
 
-from core import detectors, metrics, store
-from core.errors import AtlasError
-from core.shapes import ShapeRule
+from core.analysis import metrics
+from core.analysis.shapes import ShapeRule
+from core.cleaning import detectors
+from core.storage import store
+from core.storage.errors import AtlasError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

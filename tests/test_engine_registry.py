@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-import core.tracin_options as tracin_options
-from core.error_study_options import parse_method
-from core.errors import AtlasError
-from core.tracin import ENGINES, EncodedData, Engine, FactorizedTracIn, TracInCP, engine_for
-from core.tracin.registry import engine_class
-from core.tracin_options import PROJECTIONS, Projection, parse_project, record_project
+import core.options.tracin_options as tracin_options
+from core.influence import ENGINES, EncodedData, Engine, FactorizedTracIn, TracInCP, engine_for
+from core.influence.registry import engine_class
+from core.options.error_study_options import parse_method
+from core.options.tracin_options import PROJECTIONS, Projection, parse_project, record_project
+from core.storage.errors import AtlasError
 from tests.conftest import tiny_bert
 
 SHARD_TAIL = ["n_chunks", "n_train", "n_test", "checkpoints", "train_data", "test_data"]
@@ -137,7 +137,7 @@ def test_the_projections_stay_as_the_cli_documents_them():
     ]
     assert tracin_options.project_help() == (
         "random projection (approximation): a dimension D (dense) or factorized:K "
-        "(K per side of every layer, all parameters; core/tracin/factorized.py)"
+        "(K per side of every layer, all parameters; core/influence/factorized.py)"
     )
     assert tracin_options.project_help_short() == (
         "TracIn random projection: a dimension D or factorized:K (see `tracin`)"

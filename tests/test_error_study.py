@@ -1,4 +1,4 @@
-"""The error study (core.error_study): subset exactness, metrics, stored files, bad input."""
+"""The error study (core.analysis.error_study): subset exactness, metrics, stored files, bad input."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from tracin_reference import (
     relative_error,
 )
 
-from core import store
-from core.cli import main
-from core.error_study import (
+from core.analysis.error_study import (
     SUMMARY,
     TABLE,
     WORK_DIR,
@@ -31,11 +29,13 @@ from core.error_study import (
     select_test_rows,
     top1pct_k,
 )
-from core.error_study_options import parse_dtype, parse_method, parse_methods, parse_subset
-from core.errors import AtlasError
-from core.shapes import ShapeRule
-from core.tracin import TracInCP, encode_run_data, run_tracin
-from core.tracin.factorized import FactorizedTracIn
+from core.analysis.shapes import ShapeRule
+from core.cli import main
+from core.influence import TracInCP, encode_run_data, run_tracin
+from core.influence.factorized import FactorizedTracIn
+from core.options.error_study_options import parse_dtype, parse_method, parse_methods, parse_subset
+from core.storage import store
+from core.storage.errors import AtlasError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -253,7 +253,7 @@ def test_cli_bad_input(checkpoints, tmp_path, capsys, argv):
 
 @pytest.mark.parametrize("command", ["tracin", "error-study"])
 def test_cli_bf16_without_native_support(checkpoints, tmp_path, capsys, monkeypatch, command):
-    import core.tracin.engine as engine
+    import core.influence.engine as engine
 
     monkeypatch.setattr(engine, "bf16_native", lambda device: False)
     run = _with_logits(make_checkpoint_run(tmp_path, checkpoints), [0])
@@ -278,9 +278,11 @@ class _NoLinear(nn.Module):
 
 @pytest.mark.parametrize("command", ["tracin", "error-study"])
 def test_cli_factorized_without_linear_layers(checkpoints, tmp_path, capsys, monkeypatch, command):
-    import core.models
+    import core.learning.models
 
-    monkeypatch.setattr(core.models, "load_classifier", lambda path, device="cpu": _NoLinear())
+    monkeypatch.setattr(
+        core.learning.models, "load_classifier", lambda path, device="cpu": _NoLinear()
+    )
     run = _with_logits(make_checkpoint_run(tmp_path, checkpoints), [0])
     before = _snapshot(run)
     capsys.readouterr()

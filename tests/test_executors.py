@@ -1,4 +1,4 @@
-"""Executors (core/executors.py): the same files whichever runs the tasks, resume, retries.
+"""Executors (core/execution/executors.py): the same files whichever runs the tasks, resume, retries.
 
 The Ray tests start one local Ray instance (2 CPUs, no dashboard) for the module and are
 skipped, with the reason, only when Ray is not installed (`make test` installs it).
@@ -19,11 +19,11 @@ import pytest
 from runstore_factory import make_checkpoint_run
 from tracin_reference import saved_checkpoints
 
-from core import store
 from core.cli import main
-from core.errors import AtlasError
-from core.executors import PROGRESS, Work, check_executor, run_tasks
-from core.sweep import SWEEP_TABLE
+from core.execution.executors import PROGRESS, Work, check_executor, run_tasks
+from core.orchestration.sweep import SWEEP_TABLE
+from core.storage import store
+from core.storage.errors import AtlasError
 from tests.conftest import TINY_ARGS, csv_args, python_lines, synthetic_reviews
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_executor_options_are_checked(kwargs, match) -> None:
 def test_default_chunks_per_task_gives_each_worker_two_tasks(
     checkpoints, chunks, workers, expected
 ) -> None:
-    from core.tracin import default_chunks_per_task
+    from core.influence import default_chunks_per_task
 
     got = default_chunks_per_task(checkpoints, chunks, workers)
     assert got == expected
@@ -110,7 +110,7 @@ def test_default_chunks_per_task_gives_each_worker_two_tasks(
 
 
 def test_expected_workers_follows_the_executor(monkeypatch) -> None:
-    from core.executors import expected_workers
+    from core.execution.executors import expected_workers
 
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert expected_workers(check_executor("local")) == 1
@@ -141,7 +141,7 @@ def local_run(ckpts, tmp_path_factory) -> Path:
     """The reference: the tracin stage in this process with one torch thread."""
     import torch
 
-    from core.tracin import run_tracin
+    from core.influence import run_tracin
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -154,7 +154,7 @@ def local_run(ckpts, tmp_path_factory) -> Path:
 
 
 def test_process_pool_gives_the_local_files_and_reports_workers(ckpts, local_run, tmp_path):
-    from core.tracin import run_tracin
+    from core.influence import run_tracin
 
     run = make_checkpoint_run(tmp_path, ckpts)
     spec = check_executor("processes", 2)
@@ -242,7 +242,7 @@ def test_a_failing_local_task_is_named(ckpts, tmp_path, monkeypatch, capsys):
 
 # Texts up to 24 words in chunks of 32: batches large enough that ATen's CPU kernels cut the
 # attention's softmax backward among threads. Before every block ran on a fixed thread count
-# (core.tracin.THREADS), the local run on 2 torch threads and the 1-thread workers of a pool
+# (core.influence.THREADS), the local run on 2 torch threads and the 1-thread workers of a pool
 # gave other last bits with these instances, in both engines (checked on that code).
 # 128 training instances: 4 chunks per checkpoint.
 WIDE = {"n_train": 128, "n_test": 8, "max_words": 24, "max_length": 32}
@@ -252,7 +252,7 @@ ENGINES = [None, "factorized:4"]  # the exact engine and the factorized projecti
 
 def _wide_run(root: Path, ckpts, project, executor="local", workers=0, per_task=None) -> Path:
     """A wide run's TracIn computed with one cut of the work: executor, workers, chunks per task."""
-    from core.tracin import run_tracin
+    from core.influence import run_tracin
 
     run = make_checkpoint_run(root, ckpts, **WIDE)
     spec = check_executor(executor, workers)
@@ -344,7 +344,7 @@ import json, os, sys
 from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
-from core.executors import Resources, Work, check_executor, run_tasks
+from core.execution.executors import Resources, Work, check_executor, run_tasks
 
 def where(task):
     ctx = ray.get_runtime_context()
@@ -371,8 +371,8 @@ cpu_report = json.loads((Path(root) / "progress.json").read_text())
 gpu = run_tasks(work, tasks, spec, resources=Resources(cpus=1, gpus=1), progress=False)
 # TracIn with --device cuda from this GPU-less driver: the driver checks on its CPU, Ray sends
 # every task to the GPU node, and there the task finds no CUDA and says so.
-from core.errors import AtlasError
-from core.tracin import run_tracin
+from core.storage.errors import AtlasError
+from core.influence import run_tracin
 try:
     run_tracin(sys.argv[2], device="cuda", progress=False, executor=spec, chunk_size=4)
     tracin_error = None
@@ -434,7 +434,7 @@ def test_a_mixed_two_node_cluster_runs_gpu_tasks_on_its_gpu_node(ckpts, tmp_path
 @pytest.mark.parametrize("shared", ["auto", "no"])
 def test_ray_gives_the_local_matrix_bitwise(ray_session, ckpts, local_run, tmp_path, shared):
     """Shared folder (tasks write in place) or not (tasks return shards, the driver writes)."""
-    from core.tracin import run_tracin
+    from core.influence import run_tracin
 
     run = make_checkpoint_run(tmp_path, ckpts)
     spec = check_executor("ray", 2, shared=shared)
@@ -478,7 +478,7 @@ def test_a_cluster_without_gpus_is_refused_before_the_run_changes(
     was (its stage entry, options and shards) instead of marked running with new options."""
     import torch
 
-    from core.tracin import run_tracin
+    from core.influence import run_tracin
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the driver would use it")
@@ -499,7 +499,7 @@ def test_a_cluster_without_gpus_is_refused_before_the_run_changes(
 def test_a_failing_ray_task_is_retried_then_named(
     ray_session, ckpts, local_run, tmp_path, monkeypatch, capsys
 ):
-    from core.tracin import plan, run_tracin
+    from core.influence import plan, run_tracin
 
     run = make_checkpoint_run(tmp_path, ckpts)
     attempts = tmp_path / "attempts"
@@ -543,15 +543,15 @@ def test_a_killed_driver_resumes_with_only_the_missing_shards(
     ray_session, ckpts, local_run, tmp_path
 ):
     """The driver is SIGKILLed after 3 finished tasks; the rerun computes only the rest."""
-    from core.tracin import plan, run_tracin
+    from core.influence import plan, run_tracin
 
     run = make_checkpoint_run(tmp_path, ckpts)
     plan(run, chunk_size=CHUNK)  # the run's shard folder uses chunks of 4
     address = ray_session.get_runtime_context().gcs_address
     code = (
         "import sys\n"
-        "from core.executors import check_executor\n"
-        "from core.tracin import run_tracin\n"
+        "from core.execution.executors import check_executor\n"
+        "from core.influence import run_tracin\n"
         f"run_tracin({str(run)!r}, device='cpu', progress=False, chunk_size={CHUNK}, "
         f"chunks_per_task=1, executor=check_executor('ray', 1, address={address!r}))\n"
     )

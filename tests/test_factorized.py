@@ -17,11 +17,11 @@ from tracin_reference import (
 )
 from transformers import BertForSequenceClassification
 
-from core import store
-from core.errors import AtlasError
-from core.tracin import TracInCP, compare_to_exact
-from core.tracin.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
-from core.tracin_options import parse_project
+from core.influence import TracInCP, compare_to_exact
+from core.influence.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
+from core.options.tracin_options import parse_project
+from core.storage import store
+from core.storage.errors import AtlasError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -103,7 +103,7 @@ def test_token_budget_batches_score_as_one_instance_at_a_time(modules, train, te
 
 
 def test_token_batches_respect_both_limits_and_keep_every_row() -> None:
-    from core.tracin import EncodedData
+    from core.influence import EncodedData
 
     widths = [3, 9, 1, 4, 4, 12, 2, 7, 5, 30]
     ids = torch.zeros(len(widths), 40, dtype=torch.long)
@@ -206,9 +206,9 @@ RUN_OUTPUTS = (store.TRACIN, store.TRACIN_PER_CHECKPOINT, store.SELF_INFLUENCE)
 
 
 def test_run_stage_and_cli_take_factorized_k(checkpoints, tmp_path, monkeypatch):
-    import core.models
+    import core.learning.models
     from core.cli import main
-    from core.tracin import compute, encode_run_data, plan, run_tracin
+    from core.influence import compute, encode_run_data, plan, run_tracin
 
     run = make_checkpoint_run(tmp_path, checkpoints)
     train, test = encode_run_data(run, 16)[:2]
@@ -217,13 +217,13 @@ def test_run_stage_and_cli_take_factorized_k(checkpoints, tmp_path, monkeypatch)
     tasks = plan(run, project="factorized:4", seed=3)
     assert len(tasks) == 3
     compute(tasks[0], device="cpu")
-    real, loads = core.models.load_classifier, []
+    real, loads = core.learning.models.load_classifier, []
 
     def counting(path, device="cpu"):
         loads.append(Path(path).name)
         return real(path, device)
 
-    monkeypatch.setattr(core.models, "load_classifier", counting)
+    monkeypatch.setattr(core.learning.models, "load_classifier", counting)
     info = run_tracin(run, project="factorized:4", seed=3, device="cpu", progress=False)
     # epoch-01 once, by the up-front check only: its shards were already there.
     assert loads == ["epoch-01", "epoch-02", "epoch-03"]
@@ -279,7 +279,7 @@ def test_cli_bad_project_exits_2_and_writes_nothing(checkpoints, tmp_path, capsy
 )
 def test_run_config_records_the_projection(extra, params, project):
     from core.cli import build_parser, config_from_args
-    from core.validation import check_config
+    from core.options.validation import check_config
 
     config = config_from_args(build_parser().parse_args(["run", *extra]))
     check_config(config)
@@ -297,7 +297,7 @@ def test_run_config_records_the_projection(extra, params, project):
 )
 def test_run_config_refuses_bad_projections(extra):
     from core.cli import build_parser, config_from_args
-    from core.validation import check_config
+    from core.options.validation import check_config
 
     with pytest.raises(AtlasError, match="--project") as err:
         check_config(config_from_args(build_parser().parse_args(["run", *extra])))

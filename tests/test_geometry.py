@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from core.errors import AtlasError
-from core.geometry import (
+from core.analysis.geometry import (
     checkpoint_entry,
     cls_embeddings,
     embed_token_ids,
@@ -17,7 +16,8 @@ from core.geometry import (
     knn_flip_share,
     project_2d,
 )
-from core.models import collate
+from core.learning.models import collate
+from core.storage.errors import AtlasError
 from tests.conftest import tiny_bert
 
 
@@ -86,7 +86,7 @@ def test_knn_flip_share():
 
 
 def test_exact_knn_matches_a_full_sort(monkeypatch):
-    import core.geometry as geometry
+    import core.analysis.geometry as geometry
 
     monkeypatch.setattr(geometry, "_DISTANCE_BLOCK", 7)  # several blocks
     rng = np.random.default_rng(1)
@@ -124,7 +124,7 @@ def test_project_2d_umap_and_pca():
 
 
 def test_pca_of_collinear_points_lies_on_the_first_axis(monkeypatch):
-    import core.geometry as geometry
+    import core.analysis.geometry as geometry
 
     monkeypatch.setattr(geometry, "_umap_2d", lambda x, seed: np.zeros((len(x), 2), np.float32))
     t = np.linspace(-1, 1, 10)

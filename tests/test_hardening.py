@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import commands, jobs, locks, store
 from core.cli import check_study_argv, main, show_payload
-from core.errors import AtlasError
+from core.options import commands
+from core.orchestration import jobs
+from core.storage import locks, store
+from core.storage.errors import AtlasError
 from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
 
 REPO = Path(__file__).resolve().parents[1]
@@ -594,7 +596,7 @@ def test_show_reports_a_deleted_checkpoint_and_tracin_does_not_blame_shipping(
 
 def _whole_checkpoint(folder: Path) -> Path:
     """A checkpoint folder with every file training writes, each whole (and tiny)."""
-    from core.training import EPOCH_LOGITS, EPOCH_STATE
+    from core.learning.training import EPOCH_LOGITS, EPOCH_STATE
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
@@ -605,7 +607,7 @@ def _whole_checkpoint(folder: Path) -> Path:
 
 
 def test_training_resumes_only_after_an_unbroken_row_of_checkpoints(tmp_path: Path) -> None:
-    from core.training import completed_epochs
+    from core.learning.training import completed_epochs
 
     for name in ("epoch-02", "epoch-03", "epoch-04.partial"):
         _whole_checkpoint(tmp_path / name)
@@ -619,7 +621,7 @@ def test_training_resumes_only_after_an_unbroken_row_of_checkpoints(tmp_path: Pa
 
 
 def test_a_shard_refusal_names_the_option_not_an_internal_field() -> None:
-    from core.tracin.shards import options_difference
+    from core.influence.shards import options_difference
 
     common = {"scope": "all", "dtype": "float32", "chunk_size": 512, "checkpoints": []}
     factorized = {**common, "project": "factorized:64", "seed": 0, "identity": False}
@@ -696,7 +698,7 @@ def test_rating_cuts_with_a_label_column_are_refused(
 def test_an_os_error_while_writing_is_one_sentence_exit_1(
     tmp_path: Path, capsys, monkeypatch, error: OSError, needle: str
 ) -> None:
-    import core.analysis
+    import core.analysis.analyze
 
     run = _bare_run(tmp_path)
     error.filename = str(run / store.ANALYSIS)
@@ -704,14 +706,14 @@ def test_an_os_error_while_writing_is_one_sentence_exit_1(
     def refuse(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(core.analysis, "analyze_run", refuse)
+    monkeypatch.setattr(core.analysis.analyze, "analyze_run", refuse)
     assert main(["analyze", str(run), "--force"]) == 1
     line = _error_line(capsys)
     assert str(run / store.ANALYSIS) in line and error.strerror in line and needle in line
 
 
 def test_half_written_checkpoints_are_cleaned_on_the_next_start(tmp_path: Path) -> None:
-    from core.training import clean_partial, completed_epochs
+    from core.learning.training import clean_partial, completed_epochs
 
     ckpts = tmp_path / "checkpoints"
     _whole_checkpoint(ckpts / "epoch-01")
@@ -749,7 +751,7 @@ def _invert_labels(csv: Path) -> None:
 
 def _consistent(run: Path) -> None:
     """Every stage of ``run`` made from its inputs as they are now (never a mix)."""
-    from core import provenance
+    from core.storage import provenance
 
     assert provenance.stale_stages(run) == {}
     now = provenance.training_data(run)
@@ -768,7 +770,7 @@ def _consistent(run: Path) -> None:
 def test_an_edited_data_file_is_never_mixed_with_the_old_checkpoints(
     tmp_path: Path, capsys
 ) -> None:
-    from core import provenance
+    from core.storage import provenance
 
     argv, csv, run = _chain_run(tmp_path)
     _consistent(run)
@@ -800,7 +802,7 @@ def test_an_edited_data_file_is_never_mixed_with_the_old_checkpoints(
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_new_instances_retrain_from_the_first_epoch_and_say_so(tmp_path: Path, capsys) -> None:
-    from core import provenance
+    from core.storage import provenance
 
     argv, csv, run = _chain_run(tmp_path)
     old = store.load_instances(run)
@@ -836,7 +838,7 @@ def test_tracin_and_analyze_refuse_checkpoints_of_other_instances(
 
 
 def test_plain_show_names_a_stale_clean_stage(study_run: Path, tmp_path: Path, capsys) -> None:
-    from core import provenance
+    from core.storage import provenance
 
     run = _copy_run(study_run, tmp_path)
     (run / store.CLEANING_DIR).mkdir()
@@ -896,7 +898,7 @@ def _error_lines(err: str) -> list[str]:
 def test_a_worker_that_dies_of_sigsegv_is_one_sentence_and_the_run_resumable(
     study_run: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    from core.executors import ENV_CRASH
+    from core.execution.executors import ENV_CRASH
 
     run = _copy_run(study_run, tmp_path, with_checkpoints=True)
     whole = np.load(run / store.TRACIN)
@@ -989,7 +991,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_sentence_and_cleaned(
 def test_a_write_error_behind_a_librarys_wording_is_found() -> None:
     import errno
 
-    from core.models import disk_error
+    from core.learning.models import disk_error
 
     # torch.save into a file object: its RuntimeError has the file's OSError as context.
     try:
@@ -1050,9 +1052,9 @@ _STEPS = 4
 _METADATA = {store.MANIFEST, "provenance", "progress.json", store.TRACIN_SHARDS_DIR}
 _KILLED_CHILD = (
     "import sys\n"
-    "import core.geometry\n"
+    "import core.analysis.geometry\n"
     "from tests.test_hardening import _umap_stand_in\n"
-    "core.geometry._umap_2d = _umap_stand_in\n"
+    "core.analysis.geometry._umap_2d = _umap_stand_in\n"
     "from core.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
@@ -1061,7 +1063,7 @@ _KILLED_CHILD = (
 def _umap_stand_in(x: np.ndarray, seed: int) -> np.ndarray:
     """PCA in place of UMAP for the property test: UMAP's first fit in each process compiles
     for ~20 s; the analyze stage's provenance, what the test is about, is the same."""
-    from core import geometry
+    from core.analysis import geometry
 
     return geometry._pca_2d(x, seed)
 
@@ -1140,7 +1142,7 @@ def _stage_paths(run: Path) -> tuple[list[Path], list[Path]]:
 
 def _same_as(run: Path, ref: Path, context: str) -> None:
     """Every stage file of ``ref`` is in ``run`` with the same bytes (epoch timings aside)."""
-    from core.training import EPOCH_STATE, OPTIMIZER_STATE
+    from core.learning.training import EPOCH_STATE, OPTIMIZER_STATE
 
     for path in sorted(ref.rglob("*")):
         rel = path.relative_to(ref)
@@ -1206,7 +1208,7 @@ def _check_outcome(study: _Study, rc: int, err: str, log: list[str]) -> None:
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, (context, errors)
     if payload["status"] == store.STATUS_COMPLETE:
-        from core import provenance
+        from core.storage import provenance
 
         inputs = (provenance.read_record(study.run, "data") or {}).get("inputs") or {}
         made_from = next(iter(inputs.values()))["sha1"]
@@ -1223,9 +1225,9 @@ def test_random_kills_edits_and_damage_end_consistent_or_in_one_sentence_propert
 ) -> None:
     import random
 
-    import core.geometry
+    import core.analysis.geometry
 
-    monkeypatch.setattr(core.geometry, "_umap_2d", _umap_stand_in)
+    monkeypatch.setattr(core.analysis.geometry, "_umap_2d", _umap_stand_in)
     study = _Study(tmp_path)
     baseline = study.reference(_sha1(study.original))
     for seed in range(_SEQUENCES):

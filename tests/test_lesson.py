@@ -1,4 +1,4 @@
-"""The lesson's numbers (core/lesson.py) and its page under AppTest."""
+"""The lesson's numbers (core/analysis/lesson.py) and its page under AppTest."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import runstore_factory as factory
 from page_harness import open_page, texts
 
-from core import lesson, replication, shapes, store, views
+from core.analysis import lesson, replication, shapes, views
+from core.storage import store
 from ui import widgets
 
 

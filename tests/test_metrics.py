@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core import metrics
-from core.errors import AtlasError
+from core.analysis import metrics
+from core.storage.errors import AtlasError
 
 
 def _perfect(n: int = 100, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +132,6 @@ def test_metrics_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, core.metrics; print('torch' in sys.modules)"
+    code = "import sys, core.analysis.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

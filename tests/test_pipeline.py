@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import store
 from core.cli import main, show_payload
+from core.storage import store
 from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_japanese_csv_goes_through_mecab(tmp_path: Path) -> None:
     ]
     assert main([*args, "--cache", str(tmp_path / "c"), "--name", "ja", "--until", "train"]) == 0
     assert hashlib.sha256(csv.read_bytes()).hexdigest() == before  # input never modified
-    from core.models import load_tokenizer
+    from core.learning.models import load_tokenizer
 
     tokens = load_tokenizer(tmp_path / "c" / "ja").tokenize("とても良い商品でした")
     assert "商品" in tokens  # MeCab split the words before WordPiece

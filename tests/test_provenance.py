@@ -1,7 +1,7 @@
 """Provenance: stages know their inputs, stale results are recomputed or reported, nothing is
 deleted silently, checkpoints are known by content, and a retried stage resets the run's status.
 
-Each test below fails on the code before ``core.provenance`` existed.
+Each test below fails on the code before ``core.storage.provenance`` existed.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import commands, provenance, store
 from core.cli import main, show_payload
-from core.errors import AtlasError
+from core.options import commands
+from core.storage import provenance, store
+from core.storage.errors import AtlasError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,9 +32,9 @@ def run(study_run: Path, tmp_path: Path) -> Path:
 
 def _interrupt_tracin(run: Path, monkeypatch, after: int) -> list[str]:
     """Start the tracin stage and kill it (KeyboardInterrupt) at checkpoint load ``after``."""
-    import core.models
+    import core.learning.models
 
-    real = core.models.load_classifier
+    real = core.learning.models.load_classifier
     calls: list[str] = []
 
     def flaky(path, device="cpu"):
@@ -42,7 +43,7 @@ def _interrupt_tracin(run: Path, monkeypatch, after: int) -> list[str]:
             raise KeyboardInterrupt
         return real(path, device)
 
-    monkeypatch.setattr(core.models, "load_classifier", flaky)
+    monkeypatch.setattr(core.learning.models, "load_classifier", flaky)
     return calls
 
 
@@ -71,7 +72,7 @@ def test_tracin_with_other_params_makes_analyze_rerun(run: Path, capsys):
 
 
 def test_shards_of_other_options_are_refused_not_deleted(run: Path, monkeypatch):
-    from core.tracin import run_tracin
+    from core.influence import run_tracin
 
     _drop_tracin_outputs(run)
     _interrupt_tracin(run, monkeypatch, after=3)  # the check, checkpoint 1, dies at 2
@@ -87,7 +88,7 @@ def test_shards_of_other_options_are_refused_not_deleted(run: Path, monkeypatch)
 
 
 def test_resume_with_an_absolute_cache_path_keeps_the_shards(run: Path, monkeypatch):
-    from core.tracin import run_tracin
+    from core.influence import run_tracin
 
     _drop_tracin_outputs(run)
     monkeypatch.chdir(run.parent.parent)
@@ -106,20 +107,20 @@ def test_resume_with_an_absolute_cache_path_keeps_the_shards(run: Path, monkeypa
 
 
 def test_a_retried_stage_resets_the_failed_status(run: Path, monkeypatch):
-    import core.models
+    import core.learning.models
 
     manifest = store.load_manifest(run)
     manifest.update(status=store.STATUS_FAILED, error="tracin: out of memory")
     manifest["stages"]["tracin"] = {"status": store.STATUS_FAILED}
     store.write_json(run / store.MANIFEST, manifest)
-    real = core.models.load_classifier
+    real = core.learning.models.load_classifier
     seen = []
 
     def watch(path, device="cpu"):
         seen.append({k: store.load_manifest(run).get(k) for k in ("status", "error")})
         return real(path, device)
 
-    monkeypatch.setattr(core.models, "load_classifier", watch)
+    monkeypatch.setattr(core.learning.models, "load_classifier", watch)
     assert main(["tracin", str(run), "--device", "cpu"]) == 0
     # While it runs again the run is not 'failed' with the old error ...
     assert seen[-1] == {"status": store.STATUS_RUNNING, "error": None}

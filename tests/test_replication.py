@@ -1,4 +1,4 @@
-"""Claims read from the run store (core/replication.py) and their commands."""
+"""Claims read from the run store (core/analysis/replication.py) and their commands."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from runstore_factory import make_run, make_sweep
 
-from core import claims, cli, replication, shapes, store, views
+from core import cli
+from core.analysis import claims, replication, shapes, views
+from core.storage import store
 
 
 @pytest.fixture
@@ -143,6 +145,6 @@ def test_the_cli_prints_a_table_and_refuses_bad_targets_in_one_sentence(cache, c
 
 
 def claims_error():
-    from core.errors import AtlasError
+    from core.storage.errors import AtlasError
 
     return AtlasError

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import runstore_factory as factory
 
-from core import store
+from core.storage import store
 
 # What only one side has, on purpose: the real run keeps its model files and the stages'
 # provenance records (the app does not read them); the fake adds the detect stage and
 # cleaning results (the tiny study stops at analyze). progress.json is the last command's task
-# progress (core.executors), read only by the Run-a-study page's job view, whose test writes one.
+# progress (core.execution.executors), read only by the Run-a-study page's job view, whose test writes one.
 REAL_ONLY = {store.TOKENIZER_DIR, store.CHECKPOINTS_DIR, "provenance", "progress.json"}
 FAKE_ONLY = {store.DETECTORS, store.DETECTION, store.CLEANING_DIR}
 

@@ -10,9 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from core import shape_references as refs
-from core.errors import AtlasError
-from core.shapes import (
+from core.analysis import shape_references as refs
+from core.analysis.shapes import (
     DEFAULT_RULE,
     RULE,
     S_MIN,
@@ -30,6 +29,7 @@ from core.shapes import (
     shape_class,
     sort_order,
 )
+from core.storage.errors import AtlasError
 
 
 def ideal_s(n: int, m: int = 1, height: float = 5.0) -> np.ndarray:
@@ -284,7 +284,7 @@ def test_downsample_keeps_all_flipped_beyond_the_budget():
 
 
 def test_shapes_module_does_not_import_torch():
-    code = "import sys, core.shapes; sys.exit('torch' in sys.modules)"
+    code = "import sys, core.analysis.shapes; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -1,4 +1,4 @@
-"""Subsample, stratified 80/10/10 split and nested flips (core/splits.py)."""
+"""Subsample, stratified 80/10/10 split and nested flips (core/inputs/splits.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.datasets import LoadedData
-from core.errors import AtlasError
-from core.splits import INSTANCE_COLUMNS, MIN_PER_CLASS, flip_mask, split_instances
+from core.inputs.datasets import LoadedData
+from core.inputs.splits import INSTANCE_COLUMNS, MIN_PER_CLASS, flip_mask, split_instances
+from core.storage.errors import AtlasError
 
 
 def make_data(n_neg: int, n_pos: int) -> LoadedData:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core import store
 from core.cli import main
-from core.errors import AtlasError
-from core.sweep import CELLS_DIR, SWEEP_TABLE, cell_name, noise_threshold, parse_rates
+from core.orchestration.sweep import CELLS_DIR, SWEEP_TABLE, cell_name, noise_threshold, parse_rates
+from core.storage import store
+from core.storage.errors import AtlasError
 from tests.conftest import TINY_ARGS, csv_args, synthetic_reviews
 
 

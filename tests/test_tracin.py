@@ -20,9 +20,7 @@ from tracin_reference import (
 )
 from transformers import BertForSequenceClassification
 
-from core import store
-from core.errors import AtlasError
-from core.tracin import (
+from core.influence import (
     FactorizedTracIn,
     Projector,
     TracInCP,
@@ -33,6 +31,8 @@ from core.tracin import (
     select_parameters,
     shard_name,
 )
+from core.storage import store
+from core.storage.errors import AtlasError
 
 SCOPES = ["all", "no-word-embeddings", "last-1", "head"]
 
@@ -247,7 +247,7 @@ def test_bad_inputs_raise(checkpoints, train, tmp_path):
 
 def _run_inputs(run: Path) -> tuple[dict, dict]:
     """The run's train/test tensors, encoded as the stage does."""
-    from core.tracin import encode_run_data
+    from core.influence import encode_run_data
 
     train, test, _ = encode_run_data(run, 16)
     return train, test
@@ -291,10 +291,10 @@ def test_run_stage_writes_the_contract_files(checkpoints, tmp_path):
 
 
 def test_run_stage_resumes_after_an_interruption(checkpoints, tmp_path, monkeypatch):
-    import core.models
+    import core.learning.models
 
     run = make_checkpoint_run(tmp_path, checkpoints)
-    real = core.models.load_classifier
+    real = core.learning.models.load_classifier
     calls = []
 
     def flaky(path, device="cpu"):
@@ -303,12 +303,12 @@ def test_run_stage_resumes_after_an_interruption(checkpoints, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(path, device)
 
-    monkeypatch.setattr(core.models, "load_classifier", flaky)
+    monkeypatch.setattr(core.learning.models, "load_classifier", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_tracin(run, device="cpu", progress=False)
     assert not (run / store.TRACIN).exists()
     assert (run / store.TRACIN_SHARDS_DIR / shard_name(0, 0)).exists()
-    monkeypatch.setattr(core.models, "load_classifier", real)
+    monkeypatch.setattr(core.learning.models, "load_classifier", real)
     run_tracin(run, device="cpu", progress=False)
     train, test = _run_inputs(run)
     ref, _ = brute_tracin(checkpoints, train, test, "all")
@@ -367,7 +367,7 @@ _WORKER = """
 import pickle, sys
 import torch
 torch.set_num_threads(1)
-from core.tracin import compute
+from core.influence import compute
 for task in pickle.load(open(sys.argv[1], "rb")):
     compute(task, device="cpu")
 """
@@ -378,7 +378,7 @@ def test_tasks_in_shuffled_order_in_two_processes_match_the_stage_bitwise(checkp
     import subprocess
     import sys
 
-    from core.tracin import Task, aggregate, compute, plan
+    from core.influence import Task, aggregate, compute, plan
 
     single = make_checkpoint_run(tmp_path / "single", checkpoints)
     run_tracin(single, device="cpu", progress=False, chunk_size=4)
@@ -409,7 +409,7 @@ def test_tasks_in_shuffled_order_in_two_processes_match_the_stage_bitwise(checkp
 
 
 def test_aggregate_names_the_missing_shard(checkpoints, tmp_path):
-    from core.tracin import aggregate, compute, plan
+    from core.influence import aggregate, compute, plan
 
     run = make_checkpoint_run(tmp_path, checkpoints)
     tasks = plan(run, chunk_size=4, chunks_per_task=1)
@@ -421,7 +421,7 @@ def test_aggregate_names_the_missing_shard(checkpoints, tmp_path):
 
 
 def test_a_task_refuses_a_checkpoint_changed_since_the_plan(checkpoints, tmp_path):
-    from core.tracin import compute, plan
+    from core.influence import compute, plan
 
     run = make_checkpoint_run(tmp_path, checkpoints)
     task = plan(run)[0]

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import runstore_factory as factory
 
-from core import detectors, store, sweep
-from core.config import PRESETS
+from core.cleaning import detectors
+from core.inputs.config import PRESETS
+from core.orchestration import sweep
+from core.storage import store
 
 
 def test_sweep_plan_lists_the_cells_not_trained_yet(tmp_path: Path):

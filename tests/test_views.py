@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import AtlasError
-from core.views import (
+from core.analysis.views import (
     COSINE,
     RAW,
     RELATIVE,
@@ -18,6 +17,7 @@ from core.views import (
     standard_views,
     view_scores,
 )
+from core.storage.errors import AtlasError
 from tests.conftest import tiny_bert
 
 LRS = [0.1, 0.05]
@@ -52,7 +52,7 @@ def _grads(model, data) -> torch.Tensor:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_normalisations_equal_brute_force_on_a_tiny_model(tmp_path):
-    from core.tracin import TracInCP
+    from core.influence import TracInCP
 
     ckpts = []
     for i, lr in enumerate(LRS):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformers import BertForSequenceClassification
 
-from core.tracin import select_parameters
+from core.influence import select_parameters
 from tests.conftest import tiny_bert
 
 VOCAB = 50

@@ -11,7 +11,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from core.shapes import DEFAULT_RULE, ShapeRule
+from core.analysis.shapes import DEFAULT_RULE, ShapeRule
 
 RED = "#d62728"
 BLUE = "#1f77b4"
@@ -389,7 +389,7 @@ def accuracy_chart(acc: pd.DataFrame) -> alt.Chart:
 
 def teaching_curve(df: pd.DataFrame, title: str) -> alt.LayerChart:
     """A small synthetic curve (compute.synthetic_curve) with its two lines, for the home page."""
-    from core.shapes import classify
+    from core.analysis.shapes import classify
     from ui.compute import line_rows
 
     cls = classify(df["score"].to_numpy())
@@ -503,7 +503,7 @@ def recall_chart(curves: pd.DataFrame, max_fraction: float = 0.3) -> alt.Chart:
 
 
 def cleaning_chart(arms: pd.DataFrame) -> alt.LayerChart:
-    """Intervention results (:func:`core.cleaning.intervention_arms`): each arm's test accuracy
+    """Intervention results (:func:`core.cleaning.interventions.intervention_arms`): each arm's test accuracy
     per action, its mean over seeds as a point and its range as a line."""
     g = arms.copy()
     refs = ["no change", "random", "oracle"]

@@ -2,7 +2,7 @@
 
 Nothing here imports streamlit, so tests call these directly. No definition lives here:
 curve fits, shape classes, end ratios, downsampling, correlations and detection metrics
-come from ``core`` (``core.shapes``, ``core.views``, ``core.stats``, ``core.metrics``);
+come from ``core`` (``core.analysis.shapes``, ``core.analysis.views``, ``core.analysis.stats``, ``core.analysis.metrics``);
 these helpers only slice, label and lay out what core computed.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.shapes import downsample_curve
+from core.analysis.shapes import downsample_curve
 
 
 def line_rows(lines: dict[str, float], n: int) -> pd.DataFrame:

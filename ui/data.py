@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import commands, store
-from core.errors import AtlasError
-from core.shapes import ShapeRule
+from core.analysis.shapes import ShapeRule
+from core.options import commands
+from core.storage import store
+from core.storage.errors import AtlasError
 
-# File names and column sets are the run store's (core.store), never copies.
-from core.store import (
+# File names and column sets are the run store's (core.storage.store), never copies.
+from core.storage.store import (
     CLEANING_RESULTS,
     COORDS_COLUMNS,
     CURVES_COLUMNS,
@@ -143,7 +144,7 @@ class Run(StoreFolder):
         return self.file(name).exists()
 
     def command(self, stage: str) -> str:
-        """The CLI line that (re)makes a stage's output for this run (core.commands.rebuild_command)."""
+        """The CLI line that (re)makes a stage's output for this run (core.options.commands.rebuild_command)."""
         return commands.rebuild_command(display_path(self.path), stage)
 
     def require(self, name: str, stage: str) -> Path:
@@ -295,7 +296,7 @@ class Run(StoreFolder):
         return _json(str(path), stamp(path)) if path.exists() else {}
 
     def error_study(self) -> tuple[dict[str, Any], pd.DataFrame] | None:
-        """error_study.json and error_study.parquet (core.error_study), or None when absent."""
+        """error_study.json and error_study.parquet (core.analysis.error_study), or None when absent."""
         path = self.file(store.ERROR_STUDY_SUMMARY)
         if not path.exists() or not self.has(store.ERROR_STUDY):
             return None
@@ -385,12 +386,12 @@ class Sweep(StoreFolder):
 
 
 class Replication(StoreFolder):
-    """A replication-grid summary folder (manifest kind 'replication', core.replication)."""
+    """A replication-grid summary folder (manifest kind 'replication', core.analysis.replication)."""
 
     @cached_property
     def summary(self) -> dict[str, Any]:
         """replication.json: conditions with pooled claims, the sweep's C7, the teaching run."""
-        from core.replication import REPLICATION
+        from core.analysis.replication import REPLICATION
 
         path = self.path / REPLICATION
         if not path.exists():
@@ -406,18 +407,18 @@ class Replication(StoreFolder):
 
     def instances(self) -> pd.DataFrame | None:
         """Every test instance of every run, read in its condition's view."""
-        from core.replication import REPLICATION_INSTANCES
+        from core.analysis.replication import REPLICATION_INSTANCES
 
         return self._table(REPLICATION_INSTANCES)
 
     def curves(self) -> pd.DataFrame | None:
         """Downsampled sorted curves of the misclassified instances (flips always kept)."""
-        from core.replication import REPLICATION_CURVES
+        from core.analysis.replication import REPLICATION_CURVES
 
         return self._table(REPLICATION_CURVES)
 
     def sweep_cells(self) -> pd.DataFrame | None:
         """The sweep's cells (flip_rate, seed, final_test_accuracy) behind claim C7."""
-        from core.replication import REPLICATION_SWEEP
+        from core.analysis.replication import REPLICATION_SWEEP
 
         return self._table(REPLICATION_SWEEP)

@@ -2,8 +2,8 @@
 
 Every number here comes from ``core``: the default view's shapes from ``shapes.parquet``,
 the precomputed single / cumulative views from ``shapes_by_view.parquet``, and any other
-range computed on the fly with :func:`core.views.view_scores` and
-:func:`core.shapes.classify` under the run's recorded rule. Nothing is re-derived.
+range computed on the fly with :func:`core.analysis.views.view_scores` and
+:func:`core.analysis.shapes.classify` under the run's recorded rule. Nothing is re-derived.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import shapes as core_shapes
-from core import store, views
-from core.errors import AtlasError
+from core.analysis import shapes as core_shapes
+from core.analysis import views
+from core.storage import store
+from core.storage.errors import AtlasError
 from ui import data, widgets
 
 TABLE_COLUMNS = ["id", "correct", "s_raw", "s", "s_bulk", "shape", "end_ratio", "mean_distance"]
@@ -31,7 +32,7 @@ def n_checkpoints(run: data.Run) -> int:
 
 
 def normalisations(run: data.Run) -> tuple[str, ...]:
-    """Normalisations the run's stored arrays allow (core's rule, :func:`core.views.allowed_normalisations`)."""
+    """Normalisations the run's stored arrays allow (core's rule, :func:`core.analysis.views.allowed_normalisations`)."""
     return views.allowed_normalisations(
         n_checkpoints(run) > 0, run.has(store.GRAD_NORMS_TRAIN), run.has(store.GRAD_NORMS_TEST)
     )
@@ -163,7 +164,7 @@ def view_table(run: data.Run, view: views.View) -> pd.DataFrame:
 def _computed_table(
     path: str, stamps: tuple[int, ...], key: str, rule: tuple[tuple[str, float], ...]
 ) -> pd.DataFrame:
-    """Shapes of a view the pipeline did not precompute, through core.shapes.classify."""
+    """Shapes of a view the pipeline did not precompute, through core.analysis.shapes.classify."""
     run = data.Run(path)
     scores = view_scores(run, views.View.parse(key))
     cls = core_shapes.classify(
@@ -177,7 +178,7 @@ def _computed_table(
 
 
 def view_scores(run: data.Run, view: views.View, rows=None) -> np.ndarray:
-    """Scores of ``view`` (test rows × training instances) via core.views.view_scores."""
+    """Scores of ``view`` (test rows × training instances) via core.analysis.views.view_scores."""
     if is_default(run, view):  # the stored matrix itself (the checkpoints' sum, bit for bit)
         tr = np.asarray(run.tracin(), dtype=np.float64)
         return tr if rows is None else tr[rows]

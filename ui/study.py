@@ -1,7 +1,7 @@
 """The app's side of starting studies: forms become command lines, and uploads are checked.
 
 The Run-a-study and Noise-sweep forms become ``python -m core run`` / ``sweep`` argument
-lists, checked exactly as the CLI checks them, and :mod:`core.jobs` starts, queues, watches
+lists, checked exactly as the CLI checks them, and :mod:`core.orchestration.jobs` starts, queues, watches
 and cancels them as detached subprocesses. The app never imports torch: it only starts the
 CLI and reads files. Uploaded files are parsed with pandas as data only (CSV/TSV/JSONL),
 never executed or unpickled.
@@ -18,9 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from core import datasets, jobs, store, validation
 from core.cli import check_study_argv
-from core.errors import AtlasError
+from core.inputs import datasets
+from core.options import validation
+from core.orchestration import jobs
+from core.storage import store
+from core.storage.errors import AtlasError
 
 ENV_MAX_UPLOAD_MB = "ATLAS_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 50  # keep equal to server.maxUploadSize in .streamlit/config.toml
@@ -84,7 +87,7 @@ def compute_stack() -> str | None:
 
 
 def check_name(name: str) -> str:
-    """A run name usable as a folder name, or :class:`AtlasError` (core.validation's rule)."""
+    """A run name usable as a folder name, or :class:`AtlasError` (core.options.validation's rule)."""
     validation.check_name(name, flag="the run name")
     return name
 
@@ -165,7 +168,7 @@ def build_sweep_command(req: SweepRequest, cache: Path) -> list[str]:
 
 def start(cache: Path, req: StudyRequest | SweepRequest) -> jobs.Job:
     """Check a run or sweep request as the CLI would, then start it detached, or queue it when
-    $ATLAS_MAX_JOBS jobs already run (:mod:`core.jobs`); refused on a read-only host, for a name
+    $ATLAS_MAX_JOBS jobs already run (:mod:`core.orchestration.jobs`); refused on a read-only host, for a name
     that is running or queued, and for a complete run or sweep of that name."""
     kind = "sweep" if isinstance(req, SweepRequest) else "run"
     j = jobs.check_free(Path(cache), req.name, kind)
@@ -199,7 +202,7 @@ def executor_choices() -> list[str]:
 
 
 def parse_upload(raw: bytes, filename: str) -> pd.DataFrame:
-    """Parse an uploaded CSV / TSV / JSONL exactly as ``core run`` will (core.datasets.read_table),
+    """Parse an uploaded CSV / TSV / JSONL exactly as ``core run`` will (core.inputs.datasets.read_table),
     or raise :class:`AtlasError`; the upload limit is checked first."""
     limit = max_upload_mb() * 1024 * 1024
     if len(raw) > limit:
@@ -237,7 +240,7 @@ def validate_table(
     neg_max: float | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """What ``core run`` would say about this table (empty list when it would run) and what it
-    keeps: the labelling and checks of core.datasets.label_table, never a second copy."""
+    keeps: the labelling and checks of core.inputs.datasets.label_table, never a second copy."""
     summary: dict[str, Any] = {"rows": len(df)}
     try:
         loaded = datasets.label_table(

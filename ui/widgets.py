@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import commands, provenance, store
-from core.errors import AtlasError
+from core.options import commands
+from core.storage import provenance, store
+from core.storage.errors import AtlasError
 from ui import data, pages
 
 QP_RUN = "run"
@@ -241,7 +242,7 @@ def open_run() -> data.Run | None:
 
 
 def stale_notice(run: data.Run) -> None:
-    """Say which stages are older than their inputs (core.provenance), and the command that
+    """Say which stages are older than their inputs (core.storage.provenance), and the command that
     rebuilds each, so nothing on the page is silently stale."""
     try:
         stale = provenance.stale_stages(run.path)
@@ -258,7 +259,7 @@ def stale_notice(run: data.Run) -> None:
 def command_needing_checkpoints(run: data.Run, template: str) -> None:
     """Show ``template`` (with ``{run}``) as a command for this run. A run shipped without its
     checkpoints and tokenizer gets, first, the command that makes a full copy of it
-    (core.commands.recreate_command), and the command then names that copy."""
+    (core.options.commands.recreate_command), and the command then names that copy."""
     shown = data.display_path(run.path)
     target = shown
     if store.missing_heavy_tier(run.path):

@@ -5,9 +5,9 @@ gradient norms when present, and one checkpoint (or the stored embeddings when t
 ships without checkpoints); writes ``shapes.parquet``, ``curves.parquet``,
 ``shapes_by_view.parquet``, ``flip_ranks.npy``, ``embeddings.npy``, ``distances.npy``,
 ``coords.parquet`` and ``analysis.json`` (see ``docs/run-store.md``). Shapes are
-:func:`core.shapes.classify` of every view: the default (all checkpoints, raw scores),
+:func:`core.analysis.shapes.classify` of every view: the default (all checkpoints, raw scores),
 each checkpoint alone and the cumulative sum up to each, in every normalisation the
-stored norms allow (:mod:`core.views`). The paper's two questions are answered in
+stored norms allow (:mod:`core.analysis.views`). The paper's two questions are answered in
 ``analysis.json``: does S-shapedness go with flipped instances at the curve's
 ends (Fig. 3), and does it go with the test instance's distance to the training
 data (Fig. 2)? Correlations are reported for all test instances and split into
@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import commands, provenance, shapes, stats, store, views
-from core.errors import AtlasError
+from core.analysis import shapes, stats, views
+from core.options import commands
+from core.storage import provenance, store
+from core.storage.errors import AtlasError
 
 STAGE = "analyze"
 GROUPS = ("all", "correct", "misclassified")
@@ -145,7 +147,7 @@ def majority_baseline(instances: pd.DataFrame) -> float | None:
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """:func:`core.stats.correlation` (kept here for callers of the analyze stage)."""
+    """:func:`core.analysis.stats.correlation` (kept here for callers of the analyze stage)."""
     return stats.correlation(x, y)
 
 
@@ -173,7 +175,7 @@ def _analyze(
     t = time.perf_counter()
     emb, dist, coords, geometry_note = _geometry(run, manifest, inst, params, device, progress)
     mean_distance = stats.mean_distances(dist)
-    from core import geometry
+    from core.analysis import geometry
 
     knn = geometry.knn_flip_share(dist, flipped, params["k"])
     timings["geometry"] = time.perf_counter() - t
@@ -364,7 +366,9 @@ def _geometry(
 
     Returns (embeddings, distances, coords frame or None when reused, a note for analysis.json).
     """
-    from core import geometry  # torch lives there; keep `import core.analysis` light for readers
+    from core.analysis import (
+        geometry,  # torch lives there; keep `import core.analysis.analyze` light for readers
+    )
 
     train_ids = inst.loc[inst["split"] == "train", "id"].to_numpy(np.int64)
     test_ids = inst.loc[inst["split"] == "test", "id"].to_numpy(np.int64)
@@ -609,7 +613,7 @@ def _summarise(
         "thresholds": {
             **rule_of(params).to_json(),
             "rule": shapes.RULE,
-            "calibration": "docs/shapes.md (reference curves in core/shape_references.py)",
+            "calibration": "docs/shapes.md (reference curves in core/analysis/shape_references.py)",
         },
         "k": params["k"],
         "max_points": params["max_points"],
@@ -663,7 +667,7 @@ def _validate_params(
     The dict is the stage's record in the manifest (the rule flattened into it), so a
     rerun with the same arguments compares equal to the stored one and is skipped.
     """
-    from core.geometry import checkpoint_entry
+    from core.analysis.geometry import checkpoint_entry
 
     if not isinstance(rule, shapes.ShapeRule):
         raise AtlasError(f"The shape rule must be a ShapeRule (got {type(rule).__name__}).")

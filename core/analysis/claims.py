@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from core import shapes
+from core.analysis import shapes
 
 HOLDS = "holds"
 CONTRADICTED = "contradicted"
@@ -77,7 +77,7 @@ def sample_from_arrays(
     ``scores`` (n_test, n_train) are the view's scores, ``flipped`` the (n_train,) mask of
     flipped training instances, ``correct`` whether each test instance is predicted right
     at the view's last checkpoint and ``mean_distance`` its mean [CLS] distance (or None).
-    Classes use the calibrated rule of ``core.shapes`` (never a run's own thresholds).
+    Classes use the calibrated rule of ``core.analysis.shapes`` (never a run's own thresholds).
     """
     wrong = ~np.asarray(correct, dtype=bool)
     rows = np.asarray(scores, dtype=np.float64)[wrong]

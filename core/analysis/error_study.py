@@ -14,7 +14,7 @@ and stores, per test row × method (``error_study.parquet``):
 - ``top10_overlap`` / ``top1pct_overlap``: share of the exact row's 10 (resp. ⌈1 % of
   n_train⌉) largest scores (proponents) that the method also puts in its top 10 / 1 %;
 - ``shape_exact``, ``shape_method``, ``shape_agree``: the curve's shape class
-  (:func:`core.shapes.classify` with the run's analyze thresholds, or the defaults) under
+  (:func:`core.analysis.shapes.classify` with the run's analyze thresholds, or the defaults) under
   exact and method scores, and whether they agree;
 - ``end_ratio_exact``, ``end_ratio_method``, ``end_ratio_diff``: the flipped instances' end
   ratio (%) under both, and method − exact in points;
@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import metrics, shapes, store
-from core.error_study_options import (
+from core.analysis import metrics, shapes
+from core.options.error_study_options import (
     DEFAULT_METHODS,
     DEFAULT_SUBSET,
     Method,
@@ -54,7 +54,8 @@ from core.error_study_options import (
     parse_methods,
     parse_subset,
 )
-from core.errors import AtlasError
+from core.storage import store
+from core.storage.errors import AtlasError
 
 TABLE = store.ERROR_STUDY
 SUMMARY = store.ERROR_STUDY_SUMMARY
@@ -228,7 +229,7 @@ def _stored_scores(
 
     With a subset of checkpoints (``used``), the rows come from tracin_per_checkpoint.npy and
     the self-influence from the stored gradient norms (Σ η_i ‖g_i‖² over ``used``)."""
-    from core import provenance
+    from core.storage import provenance
 
     info = manifest.get("tracin") or {}
     wanted = {"params": method.params, "project": method.project}
@@ -281,10 +282,10 @@ def _seed(manifest: dict[str, Any]) -> int:
 def _engine(
     checkpoints: list[tuple[Path, float]], method: Method, seed: int, dtype: str, device: Any
 ) -> Any:
-    """The TracIn engine of one method (core.tracin.registry: TracInCP, or the factorized
+    """The TracIn engine of one method (core.influence.registry: TracInCP, or the factorized
     engine for factorized:K)."""
-    from core.models import load_classifier
-    from core.tracin.registry import engine_for  # torch: imported when a study runs
+    from core.influence.registry import engine_for  # torch: imported when a study runs
+    from core.learning.models import load_classifier
 
     return engine_for(
         checkpoints,
@@ -312,7 +313,7 @@ def _compute(
     the run, so a study over some checkpoints can later be completed to all); the seconds
     spent on each checkpoint are accumulated in ``seconds.json``.
     """
-    from core.tracin.shards import ShardSink
+    from core.influence.shards import ShardSink
 
     checkpoints = engine.checkpoints
     result_file = folder / "result.npz"
@@ -349,7 +350,7 @@ def _compute(
         engine.check()
     matrix = np.zeros((te.n, tr.n), dtype=np.float32)
     self_inf = np.zeros(tr.n, dtype=np.float32)
-    for ci in used:  # checkpoint order, as core.tracin's aggregate sums
+    for ci in used:  # checkpoint order, as core.influence's aggregate sums
         for c, (lo, hi) in enumerate(chunks):
             block = sink.get(ci, c)
             matrix[:, lo:hi] += block[: te.n]
@@ -376,8 +377,8 @@ def _compute(
 
 
 def check_dtype_supported(dtype: str, device: Any) -> None:
-    """Refuse bf16 where the device has no native bf16 arithmetic (see core.tracin.engine)."""
-    from core.tracin.engine import check_dtype
+    """Refuse bf16 where the device has no native bf16 arithmetic (see core.influence.engine)."""
+    from core.influence.engine import check_dtype
 
     check_dtype(dtype, device)
 
@@ -397,9 +398,9 @@ def error_study(
     Every option is validated (and bf16 checked against the device) before anything is
     written; see the module docstring for what is computed.
     """
-    from core.models import resolve_device
-    from core.tracin.inputs import EncodedData
-    from core.tracin.stage import encode_run_data, run_checkpoints
+    from core.influence.inputs import EncodedData
+    from core.influence.stage import encode_run_data, run_checkpoints
+    from core.learning.models import resolve_device
 
     run = Path(run_dir)
     wanted = parse_methods(methods)
@@ -410,7 +411,7 @@ def error_study(
     dev = resolve_device(device)
     check_dtype_supported(dtype_name, dev)
     rows, wrong = select_test_rows(run, test_subset)
-    from core.config import config_from_dict
+    from core.inputs.config import config_from_dict
 
     config = config_from_dict(manifest.get("config") or {})
     seed = _seed(manifest)
@@ -510,7 +511,7 @@ def error_study(
 
 
 def _stored_rule(run: Path) -> shapes.ShapeRule:
-    """The shape rule the run's analyze stage used, or core.shapes' defaults."""
+    """The shape rule the run's analyze stage used, or core.analysis.shapes' defaults."""
     path = run / store.ANALYSIS
     return shapes.ShapeRule.of_analysis(store.read_json(path) if path.exists() else None)
 

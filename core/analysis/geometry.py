@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 # Rows of test embeddings per distance block: bounds the float64 temporary to
 # block × n_train × 8 bytes (about 100 MB for 16,000 training instances).
@@ -32,7 +32,7 @@ def cls_embeddings(
 ) -> np.ndarray:
     """Return the final-layer hidden state of the first ([CLS]) token for every batch, stacked.
 
-    ``batches`` are dicts of tensors as ``core.models.collate`` makes them; rows come
+    ``batches`` are dicts of tensors as ``core.learning.models.collate`` makes them; rows come
     back in batch order as float32 (n, hidden). The model is put in eval mode
     (dropout off) and restored afterwards.
     """
@@ -69,7 +69,7 @@ def embed_token_ids(
     Batches group similar lengths so little compute goes to padding; the attention
     mask keeps padding from changing any instance's vector.
     """
-    from core.models import collate, length_batches
+    from core.learning.models import collate, length_batches
 
     batches = length_batches([len(x) for x in ids], batch_size)
     emb = cls_embeddings(
@@ -107,7 +107,8 @@ def run_embeddings(
     batch_size: int = 128,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Embed ``texts`` with a run's tokenizer and checkpoint; return (float32 array, checkpoint entry)."""
-    from core import models, store
+    from core.learning import models
+    from core.storage import store
 
     run = Path(run_dir)
     manifest = store.load_manifest(run)

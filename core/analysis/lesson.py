@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import shapes, views
-from core.errors import AtlasError
+from core.analysis import shapes, views
+from core.storage.errors import AtlasError
 
 EXAMPLE_RULE = (
     "for each class, the misclassified test instance whose bulk S is closest to the median bulk "

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 # Fractions of the training set inspected, as documented in docs/run-store.md.
 FRACTIONS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.2)

@@ -1,6 +1,6 @@
 """Claims read from the run store: one run, a group of seeds, a sweep, and the replication grid.
 
-``core.claims`` holds the statistics; this module loads what they need from the stored
+``core.analysis.claims`` holds the statistics; this module loads what they need from the stored
 arrays (never from derived tables, so every number recomputes from ``tracin*.npy``,
 ``logits.npy`` and ``distances.npy``), writes ``claims.json``, groups seeds into conditions
 and writes the grid summary with the teaching run chosen by the rule of docs/replication.md.
@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import claims, locks, provenance, shapes, stats, store, views
-from core.errors import AtlasError
+from core.analysis import claims, shapes, stats, views
+from core.storage import locks, provenance, store
+from core.storage.errors import AtlasError
 
 CLAIMS_FILE = "claims.json"
 GROUP_KIND = "group"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core import shapes
+from core.analysis import shapes
 
 # Scores per reference curve: the paper's 1,600 training instances.
 N_REFERENCE = 1600

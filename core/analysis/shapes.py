@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 SHAPE_S = "S"
 SHAPE_Z = "Z"
@@ -30,7 +30,7 @@ SHAPE_ORDER = (SHAPE_S, SHAPE_BACKSLASH, SHAPE_Z)
 # TRIM of the ranks cut off at each end, so a handful of extreme points cannot decide it.
 TRIM = 0.05
 # Thresholds on that bulk index, calibrated on the reference curves of
-# core/shape_references.py (calibrate(), rounded; docs/shapes.md), never on a run's data.
+# core/analysis/shape_references.py (calibrate(), rounded; docs/shapes.md), never on a run's data.
 S_MIN = 0.24
 Z_MAX = -0.05
 RULE = (

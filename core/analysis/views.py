@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 RAW = "raw"
 RELATIVE = "relative"

@@ -9,7 +9,7 @@ An intervention takes the top-k training instances of a detector and
   keeps 1. A rank ramp rather than the raw score, because scores of different
   detectors have no common scale; never 0, so reweighting stays softer than exclusion.
 
-Each intervention is retrained from scratch with :func:`core.training.train_model`
+Each intervention is retrained from scratch with :func:`core.learning.training.train_model`
 (the run's configuration, seed varied over ``seeds``) and its final test accuracy is
 recorded beside three arms trained with the same seed: no change, the oracle
 (exactly the true flips, all of them, given the same action; for reweighting its ramp
@@ -37,11 +37,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import commands, provenance, store
-from core.config import config_from_dict
-from core.detectors import REASONS, load_scores
-from core.errors import AtlasError
-from core.executors import LOCAL, ExecutorSpec, Resources, retraining_work, run_tasks
+from core.cleaning.detectors import REASONS, load_scores
+from core.execution.executors import LOCAL, ExecutorSpec, Resources, retraining_work, run_tasks
+from core.inputs.config import config_from_dict
+from core.options import commands
+from core.storage import provenance, store
+from core.storage.errors import AtlasError
 
 ACTIONS: tuple[str, ...] = ("exclude", "relabel", "reweight")
 RESULTS = store.CLEANING_RESULTS
@@ -228,7 +229,7 @@ class _TrainData:
 
     def __init__(self, run: Path) -> None:
         """Load them (the tokenizer once per process and run)."""
-        from core.models import load_tokenizer
+        from core.learning.models import load_tokenizer
 
         self.config = config_from_dict(store.load_manifest(run).get("config", {}))
         instances = store.load_instances(run)
@@ -252,7 +253,7 @@ def compute_arm(arm: Arm, progress: bool = False) -> float:
     path = arm.path()
     if path.exists():
         return float(store.read_json(path)["test_accuracy"])
-    from core import training  # looked up at call time (tests count the trainings)
+    from core.learning import training  # looked up at call time (tests count the trainings)
 
     run = Path(arm.run)
     key = str(run.resolve())
@@ -303,7 +304,7 @@ def _arm_outputs(arm: Arm) -> list[str]:
     return [f"{store.CLEANING_DIR}/{ARMS_DIR}/{arm.key}.json"]
 
 
-# A retraining as every executor (core.executors) runs it.
+# A retraining as every executor (core.execution.executors) runs it.
 WORK = retraining_work("clean", compute_arm, _arm_name, _arm_outputs)
 # Declared to Ray for scheduling (an upper estimate for one retraining, not a measurement).
 ARM_MEMORY_MB = 4096
@@ -326,7 +327,7 @@ def run_clean(
     (:func:`plan_arms` lists them, :func:`compute_arm` runs one); this is that loop in one
     process. Returns this call's rows and their means.
 
-    The arms still needed run first, on ``executor`` (:mod:`core.executors`); each stores
+    The arms still needed run first, on ``executor`` (:mod:`core.execution.executors`); each stores
     its accuracy, so the rows below read them back.
     """
     run = Path(run_dir)

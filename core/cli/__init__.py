@@ -18,7 +18,7 @@ from core.cli.main import _quiet_libraries as _quiet_libraries  # the benchmarks
 from core.cli.main import main, os_error_sentence
 from core.cli.parser import build_parser, check_study_argv
 from core.cli.show import show_payload
-from core.run_options import (
+from core.options.run_options import (
     DEFAULT_CACHE,
     UsageError,
     add_executor_options,

@@ -8,8 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from core.errors import AtlasError
-from core.validation import check_number
+from core.options.validation import check_number
+from core.storage.errors import AtlasError
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: app.py, pages/ and cache/ live here
 

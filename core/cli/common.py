@@ -7,9 +7,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from core import store
-from core.errors import AtlasError
-from core.run_options import DEFAULT_CACHE
+from core.options.run_options import DEFAULT_CACHE
+from core.storage import store
+from core.storage.errors import AtlasError
 
 # Bounds of the per-command integer options (typos fail at once, not after hours).
 _MAX_COUNT = 10_000_000

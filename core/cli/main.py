@@ -8,8 +8,8 @@ import sys
 
 from core.cli.common import _command_line
 from core.cli.parser import build_parser
-from core.errors import AtlasError
-from core.executors import RESUME, TaskFailed
+from core.execution.executors import RESUME, TaskFailed
+from core.storage.errors import AtlasError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from core import shapes
+from core.analysis import shapes
 from core.cli.app import APP_ADDRESS, APP_PORT, cmd_app
 from core.cli.claims import cmd_claims, cmd_group, cmd_replication
 from core.cli.show import cmd_list, cmd_show
@@ -23,8 +23,7 @@ from core.cli.stages import (
     cmd_tracin,
 )
 from core.cli.study import cmd_fetch, cmd_run, cmd_sweep
-from core.errors import AtlasError
-from core.run_options import (
+from core.options.run_options import (
     DEFAULT_CACHE,
     _CoreChoices,
     _Parser,
@@ -34,8 +33,9 @@ from core.run_options import (
     config_from_args,
     executor_from_args,
 )
-from core.tracin_options import method_spellings, project_help
-from core.validation import check_number, validate_study
+from core.options.tracin_options import method_spellings, project_help
+from core.options.validation import check_number, validate_study
+from core.storage.errors import AtlasError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # Choices come from core's own tables, never from copies here; detectors and actions are
     # read when first needed, so a mistyped `run` is refused before scikit-learn loads.
-    DETECTORS = _CoreChoices("core.detectors", "DETECTORS")
-    ACTIONS = _CoreChoices("core.cleaning", "ACTIONS")
+    DETECTORS = _CoreChoices("core.cleaning.detectors", "DETECTORS")
+    ACTIONS = _CoreChoices("core.cleaning.interventions", "ACTIONS")
 
     p = sub.add_parser("run", help="run (or resume) a study: data, training, TracIn, analytics")
     add_run_options(p)
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_executor_options(p, "TracIn shards (checkpoint × training chunks)")
     p.set_defaults(func=cmd_tracin)
 
-    from core.error_study_options import DEFAULT_METHODS, DEFAULT_SUBSET
+    from core.options.error_study_options import DEFAULT_METHODS, DEFAULT_SUBSET
 
     p = sub.add_parser(
         "error-study",
@@ -255,7 +255,7 @@ def check_study_argv(argv: list[str]) -> Path:
     config = config_from_args(args)
     executor_from_args(args)
     if args.command == "sweep":
-        from core.sweep import parse_rates
+        from core.orchestration.sweep import parse_rates
 
         parse_rates(args.flip_rates)
         check_number("--seeds", args.seeds, 1, 1000)

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core import commands, provenance, store
 from core.cli.common import _existing_run, _number
-from core.errors import AtlasError
+from core.options import commands
+from core.storage import provenance, store
+from core.storage.errors import AtlasError
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -39,7 +40,7 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
     """What ``show --json`` prints for a run or a sweep."""
     manifest = store.load_manifest(run_dir)
     if manifest.get("kind") == "sweep":
-        from core.sweep import sweep_table
+        from core.orchestration.sweep import sweep_table
 
         status = store.run_status(run_dir, manifest)
         manifest = {**manifest, "status": status}
@@ -93,11 +94,11 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         "timings_s": manifest.get("timings_s", {}),
         "tracin": manifest.get("tracin"),
         "problems": problems,
-        # {stage: reason} for stages whose inputs changed since they ran (core.provenance).
+        # {stage: reason} for stages whose inputs changed since they ran (core.storage.provenance).
         "stale": provenance.stale_stages(run_dir),
     }
     if store.stage_complete(run_dir, "analyze") and "analyze" not in problems:
-        from core.analysis import SUMMARY_COLUMNS, correlations, summary_rows
+        from core.analysis.analyze import SUMMARY_COLUMNS, correlations, summary_rows
 
         try:  # a run analysed by an older version may lack columns this one reports
             store.read_parquet(run_dir / store.SHAPES, SUMMARY_COLUMNS)
@@ -106,7 +107,7 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         except AtlasError as exc:
             problems["analyze"] = str(exc)
     if store.stage_complete(run_dir, "detect") and "detect" not in problems:
-        from core.detectors import detection_table
+        from core.cleaning.detectors import detection_table
 
         try:
             out["detection"] = detection_table(run_dir)
@@ -158,7 +159,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def _majority_baseline(run_dir: Path) -> float | None:
     """The test split's majority-class accuracy (None while the run has no readable data)."""
-    from core.analysis import majority_baseline
+    from core.analysis.analyze import majority_baseline
 
     try:
         return majority_baseline(store.load_instances(run_dir))

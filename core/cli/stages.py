@@ -9,17 +9,18 @@ import json
 import sys
 from typing import Any
 
-from core import locks, shapes, store
+from core.analysis import shapes
 from core.cli.common import _MAX_COUNT, _MAX_SEED, _command_line, _existing_run
-from core.errors import AtlasError
-from core.executors import LOCAL, warm_pool
-from core.run_options import executor_from_args
-from core.validation import check_device, check_number
+from core.execution.executors import LOCAL, warm_pool
+from core.options.run_options import executor_from_args
+from core.options.validation import check_device, check_number
+from core.storage import locks, store
+from core.storage.errors import AtlasError
 
 
 def cmd_tracin(args: argparse.Namespace) -> str:
     """Compute (or resume) the TracIn matrix of a run."""
-    from core.tracin_options import parse_project, parse_scope
+    from core.options.tracin_options import parse_project, parse_scope
 
     run_dir = _existing_run(args.run)
     if args.params is not None:
@@ -35,12 +36,12 @@ def cmd_tracin(args: argparse.Namespace) -> str:
     if args.compare and executor.kind != "local":
         raise AtlasError("--compare runs in this process; drop --executor.")
     if executor.kind == "processes":  # the pool's fork server imports torch while we do
-        warm_pool("core.tracin.stage")
-    from core.error_study_options import parse_dtype
+        warm_pool("core.influence.stage")
+    from core.options.error_study_options import parse_dtype
 
     dtype = parse_dtype(args.dtype)
-    from core.models import resolve_device
-    from core.tracin import check_dtype, compare_to_exact, run_tracin, tasks_use_remote_gpu
+    from core.influence import check_dtype, compare_to_exact, run_tracin, tasks_use_remote_gpu
+    from core.learning.models import resolve_device
 
     if not tasks_use_remote_gpu(args.device, executor):  # else each task checks its GPU
         check_dtype(dtype, resolve_device(args.device))
@@ -67,16 +68,16 @@ def cmd_tracin(args: argparse.Namespace) -> str:
 
 def cmd_error_study(args: argparse.Namespace) -> str:
     """Measure cheap TracIn methods against exact all-parameter scores on a test subset."""
-    from core.error_study_options import parse_dtype, parse_methods, parse_subset
+    from core.options.error_study_options import parse_dtype, parse_methods, parse_subset
 
     run_dir = _existing_run(args.run)
     parse_methods(args.methods)
     parse_subset(args.test_subset)
     dtype = parse_dtype(args.dtype)
     check_device(args.device)
-    from core.error_study import error_study
-    from core.models import resolve_device
-    from core.tracin import check_dtype
+    from core.analysis.error_study import error_study
+    from core.influence import check_dtype
+    from core.learning.models import resolve_device
 
     check_dtype(dtype, resolve_device(args.device))
     with locks.hold(run_dir):
@@ -127,7 +128,7 @@ def cmd_analyze(args: argparse.Namespace) -> str:
     check_number("--k", args.k, 1, _MAX_COUNT)
     # The rule checks its own consistency (z_max below s_min) before anything is written.
     rule = shapes.ShapeRule(s_min=args.s_min, z_max=args.z_max, trim=args.trim)
-    from core.analysis import analyze_run
+    from core.analysis.analyze import analyze_run
 
     with locks.hold(run_dir):
         analyze_run(run_dir, checkpoint=args.checkpoint, rule=rule, k=args.k, force=args.force)
@@ -136,14 +137,14 @@ def cmd_analyze(args: argparse.Namespace) -> str:
 
 def cmd_detect(args: argparse.Namespace) -> str:
     """Rank training instances by every detector and score them against the known flips."""
-    from core.detectors import run_detect
+    from core.cleaning.detectors import run_detect
 
     run_dir = _existing_run(args.run)
     executor = executor_from_args(args) or LOCAL
     with locks.hold(run_dir):
         run_detect(run_dir, detectors=args.detectors, force=args.force, executor=executor)
     if not args.quiet:
-        from core.detectors import detection_table
+        from core.cleaning.detectors import detection_table
 
         for row in detection_table(run_dir):
             print(json.dumps(row, default=store._json_default), file=sys.stderr)
@@ -156,7 +157,7 @@ def cmd_clean(args: argparse.Namespace) -> str:
     check_number("--k", args.k, 1, _MAX_COUNT)
     check_number("--seeds", args.seeds, 1, 1000)
     executor = executor_from_args(args) or LOCAL
-    from core.cleaning import run_clean
+    from core.cleaning.interventions import run_clean
 
     with locks.hold(run_dir):
         run_clean(
@@ -175,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> str:
     run_dir = _existing_run(args.run)
     check_number("--k", args.k, 1, _MAX_COUNT)
     check_number("--top", args.top, 1, _MAX_COUNT)
-    from core.cleaning import ACTIONS, export_cleaned, export_review_queue
+    from core.cleaning.interventions import ACTIONS, export_cleaned, export_review_queue
 
     with locks.hold(run_dir):  # writes into the run's cleaning/ folder
         if args.what == "review":

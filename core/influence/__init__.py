@@ -46,15 +46,15 @@ Parameter scopes (``select_parameters``):
   out so that ``head`` is exactly the linear head of the binary-head identity
   ``2·e·e'·(h·h' + 1)``; ``last-N`` is the scope that adds the pooler.
 
-Default per preset (core/config.py): ``quick`` uses ``all`` (exact; the tiny model's word
+Default per preset (core/inputs/config.py): ``quick`` uses ``all`` (exact; the tiny model's word
 part is small because only test-vocabulary rows count); ``paper`` uses ``all`` with the
-factorized projection ``factorized:64`` (core.tracin.factorized), chosen by the error study
-(core.error_study), which measures every cheap method against exact all-parameter scores.
+factorized projection ``factorized:64`` (core.influence.factorized), chosen by the error study
+(core.analysis.error_study), which measures every cheap method against exact all-parameter scores.
 
 The engine assumes BERT-like Hugging Face classifiers: ``get_input_embeddings()``, an
 ``inputs_embeds`` argument, right padding, and no weight tying of the word embeddings.
 
-The package (``core.tracin``) re-exports the public names of its modules (``__all__`` holds
+The package (``core.influence``) re-exports the public names of its modules (``__all__`` holds
 public names only; what a module keeps to itself starts with an underscore and is never
 imported by another):
 
@@ -66,8 +66,8 @@ imported by another):
 - ``factorized``: :class:`FactorizedTracIn`, the Kronecker-factored projection of every
   parameter (LoGra-style);
 - ``registry``: :func:`engine_for`, the engine of a ``--project`` spec
-  (:data:`core.tracin_options.PROJECTIONS` lists the spellings, torch-free);
-- ``scopes``: :func:`select_parameters` (the torch-free :func:`core.tracin_options.parse_scope`
+  (:data:`core.options.tracin_options.PROJECTIONS` lists the spellings, torch-free);
+- ``scopes``: :func:`select_parameters` (the torch-free :func:`core.options.tracin_options.parse_scope`
   checks a scope's spelling before torch is imported);
 - ``projection``: the seeded :class:`Projector`; ``inputs``: :class:`EncodedData`, encoded
   instances and batches;
@@ -76,14 +76,14 @@ imported by another):
 - ``stage``: the run stage (:func:`run_tracin`) and the public task API every executor
   uses: :func:`plan` (run → list of :class:`Task`), :func:`compute` (task → its shards,
   written atomically, skipped when present) and :func:`aggregate` (shards → the run's
-  files, bitwise the same whatever order the tasks ran in); ``core.executors`` runs those
+  files, bitwise the same whatever order the tasks ran in); ``core.execution.executors`` runs those
   tasks here, in a process pool or on Ray (``run_tracin(..., executor=...)``);
 - ``study``: the approximation study (:func:`compare_to_exact`, :func:`scope_error`).
 """
 
 from __future__ import annotations
 
-from core.tracin.base import (
+from core.influence.base import (
     CHUNK_SIZE,
     THREADS,
     CheckpointJob,
@@ -93,7 +93,7 @@ from core.tracin.base import (
     fixed_threads,
     resolve_dtype,
 )
-from core.tracin.engine import (
+from core.influence.engine import (
     BATCH_BYTES,
     BUFFER_BYTES,
     MAX_BATCH,
@@ -105,13 +105,13 @@ from core.tracin.engine import (
     bf16_native,
     check_dtype,
 )
-from core.tracin.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
-from core.tracin.gradients import CheckpointGrads, Features
-from core.tracin.inputs import EncodedData, vocab_of
-from core.tracin.projection import PROJECTION_BLOCK_ELEMS, PROJECTION_CACHE_BYTES, Projector
-from core.tracin.registry import ENGINES, engine_class, engine_for
-from core.tracin.scopes import select_parameters, word_embedding_name
-from core.tracin.shards import (
+from core.influence.factorized import FactorizedGrads, FactorizedTracIn, factorized_tracin
+from core.influence.gradients import CheckpointGrads, Features
+from core.influence.inputs import EncodedData, vocab_of
+from core.influence.projection import PROJECTION_BLOCK_ELEMS, PROJECTION_CACHE_BYTES, Projector
+from core.influence.registry import ENGINES, engine_class, engine_for
+from core.influence.scopes import select_parameters, word_embedding_name
+from core.influence.shards import (
     SHARD_OPTIONS,
     MemorySink,
     ShardSink,
@@ -122,7 +122,7 @@ from core.tracin.shards import (
     unweighted_norms,
     write_per_checkpoint,
 )
-from core.tracin.stage import (
+from core.influence.stage import (
     Task,
     TaskOptions,
     aggregate,
@@ -137,8 +137,8 @@ from core.tracin.stage import (
     run_tracin,
     tasks_use_remote_gpu,
 )
-from core.tracin.study import compare_to_exact, scope_error
-from core.tracin_options import parse_scope
+from core.influence.study import compare_to_exact, scope_error
+from core.options.tracin_options import parse_scope
 
 __all__ = [
     "BATCH_BYTES",

@@ -1,9 +1,9 @@
 """The engine family: the :class:`Engine` protocol and what its members share.
 
 An engine computes TracIn over saved checkpoints, one (checkpoint × training chunk) block at
-a time. The stage (:mod:`core.tracin.stage`), every executor (through the stage's tasks),
+a time. The stage (:mod:`core.influence.stage`), every executor (through the stage's tasks),
 the approximation study and the error study call only what :class:`Engine` declares; which
-class serves a ``--project`` spec is decided by :mod:`core.tracin.registry`.
+class serves a ``--project`` spec is decided by :mod:`core.influence.registry`.
 
 :class:`Engine` is a protocol with default implementations (PEP 544): what every member does
 the same way lives there once (the checkpoint list and its identity by content, loading a
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.errors import AtlasError
-from core.tracin.inputs import EncodedData
-from core.tracin.shards import MemorySink, ShardSink, Sink, sum_blocks, unweighted_norms
+from core.influence.inputs import EncodedData
+from core.influence.shards import MemorySink, ShardSink, Sink, sum_blocks, unweighted_norms
+from core.storage.errors import AtlasError
 
 CHUNK_SIZE = 512
 # Every block is computed on this many torch threads, whatever the executor, the worker count
@@ -221,7 +221,7 @@ class Engine(Protocol):
 
     def identity(self) -> list[dict[str, Any] | str]:
         """Each checkpoint by content (learning rate and SHA-1), never by path string."""
-        from core.provenance import checkpoint_identity
+        from core.storage.provenance import checkpoint_identity
 
         return [
             "<module>" if isinstance(w, nn.Module) else checkpoint_identity(w, lr)
@@ -249,7 +249,7 @@ class Engine(Protocol):
         """Put checkpoint ``ci``'s blocks of the ``wanted`` chunks (and its test norms) in ``sink``.
 
         The one unit of work every executor runs (:meth:`compute` and
-        :func:`core.tracin.compute` both come here): blocks already in ``sink`` are skipped,
+        :func:`core.influence.compute` both come here): blocks already in ``sink`` are skipped,
         each block is ``η_ci`` × the (n_test + 1, chunk) dot products, and a block depends only
         on its checkpoint and chunk, never on which other chunks are computed with it.
         ``on_block`` is called once per chunk (present or computed). Returns the number of

@@ -1,4 +1,4 @@
-"""The TracIn engine: :class:`TracInCP` computes the blocks of each checkpoint (see core.tracin)."""
+"""The TracIn engine: :class:`TracInCP` computes the blocks of each checkpoint (see core.influence)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.errors import AtlasError
-from core.tracin.base import (
+from core.influence.base import (
     CHUNK_SIZE,
     CheckpointJob,
     Checkpoints,
@@ -22,11 +21,12 @@ from core.tracin.base import (
     resolve_dtype,
     resolve_engine_device,
 )
-from core.tracin.gradients import CheckpointGrads
-from core.tracin.inputs import EncodedData, vocab_of
-from core.tracin.projection import Projector
-from core.tracin.scopes import select_parameters
-from core.tracin_options import DENSE, parse_scope
+from core.influence.gradients import CheckpointGrads
+from core.influence.inputs import EncodedData, vocab_of
+from core.influence.projection import Projector
+from core.influence.scopes import select_parameters
+from core.options.tracin_options import DENSE, parse_scope
+from core.storage.errors import AtlasError
 
 # Test gradients per checkpoint are held up to this many bytes; beyond, test is chunked.
 MAX_TEST_BYTES = 4 << 30

@@ -41,12 +41,12 @@ matrices depend only on (seed, module name, side), so every checkpoint and batch
 same ones. ``identity=True`` (for tests) replaces every projection by the identity: the
 feature is then the exact per-example gradient of all parameters (huge for real models).
 
-Work is organised like :class:`core.tracin.TracInCP`'s: both are members of the engine family
-(:class:`core.tracin.base.Engine`), so per checkpoint the test features are computed
+Work is organised like :class:`core.influence.TracInCP`'s: both are members of the engine family
+(:class:`core.influence.base.Engine`), so per checkpoint the test features are computed
 once and held, training instances stream through in batches, and the results land in the
 family's (checkpoint × training chunk) shards, so ``shard_dir`` resumes a killed run. The run
 stage and its task API (``core tracin RUN --project factorized:K``, ``core run --project
-factorized:K``) drive either engine; :func:`core.tracin.registry.engine_for` picks one from a
+factorized:K``) drive either engine; :func:`core.influence.registry.engine_for` picks one from a
 projection spec.
 """
 
@@ -63,8 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import AtlasError
-from core.tracin.base import (
+from core.influence.base import (
     CHUNK_SIZE,
     CheckpointJob,
     Checkpoints,
@@ -77,8 +76,9 @@ from core.tracin.base import (
     resolve_dtype,
     resolve_engine_device,
 )
-from core.tracin.inputs import EncodedData
-from core.tracin_options import FACTORIZED
+from core.influence.inputs import EncodedData
+from core.options.tracin_options import FACTORIZED
+from core.storage.errors import AtlasError
 
 # A batched forward+backward holds activations (not per-example gradients), which grow with
 # the padded tokens of the batch: batches hold at most TOKENS_PER_BATCH of them (32 rows of
@@ -357,8 +357,8 @@ class FactorizedTracIn(Engine):
     projection dimension. ``batch_size`` fixes the rows per forward+backward (default: up
     to ``MAX_ROWS`` rows and ``TOKENS_PER_BATCH`` padded tokens). ``identity=True`` is a
     test switch: exact gradients, no projection. A member of the engine family
-    (:class:`core.tracin.base.Engine`); its scores have the layout and semantics of
-    :class:`core.tracin.TracInCP`'s, and its norms are those of the projected features.
+    (:class:`core.influence.base.Engine`); its scores have the layout and semantics of
+    :class:`core.influence.TracInCP`'s, and its norms are those of the projected features.
     """
 
     progress_label = "tracin (factorized)"

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.tracin.projection import Projector
-from core.tracin.scopes import select_parameters, word_embedding_name
+from core.influence.projection import Projector
+from core.influence.scopes import select_parameters, word_embedding_name
 
 
 class Features(NamedTuple):

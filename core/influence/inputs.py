@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 
 class EncodedData:

@@ -1,4 +1,4 @@
-"""Seeded random projection of per-example gradients (see core.tracin)."""
+"""Seeded random projection of per-example gradients (see core.influence)."""
 
 from __future__ import annotations
 

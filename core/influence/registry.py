@@ -1,12 +1,12 @@
 """Which engine computes a ``--project`` spec: the engine family's registry.
 
-A spec is parsed torch-free by :func:`core.tracin_options.projection` into one of
-:data:`core.tracin_options.PROJECTIONS`; :data:`ENGINES` maps that entry's ``mode`` to the
+A spec is parsed torch-free by :func:`core.options.tracin_options.projection` into one of
+:data:`core.options.tracin_options.PROJECTIONS`; :data:`ENGINES` maps that entry's ``mode`` to the
 engine class, and :func:`engine_for` builds it. The run stage, the approximation study, the
 error study and detector 2's retraining all build their engines here.
 
-A new projection is one engine class (an :class:`~core.tracin.base.Engine`), its
-:class:`~core.tracin_options.Projection` entry (how it is typed, recorded and described in
+A new projection is one engine class (an :class:`~core.influence.base.Engine`), its
+:class:`~core.options.tracin_options.Projection` entry (how it is typed, recorded and described in
 the help), its line below, and their tests.
 """
 
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.errors import AtlasError
-from core.tracin.base import Checkpoints, Engine
-from core.tracin.engine import TracInCP
-from core.tracin.factorized import FactorizedTracIn
-from core.tracin_options import DENSE, FACTORIZED, projection
+from core.influence.base import Checkpoints, Engine
+from core.influence.engine import TracInCP
+from core.influence.factorized import FactorizedTracIn
+from core.options.tracin_options import DENSE, FACTORIZED, projection
+from core.storage.errors import AtlasError
 
 # Keyed by Projection.mode; every entry of PROJECTIONS has one (a test checks).
 ENGINES: dict[str, type[Engine]] = {

@@ -1,4 +1,4 @@
-"""Parameter scopes: which parameters of a model TracIn differentiates (see core.tracin)."""
+"""Parameter scopes: which parameters of a model TracIn differentiates (see core.influence)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import re
 
 from torch import nn
 
-from core.errors import AtlasError
-from core.tracin_options import parse_scope
+from core.options.tracin_options import parse_scope
+from core.storage.errors import AtlasError
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 

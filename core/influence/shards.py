@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from core import store
-from core.errors import AtlasError
+from core.storage import store
+from core.storage.errors import AtlasError
 
 SHARD_OPTIONS = "options.json"
 

@@ -29,9 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import commands, provenance, store
-from core.errors import AtlasError
-from core.executors import (
+from core.execution.executors import (
     LOCAL,
     PROGRESS,
     ExecutorSpec,
@@ -43,11 +41,11 @@ from core.executors import (
     run_tasks,
     session,
 )
-from core.tracin.base import CHUNK_SIZE, Engine
-from core.tracin.engine import BATCH_BYTES, BUFFER_BYTES, MAX_TEST_BYTES, check_dtype
-from core.tracin.inputs import EncodedData
-from core.tracin.registry import engine_for
-from core.tracin.shards import (
+from core.influence.base import CHUNK_SIZE, Engine
+from core.influence.engine import BATCH_BYTES, BUFFER_BYTES, MAX_TEST_BYTES, check_dtype
+from core.influence.inputs import EncodedData
+from core.influence.registry import engine_for
+from core.influence.shards import (
     SHARD_OPTIONS,
     ShardSink,
     norm_shard_name,
@@ -56,7 +54,10 @@ from core.tracin.shards import (
     unweighted_norms,
     write_per_checkpoint,
 )
-from core.tracin_options import covers_every_parameter, parse_scope, record_project
+from core.options import commands
+from core.options.tracin_options import covers_every_parameter, parse_scope, record_project
+from core.storage import provenance, store
+from core.storage.errors import AtlasError
 
 
 def run_checkpoints(run: Path, manifest: dict[str, Any]) -> list[tuple[Path, float]]:
@@ -86,12 +87,12 @@ def resolve_options(
 ) -> tuple[dict[str, Any], Any]:
     """Resolve and validate scope/projection against the run's config defaults.
 
-    ``project`` is any spec of :data:`core.tracin_options.PROJECTIONS` (a dense dimension D
+    ``project`` is any spec of :data:`core.options.tracin_options.PROJECTIONS` (a dense dimension D
     or ``factorized:K``); the recorded option is its recorded form (the int D or the string
     ``factorized:K``). A projection that covers every parameter takes scope 'all' unless
     another scope was asked for explicitly (refused).
     """
-    from core.config import config_from_dict
+    from core.inputs.config import config_from_dict
 
     manifest = store.load_manifest(run)
     config = config_from_dict(manifest.get("config") or {})
@@ -119,7 +120,7 @@ def encode_run_data(
     run: Path, max_length: int, test_rows: np.ndarray | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, np.ndarray]:
     """Encode the run's train (observed labels) and test (true labels) instances."""
-    from core.models import encode, load_tokenizer
+    from core.learning.models import encode, load_tokenizer
 
     instances = store.load_instances(run)
     train_df = instances[instances["split"] == "train"]
@@ -195,8 +196,8 @@ class _Context:
 
     def __init__(self, run: Path, options: TaskOptions, device: str | torch.device) -> None:
         """Encode the run's data and build the engine (no checkpoint is loaded yet)."""
-        from core.config import config_from_dict
-        from core.models import resolve_device
+        from core.inputs.config import config_from_dict
+        from core.learning.models import resolve_device
 
         manifest = store.load_manifest(run)
         config = config_from_dict(manifest.get("config") or {})
@@ -228,8 +229,8 @@ class _Context:
 
 
 def _load_classifier(path: Any, device: torch.device) -> Any:
-    """core.models.load_classifier, looked up at call time (tests replace it)."""
-    from core import models
+    """core.learning.models.load_classifier, looked up at call time (tests replace it)."""
+    from core.learning import models
 
     return models.load_classifier(path, device)
 
@@ -405,7 +406,7 @@ def _task_name(task: Task) -> str:
     return task.name
 
 
-# The TracIn task as every executor (core.executors) runs it.
+# The TracIn task as every executor (core.execution.executors) runs it.
 WORK = Work(
     stage="tracin",
     compute=_compute_task,
@@ -492,13 +493,13 @@ def run_tracin(
 
     Options default to the run's config (``tracin_params``, ``tracin_project``,
     ``tracin_seed``). Skipped when already complete with the same options and inputs
-    (checkpoints and instances unchanged, ``core.provenance``); resumes from the shards of
+    (checkpoints and instances unchanged, ``core.storage.provenance``); resumes from the shards of
     an interrupted run. The work is :func:`plan`, :func:`compute` per task (run by
-    ``executor``, :mod:`core.executors`), :func:`aggregate`. ``chunks_per_task`` defaults
+    ``executor``, :mod:`core.execution.executors`), :func:`aggregate`. ``chunks_per_task`` defaults
     to :func:`default_chunks_per_task` for the executor's workers (a whole checkpoint in
     this process). Returns the manifest's ``tracin`` entry.
     """
-    from core.models import resolve_device
+    from core.learning.models import resolve_device
 
     run = Path(run_dir)
     options, (manifest, config) = resolve_options(run, scope, project, seed)

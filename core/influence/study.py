@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from core import store
-from core.errors import AtlasError
-from core.tracin.registry import engine_for
-from core.tracin.stage import encode_run_data, resolve_options, run_checkpoints
+from core.influence.registry import engine_for
+from core.influence.stage import encode_run_data, resolve_options, run_checkpoints
+from core.storage import store
+from core.storage.errors import AtlasError
 
 
 def scope_error(
@@ -70,7 +70,7 @@ def compare_to_exact(
     tracin.npy are reused when they were computed with the options needed (their seconds
     are then reported as 0). Writes nothing to the run.
     """
-    from core.models import load_classifier, resolve_device
+    from core.learning.models import load_classifier, resolve_device
 
     run = Path(run_dir)
     options, (manifest, config) = resolve_options(run, scope, project, seed)

@@ -6,11 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import choose
+from core.storage.errors import choose
 
 # Fewest instances of each class that the study's stratified 80/10/10 split can take and
 # still put at least one of each class into val and into test (10 % of 10). The data
-# stage (core.datasets) refuses smaller classes before the split (core.splits) is drawn.
+# stage (core.inputs.datasets) refuses smaller classes before the split (core.inputs.splits) is drawn.
 MIN_PER_CLASS = 10
 
 
@@ -74,7 +74,7 @@ PRESETS: dict[str, StudyConfig] = {
     "quick": StudyConfig(preset="quick", model="tiny", lr=1e-3, tracin_params="all"),
     # The paper's hyper-parameters (§III–IV) with a pretrained encoder. Exact gradients of
     # all 22.7 M MiniLM parameters for 1,800 instances × 10 checkpoints cost hours on a 2-core
-    # CPU, so TracIn uses the factorized projection over every parameter (core.tracin.factorized,
+    # CPU, so TracIn uses the factorized projection over every parameter (core.influence.factorized,
     # K = 64 per side of each layer). Chosen by the error study (`python -m core error-study`,
     # README): against exact all-parameter scores summed over all 10 checkpoints of the demo
     # run, on 20 misclassified + 20 random test rows, it reached median per-row Spearman 0.999

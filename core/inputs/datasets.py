@@ -69,11 +69,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.config import MIN_PER_CLASS, StudyConfig
-from core.errors import AtlasError, choose
-from core.store import atomic_path
+from core.inputs.config import MIN_PER_CLASS, StudyConfig
+from core.storage.errors import AtlasError, choose
+from core.storage.store import atomic_path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # The longest text cell a study accepts. MeCab (under the tokenizer) dies with a
 # segmentation fault on one unbroken 250,000-character word, so the text is measured
 # before any native code sees it; 20,000 characters are far more than the longest model

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from core import store
-from core.config import MIN_PER_CLASS
-from core.datasets import LoadedData
-from core.errors import AtlasError
+from core.inputs.config import MIN_PER_CLASS
+from core.inputs.datasets import LoadedData
+from core.storage import store
+from core.storage.errors import AtlasError
 
 SPLITS = ("train", "val", "test")
 # The columns the data stage writes: the run store's required ones, then the input file's row.

@@ -32,9 +32,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from core import commands
-from core.errors import AtlasError
-from core.store import TOKENIZER_DIR
+from core.options import commands
+from core.storage.errors import AtlasError
+from core.storage.store import TOKENIZER_DIR
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TINY_VOCAB_SIZE = 4000

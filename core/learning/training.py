@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from core import store
-from core.config import StudyConfig
-from core.models import (
+from core.inputs.config import StudyConfig
+from core.learning.models import (
     build_model,
     collate,
     folder_into_place,
@@ -39,6 +38,7 @@ from core.models import (
     save_pretrained_atomically,
     token_ids,
 )
+from core.storage import store
 
 EPOCH_STATE = "epoch_state.json"
 EPOCH_LOGITS = "eval_logits.npz"
@@ -259,7 +259,7 @@ def _save_epoch(
 
     The state names the data trained on (``trained_on``), so the checkpoint says it itself.
     A write that fails (a full disk) removes the half-written folder and is raised as an
-    :class:`OSError` naming ``folder`` (:func:`core.models.folder_into_place`): the CLI says it in
+    :class:`OSError` naming ``folder`` (:func:`core.learning.models.folder_into_place`): the CLI says it in
     one sentence, and the rerun resumes after the last whole epoch.
     """
     tmp = folder.with_name(folder.name + ".partial")

@@ -17,10 +17,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from core import provenance, store
-from core.errors import AtlasError
-from core.executors import RESUME
-from core.run_options import UsageError, _Parser, add_run_options, config_from_args
+from core.execution.executors import RESUME
+from core.options.run_options import UsageError, _Parser, add_run_options, config_from_args
+from core.storage import provenance, store
+from core.storage.errors import AtlasError
 
 # Configuration keys a `run` option sets, in the order they are appended.
 FLAGS = {
@@ -97,7 +97,7 @@ def resume_command(run_dir: str | os.PathLike) -> str:
 
 
 def status_note(run_dir: str | os.PathLike, manifest: dict[str, Any], status: str) -> str | None:
-    """One sentence for an interrupted or failed run (``status`` from :func:`core.store.run_status`):
+    """One sentence for an interrupted or failed run (``status`` from :func:`core.storage.store.run_status`):
     what happened and the command that resumes it; None for any other status."""
     if status == store.STATUS_INTERRUPTED:
         return (
@@ -179,7 +179,7 @@ def rebuild_command(run_dir: str | os.PathLike, stage: str) -> str:
     return f"python -m core run --name {shlex.quote(Path(run_dir).name)} --cache {shlex.quote(str(Path(run_dir).parent))} with the options that made it"
 
 
-# Damaged or missing files of a run name the command that remakes them (core.store's hints).
+# Damaged or missing files of a run name the command that remakes them (core.storage.store's hints).
 store.set_rebuild_phrasing(rebuild_command)
 
 
@@ -237,7 +237,7 @@ def list_runs(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 "dataset": _text(config.get("dataset", "")),
                 "model": _text(config.get("model", "")),
                 "test_accuracy": float(acc) if isinstance(acc, int | float) else None,
-                # Stages whose inputs changed since they ran (core.provenance).
+                # Stages whose inputs changed since they ran (core.storage.provenance).
                 "stale": sorted(stale),
                 # ... and why, one sentence per stage.
                 "stale_reasons": stale,

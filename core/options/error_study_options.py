@@ -1,7 +1,7 @@
 """Error-study options that can be checked without torch: methods, test subsets, dtypes.
 
 The CLI validates a request with these before torch is imported or anything is written;
-:mod:`core.error_study` uses the same functions.
+:mod:`core.analysis.error_study` uses the same functions.
 
 Method spellings (``--methods``, comma-separated):
 
@@ -10,7 +10,7 @@ Method spellings (``--methods``, comma-separated):
 - ``dense:D``: the dense seeded projection of every parameter's gradient to D values;
   ``dense:D@SCOPE`` the same projection of one scope's gradient (``dense:256@last-2``);
 - ``factorized:K``: the Kronecker-factored projection of every parameter
-  (core.tracin.factorized).
+  (core.influence.factorized).
 
 The reference is always exact TracIn over all parameters (the definition), so ``all`` is not
 a method. Test subsets (``--test-subset``): ``all``, ``random:N``, ``misclassified`` or
@@ -23,14 +23,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from core.errors import AtlasError
-from core.tracin_options import (
+from core.options.tracin_options import (
     Projection,
     method_projection,
     method_spellings,
     parse_scope,
     positive_int,
 )
+from core.storage.errors import AtlasError
 
 DEFAULT_METHODS = "last-2,head,dense:256,factorized:16,factorized:64"
 DEFAULT_SUBSET = "misclassified+random:20"
@@ -55,7 +55,7 @@ def parse_method(text: str) -> Method:
     """One method spelling as a :class:`Method`; :class:`AtlasError` if it is not one.
 
     A projection is spelled ``PREFIX:DIM`` (its ``method_prefix`` in
-    :data:`core.tracin_options.PROJECTIONS`), followed by ``@SCOPE`` unless it covers every
+    :data:`core.options.tracin_options.PROJECTIONS`), followed by ``@SCOPE`` unless it covers every
     parameter; anything else must be a parameter scope.
     """
     text = str(text).strip()

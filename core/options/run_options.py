@@ -1,6 +1,6 @@
 """The options of ``python -m core run`` (and ``sweep``): the parser pieces and their reading.
 
-Kept apart from the CLI's handlers so that the command layer (core.commands) can read a
+Kept apart from the CLI's handlers so that the command layer (core.options.commands) can read a
 recorded ``run`` line back into a configuration without importing the whole command line.
 """
 
@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.config import PRESETS, StudyConfig, preset_config
-from core.errors import AtlasError
-from core.executors import EXECUTORS, SHARED_MODES, ExecutorSpec, check_executor
-from core.tracin_options import covers_every_parameter, project_help_short, record_project
-from core.validation import DATA_SUFFIXES, check_number
+from core.execution.executors import EXECUTORS, SHARED_MODES, ExecutorSpec, check_executor
+from core.inputs.config import PRESETS, StudyConfig, preset_config
+from core.options.tracin_options import covers_every_parameter, project_help_short, record_project
+from core.options.validation import DATA_SUFFIXES, check_number
+from core.storage.errors import AtlasError
 
 DEFAULT_CACHE = os.environ.get("ATLAS_CACHE", "cache")
+# A run's stages in order (``--until`` names the last); the pipeline runs them.
+STAGES = ("data", "train", "tracin", "analyze")
 
 
 class UsageError(AtlasError):
@@ -77,7 +79,7 @@ class _CoreChoices(Sequence):
 class _LazyHelp(str):
     """A help text computed only when help is printed (argparse formats it with ``%``).
 
-    core.datasets loads scikit-learn; listing its names at parser build time would make
+    core.inputs.datasets loads scikit-learn; listing its names at parser build time would make
     every command, a mistyped one included, pay for that import.
     """
 
@@ -100,7 +102,7 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
         "--dataset",
         help=_LazyHelp(
             lambda: "built-in dataset ({}) or a CSV/TSV/JSONL file".format(
-                ", ".join(_CoreChoices("core.datasets", "BUILTINS"))
+                ", ".join(_CoreChoices("core.inputs.datasets", "BUILTINS"))
             )
         ),
     )
@@ -140,7 +142,7 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_executor_options(p: argparse.ArgumentParser, what: str = "tasks") -> None:
-    """``--executor``, ``--workers``, ``--ray-address``, ``--ray-shared`` (core/executors.py)."""
+    """``--executor``, ``--workers``, ``--ray-address``, ``--ray-shared`` (core/execution/executors.py)."""
     g = p.add_argument_group(
         "executor",
         f"where the independent {what} run; the numbers are the same whichever runs them "
@@ -246,8 +248,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--until",
         default="analyze",
-        # Read from core.pipeline when first checked, so this module stays below the pipeline.
-        choices=_CoreChoices("core.pipeline", "STAGES"),
+        choices=STAGES,
         help="last stage to run",
     )
     p.add_argument("--detect", action="store_true", help="also run the detectors afterwards")

@@ -1,11 +1,11 @@
 """TracIn options that can be checked without torch: parameter scopes and projections.
 
 The CLI and the app validate a request with these before anything heavy is imported or
-written; the engine (``core.tracin``) uses the same functions, so there is one definition.
+written; the engine (``core.influence``) uses the same functions, so there is one definition.
 
 :data:`PROJECTIONS` is the registry of ``--project`` spellings: each :class:`Projection` says
 how its spec is typed, how it is recorded in the config and the manifest, what the CLI help
-and the error study call it, and whether it covers every parameter. ``core.tracin.registry``
+and the error study call it, and whether it covers every parameter. ``core.influence.registry``
 maps each entry's ``mode`` to the engine class that computes it.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 SCOPES_FIXED = ("all", "no-word-embeddings", "head")
 _SCOPE_RE = re.compile(r"^last-(\d+)$")
@@ -87,13 +87,13 @@ FACTORIZED = Projection(
     method_prefix="factorized:",
     method_spellings=("factorized:K",),
     spelling="factorized:K",
-    detail="K per side of every layer, all parameters; core/tracin/factorized.py",
+    detail="K per side of every layer, all parameters; core/influence/factorized.py",
     usage="factorized:K (K ≥ 1)",
     method_usage="use factorized:K with K ≥ 1",
     every_parameter=True,
 )
 # Every projection, in the order the help lists them. A new one is an entry here, its engine
-# class in core.tracin.registry.ENGINES, and their tests.
+# class in core.influence.registry.ENGINES, and their tests.
 PROJECTIONS: tuple[Projection, ...] = (DENSE, FACTORIZED)
 PROJECT_MODES = tuple(p.mode for p in PROJECTIONS)
 
@@ -123,7 +123,7 @@ def parse_project(spec: str | int) -> tuple[str, int]:
 
     ``"D"`` (or the int D) is the dense seeded projection of every gradient to D values;
     ``"factorized:K"`` the Kronecker-factored one with K values per side of each layer
-    (core.tracin.factorized). D and K must be positive integers.
+    (core.influence.factorized). D and K must be positive integers.
     """
     entry, dim = projection(spec)
     return entry.mode, dim

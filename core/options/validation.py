@@ -1,8 +1,8 @@
 """Checks of a whole study request, made before anything is read heavily or written.
 
 The CLI (``run``, ``sweep``) and the app's Run-a-study page call :func:`validate_study`
-with the same :class:`~core.config.StudyConfig`, so a request the form accepts is one the
-CLI accepts. Every check raises :class:`~core.errors.AtlasError` with one sentence. This
+with the same :class:`~core.inputs.config.StudyConfig`, so a request the form accepts is one the
+CLI accepts. Every check raises :class:`~core.storage.errors.AtlasError` with one sentence. This
 module imports no torch (``--device cuda`` imports it lazily, only to ask for a GPU) and
 no pandas, so a bad request is reported within a fraction of a second.
 """
@@ -15,9 +15,9 @@ import re
 import unicodedata
 from pathlib import Path
 
-from core.config import StudyConfig
-from core.errors import AtlasError
-from core.tracin_options import parse_scope, projection
+from core.inputs.config import StudyConfig
+from core.options.tracin_options import parse_scope, projection
+from core.storage.errors import AtlasError
 
 # A run or sweep name: one plain folder name (no separators, no '..', not hidden, not absolute).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -181,7 +181,7 @@ def check_data(config: StudyConfig) -> None:
         if not config.text_col:
             raise AtlasError("A data file needs --text-col naming its text column.")
         return
-    from core.datasets import BUILTINS  # pandas and scikit-learn, still no torch
+    from core.inputs.datasets import BUILTINS  # pandas and scikit-learn, still no torch
 
     if config.dataset not in BUILTINS:
         raise AtlasError(

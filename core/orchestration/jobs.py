@@ -23,17 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core import commands, locks, store, validation
-from core.errors import AtlasError
-from core.executors import PROGRESS
-from core.sweep import CELLS_DIR, cell_name
+from core.execution.executors import PROGRESS
+from core.options import commands, validation
+from core.orchestration.sweep import CELLS_DIR, cell_name
+from core.storage import locks, store
+from core.storage.errors import AtlasError
 
 ENV_STUDY_CMD = "ATLAS_STUDY_CMD"  # replaces "python -m core" (tests use a stand-in CLI)
 ENV_READONLY = "ATLAS_READONLY"  # 1: a viewer-only host (no uploads, no jobs)
 ENV_MAX_JOBS = "ATLAS_MAX_JOBS"  # jobs running at once; more wait in a queue
 DEFAULT_MAX_JOBS = 1
 JOBS_DIR = ".jobs"  # dot-folders are skipped by commands.list_runs
-REPO = Path(__file__).resolve().parents[1]  # the checkout: a job's command runs here
+REPO = Path(__file__).resolve().parents[2]  # the checkout: a job's command runs here
 # The wrapper records the exit status, which a detached process cannot report otherwise.
 # The command arrives as "$@", never through the shell's parser.
 _WRAPPER = 'rcfile="$1"; shift; "$@"; echo $? > "$rcfile"'
@@ -369,7 +370,7 @@ def sweep_progress(sweep_dir: Path) -> dict[str, Any]:
 
 
 def task_progress(folder: Path) -> dict[str, Any]:
-    """The task progress the CLI writes (core.executors: ``<folder>/progress.json``): stage,
+    """The task progress the CLI writes (core.execution.executors: ``<folder>/progress.json``): stage,
     executor, tasks done of total and per-worker throughput; empty before any."""
     try:
         m = store.read_json(Path(folder) / PROGRESS)

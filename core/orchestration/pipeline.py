@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from core import locks, provenance, store
-from core.config import StudyConfig
-from core.errors import AtlasError
-from core.validation import check_config, validate_study
+from core.inputs.config import StudyConfig
+from core.options.run_options import STAGES
+from core.options.validation import check_config, validate_study
+from core.storage import locks, provenance, store
+from core.storage.errors import AtlasError
 
-STAGES = ("data", "train", "tracin", "analyze")
 # Fields that change where a computation runs, not what it computes.
 _NAME_NEUTRAL = {"device"}
 
@@ -69,12 +69,12 @@ def validate_config(config: StudyConfig) -> None:
 
 def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path | None) -> None:
     """Data stage: validate input, then write instances, tokenizer and a 'running' manifest."""
-    from core.datasets import load_dataset
-    from core.splits import split_instances
+    from core.inputs.datasets import load_dataset
+    from core.inputs.splits import split_instances
 
     t0 = time.perf_counter()
     data = load_dataset(config, data_dir)  # before torch is imported: bad data fails fast
-    from core.models import build_model, build_tokenizer
+    from core.learning.models import build_model, build_tokenizer
 
     instances = split_instances(data, config.n_total, config.n_flips, config.seed)
     sample = dict(instances.attrs.get("sample", {}))
@@ -128,8 +128,8 @@ def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path
 
 def train_run(config: StudyConfig, run_dir: Path, progress: bool = True) -> None:
     """Train stage: fine-tune with per-epoch checkpoints, then store logits and metrics."""
-    from core.models import load_tokenizer
-    from core.training import train_model
+    from core.learning.models import load_tokenizer
+    from core.learning.training import train_model
 
     t0 = time.perf_counter()
     instances = store.load_instances(run_dir)
@@ -192,7 +192,7 @@ def run_study(
 ) -> Path:
     """Run (or resume) a study up to stage ``until`` and return its folder.
 
-    ``executor`` (a :class:`core.executors.ExecutorSpec`; default local) runs the tracin
+    ``executor`` (a :class:`core.execution.executors.ExecutorSpec`; default local) runs the tracin
     stage's tasks; training and analytics run in this process.
     """
     if until not in STAGES:
@@ -234,9 +234,9 @@ def plan_study(
     wrong column or too few rows is reported now), and the model is resolved (a model folder
     must hold a readable config); no tokenizer is built and no weights are loaded.
     """
-    from core.datasets import load_dataset
-    from core.models import model_source
-    from core.splits import split_instances
+    from core.inputs.datasets import load_dataset
+    from core.inputs.splits import split_instances
+    from core.learning.models import model_source
 
     if until not in STAGES:
         raise AtlasError(f"--until must be one of {', '.join(STAGES)} (got '{until}').")
@@ -309,13 +309,13 @@ def _run_locked(
         if "train" in wanted and not _stage_ready(run_dir, "train", progress):
             train_run(config, run_dir, progress)
         if "tracin" in wanted and not _stage_ready(run_dir, "tracin", progress, damage=False):
-            from core.executors import LOCAL
-            from core.tracin import run_tracin
+            from core.execution.executors import LOCAL
+            from core.influence import run_tracin
 
             # run_tracin says on stderr when it remakes a damaged file.
             run_tracin(run_dir, device=config.device, progress=progress, executor=executor or LOCAL)
         if "analyze" in wanted and not _stage_ready(run_dir, "analyze", progress):
-            from core.analysis import analyze_run
+            from core.analysis.analyze import analyze_run
 
             analyze_run(run_dir, progress=progress)
     except BaseException as exc:
@@ -339,7 +339,7 @@ def _stage_ready(run_dir: Path, stage: str, say: bool = False, damage: bool = Tr
     """Whether ``stage`` is complete with whole files made from its inputs as they are now.
 
     A truncated or wrongly shaped file (``store.stage_problem``) or a changed input
-    (``core.provenance``: a retrained checkpoint, new instances) makes the stage due again,
+    (``core.storage.provenance``: a retrained checkpoint, new instances) makes the stage due again,
     so ``run`` never reports a damaged stage or a mix of inputs complete; the stages after
     it follow, as their own inputs change when it is remade. With ``say`` the reason is
     announced on stderr (the damage one only with ``damage``: the tracin stage says it).

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import locks, store
-from core.config import StudyConfig
-from core.errors import AtlasError
-from core.executors import ExecutorSpec, Resources, Work, run_tasks
+from core.execution.executors import ExecutorSpec, Resources, Work, run_tasks
+from core.inputs.config import StudyConfig
+from core.storage import locks, store
+from core.storage.errors import AtlasError
 
 SWEEP_TABLE = store.SWEEP_TABLE
 SWEEP_EPOCHS = store.SWEEP_EPOCHS
@@ -57,7 +57,7 @@ def cell_name(rate: float, seed: int) -> str:
 
 def sweep_name(config: StudyConfig) -> str:
     """Default sweep folder name, derived from the run naming so reruns resume."""
-    from core.pipeline import run_name
+    from core.orchestration.pipeline import run_name
 
     return "sweep-" + run_name(config.replace(flip_rate=0.0, seed=0))
 
@@ -75,7 +75,7 @@ def run_sweep(
 ) -> Path:
     """Train every (rate, seed) cell that is not finished yet and write the sweep tables.
 
-    The cells run on ``executor`` (:mod:`core.executors`). Without one, ``jobs`` keeps its
+    The cells run on ``executor`` (:mod:`core.execution.executors`). Without one, ``jobs`` keeps its
     meaning from before executors: that many processes (0: one per two cores), and this
     process alone when that is one. With one, ``jobs`` stands in for ``--workers`` when
     that is 0 (``--jobs`` is the sweep's older name for it).
@@ -94,7 +94,7 @@ def _checked_sweep(
     executor: ExecutorSpec | None = None,
 ) -> tuple[StudyConfig, Path, ExecutorSpec]:
     """Every check a sweep makes before it writes: (base configuration, folder, executor)."""
-    from core.validation import check_number, validate_study
+    from core.options.validation import check_number, validate_study
 
     check_number("--seeds", n_seeds, 1, MAX_SEEDS)
     check_number("--jobs", jobs, 0, 1024)
@@ -105,7 +105,7 @@ def _checked_sweep(
     base = config.replace(flip_rate=0.0)
     sweep_dir = Path(cache_dir) / (name or sweep_name(base))
     # Validate the data once, in this process, before any folder is made.
-    from core.datasets import load_dataset
+    from core.inputs.datasets import load_dataset
 
     load_dataset(base)
     return base, sweep_dir, executor
@@ -277,7 +277,7 @@ def _cell_outputs(cell: Cell) -> list[str]:
     return [f"{CELLS_DIR}/{_cell_name(cell)}"]
 
 
-# A cell as every executor (core.executors) runs it; a returned cell replaces a partial one.
+# A cell as every executor (core.execution.executors) runs it; a returned cell replaces a partial one.
 WORK = Work(
     stage="sweep",
     compute=_compute_cell,
@@ -296,7 +296,7 @@ def train_cell(base: StudyConfig, cell_root: Path, rate: float, seed: int, threa
     """Train one cell (a study run up to 'train'); safe to call in a worker process."""
     import torch
 
-    from core.pipeline import run_study
+    from core.orchestration.pipeline import run_study
 
     torch.set_num_threads(threads)
     config = base.replace(flip_rate=rate, seed=seed)

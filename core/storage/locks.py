@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 LOCK_FILE = ".lock"
 # Temporary folders of the data stage; a pid in the name tells whose they are.

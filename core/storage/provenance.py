@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from core import run_files
-from core.errors import AtlasError
+from core.storage import run_files
+from core.storage.errors import AtlasError
 
 PROVENANCE_DIR = "provenance"
 # Files up to this size are hashed whole (SHA-1 runs at about 1 GB/s).
@@ -34,7 +34,7 @@ FULL_HASH_BYTES = 256 << 20
 SAMPLED_BLOCKS = 64
 _BLOCK = 64 << 10
 _EDGE = 1 << 20
-# core.training.EPOCH_STATE (that module imports torch; this one must not).
+# core.learning.training.EPOCH_STATE (that module imports torch; this one must not).
 _EPOCH_STATE = "epoch_state.json"
 
 # Inputs of each stage, as paths relative to the run folder. The tracin stage also reads
@@ -270,7 +270,7 @@ def read_record(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None
 def training_data(run_dir: str | os.PathLike) -> dict[str, str | None]:
     """``{name: sha1}`` of the files training reads (instances, tokenizer), as they are now.
 
-    Every checkpoint stores this as ``trained_on`` (``core.training``), so a checkpoint
+    Every checkpoint stores this as ``trained_on`` (``core.learning.training``), so a checkpoint
     names the data it was trained on even if ``provenance/`` is lost or rewritten.
     """
     run = Path(run_dir)

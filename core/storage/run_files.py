@@ -1,9 +1,9 @@
 """The bottom of the storage layer: run-store file names, column sets and statuses, atomic
 JSON writes and manifest reads.
 
-Everything here is what both :mod:`core.provenance` and :mod:`core.store` need, so the two
+Everything here is what both :mod:`core.storage.provenance` and :mod:`core.storage.store` need, so the two
 sit above it (store above provenance: a stage marked complete records its provenance)
-instead of importing each other. :mod:`core.store` re-exports every name, so callers keep
+instead of importing each other. :mod:`core.storage.store` re-exports every name, so callers keep
 writing ``store.INSTANCES``; the names are declared here and nowhere else. This module
 imports no torch and no pandas.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import AtlasError
+from core.storage.errors import AtlasError
 
 # File names inside a run folder (public interface: users' scripts read these).
 MANIFEST = "manifest.json"
@@ -46,12 +46,14 @@ DISTANCES = "distances.npy"  # (n_test, n_train) float32
 COORDS = "coords.parquet"  # id, umap_x, umap_y, pca_x, pca_y
 DETECTORS = "detectors.parquet"  # one row per training instance, a column per detector
 DETECTION = "detection.json"  # metrics per detector
-ERROR_STUDY = "error_study.parquet"  # one row per test row × method (core.error_study)
+ERROR_STUDY = "error_study.parquet"  # one row per test row × method (core.analysis.error_study)
 ERROR_STUDY_SUMMARY = "error_study.json"  # per-method summary, subset, timings, command
 ERROR_STUDY_WORK = "error_study_work"  # resumable shards and results of the error study
 CLEANING_DIR = "cleaning"
-CLEANING_RESULTS = "results.json"  # inside CLEANING_DIR: one row per retraining (core.cleaning)
-# Files of a sweep folder (core.sweep).
+CLEANING_RESULTS = (
+    "results.json"  # inside CLEANING_DIR: one row per retraining (core.cleaning.interventions)
+)
+# Files of a sweep folder (core.orchestration.sweep).
 SWEEP_TABLE = "sweep.parquet"  # one row per (flip rate, seed) cell
 SWEEP_EPOCHS = "sweep_epochs.parquet"  # one row per cell and epoch
 SWEEP_CELLS_DIR = "cells"  # one run folder per cell
@@ -132,7 +134,7 @@ def load_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 # The storage layer knows which stage writes each file, not the command line: the command
-# layer above (core.commands) registers how to phrase the command that remakes a stage, so
+# layer above (core.options.commands) registers how to phrase the command that remakes a stage, so
 # a damaged file's message names it without this module importing the CLI.
 RebuildPhrasing = Callable[[Path, str], str]
 _rebuild_phrasing: list[RebuildPhrasing] = []

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import locks, provenance
-from core.errors import AtlasError
+from core.storage import locks, provenance
+from core.storage.errors import AtlasError
 
 # Every run-store file name, column set and status, and the JSON and manifest helpers, are
-# declared in core.run_files (below core.provenance, which this module calls); they are
+# declared in core.storage.run_files (below core.storage.provenance, which this module calls); they are
 # re-exported here because callers read them as store.NAME.
-from core.run_files import (  # noqa: F401
+from core.storage.run_files import (  # noqa: F401
     ANALYSIS,
     CHECKPOINTS_DIR,
     CLEANING_DIR,
@@ -227,7 +227,7 @@ def mark_stage(
     """Record a stage's status (and its wall time in ``timings_s``) in the manifest.
 
     A stage marked running in a failed run clears the run's failure (a retry); a stage
-    marked complete also writes its provenance (``core.provenance``): ``info`` as its
+    marked complete also writes its provenance (``core.storage.provenance``): ``info`` as its
     arguments and the fingerprints of its inputs.
     """
     path = Path(run_dir) / MANIFEST
@@ -337,7 +337,7 @@ def missing_heavy_tier(run_dir: str | os.PathLike) -> list[str]:
 
 
 def full_copy_name(run_dir: str | os.PathLike) -> str:
-    """The run name :func:`core.commands.recreate_command` gives a full copy of a shipped run."""
+    """The run name :func:`core.options.commands.recreate_command` gives a full copy of a shipped run."""
     return f"{Path(run_dir).name}-full"
 
 
@@ -460,7 +460,7 @@ def _check_outputs(run: Path, stage: str) -> None:
         )
 
 
-# core.training's file names (that module imports torch; this one must not).
+# core.learning.training's file names (that module imports torch; this one must not).
 _EPOCH_STATE, _EPOCH_LOGITS = "epoch_state.json", "eval_logits.npz"
 
 
@@ -470,7 +470,7 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     Cheap and torch-free, nothing large is read: a safetensors file's size must be the
     one its header declares, a zip (``.npz``, torch's ``optimizer.pt``) must have its
     central directory (at its end), a JSON file must parse. Files that are absent are not
-    this check's business (:func:`core.training.completed_epochs` requires the state file).
+    this check's business (:func:`core.learning.training.completed_epochs` requires the state file).
     """
     import zipfile
 

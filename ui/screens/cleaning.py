@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import cleaning as core_cleaning
-from core import metrics as core_metrics
-from core import store
+from core.analysis import metrics as core_metrics
+from core.cleaning import interventions as core_cleaning
+from core.storage import store
 from ui import charts, data, widgets
 
 METRIC_NAMES = {
@@ -107,7 +107,7 @@ def body(run: data.Run) -> None:
 
 
 def recall_frame(scores: np.ndarray, flipped: np.ndarray, detector: str) -> pd.DataFrame:
-    """core.metrics.recall_curve as a long frame (fraction, recall, detector) for the chart."""
+    """core.analysis.metrics.recall_curve as a long frame (fraction, recall, detector) for the chart."""
     fractions, recall = core_metrics.recall_curve(scores, flipped, 201)
     return pd.DataFrame({"fraction": fractions, "recall": recall, "detector": detector})
 
@@ -115,7 +115,7 @@ def recall_frame(scores: np.ndarray, flipped: np.ndarray, detector: str) -> pd.D
 def review_queue(
     detectors: pd.DataFrame, detector: str, train: pd.DataFrame, top: int, label_names: list[str]
 ) -> pd.DataFrame:
-    """core.cleaning.review_queue (the CLI export's queue) as the page shows it: rank, the known
+    """core.cleaning.interventions.review_queue (the CLI export's queue) as the page shows it: rank, the known
     answer, id, text, label names instead of numbers, score and reason."""
     scores = detectors.set_index("id")[detector].reindex(train["id"].to_numpy())
     queue = core_cleaning.review_queue(

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import lesson as core_lesson
-from core import shapes as core_shapes
-from core import store, views
+from core.analysis import lesson as core_lesson
+from core.analysis import shapes as core_shapes
+from core.analysis import views
+from core.storage import store
 from ui import charts, compute, data, influence, widgets
 
 PANEL_POINTS = 150  # points per small multiple (every flipped instance is kept on top)

@@ -8,11 +8,11 @@ import shlex
 import pandas as pd
 import streamlit as st
 
-from core import shapes as core_shapes
-from core import store
-from core.analysis import final_correct, majority_baseline
-from core.commands import reproduce_command
-from core.errors import AtlasError
+from core.analysis import shapes as core_shapes
+from core.analysis.analyze import final_correct, majority_baseline
+from core.options.commands import reproduce_command
+from core.storage import store
+from core.storage.errors import AtlasError
 from ui import charts, compute, data, pages, widgets
 
 INTRO = """
@@ -219,7 +219,7 @@ def exactness_table(summary: dict) -> pd.DataFrame:
 
 
 def scores_exactness(run: data.Run) -> None:
-    """'How exact are the scores': the run's stored error study (core.error_study), if any."""
+    """'How exact are the scores': the run's stored error study (core.analysis.error_study), if any."""
     try:
         study = run.error_study()
     except (AtlasError, data.MissingData) as exc:

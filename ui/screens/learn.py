@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import shape_references, views
-from core import shapes as core_shapes
+from core.analysis import shape_references, views
+from core.analysis import shapes as core_shapes
 from ui import charts, compute, data, influence, widgets
 from ui.screens import curves
 

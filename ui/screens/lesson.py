@@ -1,7 +1,7 @@
 """The lesson: five steps on the three shapes, on the teaching run, each with a question.
 
 Linkable per step (``?step=N``); every number and every sentence about the data comes from
-core (``core.lesson``, ``core.replication``, ``core.claims``); this file only lays them out.
+core (``core.analysis.lesson``, ``core.analysis.replication``, ``core.analysis.claims``); this file only lays them out.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import lesson as core_lesson
-from core import replication as core_replication
-from core import shapes as core_shapes
-from core import store, views
+from core.analysis import lesson as core_lesson
+from core.analysis import replication as core_replication
+from core.analysis import shapes as core_shapes
+from core.analysis import views
+from core.storage import store
 from ui import charts, compute, data, widgets
 from ui.screens import curves
 
@@ -150,7 +151,7 @@ def teaching_target() -> tuple[data.Run, views.View, str] | None:
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _table(path: str, stamp: int, view_key: str) -> pd.DataFrame:
-    """Every test instance in the view (core.replication.run_table: the claims' own numbers)."""
+    """Every test instance in the view (core.analysis.replication.run_table: the claims' own numbers)."""
     return core_replication.run_table(path, view_key)[0]
 
 
@@ -161,7 +162,7 @@ def view_table(run: data.Run, view: views.View) -> pd.DataFrame:
 
 
 def examples(run: data.Run, view: views.View) -> dict[str, dict | None]:
-    """One example per class by the written rule (core.lesson.EXAMPLE_RULE)."""
+    """One example per class by the written rule (core.analysis.lesson.EXAMPLE_RULE)."""
     return core_lesson.class_examples(view_table(run, view))
 
 
@@ -309,7 +310,7 @@ def step_five(run: data.Run, view: views.View) -> None:
     if rep is None:
         st.info("No replication summary in this store: the claims are untested here.")
         return
-    from core import claims as core_claims
+    from core.analysis import claims as core_claims
 
     cells = {}
     for cond in rep["conditions"]:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import stats
+from core.analysis import stats
 from ui import charts, compute, data, influence, widgets
 
 MAX_LINES = 30  # sorted-distance curves drawn at most (Fig. 2b gets unreadable beyond)
@@ -56,7 +56,7 @@ def body(run: data.Run) -> None:
         else pd.Series(np.asarray(dist).mean(1))
     )
     # The analyze stage's stored value (analysis.json), the number Shape vs position and
-    # `core show` report; computed with the same core.stats function only for older runs.
+    # `core show` report; computed with the same core.analysis.stats function only for older runs.
     r = stored_correlation(run) if default else None
     if r is None:
         r = stats.correlation(

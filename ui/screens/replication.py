@@ -1,4 +1,4 @@
-"""Does the paper hold? Each claim tested across conditions and seeds (core.claims), with evidence."""
+"""Does the paper hold? Each claim tested across conditions and seeds (core.analysis.claims), with evidence."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import claims as core_claims
-from core import store
-from core.errors import AtlasError
-from core.replication import REPLICATION_KIND, claims_of
+from core.analysis import claims as core_claims
+from core.analysis.replication import REPLICATION_KIND, claims_of
+from core.storage import store
+from core.storage.errors import AtlasError
 from ui import charts, data, widgets
 
 QP_CELL = "cell"
@@ -109,7 +109,7 @@ def single_run() -> None:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _run_claims(path: str, stamp: int) -> dict:
-    """core.replication.claims_of without writing (the store stays read-only for the app)."""
+    """core.analysis.replication.claims_of without writing (the store stays read-only for the app)."""
     return claims_of(path, write=False)
 
 

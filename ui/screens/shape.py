@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core import shapes as core_shapes
-from core import stats
+from core.analysis import shapes as core_shapes
+from core.analysis import stats
 from ui import charts, data, influence, pages, widgets
 from ui.screens import curves
 
@@ -85,7 +85,7 @@ def body(run: data.Run) -> None:
 
 
 def correlation_table(table: pd.DataFrame, x: str, y: str) -> None:
-    """Spearman / Pearson of the index with the chosen quantity, per group, via core.stats."""
+    """Spearman / Pearson of the index with the chosen quantity, per group, via core.analysis.stats."""
     groups = {"all": table}
     if "correct" in table:
         groups["misclassified"] = table[~table["correct"].astype(bool)]

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import jobs, validation
-from core.config import PRESETS
-from core.datasets import BUILTINS
-from core.errors import AtlasError
+from core.inputs.config import PRESETS
+from core.inputs.datasets import BUILTINS
+from core.options import validation
+from core.orchestration import jobs
+from core.storage.errors import AtlasError
 from ui import data, study, widgets
 
 MODELS = {
@@ -218,7 +219,7 @@ def upload_section(cache, req: study.StudyRequest) -> bool:
         )
         req.label_col, req.rating_col, req.pos_min, req.neg_max = None, rating_col, pos_min, neg_max
     req.text_col = text_col
-    # Column names reach the command line: one rule for the CLI and this form (core.validation).
+    # Column names reach the command line: one rule for the CLI and this form (core.options.validation).
     for flag, column in (
         ("--text-col", req.text_col),
         ("--label-col", req.label_col),

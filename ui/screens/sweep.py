@@ -9,10 +9,11 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core import jobs, store
-from core.config import PRESETS
-from core.datasets import BUILTINS
-from core.errors import AtlasError
+from core.inputs.config import PRESETS
+from core.inputs.datasets import BUILTINS
+from core.orchestration import jobs
+from core.storage import store
+from core.storage.errors import AtlasError
 from ui import charts, compute, data, study, widgets
 from ui.screens import study as study_screen
 

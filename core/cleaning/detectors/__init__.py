@@ -2,16 +2,16 @@
 
 Every detector gives each training instance one float, higher = more suspicious,
 computed without looking at the flipped mask (the mask only scores the ranking
-afterwards, in :mod:`core.metrics`). The detect stage writes
+afterwards, in :mod:`core.analysis.metrics`). The detect stage writes
 ``detectors.parquet`` (``id`` + one column per detector) and ``detection.json``
 (metrics per detector beside the random baseline, and a note on how each was
 computed), then marks the stage ``detect`` complete.
 
 The package holds one module per family, each importing only those listed after it:
-:mod:`~core.detectors.stage` (the detect stage), :mod:`~core.detectors.registry` (one
-entry per detector), :mod:`~core.detectors.retraining` (the inner-split retraining
-method), :mod:`~core.detectors.shape_aware` and :mod:`~core.detectors.cheap`. The names
-below are re-exported here, so ``from core.detectors import run_detect`` keeps working.
+:mod:`~core.cleaning.detectors.stage` (the detect stage), :mod:`~core.cleaning.detectors.registry` (one
+entry per detector), :mod:`~core.cleaning.detectors.retraining` (the inner-split retraining
+method), :mod:`~core.cleaning.detectors.shape_aware` and :mod:`~core.cleaning.detectors.cheap`. The names
+below are re-exported here, so ``from core.cleaning.detectors import run_detect`` keeps working.
 
 Detectors (names are the run-store contract):
 
@@ -54,20 +54,20 @@ Detectors (names are the run-store contract):
     Uniform random scores from the run's seed: the baseline made concrete.
 """
 
-from core.detectors.cheap import (
+from core.cleaning.detectors.cheap import (
     aum_scores,
     cleanlab_scores,
     loss_scores,
     pretrained_features,
     random_scores,
 )
-from core.detectors.registry import (
+from core.cleaning.detectors.registry import (
     DETECTORS,
     REASONS,
     REGISTRY,
     Detector,
 )
-from core.detectors.retraining import (
+from core.cleaning.detectors.retraining import (
     INFLUENCE_CACHE,
     NESTED_FRACTIONS,
     RETRAIN_MEMORY_MB,
@@ -80,13 +80,13 @@ from core.detectors.retraining import (
     nested_split,
     plan_retraining,
 )
-from core.detectors.shape_aware import (
+from core.cleaning.detectors.shape_aware import (
     centre_distances,
     rank_positions,
     shape_aware_scores,
     shape_preference,
 )
-from core.detectors.stage import (
+from core.cleaning.detectors.stage import (
     STAGE,
     detection_summary,
     detection_table,

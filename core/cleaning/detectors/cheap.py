@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from core.config import StudyConfig
-from core.errors import AtlasError
+from core.inputs.config import StudyConfig
+from core.storage.errors import AtlasError
 
 
 def loss_scores(final_logits: np.ndarray, observed: np.ndarray) -> np.ndarray:
@@ -116,7 +116,13 @@ def pretrained_features(
         return None
     import torch
 
-    from core.models import build_model, encode, length_batches, load_tokenizer, resolve_device
+    from core.learning.models import (
+        build_model,
+        encode,
+        length_batches,
+        load_tokenizer,
+        resolve_device,
+    )
 
     tokenizer = load_tokenizer(run_dir)
     device = resolve_device(config.device)

@@ -14,24 +14,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import store
-from core.config import StudyConfig
-from core.detectors.cheap import (
+from core.analysis.shapes import ShapeRule, bulk_index
+from core.cleaning.detectors.cheap import (
     aum_scores,
     cleanlab_scores,
     loss_scores,
     pretrained_features,
     random_scores,
 )
-from core.detectors.retraining import (
+from core.cleaning.detectors.retraining import (
     Retraining,
     aggregate_influence,
     cache_key,
     compute_retraining,
 )
-from core.detectors.shape_aware import shape_aware_scores
-from core.errors import AtlasError
-from core.shapes import ShapeRule, bulk_index
+from core.cleaning.detectors.shape_aware import shape_aware_scores
+from core.inputs.config import StudyConfig
+from core.storage import store
+from core.storage.errors import AtlasError
 
 
 class Skip(Exception):
@@ -197,8 +197,8 @@ def _misclassified_influence(
 ) -> tuple[np.ndarray, str, dict[str, Any]]:
     """Detector 2, cached in detect_work/ so a rerun only rescores."""
     try:
-        import core.tracin  # noqa: F401  (torch and the TracIn engine)
-        import core.training  # noqa: F401
+        import core.influence  # noqa: F401  (torch and the TracIn engine)
+        import core.learning.training  # noqa: F401
     except ImportError as exc:
         raise Skip(f"the TracIn engine is not available ({exc})") from None
     if not (inputs.run / store.TOKENIZER_DIR).is_dir():

@@ -4,7 +4,7 @@ Split the training data again (80/10/10), fine-tune a fresh model on train-in-tr
 score every training instance by its TracIn influence on the test-in-train instances that
 model misclassifies. The retraining is the detect stage's one heavy unit: it is cached in
 ``<run>/detect_work/`` under a key of what it depends on, and any executor
-(:mod:`core.executors`) can run it as :data:`WORK`.
+(:mod:`core.execution.executors`) can run it as :data:`WORK`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import store
-from core.config import StudyConfig, config_from_dict
-from core.detectors.cheap import loss_scores
-from core.errors import AtlasError
-from core.executors import ExecutorSpec, Resources, retraining_work, run_tasks
+from core.cleaning.detectors.cheap import loss_scores
+from core.execution.executors import ExecutorSpec, Resources, retraining_work, run_tasks
+from core.inputs.config import StudyConfig, config_from_dict
+from core.storage import store
+from core.storage.errors import AtlasError
 
 WORK_DIR = "detect_work"  # train-in-train checkpoints and the influence matrix of detector 2
 INFLUENCE_CACHE = "misclassified_influence.npz"
@@ -103,9 +103,9 @@ def misclassified_influence_matrix(
     """
     import torch
 
-    from core.models import encode, load_classifier, load_tokenizer, resolve_device
-    from core.tracin.registry import engine_for
-    from core.training import train_model
+    from core.influence.registry import engine_for
+    from core.learning.models import encode, load_classifier, load_tokenizer, resolve_device
+    from core.learning.training import train_model
 
     run = Path(run_dir)
     work = run / WORK_DIR
@@ -253,7 +253,7 @@ def _compute_retraining(unit: Retraining, force: bool = False) -> None:
     compute_retraining(unit, progress=False, force=force)
 
 
-# Detector 2's retraining as every executor (core.executors) runs it.
+# Detector 2's retraining as every executor (core.execution.executors) runs it.
 WORK = retraining_work("detect", _compute_retraining, _retraining_name, _retraining_outputs)
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import AtlasError
-from core.shapes import DEFAULT_RULE, ShapeRule
+from core.analysis.shapes import DEFAULT_RULE, ShapeRule
+from core.storage.errors import AtlasError
 
 
 def rank_positions(rows: np.ndarray) -> np.ndarray:
@@ -31,7 +31,7 @@ def rank_positions(rows: np.ndarray) -> np.ndarray:
 def shape_preference(s: np.ndarray, rule: ShapeRule = DEFAULT_RULE) -> np.ndarray:
     """Where to look for flips in each curve: +1 at the ends (S), −1 at the centre (Z), linear between.
 
-    ``s`` is the bulk S-shapedness (core.shapes.bulk_index); the ramp runs from the rule's
+    ``s`` is the bulk S-shapedness (core.analysis.shapes.bulk_index); the ramp runs from the rule's
     ``z_max`` to its ``s_min``, so a clear S or Z gets full weight and an ambiguous
     backslash little.
     """

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import metrics, provenance, store
-from core.config import StudyConfig, config_from_dict
-from core.detectors.registry import DETECTORS, REGISTRY, Inputs, Skip
-from core.detectors.retraining import WORK_DIR, retrain_elsewhere
-from core.errors import AtlasError
-from core.executors import LOCAL, ExecutorSpec
+from core.analysis import metrics
+from core.cleaning.detectors.registry import DETECTORS, REGISTRY, Inputs, Skip
+from core.cleaning.detectors.retraining import WORK_DIR, retrain_elsewhere
+from core.execution.executors import LOCAL, ExecutorSpec
+from core.inputs.config import StudyConfig, config_from_dict
+from core.storage import provenance, store
+from core.storage.errors import AtlasError
 
 STAGE = "detect"
 
@@ -37,7 +38,7 @@ def run_detect(
 ) -> dict[str, Any]:
     """Compute the detectors (all available, or ``detectors``), score them and store the results.
 
-    Detector 2's retraining (the one heavy unit) runs on ``executor`` (:mod:`core.executors`)
+    Detector 2's retraining (the one heavy unit) runs on ``executor`` (:mod:`core.execution.executors`)
     when it is not the local one; the other detectors are quick and run here.
 
     Without ``force`` only detectors not yet stored are computed and the stored
