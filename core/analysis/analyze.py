@@ -175,7 +175,7 @@ def _analyze(
     t = time.perf_counter()
     emb, dist, coords, geometry_note = _geometry(run, manifest, inst, params, device, progress)
     mean_distance = stats.mean_distances(dist)
-    from core.analysis import geometry
+    from core.analysis import geometry  # torch: loaded when it computes
 
     knn = geometry.knn_flip_share(dist, flipped, params["k"])
     timings["geometry"] = time.perf_counter() - t
@@ -366,9 +366,7 @@ def _geometry(
 
     Returns (embeddings, distances, coords frame or None when reused, a note for analysis.json).
     """
-    from core.analysis import (
-        geometry,  # torch lives there; keep `import core.analysis.analyze` light for readers
-    )
+    from core.analysis import geometry  # torch: the app imports this module
 
     train_ids = inst.loc[inst["split"] == "train", "id"].to_numpy(np.int64)
     test_ids = inst.loc[inst["split"] == "test", "id"].to_numpy(np.int64)
@@ -667,7 +665,7 @@ def _validate_params(
     The dict is the stage's record in the manifest (the rule flattened into it), so a
     rerun with the same arguments compares equal to the stored one and is skipped.
     """
-    from core.analysis.geometry import checkpoint_entry
+    from core.analysis.geometry import checkpoint_entry  # torch: loaded when it computes
 
     if not isinstance(rule, shapes.ShapeRule):
         raise AtlasError(f"The shape rule must be a ShapeRule (got {type(rule).__name__}).")

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from core.analysis import metrics, shapes
+from core.inputs.config import config_from_dict
 from core.options.error_study_options import (
     DEFAULT_METHODS,
     DEFAULT_SUBSET,
@@ -54,7 +55,7 @@ from core.options.error_study_options import (
     parse_methods,
     parse_subset,
 )
-from core.storage import store
+from core.storage import provenance, store
 from core.storage.errors import AtlasError
 
 TABLE = store.ERROR_STUDY
@@ -229,8 +230,6 @@ def _stored_scores(
 
     With a subset of checkpoints (``used``), the rows come from tracin_per_checkpoint.npy and
     the self-influence from the stored gradient norms (Σ η_i ‖g_i‖² over ``used``)."""
-    from core.storage import provenance
-
     info = manifest.get("tracin") or {}
     wanted = {"params": method.params, "project": method.project}
     if (
@@ -313,7 +312,7 @@ def _compute(
     the run, so a study over some checkpoints can later be completed to all); the seconds
     spent on each checkpoint are accumulated in ``seconds.json``.
     """
-    from core.influence.shards import ShardSink
+    from core.influence.shards import ShardSink  # torch: loaded when it computes
 
     checkpoints = engine.checkpoints
     result_file = folder / "result.npz"
@@ -378,7 +377,7 @@ def _compute(
 
 def check_dtype_supported(dtype: str, device: Any) -> None:
     """Refuse bf16 where the device has no native bf16 arithmetic (see core.influence.engine)."""
-    from core.influence.engine import check_dtype
+    from core.influence.engine import check_dtype  # torch: loaded when it computes
 
     check_dtype(dtype, device)
 
@@ -398,6 +397,7 @@ def error_study(
     Every option is validated (and bf16 checked against the device) before anything is
     written; see the module docstring for what is computed.
     """
+    # torch and transformers: imported when a study runs
     from core.influence.inputs import EncodedData
     from core.influence.stage import encode_run_data, run_checkpoints
     from core.learning.models import resolve_device
@@ -411,8 +411,6 @@ def error_study(
     dev = resolve_device(device)
     check_dtype_supported(dtype_name, dev)
     rows, wrong = select_test_rows(run, test_subset)
-    from core.inputs.config import config_from_dict
-
     config = config_from_dict(manifest.get("config") or {})
     seed = _seed(manifest)
     instances = store.load_instances(run)

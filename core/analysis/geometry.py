@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.storage import store
 from core.storage.errors import AtlasError
 
 # Rows of test embeddings per distance block: bounds the float64 temporary to
@@ -69,7 +70,7 @@ def embed_token_ids(
     Batches group similar lengths so little compute goes to padding; the attention
     mask keeps padding from changing any instance's vector.
     """
-    from core.learning.models import collate, length_batches
+    from core.learning.models import collate, length_batches  # transformers: loaded on use
 
     batches = length_batches([len(x) for x in ids], batch_size)
     emb = cls_embeddings(
@@ -107,8 +108,7 @@ def run_embeddings(
     batch_size: int = 128,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Embed ``texts`` with a run's tokenizer and checkpoint; return (float32 array, checkpoint entry)."""
-    from core.learning import models
-    from core.storage import store
+    from core.learning import models  # transformers: loaded on use
 
     run = Path(run_dir)
     manifest = store.load_manifest(run)

@@ -6,6 +6,13 @@ import argparse
 import json
 from typing import Any
 
+from core.analysis.replication import (
+    CLAIMS_FILE,
+    claims_of,
+    make_group,
+    replication_summary,
+    verdict_table,
+)
 from core.cli.common import _command_line, _existing_target
 from core.options.validation import check_name
 from core.storage import store
@@ -13,8 +20,6 @@ from core.storage import store
 
 def cmd_claims(args: argparse.Namespace) -> str | None:
     """Test the paper's claims on a run, group or sweep; write claims.json and print a table."""
-    from core.analysis.replication import CLAIMS_FILE, claims_of
-
     folder = _existing_target(args.target)
     payload = claims_of(folder, args.view)
     if args.json:
@@ -27,8 +32,6 @@ def cmd_claims(args: argparse.Namespace) -> str | None:
 def claims_table(payload: dict[str, Any]) -> str:
     """The claims as a plain-text table (id, verdict, statistic, interval, n, view)."""
     if payload.get("kind") == "replication":
-        from core.analysis.replication import verdict_table
-
         return verdict_table(payload)
     lines = [f"{payload.get('kind')} {payload.get('name')}  (rules: docs/replication.md)"]
     for c in payload.get("claims", []):
@@ -43,8 +46,6 @@ def claims_table(payload: dict[str, Any]) -> str:
 
 def cmd_group(args: argparse.Namespace) -> str:
     """Pool runs of one condition (several seeds) into a group folder and test its claims."""
-    from core.analysis.replication import make_group
-
     name = check_name(args.name)
     folder = make_group(args.cache, name, args.runs, args.view, _command_line(args))
     return str(folder)
@@ -52,7 +53,5 @@ def cmd_group(args: argparse.Namespace) -> str:
 
 def cmd_replication(args: argparse.Namespace) -> str:
     """The replication grid's summary: one condition per group, the sweep's C7, the teaching run."""
-    from core.analysis.replication import replication_summary
-
     name = check_name(args.name)
     return str(replication_summary(args.cache, name, args.groups, args.sweep, _command_line(args)))

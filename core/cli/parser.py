@@ -23,6 +23,7 @@ from core.cli.stages import (
     cmd_tracin,
 )
 from core.cli.study import cmd_fetch, cmd_run, cmd_sweep
+from core.options.error_study_options import DEFAULT_METHODS, DEFAULT_SUBSET
 from core.options.run_options import (
     DEFAULT_CACHE,
     _CoreChoices,
@@ -35,6 +36,7 @@ from core.options.run_options import (
 )
 from core.options.tracin_options import method_spellings, project_help
 from core.options.validation import check_number, validate_study
+from core.orchestration.sweep import parse_rates
 from core.storage.errors import AtlasError
 
 
@@ -89,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_executor_options(p, "TracIn shards (checkpoint × training chunks)")
     p.set_defaults(func=cmd_tracin)
-
-    from core.options.error_study_options import DEFAULT_METHODS, DEFAULT_SUBSET
 
     p = sub.add_parser(
         "error-study",
@@ -255,8 +255,6 @@ def check_study_argv(argv: list[str]) -> Path:
     config = config_from_args(args)
     executor_from_args(args)
     if args.command == "sweep":
-        from core.orchestration.sweep import parse_rates
-
         parse_rates(args.flip_rates)
         check_number("--seeds", args.seeds, 1, 1000)
     return validate_study(config, args.cache, args.name)

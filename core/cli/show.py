@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core.analysis.analyze import SUMMARY_COLUMNS, correlations, majority_baseline, summary_rows
 from core.cli.common import _existing_run, _number
 from core.options import commands
+from core.orchestration.sweep import sweep_table
 from core.storage import provenance, store
 from core.storage.errors import AtlasError
 
@@ -40,8 +42,6 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
     """What ``show --json`` prints for a run or a sweep."""
     manifest = store.load_manifest(run_dir)
     if manifest.get("kind") == "sweep":
-        from core.orchestration.sweep import sweep_table
-
         status = store.run_status(run_dir, manifest)
         manifest = {**manifest, "status": status}
         manifest["note"] = commands.status_note(run_dir, manifest, status)
@@ -98,8 +98,6 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         "stale": provenance.stale_stages(run_dir),
     }
     if store.stage_complete(run_dir, "analyze") and "analyze" not in problems:
-        from core.analysis.analyze import SUMMARY_COLUMNS, correlations, summary_rows
-
         try:  # a run analysed by an older version may lack columns this one reports
             store.read_parquet(run_dir / store.SHAPES, SUMMARY_COLUMNS)
             out["test_instances"] = summary_rows(run_dir)
@@ -107,6 +105,7 @@ def show_payload(run_dir: Path) -> dict[str, Any]:
         except AtlasError as exc:
             problems["analyze"] = str(exc)
     if store.stage_complete(run_dir, "detect") and "detect" not in problems:
+        # scikit-learn and SciPy: loaded by the commands that use them
         from core.cleaning.detectors import detection_table
 
         try:
@@ -159,8 +158,6 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def _majority_baseline(run_dir: Path) -> float | None:
     """The test split's majority-class accuracy (None while the run has no readable data)."""
-    from core.analysis.analyze import majority_baseline
-
     try:
         return majority_baseline(store.load_instances(run_dir))
     except AtlasError:

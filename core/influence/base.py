@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from core.influence.inputs import EncodedData
 from core.influence.shards import MemorySink, ShardSink, Sink, sum_blocks, unweighted_norms
 from core.storage.errors import AtlasError
+from core.storage.provenance import checkpoint_identity
 
 CHUNK_SIZE = 512
 # Every block is computed on this many torch threads, whatever the executor, the worker count
@@ -221,8 +222,6 @@ class Engine(Protocol):
 
     def identity(self) -> list[dict[str, Any] | str]:
         """Each checkpoint by content (learning rate and SHA-1), never by path string."""
-        from core.storage.provenance import checkpoint_identity
-
         return [
             "<module>" if isinstance(w, nn.Module) else checkpoint_identity(w, lr)
             for w, lr in self.checkpoints

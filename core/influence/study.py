@@ -70,7 +70,7 @@ def compare_to_exact(
     tracin.npy are reused when they were computed with the options needed (their seconds
     are then reported as 0). Writes nothing to the run.
     """
-    from core.learning.models import load_classifier, resolve_device
+    from core.learning.models import load_classifier, resolve_device  # transformers: on use
 
     run = Path(run_dir)
     options, (manifest, config) = resolve_options(run, scope, project, seed)

@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from core.analysis.analyze import analyze_run
+from core.execution.executors import LOCAL
 from core.inputs.config import StudyConfig
+from core.inputs.datasets import load_dataset
 from core.options.run_options import STAGES
 from core.options.validation import check_config, validate_study
 from core.storage import locks, provenance, store
@@ -69,11 +72,12 @@ def validate_config(config: StudyConfig) -> None:
 
 def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path | None) -> None:
     """Data stage: validate input, then write instances, tokenizer and a 'running' manifest."""
-    from core.inputs.datasets import load_dataset
+    # scikit-learn and SciPy: loaded by the commands that use them
     from core.inputs.splits import split_instances
 
     t0 = time.perf_counter()
     data = load_dataset(config, data_dir)  # before torch is imported: bad data fails fast
+    # torch and transformers: loaded by the commands that compute
     from core.learning.models import build_model, build_tokenizer
 
     instances = split_instances(data, config.n_total, config.n_flips, config.seed)
@@ -128,6 +132,7 @@ def prepare_run(config: StudyConfig, run_dir: Path, command: str, data_dir: Path
 
 def train_run(config: StudyConfig, run_dir: Path, progress: bool = True) -> None:
     """Train stage: fine-tune with per-epoch checkpoints, then store logits and metrics."""
+    # torch and transformers: loaded by the commands that compute
     from core.learning.models import load_tokenizer
     from core.learning.training import train_model
 
@@ -234,7 +239,7 @@ def plan_study(
     wrong column or too few rows is reported now), and the model is resolved (a model folder
     must hold a readable config); no tokenizer is built and no weights are loaded.
     """
-    from core.inputs.datasets import load_dataset
+    # scikit-learn; torch and transformers: loaded by the commands that use them
     from core.inputs.splits import split_instances
     from core.learning.models import model_source
 
@@ -309,14 +314,12 @@ def _run_locked(
         if "train" in wanted and not _stage_ready(run_dir, "train", progress):
             train_run(config, run_dir, progress)
         if "tracin" in wanted and not _stage_ready(run_dir, "tracin", progress, damage=False):
-            from core.execution.executors import LOCAL
+            # torch and transformers: loaded by the commands that compute
             from core.influence import run_tracin
 
             # run_tracin says on stderr when it remakes a damaged file.
             run_tracin(run_dir, device=config.device, progress=progress, executor=executor or LOCAL)
         if "analyze" in wanted and not _stage_ready(run_dir, "analyze", progress):
-            from core.analysis.analyze import analyze_run
-
             analyze_run(run_dir, progress=progress)
     except BaseException as exc:
         # KeyboardInterrupt and kill leave 'running' (resumable); real failures say why.

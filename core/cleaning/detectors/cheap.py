@@ -114,7 +114,7 @@ def pretrained_features(
     """
     if config.model == "tiny":
         return None
-    import torch
+    import torch  # torch and transformers: loaded when a detector computes
 
     from core.learning.models import (
         build_model,

@@ -198,7 +198,7 @@ def _misclassified_influence(
     """Detector 2, cached in detect_work/ so a rerun only rescores."""
     try:
         import core.influence  # noqa: F401  (torch and the TracIn engine)
-        import core.learning.training  # noqa: F401
+        import core.learning.training  # noqa: F401  (torch and transformers)
     except ImportError as exc:
         raise Skip(f"the TracIn engine is not available ({exc})") from None
     if not (inputs.run / store.TOKENIZER_DIR).is_dir():
