@@ -229,7 +229,9 @@ class _TrainData:
 
     def __init__(self, run: Path) -> None:
         """Load them (the tokenizer once per process and run)."""
-        from core.learning.models import load_tokenizer
+        from core.learning.models import (
+            load_tokenizer,  # transformers: loaded when a tokenizer is needed
+        )
 
         self.config = config_from_dict(store.load_manifest(run).get("config", {}))
         instances = store.load_instances(run)

@@ -54,6 +54,7 @@ from core.influence.shards import (
     unweighted_norms,
     write_per_checkpoint,
 )
+from core.inputs.config import config_from_dict
 from core.options import commands
 from core.options.tracin_options import covers_every_parameter, parse_scope, record_project
 from core.storage import provenance, store
@@ -92,7 +93,6 @@ def resolve_options(
     ``factorized:K``). A projection that covers every parameter takes scope 'all' unless
     another scope was asked for explicitly (refused).
     """
-    from core.inputs.config import config_from_dict
 
     manifest = store.load_manifest(run)
     config = config_from_dict(manifest.get("config") or {})
@@ -120,7 +120,7 @@ def encode_run_data(
     run: Path, max_length: int, test_rows: np.ndarray | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, np.ndarray]:
     """Encode the run's train (observed labels) and test (true labels) instances."""
-    from core.learning.models import encode, load_tokenizer
+    from core.learning.models import encode, load_tokenizer  # transformers: on use
 
     instances = store.load_instances(run)
     train_df = instances[instances["split"] == "train"]
@@ -196,8 +196,7 @@ class _Context:
 
     def __init__(self, run: Path, options: TaskOptions, device: str | torch.device) -> None:
         """Encode the run's data and build the engine (no checkpoint is loaded yet)."""
-        from core.inputs.config import config_from_dict
-        from core.learning.models import resolve_device
+        from core.learning.models import resolve_device  # transformers: loaded only here
 
         manifest = store.load_manifest(run)
         config = config_from_dict(manifest.get("config") or {})
@@ -230,7 +229,7 @@ class _Context:
 
 def _load_classifier(path: Any, device: torch.device) -> Any:
     """core.learning.models.load_classifier, looked up at call time (tests replace it)."""
-    from core.learning import models
+    from core.learning import models  # transformers: loaded only here
 
     return models.load_classifier(path, device)
 
@@ -499,7 +498,7 @@ def run_tracin(
     to :func:`default_chunks_per_task` for the executor's workers (a whole checkpoint in
     this process). Returns the manifest's ``tracin`` entry.
     """
-    from core.learning.models import resolve_device
+    from core.learning.models import resolve_device  # transformers: loaded only here
 
     run = Path(run_dir)
     options, (manifest, config) = resolve_options(run, scope, project, seed)

@@ -27,6 +27,9 @@ import pandas as pd
 
 from core.execution.executors import ExecutorSpec, Resources, Work, run_tasks
 from core.inputs.config import StudyConfig
+from core.inputs.datasets import load_dataset
+from core.options.validation import check_number, validate_study
+from core.orchestration.pipeline import run_name, run_study
 from core.storage import locks, store
 from core.storage.errors import AtlasError
 
@@ -57,7 +60,6 @@ def cell_name(rate: float, seed: int) -> str:
 
 def sweep_name(config: StudyConfig) -> str:
     """Default sweep folder name, derived from the run naming so reruns resume."""
-    from core.orchestration.pipeline import run_name
 
     return "sweep-" + run_name(config.replace(flip_rate=0.0, seed=0))
 
@@ -94,7 +96,6 @@ def _checked_sweep(
     executor: ExecutorSpec | None = None,
 ) -> tuple[StudyConfig, Path, ExecutorSpec]:
     """Every check a sweep makes before it writes: (base configuration, folder, executor)."""
-    from core.options.validation import check_number, validate_study
 
     check_number("--seeds", n_seeds, 1, MAX_SEEDS)
     check_number("--jobs", jobs, 0, 1024)
@@ -105,8 +106,6 @@ def _checked_sweep(
     base = config.replace(flip_rate=0.0)
     sweep_dir = Path(cache_dir) / (name or sweep_name(base))
     # Validate the data once, in this process, before any folder is made.
-    from core.inputs.datasets import load_dataset
-
     load_dataset(base)
     return base, sweep_dir, executor
 
@@ -250,7 +249,7 @@ def compute_cell(cell: Cell, threads: int = 1) -> str:
 
 def _compute_cell(cell: Cell) -> str:
     """:func:`compute_cell` as an executor runs it: with the threads torch has in the worker."""
-    import torch
+    import torch  # heavy: only the worker that trains a cell loads it
 
     return compute_cell(cell, threads=torch.get_num_threads())
 
@@ -294,9 +293,7 @@ CELL_MEMORY_MB = 4096
 
 def train_cell(base: StudyConfig, cell_root: Path, rate: float, seed: int, threads: int) -> str:
     """Train one cell (a study run up to 'train'); safe to call in a worker process."""
-    import torch
-
-    from core.orchestration.pipeline import run_study
+    import torch  # heavy: only the worker that trains a cell loads it
 
     torch.set_num_threads(threads)
     config = base.replace(flip_rate=rate, seed=seed)

@@ -101,7 +101,7 @@ def misclassified_influence_matrix(
     train-in-train accuracies. Checkpoints live in ``<run>/detect_work/`` so an
     interrupted run resumes; the result is cached there too.
     """
-    import torch
+    import torch  # heavy: detector 2 alone retrains
 
     from core.influence.registry import engine_for
     from core.learning.models import encode, load_classifier, load_tokenizer, resolve_device
