@@ -61,9 +61,9 @@ SIDE_BY_SIDE = (  # (label, executor options of `core tracin`)
 
 
 def _quiet() -> None:
-    from core.cli import _quiet_libraries
+    from core.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
 
 

@@ -100,9 +100,9 @@ def main() -> None:
     parser.add_argument("--padding-only", action="store_true")
     parser.add_argument("--paper-run", help="a finished paper-preset run folder to report")
     args = parser.parse_args()
-    from core.cli import _quiet_libraries
+    from core.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     print(f"cores: {os.cpu_count()}")
     if not args.padding_only:
         with tempfile.TemporaryDirectory() as tmp:

@@ -44,9 +44,9 @@ def main() -> None:
         "--full", action="store_true", help="the full quick sweep: 7 rates × 3 seeds"
     )
     args = parser.parse_args()
-    from core.cli import _quiet_libraries
+    from core.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     print(f"cores: {os.cpu_count()}")
     if args.full:
         with tempfile.TemporaryDirectory() as tmp:

@@ -14,8 +14,7 @@ list, show; :mod:`~core.cli.stages`: tracin, error-study, analyze, detect, clean
 """
 
 from core.cli.app import app_command
-from core.cli.main import _quiet_libraries as _quiet_libraries  # the benchmarks call it
-from core.cli.main import main, os_error_sentence
+from core.cli.main import main, os_error_sentence, quiet_libraries
 from core.cli.parser import build_parser, check_study_argv
 from core.cli.show import show_payload
 from core.options.run_options import (
@@ -39,5 +38,6 @@ __all__ = [
     "executor_from_args",
     "main",
     "os_error_sentence",
+    "quiet_libraries",
     "show_payload",
 ]

@@ -14,7 +14,7 @@ from core.storage.errors import AtlasError
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    _quiet_libraries()
+    quiet_libraries()
     args = None
     try:
         args = build_parser().parse_args(argv)
@@ -71,7 +71,7 @@ def _silence_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Silence library chatter (load reports, hub warnings) that would bury our messages."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
