@@ -526,6 +526,107 @@ def make_checkpoint_run(
     return run
 
 
+# Sizes of make_analysis_run: train, val and test instances, the flipped training rows, BERT width.
+ANALYSIS_SIZES = (40, 4, 10)
+ANALYSIS_FLIPPED = [3, 10, 25, 33]
+ANALYSIS_HIDDEN = 16
+
+
+def make_analysis_run(run: Path) -> None:
+    """A complete pre-analyze run at ``run`` (the analyze stage's tests): a word tokenizer, two
+    random one-layer checkpoints, TracIn whose row 0 is an S and row 1 a Z with the flips placed
+    by hand, per-checkpoint parts that sum to it exactly, and logits; sizes :data:`ANALYSIS_SIZES`.
+    """
+    from scipy import stats
+    from transformers import BertTokenizer
+
+    from tests.conftest import tiny_bert
+
+    n_train, n_val, n_test = ANALYSIS_SIZES
+    flipped_rows, words, hidden = ANALYSIS_FLIPPED, _CHECKPOINT_WORDS, ANALYSIS_HIDDEN
+    rng = np.random.default_rng(0)
+    run.mkdir(parents=True)
+    vocab = run / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(str(run / store.TOKENIZER_DIR))
+    vocab.unlink()
+    checkpoints = []
+    for epoch in (1, 2):
+        path = f"{store.CHECKPOINTS_DIR}/epoch-{epoch:02d}"
+        tiny_bert(5 + len(words), seed=epoch, layers=1, hidden_size=hidden).save_pretrained(
+            str(run / path)
+        )
+        checkpoints.append({"epoch": epoch, "path": path, "lr": 1e-3})
+
+    n = n_train + n_val + n_test
+    labels = rng.integers(0, 2, n)
+    flipped = np.zeros(n, bool)
+    flipped[flipped_rows] = True
+    inst = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "split": ["train"] * n_train + ["val"] * n_val + ["test"] * n_test,
+            "text": [" ".join(rng.choice(words, rng.integers(2, 9))) for _ in range(n)],
+            "label": labels,
+            "observed_label": np.where(flipped, 1 - labels, labels),
+            "flipped": flipped,
+            "source_row": np.arange(n),
+        }
+    )
+    store.write_parquet(run / store.INSTANCES, inst)
+
+    tracin = rng.normal(size=(n_test, n_train))
+    # Row 0: an S curve (heavy-tailed: most scores near 0) with the flips at both steep ends.
+    others = [i for i in range(n_train) if i not in flipped_rows]
+    heavy = stats.t.ppf(np.linspace(0.01, 0.99, n_train), 1.5)[::-1]  # descending
+    tracin[0, flipped_rows] = heavy[[0, 1, n_train - 2, n_train - 1]]
+    tracin[0, others] = heavy[2 : n_train - 2]
+    # Row 1: a Z curve (two plateaus) with the flipped instances in the step.
+    tracin[1] = np.where(np.arange(n_train) % 2 == 0, 1.0, -1.0) + rng.normal(
+        scale=1e-3, size=n_train
+    )
+    tracin[1, flipped_rows] = [0.02, 0.01, -0.01, -0.02]
+    # Two checkpoints' contributions whose float32 sum is exactly tracin.npy (as the engine sums).
+    first = (tracin * rng.uniform(0.2, 0.8, tracin.shape)).astype(np.float32)
+    second = (tracin - first).astype(np.float32)
+    stack = np.stack([first, second])
+    summed = np.zeros_like(first)
+    for part in stack:
+        summed += part
+    store.write_npy(run / store.TRACIN, summed)
+    store.write_npy(run / store.TRACIN_PER_CHECKPOINT, stack)
+    store.write_npy(
+        run / store.GRAD_NORMS_TRAIN, rng.uniform(0.5, 2.0, (2, n_train)).astype(np.float32)
+    )
+    store.write_npy(
+        run / store.GRAD_NORMS_TEST, rng.uniform(0.5, 2.0, (2, n_test)).astype(np.float32)
+    )
+
+    logits = rng.normal(size=(2, n, 2)).astype(np.float32)
+    # Final epoch: the first half of the test split right, the second half wrong.
+    test_ids = np.arange(n_train + n_val, n)
+    right = np.r_[np.ones(n_test // 2, bool), np.zeros(n_test - n_test // 2, bool)]
+    pred = np.where(right, labels[test_ids], 1 - labels[test_ids])
+    logits[-1, test_ids] = np.stack([1.0 - pred, pred.astype(float)], axis=1) * 3
+    store.write_npy(run / store.LOGITS, logits)
+
+    store.write_json(
+        run / store.MANIFEST,
+        {
+            "kind": "run",
+            "name": run.name,
+            "status": "complete",
+            "config": {"seed": 0, "max_length": 16, "device": "cpu"},
+            "n_train": n_train,
+            "n_val": n_val,
+            "n_test": n_test,
+            "n_flipped": len(flipped_rows),
+            "checkpoints": checkpoints,
+            "stages": {s: {"status": "complete"} for s in ("data", "train", "tracin")},
+        },
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import runstore_factory as factory
 import torch
 from scipy import stats
 from transformers import BertForSequenceClassification, BertTokenizer
@@ -18,105 +19,18 @@ from core.analysis import shapes, views
 from core.analysis.analyze import analyze_run, correlation, correlations, summary_rows
 from core.storage import store
 from core.storage.errors import AtlasError
-from tests.conftest import tiny_bert
 from ui import data, influence
 
-N_TRAIN, N_VAL, N_TEST = 40, 4, 10
-FLIPPED = [3, 10, 25, 33]  # training rows whose labels were flipped
-WORDS = [f"w{i}" for i in range(30)]
-HIDDEN = 16
-
-
-def build_fake_run(run: Path) -> None:
-    """Write a complete pre-analyze run: tokenizer, two random checkpoints, TracIn and logits."""
-    rng = np.random.default_rng(0)
-    run.mkdir(parents=True)
-    vocab = run / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(str(vocab)).save_pretrained(str(run / store.TOKENIZER_DIR))
-    vocab.unlink()
-    checkpoints = []
-    for epoch in (1, 2):
-        path = f"{store.CHECKPOINTS_DIR}/epoch-{epoch:02d}"
-        tiny_bert(5 + len(WORDS), seed=epoch, layers=1, hidden_size=HIDDEN).save_pretrained(
-            str(run / path)
-        )
-        checkpoints.append({"epoch": epoch, "path": path, "lr": 1e-3})
-
-    n = N_TRAIN + N_VAL + N_TEST
-    labels = rng.integers(0, 2, n)
-    flipped = np.zeros(n, bool)
-    flipped[FLIPPED] = True
-    inst = pd.DataFrame(
-        {
-            "id": np.arange(n),
-            "split": ["train"] * N_TRAIN + ["val"] * N_VAL + ["test"] * N_TEST,
-            "text": [" ".join(rng.choice(WORDS, rng.integers(2, 9))) for _ in range(n)],
-            "label": labels,
-            "observed_label": np.where(flipped, 1 - labels, labels),
-            "flipped": flipped,
-            "source_row": np.arange(n),
-        }
-    )
-    store.write_parquet(run / store.INSTANCES, inst)
-
-    tracin = rng.normal(size=(N_TEST, N_TRAIN))
-    # Row 0: an S curve (heavy-tailed: most scores near 0) with the flips at both steep ends.
-    others = [i for i in range(N_TRAIN) if i not in FLIPPED]
-    heavy = stats.t.ppf(np.linspace(0.01, 0.99, N_TRAIN), 1.5)[::-1]  # descending
-    tracin[0, FLIPPED] = heavy[[0, 1, N_TRAIN - 2, N_TRAIN - 1]]
-    tracin[0, others] = heavy[2 : N_TRAIN - 2]
-    # Row 1: a Z curve (two plateaus) with the flipped instances in the step.
-    tracin[1] = np.where(np.arange(N_TRAIN) % 2 == 0, 1.0, -1.0) + rng.normal(
-        scale=1e-3, size=N_TRAIN
-    )
-    tracin[1, FLIPPED] = [0.02, 0.01, -0.01, -0.02]
-    # Two checkpoints' contributions whose float32 sum is exactly tracin.npy (as the engine sums).
-    first = (tracin * rng.uniform(0.2, 0.8, tracin.shape)).astype(np.float32)
-    second = (tracin - first).astype(np.float32)
-    stack = np.stack([first, second])
-    summed = np.zeros_like(first)
-    for part in stack:
-        summed += part
-    store.write_npy(run / store.TRACIN, summed)
-    store.write_npy(run / store.TRACIN_PER_CHECKPOINT, stack)
-    store.write_npy(
-        run / store.GRAD_NORMS_TRAIN, rng.uniform(0.5, 2.0, (2, N_TRAIN)).astype(np.float32)
-    )
-    store.write_npy(
-        run / store.GRAD_NORMS_TEST, rng.uniform(0.5, 2.0, (2, N_TEST)).astype(np.float32)
-    )
-
-    logits = rng.normal(size=(2, n, 2)).astype(np.float32)
-    # Final epoch: the first half of the test split right, the second half wrong.
-    test_ids = np.arange(N_TRAIN + N_VAL, n)
-    right = np.r_[np.ones(N_TEST // 2, bool), np.zeros(N_TEST - N_TEST // 2, bool)]
-    pred = np.where(right, labels[test_ids], 1 - labels[test_ids])
-    logits[-1, test_ids] = np.stack([1.0 - pred, pred.astype(float)], axis=1) * 3
-    store.write_npy(run / store.LOGITS, logits)
-
-    store.write_json(
-        run / store.MANIFEST,
-        {
-            "kind": "run",
-            "name": run.name,
-            "status": "complete",
-            "config": {"seed": 0, "max_length": 16, "device": "cpu"},
-            "n_train": N_TRAIN,
-            "n_val": N_VAL,
-            "n_test": N_TEST,
-            "n_flipped": len(FLIPPED),
-            "checkpoints": checkpoints,
-            "stages": {s: {"status": "complete"} for s in ("data", "train", "tracin")},
-        },
-    )
+N_TRAIN, N_VAL, N_TEST = factory.ANALYSIS_SIZES
+FLIPPED = factory.ANALYSIS_FLIPPED  # training rows whose labels were flipped
+HIDDEN = factory.ANALYSIS_HIDDEN
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """One fake run built per module; each test gets its own copy."""
     run = tmp_path_factory.mktemp("template") / "run"
-    build_fake_run(run)
+    factory.make_analysis_run(run)
     return run
 
 
