@@ -543,7 +543,9 @@ def cleaning_chart(arms: pd.DataFrame) -> alt.LayerChart:
             ],
         )
     )
-    chart = alt.layer(spread, points).properties(height=max(160, 26 * len(g)))
+    # A step per row, not a total height: the legend below would otherwise squeeze the rows
+    # until Vega drops every other label.
+    chart = alt.layer(spread, points).properties(height=alt.Step(26))
     return _tag(chart, "cleaning")
 
 
