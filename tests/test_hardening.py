@@ -174,7 +174,7 @@ def test_wrong_shape_logits_make_train_damaged(study_run: Path, tmp_path: Path) 
 
 _HOLDER = (
     "import sys, time\n"
-    "from core import locks\n"
+    "from core.storage import locks\n"
     "lock = locks.hold(sys.argv[1])\n"
     "lock.__enter__()\n"
     "print('held', flush=True)\n"
