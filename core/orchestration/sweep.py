@@ -60,7 +60,6 @@ def cell_name(rate: float, seed: int) -> str:
 
 def sweep_name(config: StudyConfig) -> str:
     """Default sweep folder name, derived from the run naming so reruns resume."""
-
     return "sweep-" + run_name(config.replace(flip_rate=0.0, seed=0))
 
 
@@ -96,7 +95,6 @@ def _checked_sweep(
     executor: ExecutorSpec | None = None,
 ) -> tuple[StudyConfig, Path, ExecutorSpec]:
     """Every check a sweep makes before it writes: (base configuration, folder, executor)."""
-
     check_number("--seeds", n_seeds, 1, MAX_SEEDS)
     check_number("--jobs", jobs, 0, 1024)
     executor = _executor(executor, jobs)
